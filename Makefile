@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Both create .venv and install what they need (the first time takes a few minutes:
+# torch is large).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+LS     := $(VENV)/bin/lineside
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo-out
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[train,export,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(LS) data synth $(DEMO)/data --per-class 40 --size 128 --seed 0
+	$(LS) data synth $(DEMO)/test --per-class 20 --size 128 --seed 1
+	$(LS) train $(DEMO)/data --out $(DEMO)/run --image-size 128
+	$(LS) eval $(DEMO)/run $(DEMO)/test
+	$(LS) predict $(DEMO)/run $(DEMO)/test/hat/hat_0000.png $(DEMO)/test/screw/screw_0000.png $(DEMO)/test/card/card_0000.png
+
+bench: $(STAMP)
+	$(PY) benchmarks/fewshot.py ../shared/datasets/neu-det --shots 5,10,20 --repeats 3
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

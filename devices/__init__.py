@@ -1,0 +1,1 @@
+"""lineside.devices: target box profiles (*.yaml) and the host probe."""

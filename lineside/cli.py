@@ -1,0 +1,201 @@
+"""The `lineside` command. Commands parse, call one function, print; imports are lazy
+so that `--help` and the runtime commands never load torch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import LinesideError
+
+
+class Group(click.Group):
+    """Turns LinesideError into one line on stderr and exit status 2, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LinesideError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="lineside")
+@click.option("-v", "--verbose", is_flag=True, help="Log more detail to stderr.")
+def main(verbose: bool):
+    """Few-shot image classification for inspection stations.
+
+    \b
+    Typical flow:
+      lineside data synth demo-data            # or bring a folder per class
+      lineside train demo-data --out run1      # fine-tune a pretrained backbone
+      lineside eval run1 test-data --json      # score it on labelled images
+      lineside predict run1 part.png           # classify single images
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _emit(obj, as_json: bool, text: str):
+    click.echo(json.dumps(obj, indent=2) if as_json else text)
+
+
+# --- data ---------------------------------------------------------------------------
+
+@main.group()
+def data():
+    """Make and inspect datasets."""
+
+
+@data.command("synth")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--per-class", default=40, show_default=True, help="Images per class.")
+@click.option("--size", default=128, show_default=True, help="Image side in pixels.")
+@click.option("--seed", default=0, show_default=True, help="Same seed, same images.")
+@click.option("--classes", default=None, help="Comma-separated subset of card,cube,hat,screw,torch.")
+def data_synth(out: Path, per_class: int, size: int, seed: int, classes: str | None):
+    """Draw a synthetic parts dataset (hat, cube, card, torch, screw) into OUT/<class>/.
+
+    Parts get a random pose, scale, shade, lighting, background and noise; use it
+    to try lineside end to end before you have photos of your own parts."""
+    from .synth import CLASSES, write_dataset
+
+    names = tuple(c.strip() for c in classes.split(",")) if classes else CLASSES
+    counts = write_dataset(out, per_class=per_class, size=size, seed=seed, classes=names)
+    click.echo(f"wrote {sum(counts.values())} images in {len(counts)} classes to {out}")
+
+
+# --- train --------------------------------------------------------------------------
+
+def _list_backbones(ctx, _param, value):
+    if not value or ctx.resilient_parsing:
+        return
+    from lineside.train.backbones import BACKBONES
+
+    for name in BACKBONES.names():
+        entry = BACKBONES.get(name)
+        s = entry.input_spec
+        click.echo(f"{name:20s} {s.height}x{s.width}  {entry.description}")
+    ctx.exit(0)
+
+
+@main.command()
+@click.argument("data_dir", metavar="DATA", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder to write (model.pt, metrics.json, ...).")
+@click.option("--list-backbones", is_flag=True, expose_value=False, is_eager=True, callback=_list_backbones,
+              help="List the available backbones and exit.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML file of training options; command-line options override it.")
+@click.option("--backbone", default=None, help="Backbone name (see --list-backbones). [efficientnet_lite0]")
+@click.option("--weights", default=None,
+              help="imagenet, none, or a path to a local weight file. [imagenet]")
+@click.option("--strategy", type=click.Choice(["auto", "linear", "finetune", "full", "scratch"]), default=None,
+              help="linear: frozen backbone + new head; finetune: head, then deepest stages at lr/10; "
+                   "full: everything from the start; scratch: full from random weights; "
+                   "auto: chosen from images per class. [auto]")
+@click.option("--unfreeze", default=None, help="finetune: number of deepest stages to train, or 'all'. [auto]")
+@click.option("--epochs", type=int, default=None, help="Epochs (default depends on the strategy).")
+@click.option("--batch-size", type=int, default=None, help="[32]")
+@click.option("--lr", type=float, default=None, help="Learning rate of a new head; backbone layers use lr/10. [1e-3]")
+@click.option("--label-smoothing", type=float, default=None, help="[0.1]")
+@click.option("--balance", type=click.Choice(["loss", "sampler", "none"]), default=None,
+              help="Class imbalance: weighted loss, balanced sampling, or nothing. [loss]")
+@click.option("--flip/--no-flip", default=None, help="Random flips (off when orientation matters). [on]")
+@click.option("--rot90/--no-rot90", default=None, help="Random 90-degree rotations. [on]")
+@click.option("--views", type=int, default=None,
+              help="Augmented views per image cached through the frozen layers. [auto]")
+@click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
+              help="Validation folder (instead of a split of DATA).")
+@click.option("--val-fraction", type=float, default=None,
+              help="Fraction of each class held out for validation. [0.2 when every class has 25+ images, else 0]")
+@click.option("--patience", type=int, default=None, help="Early stopping patience in epochs. [6]")
+@click.option("--image-size", type=int, default=None, help="Square input size (default: the backbone's).")
+@click.option("--seed", type=int, default=None, help="[0]")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[auto]")
+@click.option("--skip-bad", is_flag=True, default=None, help="Skip unreadable images with a warning instead of failing.")
+@click.option("--force", is_flag=True, help="Overwrite a run folder that already holds a model.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def train(data_dir, out, config_file, val_dir, force, quiet, as_json, **options):
+    """Train a classifier on DATA (one sub-folder per class, or a path,label CSV).
+
+    \b
+    Examples:
+      lineside train parts/ --out runs/parts
+      lineside train parts/ --out runs/p2 --strategy linear
+      lineside train parts/ --out runs/p3 --backbone resnet18 --weights resnet18.pth --no-rot90
+    """
+    from lineside.train.config import TrainConfig
+    from lineside.train.run import check_out_dir, train_run
+
+    cfg = TrainConfig.from_yaml(config_file, **options) if config_file else TrainConfig().override(**options)
+    check_out_dir(out, force)
+    m = train_run(data_dir, out, cfg, val=val_dir, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    click.echo(m["strategy_reason"])
+    click.echo(f"trained {m['backbone']} ({m['strategy']}) on {sum(m['train_counts'].values())} images "
+               f"in {m['seconds']['total']:.0f} s; {m['split']}")
+    if m["validation"]:
+        v = m["validation"]
+        click.echo(f"validation: balanced accuracy {v['balanced_accuracy']:.1%}, accuracy {v['accuracy']:.1%} "
+                   f"on {v['n']} images")
+    click.echo(f"wrote {out}/model.pt, metrics.json, history.csv, confusion_matrix.png, config.yaml")
+
+
+# --- eval / predict -----------------------------------------------------------------
+
+@main.command("eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("data_dir", metavar="DATA", type=click.Path(path_type=Path))
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images with a warning instead of failing.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_cmd(model, data_dir, skip_bad, quiet, as_json):
+    """Score MODEL (a run folder or its model.pt) on DATA (a folder per class).
+
+    Reports balanced accuracy (the mean of per-class recall, fair when classes
+    are imbalanced), accuracy, per-class precision/recall/f1 and the confusion
+    matrix (rows: true class)."""
+    from lineside.train.evaluate import evaluate_run
+
+    r = evaluate_run(model, data_dir, skip_bad=skip_bad, progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(f"{r['n']} images: balanced accuracy {r['balanced_accuracy']:.2%}, accuracy {r['accuracy']:.2%}")
+    click.echo(f"{'class':24s} {'precision':>9s} {'recall':>7s} {'f1':>6s} {'n':>5s}")
+    for name, c in r["per_class"].items():
+        click.echo(f"{name:24s} {c['precision']:9.3f} {c['recall']:7.3f} {c['f1']:6.3f} {c['support']:5d}")
+    if r["misclassified"]:
+        click.echo(f"{len(r['misclassified'])} misclassified (see --json for the list)")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per image.")
+def predict(model, images, as_json):
+    """Classify IMAGES with MODEL (a run folder or its model.pt)."""
+    from lineside.train.evaluate import predict_files
+
+    results = predict_files(model, list(images))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        probs = "  ".join(f"{k}={v:.3f}" for k, v in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]))
+        click.echo(f"{r['path']}: {r['label']} ({r['confidence']:.1%})   {probs}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,163 @@
+"""Labelled image sets: one folder per class (ImageFolder layout) or a CSV manifest.
+
+Torch-free, so evaluation of exported models on the edge box can use it too.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LinesideError
+from .images import is_image_file
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Image paths with integer labels indexing `classes`."""
+
+    paths: tuple[Path, ...]
+    targets: tuple[int, ...]
+    classes: tuple[str, ...]
+    root: Path
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def counts(self) -> dict[str, int]:
+        c = np.bincount(np.asarray(self.targets, dtype=int), minlength=len(self.classes))
+        return {name: int(n) for name, n in zip(self.classes, c)}
+
+    def subset(self, indices) -> "ImageSet":
+        idx = [int(i) for i in indices]
+        return ImageSet(tuple(self.paths[i] for i in idx), tuple(self.targets[i] for i in idx), self.classes, self.root)
+
+    def write_manifest(self, path, indices=None) -> Path:
+        """Write a `path,label` CSV naming these images (or the given subset)."""
+        idx = range(len(self)) if indices is None else indices
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label"])
+            w.writerows([str(self.paths[i].resolve()), self.classes[self.targets[i]]] for i in idx)
+        return Path(path)
+
+    def fingerprint(self) -> str:
+        """A short hash of relative paths, sizes and labels: which data a model saw."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for p, t in sorted(zip(self.paths, self.targets)):
+            try:
+                size = p.stat().st_size
+            except OSError:
+                size = -1
+            h.update(f"{p.name}\0{size}\0{self.classes[t]}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def load_image_set(path, classes: list[str] | None = None, min_classes: int = 2) -> ImageSet:
+    """Open a class-per-folder directory or a `path,label` CSV manifest.
+
+    With `classes` (a model's labels), targets index that list and a class the
+    model does not know is an error; otherwise classes are the sorted folder names."""
+    path = Path(path)
+    if not path.exists():
+        raise LinesideError(f"{path}: no such dataset folder or manifest")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise LinesideError(f"{path}: a dataset is a folder with one sub-folder per class, or a .csv manifest")
+        pairs = _read_manifest(path)
+        root = path.parent
+    else:
+        pairs = _scan_folders(path)
+        root = path
+    found = sorted({label for _, label in pairs})
+    if classes is None:
+        classes = found
+        if len(classes) < min_classes:
+            raise LinesideError(
+                f"{path}: found {len(classes)} class ({', '.join(classes)}); a classifier needs at least "
+                f"{min_classes} classes, one sub-folder each"
+            )
+    else:
+        unknown = [c for c in found if c not in classes]
+        if unknown:
+            raise LinesideError(
+                f"{path}: class(es) {', '.join(unknown)} are not known to the model (it knows {', '.join(classes)})"
+            )
+    index = {c: i for i, c in enumerate(classes)}
+    pairs.sort(key=lambda pl: (index[pl[1]], str(pl[0])))
+    return ImageSet(tuple(p for p, _ in pairs), tuple(index[lbl] for _, lbl in pairs), tuple(classes), root)
+
+
+def _scan_folders(root: Path) -> list[tuple[Path, str]]:
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        loose = [p for p in root.iterdir() if p.is_file() and is_image_file(p)]
+        hint = f" ({len(loose)} images lie directly in it)" if loose else ""
+        raise LinesideError(f"{root}: no class folders found{hint}; expected one sub-folder per class")
+    pairs = []
+    for d in class_dirs:
+        images = sorted(p for p in d.rglob("*") if p.is_file() and is_image_file(p))
+        if not images:
+            raise LinesideError(f"{d}: class folder '{d.name}' has no images")
+        pairs += [(p, d.name) for p in images]
+    return pairs
+
+
+def _read_manifest(path: Path) -> list[tuple[Path, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise LinesideError(f"{path}: cannot read manifest ({exc})") from exc
+    first = 1
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        rows, first = rows[1:], 2
+    pairs = []
+    for n, row in enumerate(rows, start=first):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise LinesideError(f"{path}:{n}: expected 'path,label'")
+        p = Path(row[0].strip())
+        p = p if p.is_absolute() else path.parent / p
+        if not p.is_file():
+            raise LinesideError(f"{path}:{n}: image {p} does not exist")
+        pairs.append((p, row[1].strip()))
+    if not pairs:
+        raise LinesideError(f"{path}: manifest lists no images")
+    return pairs
+
+
+def stratified_split(targets, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): `fraction` of each class to validation, at least one image
+    per class on each side when the class has two or more."""
+    targets = np.asarray(targets, dtype=int)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(targets):
+        idx = rng.permutation(np.flatnonzero(targets == c))
+        n_val = int(round(fraction * len(idx)))
+        n_val = min(max(n_val, 1 if len(idx) >= 2 and fraction > 0 else 0), len(idx) - 1)
+        val += idx[:n_val].tolist()
+        train += idx[n_val:].tolist()
+    return np.sort(np.array(train, dtype=int)), np.sort(np.array(val, dtype=int))
+
+
+def draw_per_class(targets, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (drawn, rest): k images of every class drawn at random, the rest held out."""
+    targets = np.asarray(targets, dtype=int)
+    rng = np.random.default_rng(seed)
+    drawn = []
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        if len(idx) <= k:
+            raise LinesideError(f"class {c} has {len(idx)} images; cannot draw {k} and keep some for evaluation")
+        drawn += rng.choice(idx, size=k, replace=False).tolist()
+    drawn = np.sort(np.array(drawn, dtype=int))
+    rest = np.setdiff1d(np.arange(len(targets)), drawn)
+    return drawn, rest

@@ -1,0 +1,1 @@
+"""lineside.runtime: the torch-free edge runtime (numpy, OpenCV, onnxruntime, OpenVINO)."""

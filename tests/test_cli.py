@@ -1,0 +1,88 @@
+"""The command line: thin commands, one-line errors, JSON for scripts, no torch for --help."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from lineside.cli import main
+
+
+@pytest.fixture()
+def runner():
+    return CliRunner()
+
+
+def test_data_synth_writes_class_folders(runner, tmp_path):
+    res = runner.invoke(main, ["data", "synth", str(tmp_path / "d"), "--per-class", "2", "--size", "40"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["card", "cube", "hat", "screw", "torch"]
+    assert len(list((tmp_path / "d" / "hat").glob("*.png"))) == 2
+
+
+def test_list_backbones(runner):
+    res = runner.invoke(main, ["train", "--list-backbones"])
+    assert res.exit_code == 0
+    assert "efficientnet_lite0" in res.output and "resnet18" in res.output
+
+
+def test_train_eval_predict_json(runner, synth_dir, synth_test_dir, tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(main, ["train", str(synth_dir), "--out", str(out), "--strategy", "linear",
+                               "--image-size", "64", "--views", "2", "--quiet", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["strategy"] == "linear"
+    again = runner.invoke(main, ["train", str(synth_dir), "--out", str(out), "--quiet"])
+    assert again.exit_code == 2 and "--force" in again.output
+
+    res = runner.invoke(main, ["eval", str(out), str(synth_test_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    for key in ("balanced_accuracy", "accuracy", "labels", "per_class", "confusion_matrix", "n"):
+        assert key in report
+    assert set(report["per_class"]["hat"]) == {"precision", "recall", "f1", "support"}
+    assert report["n"] == 50
+
+    image = sorted((synth_test_dir / "screw").glob("*.png"))[0]
+    res = runner.invoke(main, ["predict", str(out), str(image), "--json"])
+    assert res.exit_code == 0, res.output
+    (pred,) = json.loads(res.output)
+    assert pred["label"] in report["labels"]
+    assert set(pred["probabilities"]) == set(report["labels"])
+
+    res = runner.invoke(main, ["predict", str(out), str(image)])
+    assert res.exit_code == 0 and pred["label"] in res.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "{tmp}/nowhere", "--out", "{tmp}/r"], "nowhere: no such dataset"),
+    (["eval", "{tmp}/norun", "{tmp}"], "norun"),
+    (["predict", "{tmp}/norun", "{tmp}/x.png"], "norun"),
+    (["train", "{tmp}", "--out", "{tmp}/r", "--unfreeze", "lots"], "--unfreeze"),
+])
+def test_errors_are_one_line_with_exit_code_2(runner, tmp_path, args, needle):
+    res = runner.invoke(main, [a.format(tmp=tmp_path) for a in args])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.output
+
+
+def test_predict_names_a_corrupt_image(runner, tiny_run, tmp_path):
+    run, _ = tiny_run
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    res = runner.invoke(main, ["predict", str(run), str(tmp_path / "bad.png")])
+    assert res.exit_code == 2 and "bad.png" in res.output
+
+
+def test_help_and_core_never_import_torch():
+    code = (
+        "import sys\n"
+        "from lineside.cli import main\n"
+        "import lineside.runtime, lineside.dataset, lineside.metrics, lineside.synth\n"
+        "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'CLEAN')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("CLEAN")

@@ -1,0 +1,137 @@
+"""Training on tiny synthetic data: it learns, it writes a reloadable run, it reports bad input."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import TINY
+from lineside.errors import LinesideError
+from lineside.train.checkpoint import load_checkpoint
+from lineside.train.config import TrainConfig
+from lineside.train.evaluate import evaluate_run, predict_files
+from lineside.train.run import train_run
+from lineside.train.trainer import resolve_strategy
+
+
+def test_finetune_learns_the_synthetic_parts(tiny_run, synth_test_dir):
+    run, metrics = tiny_run
+    assert metrics["strategy"] == "finetune"
+    assert 0 < metrics["plan"]["frozen_stages"] < metrics["plan"]["total_stages"]
+    report = evaluate_run(run, synth_test_dir, progress=False)
+    # 5 classes: chance is 20%; fresh images drawn with another seed
+    assert report["balanced_accuracy"] >= 0.8, report["per_class"]
+    assert report["n"] == 50
+
+
+def test_run_folder_has_every_output(tiny_run):
+    run, metrics = tiny_run
+    for name in ("model.pt", "config.yaml", "metrics.json", "history.csv", "confusion_matrix.png"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["labels"] == ["card", "cube", "hat", "screw", "torch"]
+    assert saved["validation"]["n"] == sum(saved["val_counts"].values()) > 0
+    cfg = TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    assert cfg.image_size == TINY["image_size"] and cfg.strategy == "finetune"
+    rows = list(csv.DictReader(open(run / "history.csv")))
+    assert rows[0]["stage"] == "head" and any(r["stage"] == "finetune" for r in rows)
+
+
+def test_checkpoint_reloads_with_weights_only_and_predicts_the_same(tiny_run, synth_test_dir):
+    run, _ = tiny_run
+    payload = torch.load(run / "model.pt", weights_only=True)  # plain data, nothing to unpickle
+    assert payload["backbone"] == "efficientnet_lite0"
+    loaded = load_checkpoint(run)
+    assert loaded.spec.size == (64, 64)
+    files = sorted((synth_test_dir / "cube").glob("*.png"))[:3]
+    first = predict_files(run, files)
+    second = predict_files(run / "model.pt", files)
+    for a, b in zip(first, second):
+        assert a["label"] == b["label"]
+        assert set(a["probabilities"]) == set(loaded.labels)
+        assert sum(a["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        for k in a["probabilities"]:
+            assert a["probabilities"][k] == pytest.approx(b["probabilities"][k], abs=1e-6)
+
+
+def test_finetune_keeps_frozen_stages_and_bn_statistics(synth_dir, tmp_path):
+    from lineside.train.backbones import build_backbone
+
+    _, pretrained = build_backbone("efficientnet_lite0", "imagenet")
+    train_run(synth_dir, tmp_path, TrainConfig(strategy="finetune", unfreeze="2", **TINY), progress=False)
+    trained = load_checkpoint(tmp_path).model.backbone
+    frozen = len(trained.stages) - 2
+    before, after = pretrained.state_dict(), trained.state_dict()
+    for key in before:
+        stage = int(key.split(".")[1])
+        if stage < frozen or "running_" in key:
+            assert torch.equal(before[key], after[key]), key
+    changed = [k for k in before if int(k.split(".")[1]) >= frozen and not torch.equal(before[k], after[k])]
+    assert changed, "the unfrozen stages did not train"
+
+
+@pytest.mark.parametrize("strategy", ["linear", "full", "scratch"])
+def test_other_strategies_train_and_beat_chance(synth_dir, synth_test_dir, tmp_path, strategy):
+    epochs = {"linear": 1, "full": 2, "scratch": 2}[strategy]
+    cfg = TrainConfig(strategy=strategy, **{**TINY, "epochs": epochs})
+    metrics = train_run(synth_dir, tmp_path, cfg, progress=False)
+    assert metrics["strategy"] == strategy
+    assert metrics["weights"] == ("none" if strategy == "scratch" else "imagenet")
+    if strategy == "linear":
+        assert evaluate_run(tmp_path, synth_test_dir, progress=False)["balanced_accuracy"] >= 0.6
+
+
+def test_auto_strategy_follows_images_per_class():
+    assert resolve_strategy(TrainConfig(), 2)[0] == "linear"
+    assert resolve_strategy(TrainConfig(), 10)[0] == "finetune"
+    assert resolve_strategy(TrainConfig(weights="none"), 10)[0] == "scratch"
+    assert resolve_strategy(TrainConfig(strategy="full"), 2)[0] == "full"
+
+
+def test_corrupt_training_image_is_named_or_skipped(synth_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    bad = data / "hat" / "hat_9999.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(LinesideError, match="hat_9999.png.*--skip-bad"):
+        train_run(data, tmp_path / "r1", TrainConfig(strategy="linear", **TINY), progress=False)
+    cfg = TrainConfig(strategy="linear", skip_bad=True, **TINY)
+    metrics = train_run(data, tmp_path / "r2", cfg, progress=False)
+    assert metrics["skipped_images"] == [str(bad)]
+
+
+def test_explicit_validation_folder_and_class_weighting(synth_dir, synth_test_dir, tmp_path):
+    cfg = TrainConfig(strategy="linear", balance="sampler", **TINY)
+    metrics = train_run(synth_dir, tmp_path, cfg, val=synth_test_dir, progress=False)
+    assert metrics["validation"]["n"] == 50
+    assert sum(metrics["train_counts"].values()) == 60
+
+
+def test_config_rejects_bad_options_by_name(tmp_path):
+    with pytest.raises(LinesideError, match="--strategy"):
+        TrainConfig(strategy="magic")
+    with pytest.raises(LinesideError, match="--unfreeze"):
+        TrainConfig(unfreeze="-1")
+    (tmp_path / "c.yaml").write_text("strategy: linear\nlearning_rate: 3\n")
+    with pytest.raises(LinesideError, match="learning_rate"):
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
+    (tmp_path / "ok.yaml").write_text("strategy: linear\naugment: {rot90: false}\n")
+    cfg = TrainConfig.from_yaml(tmp_path / "ok.yaml", epochs=4, flip=False)
+    assert (cfg.strategy, cfg.epochs, cfg.augment.rot90, cfg.augment.flip) == ("linear", 4, False, False)
+
+
+def test_augmenter_keeps_shape_and_respects_switches():
+    from lineside.train.augment import AugmentConfig, Augmenter
+
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:8, :8] = 255  # a bright corner that flips and rotations would move
+    still = Augmenter(AugmentConfig(flip=False, rot90=False, affine=0, color=0, blur=0, noise=0), 0)
+    moving = Augmenter(AugmentConfig(affine=0, color=0, blur=0, noise=0), 0)
+    assert all(np.array_equal(still(img), img) for _ in range(10))
+    outs = [moving(img) for _ in range(20)]
+    assert all(o.shape == img.shape and o.dtype == np.uint8 for o in outs)
+    assert any(not np.array_equal(o, img) for o in outs)

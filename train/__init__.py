@@ -1,0 +1,1 @@
+"""lineside.train: few-shot transfer learning (torch lives here and in export only)."""

@@ -1,0 +1,62 @@
+"""Augmentation for inspection images, on uint8 RGB arrays already at the model's size.
+
+Flips and 90-degree rotations are on by default (most surface defects have no
+preferred orientation) and can be switched off where orientation matters, e.g.
+a part that must not be mounted upside down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: bool = True
+    rot90: bool = True
+    affine: float = 1.0  # strength of rotation/scale/shift jitter (0 = off)
+    color: float = 1.0  # strength of brightness/contrast jitter (0 = off)
+    blur: float = 0.2  # probability of a slight gaussian blur
+    noise: float = 0.2  # probability of sensor-like gaussian noise
+
+
+class Augmenter:
+    def __init__(self, cfg: AugmentConfig, seed: int):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        cfg, rng = self.cfg, self.rng
+        out = image
+        if cfg.flip:
+            if rng.random() < 0.5:
+                out = out[:, ::-1]
+            if rng.random() < 0.5:
+                out = out[::-1]
+        if cfg.rot90:
+            out = np.rot90(out, int(rng.integers(4)))
+        out = np.ascontiguousarray(out)
+        if cfg.affine > 0 and rng.random() < 0.7:
+            out = self._affine(out)
+        if cfg.color > 0 and rng.random() < 0.8:
+            alpha = 1.0 + rng.uniform(-0.2, 0.2) * cfg.color  # contrast
+            beta = rng.uniform(-20, 20) * cfg.color  # brightness, grey levels
+            out = cv2.convertScaleAbs(out, alpha=alpha, beta=beta)
+        if rng.random() < cfg.blur:
+            out = cv2.GaussianBlur(out, (0, 0), sigmaX=rng.uniform(0.3, 1.0))
+        if rng.random() < cfg.noise:
+            noise = rng.normal(0.0, rng.uniform(2.0, 6.0), out.shape)
+            out = np.clip(out.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+        return out
+
+    def _affine(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        s = self.cfg.affine
+        angle = self.rng.uniform(-10, 10) * s
+        scale = 1.0 + self.rng.uniform(-0.1, 0.1) * s
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+        m[:, 2] += self.rng.uniform(-0.05, 0.05, 2) * (w, h) * s
+        return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)

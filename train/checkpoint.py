@@ -1,0 +1,82 @@
+"""model.pt: weights plus everything needed to rebuild and feed the model.
+
+Saved as a plain dict of tensors, strings and numbers so it loads with
+torch.load(weights_only=True); nothing in it is unpickled as code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lineside.errors import LinesideError
+from lineside.spec import InputSpec
+
+from .backbones import BACKBONES
+from .model import Classifier
+
+FORMAT = "lineside-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    model: Classifier
+    labels: list[str]
+    backbone: str
+    spec: InputSpec
+    info: dict
+
+
+def save_checkpoint(path: Path, model: Classifier, labels, backbone: str, spec: InputSpec, info: dict) -> None:
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "backbone": backbone,
+        "labels": list(labels),
+        "input_spec": spec.to_dict(),
+        "dropout": float(model.dropout.p),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "info": info,
+    }
+    tmp = Path(str(path) + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # never leave a half-written model.pt behind
+
+
+def resolve_checkpoint(path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise LinesideError(f"{path}: no such model file (give a training run folder or its model.pt)")
+    return path
+
+
+def load_checkpoint(path) -> LoadedModel:
+    path = resolve_checkpoint(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every unreadable file is the same user error
+        raise LinesideError(f"{path}: not a readable lineside checkpoint ({exc.__class__.__name__})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise LinesideError(f"{path}: not a lineside checkpoint (missing format marker)")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise LinesideError(f"{path}: checkpoint version {payload.get('format_version')} is not supported "
+                            f"(this lineside reads version {FORMAT_VERSION})")
+    labels = payload.get("labels")
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise LinesideError(f"{path}: checkpoint has no valid label list")
+    spec = InputSpec.from_dict(payload.get("input_spec"))
+    entry = BACKBONES.get(str(payload.get("backbone")))
+    model = Classifier(entry.build(), entry.feature_dim, len(labels), spec, dropout=float(payload.get("dropout", 0.0)))
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise LinesideError(f"{path}: weights do not match backbone {entry.name} "
+                            f"with {len(labels)} classes ({str(exc).splitlines()[0]})") from exc
+    model.eval()
+    return LoadedModel(model, labels, entry.name, spec, dict(payload.get("info") or {}))

@@ -1,0 +1,126 @@
+"""`lineside train`: data folder in, run folder out (model.pt, config.yaml, metrics.json,
+history.csv, confusion_matrix.png)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lineside
+from lineside.dataset import ImageSet, load_image_set, stratified_split
+from lineside.errors import LinesideError
+from lineside.metrics import classification_report
+
+from .backbones import BACKBONES
+from .checkpoint import save_checkpoint
+from .config import TrainConfig
+from .data import load_images
+from .plots import plot_confusion
+from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+AUTO_VAL_MIN_PER_CLASS = 25
+
+
+def split_data(images: ImageSet, cfg: TrainConfig, val_path=None) -> tuple[ImageSet, ImageSet | None, str]:
+    if val_path is not None:
+        return images, load_image_set(val_path, classes=list(images.classes)), f"validation folder {val_path}"
+    smallest = min(images.counts().values())
+    fraction = cfg.val_fraction
+    if fraction is None:
+        fraction = 0.2 if smallest >= AUTO_VAL_MIN_PER_CLASS else 0.0
+    if fraction == 0:
+        why = (f"no validation split (smallest class has {smallest} images, < {AUTO_VAL_MIN_PER_CLASS}): "
+               "every image trains, for a fixed schedule" if cfg.val_fraction is None else "no validation split")
+        return images, None, why
+    train_idx, val_idx = stratified_split(images.targets, fraction, cfg.seed)
+    if len(val_idx) == 0:
+        return images, None, "no validation split (classes too small)"
+    return images.subset(train_idx), images.subset(val_idx), f"{fraction:.0%} of each class held out for validation"
+
+
+def train_run(data, out, cfg: TrainConfig, val=None, progress: bool = True) -> dict:
+    """Train on `data` and write a run folder to `out`. Returns the metrics dict."""
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = load_image_set(data)
+    train_set, val_set, split_note = split_data(images, cfg, val)
+    spec = BACKBONES.get(cfg.backbone).input_spec.with_size(cfg.image_size)
+    cfg.dump(out / "config.yaml")  # written first, so a failed run still says what it tried
+
+    x_train, train_set, bad = load_images(train_set, spec, cfg.skip_bad, progress, "reading training images")
+    x_val = y_val = None
+    if val_set is not None:
+        x_val, val_set, bad_val = load_images(val_set, spec, cfg.skip_bad, progress, "reading validation images")
+        y_val = np.asarray(val_set.targets, dtype=np.int64)
+        bad += bad_val
+    y_train = np.asarray(train_set.targets, dtype=np.int64)
+
+    trainer = Trainer(cfg, images.classes, spec, progress)
+    plan = trainer.fit(x_train, y_train, x_val, y_val)
+    train_seconds = time.perf_counter() - t_start
+
+    if x_val is not None:
+        probs = trainer.predict_proba(x_val)
+        report = classification_report(y_val, probs.argmax(1), images.classes)
+        cm_title = f"validation ({len(y_val)} images)"
+    else:
+        report = None
+        probs = trainer.predict_proba(x_train)
+        cm_title = f"training images ({len(y_train)}; no validation split)"
+    cm_report = report or classification_report(y_train, probs.argmax(1), images.classes)
+
+    metrics = {
+        "lineside_version": lineside.__version__,
+        "backbone": cfg.backbone,
+        "weights": cfg.weights if plan.strategy != "scratch" else "none",
+        "strategy": plan.strategy,
+        "strategy_reason": plan.reason,
+        "plan": {"frozen_stages": plan.frozen, "total_stages": len(trainer.model.stages),
+                 "views": plan.views, "epochs": plan.epochs,
+                 "best_epoch": getattr(trainer, "best_epoch", None)},
+        "device": str(trainer.device),
+        "threads": torch.get_num_threads(),
+        "input_spec": spec.to_dict(),
+        "labels": list(images.classes),
+        "train_counts": train_set.counts(),
+        "val_counts": val_set.counts() if val_set is not None else None,
+        "split": split_note,
+        "data": str(Path(data)),
+        "data_fingerprint": images.fingerprint(),
+        "skipped_images": bad,
+        "validation": report,
+        "training_set": None if report else cm_report,
+        "seconds": {"total": round(train_seconds, 2), **{k: round(v, 2) for k, v in trainer.timings.items()}},
+        "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
+    }
+    info = {k: metrics[k] for k in ("strategy", "weights", "data_fingerprint", "lineside_version")}
+    info["val_balanced_accuracy"] = report["balanced_accuracy"] if report else None
+    save_checkpoint(out / "model.pt", trainer.model, images.classes, cfg.backbone, spec, info)
+    _write_history(out / "history.csv", trainer.history.rows)
+    plot_confusion(np.asarray(cm_report["confusion_matrix"]), images.classes, out / "confusion_matrix.png", cm_title)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    columns = ["stage", "epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "lr", "seconds"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    if (out / "model.pt").exists() and not force:
+        raise LinesideError(f"{out}: already holds a trained model; choose another --out or pass --force")

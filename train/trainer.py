@@ -1,0 +1,373 @@
+"""Training: the practitioner's transfer-learning recipes, fast on a CPU.
+
+linear    frozen backbone as feature extractor + new linear head.
+finetune  head on the frozen backbone first, then the deepest stages and the head
+          together with a learning rate ten times smaller.
+full      every layer trained from the start (new head at lr, backbone at lr/10).
+scratch   `full` from random weights, for comparison.
+
+Where the shallow stages stay frozen (linear, finetune) their activations are
+computed once per image for a fixed number of augmented views (the "bank") and
+reused every epoch: the costly high-resolution layers run once, and only the
+deep, low-resolution stages are trained. That is what makes few-shot
+fine-tuning take a minute or two on a two-core CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lineside.errors import LinesideError
+
+from .augment import Augmenter
+from .backbones import build_backbone
+from .config import TrainConfig
+from .data import to_tensor
+from .model import Classifier
+
+log = logging.getLogger(__name__)
+
+# auto: below this many images in the smallest class a fine-tuned network cannot be
+# validated or trusted more than its frozen features; see README "Choosing a recipe".
+AUTO_LINEAR_BELOW = 3
+VIEWS_BUDGET = 1200  # augmented views cached per training run (before the 16-per-image cap)
+INFER_BATCH = 32
+
+
+@dataclass
+class Plan:
+    strategy: str
+    reason: str
+    frozen: int  # stages [0, frozen) are frozen
+    views: int
+    epochs: int
+
+
+@dataclass
+class History:
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, **row):
+        self.rows.append(row)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LinesideError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def resolve_strategy(cfg: TrainConfig, per_class_min: int) -> tuple[str, str]:
+    if cfg.strategy != "auto":
+        return cfg.strategy, f"strategy '{cfg.strategy}' as requested"
+    if cfg.weights == "none":
+        return "scratch", "auto: no pretrained weights, so the whole network is trained (scratch)"
+    if per_class_min < AUTO_LINEAR_BELOW:
+        return "linear", (f"auto: smallest class has {per_class_min} image(s) (< {AUTO_LINEAR_BELOW}); "
+                          "a linear head on frozen features is the most reliable recipe")
+    return "finetune", (f"auto: smallest class has {per_class_min} images; head on frozen features, then "
+                        "fine-tune the deepest stages at a 10x smaller learning rate")
+
+
+def make_plan(cfg: TrainConfig, strategy: str, reason: str, n_stages: int, default_unfreeze: int,
+              n_train: int) -> Plan:
+    if strategy == "linear":
+        frozen = n_stages
+    elif strategy == "finetune":
+        unfreeze = default_unfreeze if cfg.unfreeze == "auto" else (
+            n_stages if cfg.unfreeze == "all" else int(cfg.unfreeze))
+        frozen = max(n_stages - unfreeze, 0)
+    else:
+        frozen = 0
+    if frozen > 0:
+        views = cfg.views or int(min(16, max(2, VIEWS_BUDGET // max(n_train, 1))))
+    else:
+        views = 1  # images are augmented on the fly
+    default_epochs = {"linear": 1, "finetune": 12, "full": 30, "scratch": 60}[strategy]
+    epochs = cfg.epochs or default_epochs
+    return Plan(strategy, reason, frozen, views, epochs)
+
+
+class Trainer:
+    """Trains a Classifier on in-memory images (uint8, N x H x W x 3, already at the spec size)."""
+
+    def __init__(self, cfg: TrainConfig, classes, spec, progress: bool = True):
+        self.cfg = cfg
+        self.classes = list(classes)
+        self.spec = spec
+        self.progress = progress
+        self.device = pick_device(cfg.device)
+        self.history = History()
+        self.timings: dict[str, float] = {}
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        weights = "none" if cfg.strategy == "scratch" else cfg.weights
+        self.entry, backbone = build_backbone(cfg.backbone, weights)
+        self.model = Classifier(backbone, self.entry.feature_dim, len(self.classes), spec, cfg.dropout)
+        self.model.to(self.device).to(memory_format=torch.channels_last)
+        self.pretrained = weights != "none"
+
+    # -- public -------------------------------------------------------------------
+
+    def fit(self, x_train: np.ndarray, y_train: np.ndarray, x_val=None, y_val=None) -> Plan:
+        counts = np.bincount(y_train, minlength=len(self.classes))
+        if counts.min() == 0:
+            missing = [c for c, n in zip(self.classes, counts) if n == 0]
+            raise LinesideError(f"no training images for class(es) {', '.join(missing)}")
+        strategy, reason = resolve_strategy(self.cfg, int(counts.min()))
+        plan = make_plan(self.cfg, strategy, reason, len(self.model.stages), self.entry.default_unfreeze,
+                         len(y_train))
+        self.plan = plan
+        self.class_weights = self._class_weights(counts)
+        log.info("%s", reason)
+        if plan.frozen > 0:
+            self._fit_on_bank(plan, x_train, y_train, x_val, y_val)
+        else:
+            self._fit_end_to_end(plan, x_train, y_train, x_val, y_val)
+        self.model.eval()
+        return plan
+
+    @torch.inference_mode()
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return predict_proba(self.model, x, self.device, progress=False)
+
+    # -- frozen trunk: cache activations of augmented views once ----------------
+
+    def _fit_on_bank(self, plan: Plan, x_train, y_train, x_val, y_val):
+        t0 = time.perf_counter()
+        bank, bank_y = self._build_bank(x_train, y_train, plan.frozen, plan.views)
+        val_bank = self._build_bank(x_val, y_val, plan.frozen, 1)[0] if x_val is not None else None
+        self.timings["bank_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        self._fit_head(bank, bank_y, plan.frozen)
+        self.timings["head_s"] = time.perf_counter() - t0
+        val = self._evaluate_bank(val_bank, y_val, plan.frozen)
+        self.history.add(stage="head", epoch=0, train_loss=float("nan"), lr=0.0, **val,
+                         seconds=round(self.timings["head_s"], 2))
+        if plan.frozen >= len(self.model.stages):
+            return  # linear: the head is all there is
+
+        trainable = list(self.model.stages[plan.frozen:].parameters()) + list(self.model.head.parameters())
+        n = len(bank_y)
+
+        def batches(rng):
+            for idx in self._epoch_indices(bank_y, rng):
+                yield bank[idx].to(self.device).float(), torch.from_numpy(bank_y[idx]).to(self.device)
+
+        def forward(h):
+            return self.model.head(self.model.dropout(self.model.features(h, plan.frozen)))
+
+        t0 = time.perf_counter()
+        self._train_loop(plan, trainable, lr=self.cfg.lr / 10, steps_per_epoch=math.ceil(n / self.cfg.batch_size),
+                         batches=batches, forward=forward,
+                         validate=lambda: self._evaluate_bank(val_bank, y_val, plan.frozen), stage="finetune")
+        self.timings["finetune_s"] = time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def _build_bank(self, x, y, frozen: int, views: int):
+        """Trunk activations for `views` versions of every image: view 0 as is, the rest augmented."""
+        self.model.eval()
+        aug = Augmenter(self.cfg.augment, self.cfg.seed + 1)
+        outputs, labels = [], []
+        total = len(x) * views
+        bar = tqdm(total=total, desc="caching frozen features", unit="img", disable=not self.progress, leave=False)
+        for v in range(views):
+            for s in range(0, len(x), INFER_BATCH):
+                batch = x[s:s + INFER_BATCH]
+                if v > 0:
+                    batch = np.stack([aug(im) for im in batch])
+                h = self.model.trunk(to_tensor(batch, self.device), frozen)
+                # half precision halves the memory of the bank; the tail trains in float32
+                outputs.append(h.to("cpu", torch.float16 if h.dim() == 4 else torch.float32))
+                labels.append(y[s:s + INFER_BATCH])
+                bar.update(len(batch))
+        bar.close()
+        return torch.cat(outputs), np.concatenate(labels).astype(np.int64)
+
+    def _evaluate_bank(self, bank, y, frozen) -> dict:
+        if bank is None:
+            return {}
+        self.model.eval()
+        with torch.inference_mode():
+            logits = torch.cat([
+                self.model.head(self.model.features(bank[s:s + INFER_BATCH].to(self.device).float(), frozen))
+                for s in range(0, len(bank), INFER_BATCH)
+            ]).float().cpu()
+        return _val_metrics(logits, y, len(self.classes))
+
+    def _fit_head(self, bank, y, frozen: int):
+        """Multinomial logistic regression on pooled features (L-BFGS, L2 as in C=1)."""
+        self.model.eval()
+        with torch.inference_mode():
+            feats = torch.cat([
+                self.model.features(bank[s:s + INFER_BATCH].to(self.device).float(), frozen).float()
+                for s in range(0, len(bank), INFER_BATCH)
+            ])
+        feats = feats.clone()
+        target = torch.from_numpy(y).to(self.device)
+        weight = self.class_weights.to(self.device) if self.cfg.balance == "loss" else None
+        head = self.model.head
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        l2 = 0.5 / len(y)
+        opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=300, history_size=20,
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-6)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(head(feats), target, weight=weight) + l2 * head.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+    # -- end to end: augment images on the fly --------------------------------------
+
+    def _fit_end_to_end(self, plan: Plan, x_train, y_train, x_val, y_val):
+        aug = Augmenter(self.cfg.augment, self.cfg.seed + 2)
+        head_params = list(self.model.head.parameters())
+        body_params = list(self.model.backbone.parameters())
+        body_lr = self.cfg.lr if plan.strategy == "scratch" else self.cfg.lr / 10
+        groups = [{"params": body_params, "lr": body_lr}, {"params": head_params, "lr": self.cfg.lr}]
+
+        def batches(rng):
+            for idx in self._epoch_indices(y_train, rng):
+                images = np.stack([aug(x_train[i]) for i in idx])
+                yield to_tensor(images, self.device), torch.from_numpy(y_train[idx]).to(self.device)
+
+        def validate():
+            if x_val is None:
+                return {}
+            logits = torch.from_numpy(np.log(np.clip(
+                predict_proba(self.model, x_val, self.device, progress=False), 1e-12, 1)))
+            return _val_metrics(logits, y_val, len(self.classes))
+
+        t0 = time.perf_counter()
+        self._train_loop(plan, groups, lr=None, steps_per_epoch=math.ceil(len(y_train) / self.cfg.batch_size),
+                         batches=batches, forward=self.model, validate=validate, stage=plan.strategy)
+        self.timings["train_s"] = time.perf_counter() - t0
+
+    # -- the shared loop -------------------------------------------------------------
+
+    def _train_loop(self, plan, params, lr, steps_per_epoch, batches, forward, validate, stage):
+        cfg = self.cfg
+        groups = params if lr is None else [{"params": params, "lr": lr}]
+        for g in groups:
+            g["initial_lr"] = g["lr"]
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        total = plan.epochs * steps_per_epoch
+        warmup = max(1, int(0.05 * total))
+        weight = self.class_weights.to(self.device) if cfg.balance == "loss" else None
+        use_amp = self.device.type == "cuda"
+        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+        rng = np.random.default_rng(cfg.seed + 3)
+        best, best_key, bad_epochs, step = None, None, 0, 0
+        bar = tqdm(range(1, plan.epochs + 1), desc=stage, unit="epoch", disable=not self.progress)
+        for epoch in bar:
+            self._set_train_mode(plan.frozen)
+            t0, losses = time.perf_counter(), []
+            for xb, yb in batches(rng):
+                scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
+                for g in opt.param_groups:
+                    g["lr"] = g["initial_lr"] * scale
+                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
+                    loss = F.cross_entropy(forward(xb), yb, weight=weight, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                losses.append(float(loss.detach()))
+                step += 1
+            self.model.eval()
+            val = validate()
+            row = dict(stage=stage, epoch=epoch, train_loss=float(np.mean(losses)),
+                       lr=opt.param_groups[-1]["lr"], **val, seconds=round(time.perf_counter() - t0, 2))
+            self.history.add(**row)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}",
+                            **({"val_bal_acc": f"{val['val_balanced_accuracy']:.3f}"} if val else {}))
+            if val:
+                key = (val["val_balanced_accuracy"], -val["val_loss"])
+                if best_key is None or key > best_key:
+                    best_key, bad_epochs = key, 0
+                    best = copy.deepcopy(self.model.state_dict())
+                    self.best_epoch = epoch
+                else:
+                    bad_epochs += 1
+                    if bad_epochs >= cfg.patience:
+                        log.info("early stop after epoch %d: no validation gain for %d epochs", epoch, bad_epochs)
+                        break
+        bar.close()
+        if best is not None:
+            self.model.load_state_dict(best)
+
+    def _set_train_mode(self, frozen: int):
+        """Frozen stages stay in eval mode. Pretrained BatchNorm statistics are kept
+        (few images estimate them badly); from scratch they must be learned."""
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for stage in self.model.stages[frozen:]:
+            for p in stage.parameters():
+                p.requires_grad_(True)
+            stage.train()
+            if self.pretrained:
+                for m in stage.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        for p in self.model.head.parameters():
+            p.requires_grad_(True)
+        self.model.dropout.train()
+
+    def _class_weights(self, counts) -> torch.Tensor:
+        counts = np.asarray(counts, dtype=np.float64)
+        return torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
+
+    def _epoch_indices(self, y, rng):
+        """Mini-batch indices for one epoch: a shuffle, or class-balanced draws."""
+        n, bs = len(y), self.cfg.batch_size
+        if self.cfg.balance == "sampler":
+            counts = np.bincount(y)
+            p = 1.0 / counts[y]
+            order = rng.choice(n, size=n, replace=True, p=p / p.sum())
+        else:
+            order = rng.permutation(n)
+        for s in range(0, n, bs):
+            idx = order[s:s + bs]
+            if len(idx) >= 2 or n == 1:  # a batch of one breaks nothing but wastes a step
+                yield idx
+
+
+def _val_metrics(logits: torch.Tensor, y, num_classes) -> dict:
+    y_t = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    loss = float(F.cross_entropy(logits, y_t))
+    pred = logits.argmax(1).numpy()
+    recalls = [float(np.mean(pred[y == c] == c)) for c in range(num_classes) if np.any(y == c)]
+    return {"val_loss": loss, "val_balanced_accuracy": float(np.mean(recalls)),
+            "val_accuracy": float(np.mean(pred == y))}
+
+
+@torch.inference_mode()
+def predict_proba(model: Classifier, x: np.ndarray, device=None, progress: bool = False,
+                  batch_size: int = INFER_BATCH) -> np.ndarray:
+    """Class probabilities for uint8 images (N x H x W x 3 at the model's input size)."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    out = []
+    for s in tqdm(range(0, len(x), batch_size), desc="predicting", unit="batch", disable=not progress, leave=False):
+        out.append(torch.softmax(model(to_tensor(x[s:s + batch_size], device)).float(), 1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
