@@ -135,3 +135,17 @@ def test_augmenter_keeps_shape_and_respects_switches():
     outs = [moving(img) for _ in range(20)]
     assert all(o.shape == img.shape and o.dtype == np.uint8 for o in outs)
     assert any(not np.array_equal(o, img) for o in outs)
+
+
+def test_finetune_all_fits_the_head_first_then_trains_every_stage(synth_dir, tmp_path):
+    from lineside.train.backbones import build_backbone
+
+    _, pretrained = build_backbone("efficientnet_lite0", "imagenet")
+    cfg = TrainConfig(strategy="finetune", unfreeze="all", **{**TINY, "epochs": 1})
+    metrics = train_run(synth_dir, tmp_path, cfg, progress=False)
+    assert metrics["plan"]["frozen_stages"] == 0
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [r["stage"] for r in rows] == ["finetune"]
+    assert "head_s" in metrics["seconds"]
+    stem = "stages.0.0.weight"
+    assert not torch.equal(pretrained.state_dict()[stem], load_checkpoint(tmp_path).model.backbone.state_dict()[stem])

@@ -80,6 +80,10 @@ def resolve_strategy(cfg: TrainConfig, per_class_min: int) -> tuple[str, str]:
                         "fine-tune the deepest stages at a 10x smaller learning rate")
 
 
+def auto_views(cfg: TrainConfig, n_train: int) -> int:
+    return cfg.views or int(min(16, max(2, VIEWS_BUDGET // max(n_train, 1))))
+
+
 def make_plan(cfg: TrainConfig, strategy: str, reason: str, n_stages: int, default_unfreeze: int,
               n_train: int) -> Plan:
     if strategy == "linear":
@@ -90,10 +94,7 @@ def make_plan(cfg: TrainConfig, strategy: str, reason: str, n_stages: int, defau
         frozen = max(n_stages - unfreeze, 0)
     else:
         frozen = 0
-    if frozen > 0:
-        views = cfg.views or int(min(16, max(2, VIEWS_BUDGET // max(n_train, 1))))
-    else:
-        views = 1  # images are augmented on the fly
+    views = auto_views(cfg, n_train) if frozen > 0 else 1  # else images are augmented on the fly
     default_epochs = {"linear": 1, "finetune": 12, "full": 30, "scratch": 60}[strategy]
     epochs = cfg.epochs or default_epochs
     return Plan(strategy, reason, frozen, views, epochs)
@@ -241,8 +242,15 @@ class Trainer:
         aug = Augmenter(self.cfg.augment, self.cfg.seed + 2)
         head_params = list(self.model.head.parameters())
         body_params = list(self.model.backbone.parameters())
-        body_lr = self.cfg.lr if plan.strategy == "scratch" else self.cfg.lr / 10
-        groups = [{"params": body_params, "lr": body_lr}, {"params": head_params, "lr": self.cfg.lr}]
+        if plan.strategy == "finetune":  # --unfreeze all: the head still comes first, on frozen features
+            n = len(self.model.stages)
+            t0 = time.perf_counter()
+            self._fit_head(*self._build_bank(x_train, y_train, n, auto_views(self.cfg, len(y_train))), n)
+            self.timings["head_s"] = time.perf_counter() - t0
+            groups = [{"params": body_params + head_params, "lr": self.cfg.lr / 10}]
+        else:
+            body_lr = self.cfg.lr if plan.strategy == "scratch" else self.cfg.lr / 10
+            groups = [{"params": body_params, "lr": body_lr}, {"params": head_params, "lr": self.cfg.lr}]
 
         def batches(rng):
             for idx in self._epoch_indices(y_train, rng):
