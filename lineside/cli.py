@@ -185,7 +185,9 @@ def eval_cmd(model, data_dir, skip_bad, quiet, as_json):
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per image.")
 def predict(model, images, as_json):
-    """Classify IMAGES with MODEL (a run folder or its model.pt)."""
+    """Classify IMAGES (files, or folders of images) with MODEL (a run folder or its model.pt).
+
+    Prints the predicted label, its probability and the probability of every class."""
     from lineside.train.evaluate import predict_files
 
     results = predict_files(model, list(images))

@@ -55,6 +55,10 @@ def test_train_eval_predict_json(runner, synth_dir, synth_test_dir, tmp_path):
     res = runner.invoke(main, ["predict", str(out), str(image)])
     assert res.exit_code == 0 and pred["label"] in res.output
 
+    res = runner.invoke(main, ["predict", str(out), str(synth_test_dir / "hat"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.output)) == 10
+
 
 @pytest.mark.parametrize("args,needle", [
     (["train", "{tmp}/nowhere", "--out", "{tmp}/r"], "nowhere: no such dataset"),

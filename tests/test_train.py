@@ -149,3 +149,23 @@ def test_finetune_all_fits_the_head_first_then_trains_every_stage(synth_dir, tmp
     assert "head_s" in metrics["seconds"]
     stem = "stages.0.0.weight"
     assert not torch.equal(pretrained.state_dict()[stem], load_checkpoint(tmp_path).model.backbone.state_dict()[stem])
+
+
+def test_ctrl_c_during_training_still_saves_a_model(synth_dir, tmp_path, monkeypatch):
+    from lineside.train.trainer import Trainer
+
+    calls = {"n": 0}
+    original = Trainer._set_train_mode
+
+    def interrupt_on_second_epoch(self, frozen):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, frozen)
+
+    monkeypatch.setattr(Trainer, "_set_train_mode", interrupt_on_second_epoch)
+    metrics = train_run(synth_dir, tmp_path, TrainConfig(strategy="finetune", **TINY), progress=False)
+    assert metrics["interrupted"] is True
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [r["stage"] for r in rows] == ["head", "finetune"]
+    assert load_checkpoint(tmp_path).labels == metrics["labels"]

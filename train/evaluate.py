@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from lineside.dataset import load_image_set
-from lineside.images import read_image
+from lineside.errors import LinesideError
+from lineside.images import is_image_file, read_image
 from lineside.metrics import classification_report
 from lineside.spec import resize_to_spec
 
@@ -31,9 +32,24 @@ def evaluate_run(model_path, data, skip_bad: bool = False, progress: bool = True
     return report
 
 
+def expand_images(paths) -> list[Path]:
+    """Image files as given; a folder stands for the images in it (sorted, recursive)."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q))
+            if not found:
+                raise LinesideError(f"{p}: folder holds no images")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
 def predict_files(model_path, paths) -> list[dict]:
-    """Label and every class probability for each image file (a bad file raises, naming it)."""
+    """Label and every class probability for each image (a bad file raises, naming it)."""
     loaded = load_checkpoint(model_path)
+    paths = expand_images(paths)
     x = np.stack([resize_to_spec(read_image(p), loaded.spec) for p in paths])
     probs = predict_proba(loaded.model, x)
     return [

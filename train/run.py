@@ -88,6 +88,7 @@ def train_run(data, out, cfg: TrainConfig, val=None, progress: bool = True) -> d
         "plan": {"frozen_stages": plan.frozen, "total_stages": len(trainer.model.stages),
                  "views": plan.views, "epochs": plan.epochs,
                  "best_epoch": getattr(trainer, "best_epoch", None)},
+        "interrupted": trainer.interrupted,
         "device": str(trainer.device),
         "threads": torch.get_num_threads(),
         "input_spec": spec.to_dict(),

@@ -111,6 +111,8 @@ class Trainer:
         self.device = pick_device(cfg.device)
         self.history = History()
         self.timings: dict[str, float] = {}
+        self.interrupted = False
+        self._best = None
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         if cfg.threads:
@@ -272,6 +274,18 @@ class Trainer:
     # -- the shared loop -------------------------------------------------------------
 
     def _train_loop(self, plan, params, lr, steps_per_epoch, batches, forward, validate, stage):
+        bar = tqdm(range(1, plan.epochs + 1), desc=stage, unit="epoch", disable=not self.progress)
+        try:
+            self._run_epochs(bar, plan, params, lr, steps_per_epoch, batches, forward, validate, stage)
+        except KeyboardInterrupt:
+            # Ctrl-C ends training early but still saves the best model so far.
+            log.warning("interrupted: keeping the best model so far (press Ctrl-C again to abort)")
+            self.interrupted = True
+        bar.close()
+        if self._best is not None:
+            self.model.load_state_dict(self._best)
+
+    def _run_epochs(self, bar, plan, params, lr, steps_per_epoch, batches, forward, validate, stage):
         cfg = self.cfg
         groups = params if lr is None else [{"params": params, "lr": lr}]
         for g in groups:
@@ -284,8 +298,7 @@ class Trainer:
         amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
         rng = np.random.default_rng(cfg.seed + 3)
-        best, best_key, bad_epochs, step = None, None, 0, 0
-        bar = tqdm(range(1, plan.epochs + 1), desc=stage, unit="epoch", disable=not self.progress)
+        best_key, bad_epochs, step = None, 0, 0
         for epoch in bar:
             self._set_train_mode(plan.frozen)
             t0, losses = time.perf_counter(), []
@@ -312,16 +325,13 @@ class Trainer:
                 key = (val["val_balanced_accuracy"], -val["val_loss"])
                 if best_key is None or key > best_key:
                     best_key, bad_epochs = key, 0
-                    best = copy.deepcopy(self.model.state_dict())
+                    self._best = copy.deepcopy(self.model.state_dict())
                     self.best_epoch = epoch
                 else:
                     bad_epochs += 1
                     if bad_epochs >= cfg.patience:
                         log.info("early stop after epoch %d: no validation gain for %d epochs", epoch, bad_epochs)
                         break
-        bar.close()
-        if best is not None:
-            self.model.load_state_dict(best)
 
     def _set_train_mode(self, frozen: int):
         """Frozen stages stay in eval mode. Pretrained BatchNorm statistics are kept
