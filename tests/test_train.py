@@ -116,6 +116,8 @@ def test_config_rejects_bad_options_by_name(tmp_path):
         TrainConfig(strategy="magic")
     with pytest.raises(LinesideError, match="--unfreeze"):
         TrainConfig(unfreeze="-1")
+    with pytest.raises(LinesideError, match="--bn-stats"):
+        TrainConfig(bn_stats="sometimes")
     (tmp_path / "c.yaml").write_text("strategy: linear\nlearning_rate: 3\n")
     with pytest.raises(LinesideError, match="learning_rate"):
         TrainConfig.from_yaml(tmp_path / "c.yaml")

@@ -28,6 +28,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     dropout: float = 0.2
+    bn_stats: str = "freeze"  # pretrained BatchNorm statistics in trained stages: freeze | adapt
     balance: str = "loss"  # class imbalance: weighted loss, balanced sampling, or nothing
     views: int | None = None  # augmented views per image cached through a frozen trunk (None: auto)
     val_fraction: float | None = None  # None: 0.2 when every class has >= 25 images, else no split
@@ -47,6 +48,8 @@ class TrainConfig:
             bad("strategy", f"'{self.strategy}' is not one of {', '.join(STRATEGIES)}")
         if self.balance not in BALANCE:
             bad("balance", f"'{self.balance}' is not one of {', '.join(BALANCE)}")
+        if self.bn_stats not in ("freeze", "adapt"):
+            bad("bn_stats", f"'{self.bn_stats}' is not freeze or adapt")
         if self.device not in DEVICES:
             bad("device", f"'{self.device}' is not one of {', '.join(DEVICES)}")
         if self.unfreeze not in ("auto", "all") and not (str(self.unfreeze).isdigit() and int(self.unfreeze) > 0):

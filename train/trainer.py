@@ -343,7 +343,7 @@ class Trainer:
             for p in stage.parameters():
                 p.requires_grad_(True)
             stage.train()
-            if self.pretrained:
+            if self.pretrained and self.cfg.bn_stats == "freeze":
                 for m in stage.modules():
                     if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                         m.eval()
