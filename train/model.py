@@ -37,7 +37,10 @@ class Classifier(nn.Module):
         return x
 
     def features(self, h: torch.Tensor, start: int) -> torch.Tensor:
-        """Run stages [start, end) on trunk activations and pool to feature vectors."""
+        """Run stages [start, end) on trunk activations and pool to feature vectors
+        (already pooled features pass through)."""
+        if h.dim() == 2:
+            return h
         for stage in self.stages[start:]:
             h = stage(h)
         return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1)

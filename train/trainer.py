@@ -194,7 +194,9 @@ class Trainer:
                 if v > 0:
                     batch = np.stack([aug(im) for im in batch])
                 h = self.model.trunk(to_tensor(batch, self.device), frozen)
-                # half precision halves the memory of the bank; the tail trains in float32
+                if frozen >= len(self.model.stages):
+                    h = self.model.features(h, frozen)  # nothing left to train but the head: pool now
+                # half precision halves the memory of a feature-map bank; the tail trains in float32
                 outputs.append(h.to("cpu", torch.float16 if h.dim() == 4 else torch.float32))
                 labels.append(y[s:s + INFER_BATCH])
                 bar.update(len(batch))
