@@ -96,7 +96,7 @@ def train_run(data, out, cfg: TrainConfig, val=None, progress: bool = True) -> d
         "train_counts": train_set.counts(),
         "val_counts": val_set.counts() if val_set is not None else None,
         "split": split_note,
-        "data": str(Path(data)),
+        "data": str(Path(data).resolve()),
         "data_fingerprint": images.fingerprint(),
         "skipped_images": bad,
         "validation": report,

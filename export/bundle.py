@@ -1,0 +1,147 @@
+"""`lineside export`: a training run -> a bundle folder of self-describing FP32 models.
+
+    BUNDLE/model_fp32.onnx        uint8 NHWC in, probabilities out, metadata inside
+    BUNDLE/model_fp32.xml/.bin    the same as OpenVINO IR, metadata in rt_info
+    BUNDLE/bundle.json            schema version, metadata, sha256 of every file, parity
+    BUNDLE/export_report.json     the parity check against PyTorch
+
+Every export checks that ONNX Runtime and OpenVINO give the probabilities PyTorch
+gives, on the same images, and fails when they do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+import lineside
+from lineside.dataset import load_image_set
+from lineside.errors import LinesideError, require
+from lineside.images import read_image
+from lineside.spec import resize_to_spec
+
+from .onnx_export import INPUT_NAME, export_onnx
+from .openvino_export import FP32_CONFIG, export_openvino
+
+BUNDLE_SCHEMA = 1
+MODEL_SCHEMA = "lineside.model/1"
+FORMATS = ("onnx", "openvino")
+PARITY_TOLERANCE = 1e-4
+PARITY_IMAGES = 24
+
+
+def model_metadata(loaded, run_dir: Path, precision: str) -> dict:
+    spec = loaded.spec
+    return {
+        "schema": MODEL_SCHEMA,
+        "labels": list(loaded.labels),
+        "input": {"name": INPUT_NAME, "layout": "NHWC", "dtype": "uint8", "color": "RGB",
+                  "height": spec.height, "width": spec.width, "resize": spec.resize,
+                  "interpolation": spec.interpolation},
+        "input_spec": spec.to_dict(),
+        "output": {"name": "probabilities", "kind": "softmax"},
+        "thresholds": {"reject_below": None},
+        "provenance": {"source_run": str(run_dir), "backbone": loaded.backbone,
+                       "strategy": loaded.info.get("strategy"),
+                       "data_fingerprint": loaded.info.get("data_fingerprint"),
+                       "lineside_version": lineside.__version__, "precision": precision},
+    }
+
+
+def parity_images(loaded, data, seed: int = 0) -> tuple[np.ndarray, str]:
+    """Real images when the data folder is at hand (a few per class), else seeded noise."""
+    if data is not None and Path(data).exists():
+        images = load_image_set(data, classes=loaded.labels)
+        rng = np.random.default_rng(seed)
+        per_class = max(1, PARITY_IMAGES // len(loaded.labels))
+        idx = [i for c in range(len(loaded.labels))
+               for i in rng.permutation(np.flatnonzero(np.asarray(images.targets) == c))[:per_class]]
+        x = np.stack([resize_to_spec(read_image(images.paths[i]), loaded.spec) for i in idx])
+        return x, f"{len(idx)} images from {data}"
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (PARITY_IMAGES, loaded.spec.height, loaded.spec.width, 3), dtype=np.uint8)
+    return x, f"{PARITY_IMAGES} random-noise images (training data not found)"
+
+
+def check_parity(reference: np.ndarray, outputs: dict[str, np.ndarray]) -> dict:
+    report = {}
+    for name, probs in outputs.items():
+        report[name] = {
+            "max_abs_diff": float(np.abs(probs - reference).max()),
+            "top1_agreement": float(np.mean(probs.argmax(1) == reference.argmax(1))),
+        }
+    return report
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = PARITY_TOLERANCE) -> dict:
+    from lineside.train.checkpoint import load_checkpoint
+    from lineside.train.trainer import predict_proba
+
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise LinesideError(f"--formats: unknown format(s) {', '.join(unknown)} (choose from {', '.join(FORMATS)})")
+    run_dir, out = Path(run_dir), Path(out)
+    loaded = load_checkpoint(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = model_metadata(loaded, run_dir, "fp32")
+    t0 = time.perf_counter()
+    onnx_path = export_onnx(loaded.model, loaded.spec.height, loaded.spec.width, out / "model_fp32.onnx", meta)
+    files = {"onnx_fp32": [onnx_path]}
+    if "openvino" in formats:
+        xml = export_openvino(onnx_path, out / "model_fp32.xml", meta)
+        files["openvino_fp32"] = [xml, xml.with_suffix(".bin")]
+
+    if data is None:
+        metrics_file = run_dir / "metrics.json"
+        data = json.loads(metrics_file.read_text()).get("data") if metrics_file.is_file() else None
+    x, parity_source = parity_images(loaded, data)
+    reference = predict_proba(loaded.model, x)
+    outputs = {"onnxruntime_fp32": _run_onnxruntime(onnx_path, x)}
+    if "openvino_fp32" in files:
+        outputs["openvino_fp32"] = _run_openvino(files["openvino_fp32"][0], x)
+    parity = check_parity(reference, outputs)
+    parity_ok = all(r["max_abs_diff"] <= tolerance for r in parity.values())
+    if "onnx" not in formats:
+        onnx_path.unlink()
+        del files["onnx_fp32"]
+
+    report = {"parity": {"images": parity_source, "tolerance": tolerance, "passed": parity_ok, "results": parity},
+              "seconds": round(time.perf_counter() - t0, 2)}
+    (out / "export_report.json").write_text(json.dumps(report, indent=2))
+    bundle = {
+        "bundle_schema": BUNDLE_SCHEMA,
+        "metadata": meta,
+        "models": {key: {"files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in paths}}
+                   for key, paths in files.items()},
+        "parity_passed": parity_ok,
+    }
+    (out / "bundle.json").write_text(json.dumps(bundle, indent=2))
+    if not parity_ok:
+        worst = max(parity.items(), key=lambda kv: kv[1]["max_abs_diff"])
+        raise LinesideError(f"{out}: exported model disagrees with PyTorch ({worst[0]}: max probability "
+                            f"difference {worst[1]['max_abs_diff']:.2e} > {tolerance:.0e}); see export_report.json")
+    return {"bundle": bundle, "report": report}
+
+
+def _run_onnxruntime(path: Path, x: np.ndarray) -> np.ndarray:
+    ort = require("onnxruntime", "export")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {INPUT_NAME: x})[0]
+
+
+def _run_openvino(xml: Path, x: np.ndarray) -> np.ndarray:
+    ov = require("openvino", "export")
+    compiled = ov.Core().compile_model(str(xml), "CPU", FP32_CONFIG)
+    return compiled(x)[0]

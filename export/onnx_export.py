@@ -1,0 +1,71 @@
+"""Training run -> ONNX FP32 model that takes uint8 images and returns probabilities.
+
+The exported graph holds the whole preprocessing except resizing: it takes
+(N, H, W, 3) uint8 RGB, converts to float, normalises (inside the network) and
+ends with softmax. The runtime only resizes a frame to the spec's size.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lineside.errors import require
+
+METADATA_KEY = "lineside"
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+OPSET = 17
+
+
+class UInt8Softmax(nn.Module):
+    """(N, H, W, 3) uint8 RGB -> (N, classes) probabilities."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).float()
+        return torch.softmax(self.classifier(x), dim=1)
+
+
+def export_onnx(classifier: nn.Module, height: int, width: int, path: Path, metadata: dict) -> Path:
+    """Write an FP32 ONNX model with `metadata` as one JSON string under metadata_props['lineside']."""
+    onnx = require("onnx", "export")
+    wrapper = UInt8Softmax(classifier).eval()
+    example = torch.zeros(1, height, width, 3, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            wrapper, (example,), str(path), dynamo=False, opset_version=OPSET,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = json.dumps(metadata, sort_keys=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def read_onnx_metadata(path: Path) -> dict:
+    """The lineside JSON document stored in an ONNX file's metadata_props."""
+    from lineside.errors import LinesideError
+
+    onnx = require("onnx", "export")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise LinesideError(f"{path}: not a readable ONNX model ({exc.__class__.__name__})") from exc
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in props:
+        raise LinesideError(f"{path}: ONNX model has no lineside metadata (was it exported by lineside export?)")
+    return json.loads(props[METADATA_KEY])

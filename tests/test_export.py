@@ -1,0 +1,97 @@
+"""FP32 export: self-describing ONNX / OpenVINO models whose outputs match PyTorch."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from lineside.cli import main
+from lineside.errors import LinesideError
+from lineside.export import bundle as bundle_mod
+from lineside.export.bundle import export_bundle, model_metadata, sha256
+from lineside.export.onnx_export import read_onnx_metadata
+from lineside.export.openvino_export import read_openvino_metadata
+from lineside.train.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_run, tmp_path_factory):
+    run, _ = tiny_run
+    out = tmp_path_factory.mktemp("bundle")
+    return out, export_bundle(run, out)
+
+
+def test_bundle_files_and_checksums(bundle):
+    out, result = bundle
+    doc = json.loads((out / "bundle.json").read_text())
+    assert doc["bundle_schema"] == 1 and doc["parity_passed"] is True
+    names = {n for m in doc["models"].values() for n in m["files"]}
+    assert names == {"model_fp32.onnx", "model_fp32.xml", "model_fp32.bin"}
+    for entry in doc["models"].values():
+        for name, f in entry["files"].items():
+            assert f["sha256"] == sha256(out / name) and f["bytes"] == (out / name).stat().st_size
+
+
+def test_metadata_round_trips_through_both_model_files(bundle, tiny_run):
+    out, result = bundle
+    run, _ = tiny_run
+    expected = json.loads(json.dumps(model_metadata(load_checkpoint(run), run, "fp32")))
+    from_onnx = read_onnx_metadata(out / "model_fp32.onnx")
+    from_ir = read_openvino_metadata(out / "model_fp32.xml")
+    from_bundle = json.loads((out / "bundle.json").read_text())["metadata"]
+    for doc in (from_onnx, from_ir, from_bundle):
+        assert doc == expected
+    assert from_onnx["labels"] == ["card", "cube", "hat", "screw", "torch"]
+    assert from_onnx["input"]["dtype"] == "uint8" and from_onnx["input"]["height"] == 64
+    assert from_onnx["provenance"]["precision"] == "fp32"
+
+
+def test_parity_with_pytorch_on_real_images(bundle):
+    _, result = bundle
+    parity = result["report"]["parity"]
+    assert "images from" in parity["images"]
+    assert set(parity["results"]) == {"onnxruntime_fp32", "openvino_fp32"}
+    for r in parity["results"].values():
+        assert r["max_abs_diff"] <= 1e-4 and r["top1_agreement"] == 1.0
+
+
+def test_export_fails_when_a_runtime_disagrees(tiny_run, tmp_path, monkeypatch):
+    run, _ = tiny_run
+    real = bundle_mod._run_openvino
+
+    def drifting(xml, x):  # a model that moved probabilities by 1e-3
+        p = real(xml, x)
+        return np.abs(p + np.where(np.arange(p.shape[1]) == 0, 1e-3, -1e-3)).astype(np.float32)
+
+    monkeypatch.setattr(bundle_mod, "_run_openvino", drifting)
+    with pytest.raises(LinesideError, match="openvino_fp32.*disagrees|disagrees.*openvino_fp32"):
+        export_bundle(run, tmp_path)
+    assert json.loads((tmp_path / "bundle.json").read_text())["parity_passed"] is False
+
+
+def test_onnx_without_lineside_metadata_is_a_clear_error(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(tmp_path / "plain.onnx"))
+    with pytest.raises(LinesideError, match="plain.onnx.*no lineside metadata"):
+        read_onnx_metadata(tmp_path / "plain.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    with pytest.raises(LinesideError, match="junk.onnx"):
+        read_onnx_metadata(tmp_path / "junk.onnx")
+
+
+def test_export_cli(tiny_run, tmp_path):
+    run, _ = tiny_run
+    runner = CliRunner()
+    res = runner.invoke(main, ["export", str(run), "--out", str(tmp_path / "b"), "--formats", "onnx"])
+    assert res.exit_code == 0, res.output
+    assert "parity onnxruntime_fp32" in res.output
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["bundle.json", "export_report.json",
+                                                                   "model_fp32.onnx"]
+    res = runner.invoke(main, ["export", str(run), "--out", str(tmp_path / "c"), "--formats", "tflite"])
+    assert res.exit_code == 2 and "tflite" in res.output
