@@ -11,7 +11,6 @@ gives, on the same images, and fails when they do not.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -20,15 +19,14 @@ import numpy as np
 
 import lineside
 from lineside.dataset import load_image_set
-from lineside.errors import LinesideError, require
+from lineside.errors import LinesideError
 from lineside.images import read_image
+from lineside.runtime.model import BUNDLE_SCHEMA, MODEL_SCHEMA, open_model, sha256
 from lineside.spec import resize_to_spec
 
 from .onnx_export import INPUT_NAME, export_onnx
-from .openvino_export import FP32_CONFIG, export_openvino
+from .openvino_export import export_openvino
 
-BUNDLE_SCHEMA = 1
-MODEL_SCHEMA = "lineside.model/1"
 FORMATS = ("onnx", "openvino")
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 24
@@ -75,14 +73,6 @@ def check_parity(reference: np.ndarray, outputs: dict[str, np.ndarray]) -> dict:
             "top1_agreement": float(np.mean(probs.argmax(1) == reference.argmax(1))),
         }
     return report
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = PARITY_TOLERANCE) -> dict:
@@ -136,12 +126,8 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
 
 
 def _run_onnxruntime(path: Path, x: np.ndarray) -> np.ndarray:
-    ort = require("onnxruntime", "export")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {INPUT_NAME: x})[0]
+    return open_model(path, backend="onnxruntime").predict_proba(x)
 
 
 def _run_openvino(xml: Path, x: np.ndarray) -> np.ndarray:
-    ov = require("openvino", "export")
-    compiled = ov.Core().compile_model(str(xml), "CPU", FP32_CONFIG)
-    return compiled(x)[0]
+    return open_model(xml, backend="openvino").predict_proba(x)

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from lineside.errors import require
-
-METADATA_KEY = "lineside"
+from lineside.runtime.model import METADATA_KEY
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 OPSET = 17

@@ -9,12 +9,6 @@ from lineside.errors import require
 
 from .onnx_export import METADATA_KEY
 
-# OpenVINO's CPU plugin runs FP32 models in bfloat16 on CPUs that support it; on this
-# project's reference CPU that moved class probabilities by 6e-3. Parity checks and
-# FP32 deployments pin full precision.
-FP32_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
-
-
 def export_openvino(onnx_path: Path, xml_path: Path, metadata: dict) -> Path:
     ov = require("openvino", "export")
     model = ov.convert_model(str(onnx_path))

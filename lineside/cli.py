@@ -154,25 +154,64 @@ def train(data_dir, out, config_file, val_dir, force, quiet, as_json, **options)
 
 # --- eval / predict -----------------------------------------------------------------
 
+def _is_exported(path: Path) -> bool:
+    return (path.is_dir() and (path / "bundle.json").is_file()) or path.name == "bundle.json" \
+        or path.suffix in (".onnx", ".xml")
+
+
+def _model_options(f):
+    f = click.option("--threads", type=int, default=None, help="CPU threads for an exported model.")(f)
+    f = click.option("--device", default="CPU", show_default=True,
+                     help="OpenVINO device for an exported model (CPU, GPU, NPU, AUTO).")(f)
+    f = click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+                     help="Which model of a bundle.")(f)
+    f = click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino"]), default="auto",
+                     show_default=True, help="Runtime for an exported model (auto: OpenVINO if in the bundle).")(f)
+    return f
+
+
+def _open_scorer(model: Path, backend, precision, device, threads):
+    """(predict_proba, labels, spec, description) for a run folder or an exported model.
+    Exported models never import torch."""
+    if _is_exported(model):
+        from lineside.runtime.model import open_model
+
+        m = open_model(model, backend=backend, precision=precision, device=device, threads=threads)
+        return m.predict_proba, m.labels, m.spec, {"model": str(m.path), "backend": m.backend}
+    from functools import partial
+
+    from lineside.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from lineside.train.trainer import predict_proba
+
+    loaded = load_checkpoint(model)
+    return (partial(predict_proba, loaded.model), loaded.labels, loaded.spec,
+            {"model": str(resolve_checkpoint(model)), "backend": "pytorch"})
+
+
 @main.command("eval")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data_dir", metavar="DATA", type=click.Path(path_type=Path))
+@_model_options
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images with a warning instead of failing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_cmd(model, data_dir, skip_bad, quiet, as_json):
-    """Score MODEL (a run folder or its model.pt) on DATA (a folder per class).
+def eval_cmd(model, data_dir, backend, precision, device, threads, skip_bad, quiet, as_json):
+    """Score MODEL on DATA (a folder per class, or a path,label CSV).
 
-    Reports balanced accuracy (the mean of per-class recall, fair when classes
-    are imbalanced), accuracy, per-class precision/recall/f1 and the confusion
-    matrix (rows: true class)."""
-    from lineside.train.evaluate import evaluate_run
+    MODEL is a training run folder (or its model.pt), an exported bundle folder,
+    or a lone .onnx / .xml file. Reports balanced accuracy (the mean of per-class
+    recall, fair when classes are imbalanced), accuracy, per-class
+    precision/recall/f1 and the confusion matrix (rows: true class)."""
+    from lineside.scoring import evaluate
 
-    r = evaluate_run(model, data_dir, skip_bad=skip_bad, progress=not quiet and not as_json)
+    predict_fn, labels, spec, about = _open_scorer(model, backend, precision, device, threads)
+    r = evaluate(predict_fn, labels, spec, data_dir, skip_bad=skip_bad, progress=not quiet and not as_json)
+    r.update(about)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
-    click.echo(f"{r['n']} images: balanced accuracy {r['balanced_accuracy']:.2%}, accuracy {r['accuracy']:.2%}")
+    click.echo(f"{r['n']} images: balanced accuracy {r['balanced_accuracy']:.2%}, accuracy {r['accuracy']:.2%} "
+               f"({r['backend']})")
     click.echo(f"{'class':24s} {'precision':>9s} {'recall':>7s} {'f1':>6s} {'n':>5s}")
     for name, c in r["per_class"].items():
         click.echo(f"{name:24s} {c['precision']:9.3f} {c['recall']:7.3f} {c['f1']:6.3f} {c['support']:5d}")
@@ -183,14 +222,17 @@ def eval_cmd(model, data_dir, skip_bad, quiet, as_json):
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_model_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per image.")
-def predict(model, images, as_json):
-    """Classify IMAGES (files, or folders of images) with MODEL (a run folder or its model.pt).
+def predict(model, images, backend, precision, device, threads, as_json):
+    """Classify IMAGES (files, or folders of images) with MODEL.
 
-    Prints the predicted label, its probability and the probability of every class."""
-    from lineside.train.evaluate import predict_files
+    MODEL is a run folder, a bundle folder or a lone .onnx / .xml file. Prints the
+    predicted label, its probability and the probability of every class."""
+    from lineside.scoring import predict_paths
 
-    results = predict_files(model, list(images))
+    predict_fn, labels, spec, _ = _open_scorer(model, backend, precision, device, threads)
+    results = predict_paths(predict_fn, labels, spec, list(images))
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

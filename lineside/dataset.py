@@ -6,13 +6,17 @@ Torch-free, so evaluation of exported models on the edge box can use it too.
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import LinesideError
-from .images import is_image_file
+from .images import BadImage, is_image_file, read_image
+from .spec import InputSpec, resize_to_spec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -161,3 +165,25 @@ def draw_per_class(targets, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     drawn = np.sort(np.array(drawn, dtype=int))
     rest = np.setdiff1d(np.arange(len(targets)), drawn)
     return drawn, rest
+
+
+def load_arrays(images: ImageSet, spec: InputSpec, skip_bad: bool = False, progress: bool = True,
+                desc: str = "reading images"):
+    """Read and resize every image -> (uint8 array N x H x W x 3, kept ImageSet, bad paths).
+
+    A bad image is an error naming the file unless skip_bad, which warns and counts."""
+    from tqdm import tqdm
+
+    arrays, keep, bad = [], [], []
+    for i, path in enumerate(tqdm(images.paths, desc=desc, unit="img", disable=not progress, leave=False)):
+        try:
+            arrays.append(resize_to_spec(read_image(path), spec))
+            keep.append(i)
+        except BadImage as exc:
+            if not skip_bad:
+                raise LinesideError(f"{exc} (pass --skip-bad to skip unreadable images)") from exc
+            log.warning("skipping %s", exc)
+            bad.append(str(path))
+    if not arrays:
+        raise LinesideError(f"{images.root}: no readable images")
+    return np.stack(arrays), images.subset(keep), bad

@@ -8,16 +8,14 @@ class LinesideError(Exception):
 class MissingDependency(LinesideError):
     """An optional dependency is missing; the message names the extra to install."""
 
-    def __init__(self, module: str, extra: str):
-        super().__init__(
-            f"this command needs the Python package '{module}'; "
-            f"install it with: pip install 'lineside[{extra}]'"
-        )
+    def __init__(self, module: str, extra: str | None):
+        target = f"'lineside[{extra}]'" if extra else "lineside (its base install)"
+        super().__init__(f"this command needs the Python package '{module}'; install it with: pip install {target}")
         self.module = module
         self.extra = extra
 
 
-def require(module: str, extra: str):
+def require(module: str, extra: str | None):
     """Import `module` or raise MissingDependency naming the extra that provides it."""
     import importlib
 

@@ -40,6 +40,16 @@ def tiny_run(tmp_path_factory, synth_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tmp_path_factory):
+    """The tiny run exported to an FP32 bundle (ONNX + OpenVINO)."""
+    from lineside.export.bundle import export_bundle
+
+    run, _ = tiny_run
+    out = tmp_path_factory.mktemp("bundle")
+    return out, export_bundle(run, out)
+
+
+@pytest.fixture(scope="session")
 def neu_dir():
     if not (NEU / "crazing").is_dir():
         pytest.skip(f"real dataset not found at {NEU}")

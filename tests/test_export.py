@@ -9,17 +9,16 @@ from click.testing import CliRunner
 from lineside.cli import main
 from lineside.errors import LinesideError
 from lineside.export import bundle as bundle_mod
-from lineside.export.bundle import export_bundle, model_metadata, sha256
+from lineside.export.bundle import export_bundle, model_metadata
+from lineside.runtime.model import sha256
 from lineside.export.onnx_export import read_onnx_metadata
 from lineside.export.openvino_export import read_openvino_metadata
 from lineside.train.checkpoint import load_checkpoint
 
 
-@pytest.fixture(scope="module")
-def bundle(tiny_run, tmp_path_factory):
-    run, _ = tiny_run
-    out = tmp_path_factory.mktemp("bundle")
-    return out, export_bundle(run, out)
+@pytest.fixture()
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 def test_bundle_files_and_checksums(bundle):

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 
 import lineside
-from lineside.dataset import ImageSet, load_image_set, stratified_split
+from lineside.dataset import ImageSet, load_arrays, load_image_set, stratified_split
 from lineside.errors import LinesideError
 from lineside.metrics import classification_report
 
 from .backbones import BACKBONES
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
-from .data import load_images
+
 from .plots import plot_confusion
 from .trainer import Trainer
 
@@ -57,10 +57,10 @@ def train_run(data, out, cfg: TrainConfig, val=None, progress: bool = True) -> d
     spec = BACKBONES.get(cfg.backbone).input_spec.with_size(cfg.image_size)
     cfg.dump(out / "config.yaml")  # written first, so a failed run still says what it tried
 
-    x_train, train_set, bad = load_images(train_set, spec, cfg.skip_bad, progress, "reading training images")
+    x_train, train_set, bad = load_arrays(train_set, spec, cfg.skip_bad, progress, "reading training images")
     x_val = y_val = None
     if val_set is not None:
-        x_val, val_set, bad_val = load_images(val_set, spec, cfg.skip_bad, progress, "reading validation images")
+        x_val, val_set, bad_val = load_arrays(val_set, spec, cfg.skip_bad, progress, "reading validation images")
         y_val = np.asarray(val_set.targets, dtype=np.int64)
         bad += bad_val
     y_train = np.asarray(train_set.targets, dtype=np.int64)

@@ -1,0 +1,162 @@
+"""Exported models on the edge box: open a bundle or a lone model file, check it, predict.
+
+Torch-free. A bundle is verified before use (schema version, every file present
+with the sha256 recorded in bundle.json); a lone .onnx or .xml carries its own
+metadata (labels, input spec) and needs nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lineside.errors import LinesideError, require
+from lineside.spec import InputSpec
+
+METADATA_KEY = "lineside"
+BUNDLE_SCHEMA = 1
+MODEL_SCHEMA = "lineside.model/1"
+BACKENDS = ("auto", "onnxruntime", "openvino")
+PRECISIONS = ("fp32", "int8")
+# OpenVINO's CPU plugin would otherwise run FP32 models in bfloat16 where the CPU supports it.
+OPENVINO_FP32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+@dataclass
+class RuntimeModel:
+    path: Path
+    backend: str
+    metadata: dict
+    labels: list[str]
+    spec: InputSpec
+    checksum: str
+    _run: object
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 RGB at the spec's size -> (N, classes) probabilities."""
+        return self._run(np.ascontiguousarray(images, dtype=np.uint8))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def open_model(path, backend: str = "auto", precision: str = "fp32", device: str = "CPU",
+               threads: int | None = None) -> RuntimeModel:
+    """A bundle folder, a bundle.json, or a lone .onnx / .xml file -> a ready model."""
+    if backend not in BACKENDS:
+        raise LinesideError(f"--backend: '{backend}' is not one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise LinesideError(f"--precision: '{precision}' is not one of {', '.join(PRECISIONS)}")
+    path = Path(path)
+    if path.is_dir() or path.name == "bundle.json":
+        path = _bundle_model_file(path if path.is_dir() else path.parent, backend, precision)
+    if not path.is_file():
+        raise LinesideError(f"{path}: no such model file or bundle")
+    if path.suffix == ".xml" or (backend == "openvino" and path.suffix == ".onnx"):
+        return _open_openvino(path, device, threads, precision)
+    if path.suffix == ".onnx":
+        if backend == "openvino":
+            return _open_openvino(path, device, threads, precision)
+        return _open_onnxruntime(path, threads)
+    raise LinesideError(f"{path}: not a model file (expected a bundle folder, .onnx or .xml)")
+
+
+def _bundle_model_file(folder: Path, backend: str, precision: str) -> Path:
+    doc_path = folder / "bundle.json"
+    if not doc_path.is_file():
+        raise LinesideError(f"{folder}: not a bundle (no bundle.json)")
+    try:
+        doc = json.loads(doc_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LinesideError(f"{doc_path}: unreadable bundle.json ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("bundle_schema") != BUNDLE_SCHEMA:
+        version = doc.get("bundle_schema") if isinstance(doc, dict) else None
+        raise LinesideError(f"{doc_path}: bundle schema {version!r} is not supported (this lineside reads "
+                            f"{BUNDLE_SCHEMA})")
+    models = doc.get("models") or {}
+    order = ["openvino", "onnxruntime"] if backend == "auto" else [backend]
+    keys = {"openvino": f"openvino_{precision}", "onnxruntime": f"onnx_{precision}"}
+    for b in order:
+        entry = models.get(keys[b])
+        if isinstance(entry, dict) and isinstance(entry.get("files"), dict):
+            break
+    else:
+        have = ", ".join(sorted(models)) or "none"
+        raise LinesideError(f"{folder}: bundle has no {precision} model for {'/'.join(order)} (it has: {have})")
+    model_file = None
+    for name, info in entry["files"].items():
+        f = folder / name
+        if Path(name).name != name or not f.is_file():
+            raise LinesideError(f"{folder}: bundle file {name} is missing")
+        if sha256(f) != info.get("sha256"):
+            raise LinesideError(f"{f}: checksum does not match bundle.json (file changed or corrupt)")
+        if f.suffix in (".onnx", ".xml"):
+            model_file = f
+    if model_file is None:
+        raise LinesideError(f"{folder}: bundle entry {keys[b]} lists no model file")
+    return model_file
+
+
+def _checked_metadata(path: Path, text: str | None) -> tuple[dict, list[str], InputSpec]:
+    if not text:
+        raise LinesideError(f"{path}: model has no lineside metadata (was it exported by lineside export?)")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LinesideError(f"{path}: lineside metadata is not valid JSON") from exc
+    if not isinstance(meta, dict) or meta.get("schema") != MODEL_SCHEMA:
+        raise LinesideError(f"{path}: metadata schema {meta.get('schema') if isinstance(meta, dict) else None!r} "
+                            f"is not supported (this lineside reads {MODEL_SCHEMA})")
+    labels = meta.get("labels")
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise LinesideError(f"{path}: metadata has no valid label list")
+    return meta, labels, InputSpec.from_dict(meta.get("input_spec"))
+
+
+def _open_onnxruntime(path: Path, threads: int | None) -> RuntimeModel:
+    ort = require("onnxruntime", None)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any unloadable file is the same user error
+        raise LinesideError(f"{path}: ONNX Runtime cannot load this model ({exc.__class__.__name__})") from exc
+    meta, labels, spec = _checked_metadata(path, session.get_modelmeta().custom_metadata_map.get(METADATA_KEY))
+    name = session.get_inputs()[0].name
+    return RuntimeModel(path, "onnxruntime", meta, labels, spec, sha256(path),
+                        lambda x: session.run(None, {name: x})[0])
+
+
+def _open_openvino(path: Path, device: str, threads: int | None, precision: str) -> RuntimeModel:
+    ov = require("openvino", None)
+    core = ov.Core()
+    try:
+        model = core.read_model(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise LinesideError(f"{path}: OpenVINO cannot read this model ({exc.__class__.__name__})") from exc
+    text = model.get_rt_info([METADATA_KEY]).astype(str) if model.has_rt_info([METADATA_KEY]) else None
+    if text is None and path.suffix == ".onnx":
+        ort = require("onnxruntime", None)
+        text = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) \
+            .get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    meta, labels, spec = _checked_metadata(path, text)
+    config = dict(OPENVINO_FP32) if precision == "fp32" and device.upper().startswith("CPU") else {}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    try:
+        compiled = core.compile_model(model, device, config)
+    except Exception as exc:  # noqa: BLE001
+        raise LinesideError(f"--device {device}: OpenVINO cannot compile the model there ({exc})") from exc
+    request = compiled.create_infer_request()
+    return RuntimeModel(path, "openvino", meta, labels, spec, sha256(path),
+                        lambda x: request.infer([x])[0].copy())

@@ -1,0 +1,102 @@
+"""Exported models scored and used without torch; bad bundles are one-line errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from lineside.cli import main
+from lineside.runtime.model import open_model
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_bundle_eval_matches_the_pytorch_run(tiny_run, tiny_bundle, synth_test_dir, backend):
+    run, _ = tiny_run
+    bundle, _ = tiny_bundle
+    runner = CliRunner()
+    ref = json.loads(runner.invoke(main, ["eval", str(run), str(synth_test_dir), "--json"]).output)
+    res = runner.invoke(main, ["eval", str(bundle), str(synth_test_dir), "--json", "--backend", backend])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    assert got["backend"] == backend and ref["backend"] == "pytorch"
+    assert got["confusion_matrix"] == ref["confusion_matrix"]
+    assert got["balanced_accuracy"] == ref["balanced_accuracy"]
+
+
+def test_lone_model_file_is_self_describing(tiny_bundle, synth_test_dir):
+    bundle, _ = tiny_bundle
+    for name in ("model_fp32.onnx", "model_fp32.xml"):
+        m = open_model(bundle / name)
+        assert m.labels == ["card", "cube", "hat", "screw", "torch"] and m.spec.size == (64, 64)
+    res = CliRunner().invoke(main, ["predict", str(bundle / "model_fp32.xml"), str(synth_test_dir / "cube"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.output)) == 10
+
+
+def test_scoring_an_exported_model_never_imports_torch(tiny_bundle, synth_test_dir):
+    bundle, _ = tiny_bundle
+    code = (
+        "import sys\n"
+        "from lineside.cli import main\n"
+        f"args = ['eval', {str(bundle)!r}, {str(synth_test_dir)!r}, '--json', '--quiet']\n"
+        "try:\n    main(args)\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'CLEAN')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("CLEAN")
+
+
+def _broken(bundle, tmp_path, how):
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    if how == "missing":
+        (b / "model_fp32.bin").unlink()
+    elif how == "checksum":
+        with open(b / "model_fp32.onnx", "ab") as f:
+            f.write(b"\0")
+    elif how == "schema":
+        doc = json.loads((b / "bundle.json").read_text())
+        doc["bundle_schema"] = 99
+        (b / "bundle.json").write_text(json.dumps(doc))
+    elif how == "not-json":
+        (b / "bundle.json").write_text("{not json")
+    elif how == "no-bundle":
+        (b / "bundle.json").unlink()
+    return b
+
+
+@pytest.mark.parametrize("how,backend,needle", [
+    ("missing", "openvino", "model_fp32.bin is missing"),
+    ("checksum", "onnxruntime", "checksum does not match"),
+    ("schema", "auto", "bundle schema 99 is not supported"),
+    ("not-json", "auto", "unreadable bundle.json"),
+    ("no-bundle", "auto", "not a bundle"),
+])
+def test_bad_bundles_are_one_line_errors(tiny_bundle, synth_test_dir, tmp_path, how, backend, needle):
+    bundle, _ = tiny_bundle
+    b = _broken(bundle, tmp_path, how)
+    if how == "no-bundle":  # named directly, a missing bundle.json says so
+        args = ["predict", str(b / "bundle.json"), str(synth_test_dir)]
+    else:
+        args = ["eval", str(b), str(synth_test_dir), "--backend", backend]
+    res = CliRunner().invoke(main, args)
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.output
+
+
+def test_model_without_lineside_metadata_is_refused(tmp_path, synth_test_dir):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 64, 64, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 64, 64, 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "plain.onnx"))
+    for backend in ("onnxruntime", "openvino"):
+        res = CliRunner().invoke(main, ["eval", str(tmp_path / "plain.onnx"), str(synth_test_dir),
+                                        "--backend", backend])
+        assert res.exit_code == 2 and "no lineside metadata" in res.output, res.output
