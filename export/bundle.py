@@ -26,10 +26,12 @@ from lineside.spec import resize_to_spec
 
 from .onnx_export import INPUT_NAME, export_onnx
 from .openvino_export import export_openvino
+from .quantize import RECIPES, int8_gate, quantize_openvino
 
 FORMATS = ("onnx", "openvino")
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 24
+MAX_CALIB_IMAGES = 1000
 
 
 def model_metadata(loaded, run_dir: Path, precision: str) -> dict:
@@ -75,7 +77,9 @@ def check_parity(reference: np.ndarray, outputs: dict[str, np.ndarray]) -> dict:
     return report
 
 
-def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = PARITY_TOLERANCE) -> dict:
+def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = PARITY_TOLERANCE,
+                  int8: bool = True, calib=None, eval_data=None, max_drop: float = 0.5,
+                  progress: bool = False) -> dict:
     from lineside.train.checkpoint import load_checkpoint
     from lineside.train.trainer import predict_proba
 
@@ -107,8 +111,11 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
         onnx_path.unlink()
         del files["onnx_fp32"]
 
-    report = {"parity": {"images": parity_source, "tolerance": tolerance, "passed": parity_ok, "results": parity},
-              "seconds": round(time.perf_counter() - t0, 2)}
+    report = {"parity": {"images": parity_source, "tolerance": tolerance, "passed": parity_ok, "results": parity}}
+    if int8 and parity_ok and "openvino_fp32" in files:
+        report["int8"] = {"openvino": _openvino_int8(loaded, files, out, meta, calib or data, eval_data, max_drop,
+                                                     progress)}
+    report["seconds"] = round(time.perf_counter() - t0, 2)
     (out / "export_report.json").write_text(json.dumps(report, indent=2))
     bundle = {
         "bundle_schema": BUNDLE_SCHEMA,
@@ -131,3 +138,48 @@ def _run_onnxruntime(path: Path, x: np.ndarray) -> np.ndarray:
 
 def _run_openvino(xml: Path, x: np.ndarray) -> np.ndarray:
     return open_model(xml, backend="openvino").predict_proba(x)
+
+
+def _labelled_arrays(loaded, data, limit: int | None, progress: bool, desc: str):
+    from lineside.dataset import load_arrays
+
+    images = load_image_set(data, classes=loaded.labels)
+    if limit and len(images) > limit:
+        images = images.subset(np.sort(np.random.default_rng(0).choice(len(images), limit, replace=False)))
+    x, images, _ = load_arrays(images, loaded.spec, skip_bad=True, progress=progress, desc=desc)
+    return x, np.asarray(images.targets), images.paths
+
+
+def _openvino_int8(loaded, files, out: Path, meta: dict, calib, eval_data, max_drop: float, progress: bool) -> dict:
+    """Quantize, gate against FP32, keep the INT8 IR only if it passes."""
+    if calib is None or not Path(calib).exists():
+        return {"verdict": "skipped", "why": "no calibration images (pass --calib DIR)"}
+    x_cal, y_cal, cal_paths = _labelled_arrays(loaded, calib, MAX_CALIB_IMAGES, progress, "calibration images")
+    if eval_data is not None:
+        x_eval, y_eval, eval_paths = _labelled_arrays(loaded, eval_data, None, progress, "evaluation images")
+        eval_source = f"{len(y_eval)} images from {eval_data}"
+    else:
+        x_eval, y_eval, eval_paths = x_cal, y_cal, cal_paths
+        eval_source = f"the {len(y_eval)} calibration images (not held out; pass --eval DIR for held-out images)"
+    p_fp32 = _run_openvino(files["openvino_fp32"][0], x_eval)
+    int8_meta = {**meta, "provenance": {**meta["provenance"], "precision": "int8"}}
+    xml = out / "model_int8.xml"
+    attempts = []
+    for name, recipe in RECIPES:
+        quantize_openvino(files["openvino_fp32"][0], xml, x_cal, int8_meta, recipe)
+        gate = int8_gate(y_eval, p_fp32, _run_openvino_int8(xml, x_eval), loaded.labels, max_drop, eval_paths)
+        attempts.append({"recipe": name, **{k: gate[k] for k in ("int8_balanced_accuracy", "drop_points",
+                                                                 "top1_agreement", "passed")}})
+        if gate["passed"]:
+            files["openvino_int8"] = [xml, xml.with_suffix(".bin")]
+            return {"verdict": "kept", "recipe": name, "eval_images": eval_source, "gate": gate,
+                    "attempts": attempts}
+    for f in (xml, xml.with_suffix(".bin")):
+        f.unlink(missing_ok=True)
+    return {"verdict": "refused", "eval_images": eval_source, "gate": gate, "attempts": attempts,
+            "why": f"INT8 lost {gate['drop_points']:.2f} points of balanced accuracy (> {max_drop}) with every "
+                   f"recipe tried; FP32 kept"}
+
+
+def _run_openvino_int8(xml: Path, x: np.ndarray) -> np.ndarray:
+    return open_model(xml, backend="openvino", precision="int8").predict_proba(x)

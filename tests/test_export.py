@@ -26,7 +26,8 @@ def test_bundle_files_and_checksums(bundle):
     doc = json.loads((out / "bundle.json").read_text())
     assert doc["bundle_schema"] == 1 and doc["parity_passed"] is True
     names = {n for m in doc["models"].values() for n in m["files"]}
-    assert names == {"model_fp32.onnx", "model_fp32.xml", "model_fp32.bin"}
+    int8 = {"model_int8.xml", "model_int8.bin"} if "openvino_int8" in doc["models"] else set()
+    assert names == {"model_fp32.onnx", "model_fp32.xml", "model_fp32.bin"} | int8
     for entry in doc["models"].values():
         for name, f in entry["files"].items():
             assert f["sha256"] == sha256(out / name) and f["bytes"] == (out / name).stat().st_size
