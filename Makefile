@@ -29,8 +29,8 @@ demo: $(STAMP)
 	$(LS) train $(DEMO)/data --out $(DEMO)/run --image-size 128
 	$(LS) eval $(DEMO)/run $(DEMO)/test
 	$(LS) predict $(DEMO)/run $(DEMO)/test/hat/hat_0000.png $(DEMO)/test/screw/screw_0000.png $(DEMO)/test/card/card_0000.png
-	$(LS) export $(DEMO)/run --out $(DEMO)/bundle
-	$(LS) eval $(DEMO)/bundle $(DEMO)/test --backend openvino --quiet
+	$(LS) export $(DEMO)/run --out $(DEMO)/bundle --eval $(DEMO)/test --quiet
+	$(LS) eval $(DEMO)/bundle $(DEMO)/test --backend openvino --precision int8 --quiet
 	$(LS) eval $(DEMO)/bundle $(DEMO)/test --backend onnxruntime --quiet
 
 bench: $(STAMP)
