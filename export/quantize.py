@@ -1,9 +1,9 @@
 """INT8 post-training quantization (OpenVINO, through NNCF) and the accuracy gate.
 
 An INT8 model is kept only if, on the same images, its balanced accuracy is no
-more than `max_drop` percentage points below the FP32 model's. When the default
-recipe fails the gate, a stronger one is tried (full bias correction, every
-calibration image); if that fails too, no INT8 model is written.
+more than `max_drop` percentage points below the FP32 model's. When the first
+recipe fails the gate, a second one is tried (asymmetric activations, more
+calibration images); if that fails too, no INT8 model is written.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from lineside.runtime.model import METADATA_KEY
 
 log = logging.getLogger(__name__)
 
-# (name, NNCF options): tried in order until one passes the gate
+# (name, NNCF options): tried in order until one passes the gate. On NEU (Lite0, 10 images
+# per class, 1740 held out) NNCF's default fast bias correction lost 0.40 points with 98.7%
+# top-1 agreement; full bias correction lost none (+0.06) with 99.4% agreement, so it leads.
 RECIPES = (
-    ("default", {"fast_bias_correction": True, "subset_size": 300}),
-    ("full-bias-correction", {"fast_bias_correction": False, "subset_size": 1000}),
+    ("bias-correction", {"fast_bias_correction": False, "subset_size": 300}),
+    ("bias-correction-mixed", {"fast_bias_correction": False, "subset_size": 1000, "preset": "MIXED"}),
 )
 
 
@@ -35,6 +37,8 @@ def quantize_openvino(fp32_xml: Path, out_xml: Path, calib: np.ndarray, metadata
     dataset = nncf.Dataset([calib[i:i + 1] for i in range(len(calib))])
     options = dict(recipe)
     options["subset_size"] = min(options.get("subset_size", 300), len(calib))
+    if "preset" in options:
+        options["preset"] = getattr(nncf.QuantizationPreset, options["preset"])
     quantized = nncf.quantize(model, dataset, **options)
     quantized.set_rt_info(json.dumps(metadata, sort_keys=True), [METADATA_KEY])
     ov.save_model(quantized, str(out_xml))
