@@ -61,11 +61,11 @@ def open_model(path, backend: str = "auto", precision: str = "fp32", device: str
         path = _bundle_model_file(path if path.is_dir() else path.parent, backend, precision)
     if not path.is_file():
         raise LinesideError(f"{path}: no such model file or bundle")
+    if path.suffix == ".xml" and backend == "onnxruntime":
+        raise LinesideError(f"{path}: an OpenVINO IR runs on --backend openvino, not onnxruntime")
     if path.suffix == ".xml" or (backend == "openvino" and path.suffix == ".onnx"):
         return _open_openvino(path, device, threads, precision)
     if path.suffix == ".onnx":
-        if backend == "openvino":
-            return _open_openvino(path, device, threads, precision)
         return _open_onnxruntime(path, threads)
     raise LinesideError(f"{path}: not a model file (expected a bundle folder, .onnx or .xml)")
 

@@ -34,6 +34,9 @@ def test_lone_model_file_is_self_describing(tiny_bundle, synth_test_dir):
     res = CliRunner().invoke(main, ["predict", str(bundle / "model_fp32.xml"), str(synth_test_dir / "cube"), "--json"])
     assert res.exit_code == 0, res.output
     assert len(json.loads(res.output)) == 10
+    res = CliRunner().invoke(main, ["predict", str(bundle / "model_fp32.xml"), str(synth_test_dir / "cube"),
+                                    "--backend", "onnxruntime"])
+    assert res.exit_code == 2 and "--backend openvino" in res.output
 
 
 def test_scoring_an_exported_model_never_imports_torch(tiny_bundle, synth_test_dir):

@@ -21,7 +21,6 @@ from lineside.metrics import classification_report
 from .backbones import BACKBONES
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
-
 from .plots import plot_confusion
 from .trainer import Trainer
 
