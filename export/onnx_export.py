@@ -54,17 +54,3 @@ def export_onnx(classifier: nn.Module, height: int, width: int, path: Path, meta
     onnx.save(model, str(path))
     return path
 
-
-def read_onnx_metadata(path: Path) -> dict:
-    """The lineside JSON document stored in an ONNX file's metadata_props."""
-    from lineside.errors import LinesideError
-
-    onnx = require("onnx", "export")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise LinesideError(f"{path}: not a readable ONNX model ({exc.__class__.__name__})") from exc
-    props = {p.key: p.value for p in model.metadata_props}
-    if METADATA_KEY not in props:
-        raise LinesideError(f"{path}: ONNX model has no lineside metadata (was it exported by lineside export?)")
-    return json.loads(props[METADATA_KEY])

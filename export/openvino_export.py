@@ -9,6 +9,7 @@ from lineside.errors import require
 
 from .onnx_export import METADATA_KEY
 
+
 def export_openvino(onnx_path: Path, xml_path: Path, metadata: dict) -> Path:
     ov = require("openvino", "export")
     model = ov.convert_model(str(onnx_path))
@@ -16,8 +17,3 @@ def export_openvino(onnx_path: Path, xml_path: Path, metadata: dict) -> Path:
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
     return xml_path
 
-
-def read_openvino_metadata(xml_path: Path) -> dict:
-    ov = require("openvino", "export")
-    model = ov.Core().read_model(str(xml_path))
-    return json.loads(model.get_rt_info([METADATA_KEY]).astype(str))

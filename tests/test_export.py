@@ -11,8 +11,7 @@ from lineside.errors import LinesideError
 from lineside.export import bundle as bundle_mod
 from lineside.export.bundle import export_bundle, model_metadata
 from lineside.runtime.model import sha256
-from lineside.export.onnx_export import read_onnx_metadata
-from lineside.export.openvino_export import read_openvino_metadata
+from lineside.runtime.model import open_model
 from lineside.train.checkpoint import load_checkpoint
 
 
@@ -37,8 +36,8 @@ def test_metadata_round_trips_through_both_model_files(bundle, tiny_run):
     out, result = bundle
     run, _ = tiny_run
     expected = json.loads(json.dumps(model_metadata(load_checkpoint(run), run, "fp32")))
-    from_onnx = read_onnx_metadata(out / "model_fp32.onnx")
-    from_ir = read_openvino_metadata(out / "model_fp32.xml")
+    from_onnx = open_model(out / "model_fp32.onnx", backend="onnxruntime").metadata
+    from_ir = open_model(out / "model_fp32.xml", backend="openvino").metadata
     from_bundle = json.loads((out / "bundle.json").read_text())["metadata"]
     for doc in (from_onnx, from_ir, from_bundle):
         assert doc == expected
@@ -79,10 +78,10 @@ def test_onnx_without_lineside_metadata_is_a_clear_error(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     onnx.save(helper.make_model(graph), str(tmp_path / "plain.onnx"))
     with pytest.raises(LinesideError, match="plain.onnx.*no lineside metadata"):
-        read_onnx_metadata(tmp_path / "plain.onnx")
+        open_model(tmp_path / "plain.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"junk")
     with pytest.raises(LinesideError, match="junk.onnx"):
-        read_onnx_metadata(tmp_path / "junk.onnx")
+        open_model(tmp_path / "junk.onnx")
 
 
 def test_export_cli(tiny_run, tmp_path):
