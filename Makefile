@@ -32,6 +32,9 @@ demo: $(STAMP)
 	$(LS) export $(DEMO)/run --out $(DEMO)/bundle --eval $(DEMO)/test --quiet
 	$(LS) eval $(DEMO)/bundle $(DEMO)/test --backend openvino --precision int8 --quiet
 	$(LS) eval $(DEMO)/bundle $(DEMO)/test --backend onnxruntime --quiet
+	$(LS) data video $(DEMO)/test $(DEMO)/parts.avi --hold 3
+	$(LS) run $(DEMO)/bundle --source $(DEMO)/parts.avi --roi 80,0,480,480 --vote 2/3 --quiet \
+		--log $(DEMO)/decisions.sqlite --save $(DEMO)/review --save-when unknown --reject-below 0.5
 
 bench: $(STAMP)
 	$(PY) benchmarks/fewshot.py ../shared/datasets/neu-det --shots 5,10,20 --repeats 3

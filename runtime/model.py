@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ BUNDLE_SCHEMA = 1
 MODEL_SCHEMA = "lineside.model/1"
 BACKENDS = ("auto", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "int8")
+HINTS = ("latency", "throughput")
 # OpenVINO's CPU plugin would otherwise run FP32 models in bfloat16 where the CPU supports it.
 OPENVINO_FP32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
@@ -35,10 +37,66 @@ class RuntimeModel:
     spec: InputSpec
     checksum: str
     _run: object
+    _engine: object = None
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB at the spec's size -> (N, classes) probabilities."""
         return self._run(np.ascontiguousarray(images, dtype=np.uint8))
+
+    def engine(self, hint: str = "latency") -> "Engine":
+        """A one-image-at-a-time engine with requests in flight, for the camera loop.
+
+        hint "latency": one request, all threads on it (a camera at its frame rate);
+        "throughput": several requests in parallel (replaying a file as fast as it goes)."""
+        if hint not in HINTS:
+            raise LinesideError(f"--hint: '{hint}' is not one of {', '.join(HINTS)}")
+        return self._engine(hint)
+
+
+class Engine:
+    """submit(slot, x) starts inference of one (1, H, W, 3) uint8 image in request `slot`
+    (0 <= slot < depth); wait(slot) returns its (classes,) probabilities."""
+
+    depth = 1
+
+    def submit(self, slot: int, x: np.ndarray):
+        raise NotImplementedError
+
+    def wait(self, slot: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class OpenVINOEngine(Engine):
+    def __init__(self, compiled, depth: int):
+        self.requests = [compiled.create_infer_request() for _ in range(depth)]
+        self.depth = depth
+
+    def submit(self, slot, x):
+        self.requests[slot].start_async([x])
+
+    def wait(self, slot):
+        request = self.requests[slot]
+        request.wait()
+        return request.get_output_tensor(0).data[0].copy()
+
+
+class OnnxRuntimeEngine(Engine):
+    """ONNX Runtime has no async API for CPU: requests run on worker threads
+    (session.run releases the GIL, and one session serves several threads)."""
+
+    def __init__(self, session, depth: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.session, self.depth = session, depth
+        self.name = session.get_inputs()[0].name
+        self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="lineside-ort")
+        self.futures = [None] * depth
+
+    def submit(self, slot, x):
+        self.futures[slot] = self.pool.submit(self.session.run, None, {self.name: x})
+
+    def wait(self, slot):
+        return self.futures[slot].result()[0][0]
 
 
 def sha256(path: Path) -> str:
@@ -133,8 +191,20 @@ def _open_onnxruntime(path: Path, threads: int | None) -> RuntimeModel:
         raise LinesideError(f"{path}: ONNX Runtime cannot load this model ({exc.__class__.__name__})") from exc
     meta, labels, spec = _checked_metadata(path, session.get_modelmeta().custom_metadata_map.get(METADATA_KEY))
     name = session.get_inputs()[0].name
+
+    def engine(hint: str) -> Engine:
+        if hint == "latency":
+            return OnnxRuntimeEngine(session, 1)
+        # Throughput: one single-threaded session run per core, in parallel.
+        cores = threads or os.cpu_count() or 1
+        single = ort.SessionOptions()
+        single.intra_op_num_threads = 1
+        single.inter_op_num_threads = 1
+        return OnnxRuntimeEngine(ort.InferenceSession(str(path), single, providers=["CPUExecutionProvider"]),
+                                 max(1, cores))
+
     return RuntimeModel(path, "onnxruntime", meta, labels, spec, sha256(path),
-                        lambda x: session.run(None, {name: x})[0])
+                        lambda x: session.run(None, {name: x})[0], engine)
 
 
 def _open_openvino(path: Path, device: str, threads: int | None, precision: str) -> RuntimeModel:
@@ -158,5 +228,17 @@ def _open_openvino(path: Path, device: str, threads: int | None, precision: str)
     except Exception as exc:  # noqa: BLE001
         raise LinesideError(f"--device {device}: OpenVINO cannot compile the model there ({exc})") from exc
     request = compiled.create_infer_request()
+
+    def engine(hint: str) -> Engine:
+        # A static one-image shape compiles to faster kernels than the dynamic batch.
+        static = model.clone()
+        static.reshape({static.inputs[0]: [1, spec.height, spec.width, 3]})
+        cfg = dict(config, PERFORMANCE_HINT=hint.upper())
+        one = core.compile_model(static, device, cfg)
+        if hint == "latency":
+            return OpenVINOEngine(one, 1)
+        # Twice the optimal number of requests: one waits in Python while the other runs.
+        return OpenVINOEngine(one, 2 * max(1, int(one.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))))
+
     return RuntimeModel(path, "openvino", meta, labels, spec, sha256(path),
-                        lambda x: request.infer([x])[0].copy())
+                        lambda x: request.infer([x])[0].copy(), engine)

@@ -1,0 +1,76 @@
+"""Videos for trying and benchmarking the camera loop: labelled images laid out as
+conveyor frames (640x480, 30 fps by default), one part per frame or held for a few."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .dataset import load_image_set
+from .errors import LinesideError
+from .images import read_image
+
+CODECS = {".mp4": "mp4v", ".avi": "MJPG", ".mkv": "mp4v"}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise LinesideError(f"--size: '{text}' is not WIDTHxHEIGHT (for example 640x480)") from None
+    if not (16 <= w <= 7680 and 16 <= h <= 4320):
+        raise LinesideError(f"--size: {w}x{h} is outside 16x16..7680x4320")
+    return w, h
+
+
+def frame_from_image(image_rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The image centred on a neutral grey frame, scaled to fit (BGR, as cameras deliver)."""
+    w, h = size
+    scale = min(w / image_rgb.shape[1], h / image_rgb.shape[0])
+    iw, ih = max(1, round(image_rgb.shape[1] * scale)), max(1, round(image_rgb.shape[0] * scale))
+    frame = np.full((h, w, 3), 96, np.uint8)
+    x, y = (w - iw) // 2, (h - ih) // 2
+    frame[y:y + ih, x:x + iw] = cv2.resize(image_rgb, (iw, ih), interpolation=cv2.INTER_LINEAR)[:, :, ::-1]
+    return frame
+
+
+def write_video(data, out: Path, size=(640, 480), fps: float = 30.0, hold: int = 1, shuffle_seed: int | None = 0,
+                limit: int | None = None, noise: float = 2.0) -> dict:
+    """Write the images of a labelled folder (or a folder of images) as a video; returns
+    the number of frames and the label of each part in order. `noise` (grey levels) is
+    sensor noise, so that a part held for several frames looks as it would from a camera
+    rather than as repeated identical (frozen) frames."""
+    out = Path(out)
+    codec = CODECS.get(out.suffix.lower())
+    if codec is None:
+        raise LinesideError(f"{out}: video must end in {', '.join(CODECS)}")
+    if hold < 1 or fps <= 0:
+        raise LinesideError("--hold must be at least 1 and --fps positive")
+    images = load_image_set(data)
+    order = np.arange(len(images.paths))
+    if shuffle_seed is not None:
+        np.random.default_rng(shuffle_seed).shuffle(order)
+    if limit:
+        order = order[:limit]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*codec), fps, size)
+    if not writer.isOpened():
+        raise LinesideError(f"{out}: OpenCV cannot write this video (codec {codec})")
+    parts = []
+    rng = np.random.default_rng(shuffle_seed)
+    try:
+        for i in order:
+            frame = frame_from_image(read_image(images.paths[i]), size)
+            for _ in range(hold):
+                if noise > 0:
+                    jitter = rng.normal(0, noise, frame.shape).astype(np.float32)
+                    writer.write(np.clip(frame + jitter, 0, 255).astype(np.uint8))
+                else:
+                    writer.write(frame)
+            parts.append(images.classes[images.targets[i]])
+    finally:
+        writer.release()
+    return {"path": str(out), "frames": len(parts) * hold, "parts": len(parts), "fps": fps,
+            "size": list(size), "labels": parts}

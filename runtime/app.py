@@ -1,0 +1,169 @@
+"""`lineside run`: options -> source, decider, recorder, signal handling -> the camera loop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lineside.errors import LinesideError
+
+from .decide import Decider, parse_classes, parse_vote
+from .loop import LoopSettings, parse_roi, run_loop
+from .model import RuntimeModel
+from .records import Recorder, SavePolicy
+from .sources import describe_source
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    source: str
+    pace: float | None = None
+    hint: str = "auto"
+    loop: bool = False
+    roi: str | None = None
+    reject_below: float | None = None
+    ok_classes: str | None = None
+    vote: str | None = None
+    log: str | None = "decisions.sqlite"
+    save_dir: Path | None = None
+    save_when: str = "ng,unknown"
+    save_max_files: int = 1000
+    save_max_mb: float = 500.0
+    max_frames: int | None = None
+    seconds: float | None = None
+    display: bool = False
+    status: bool = False
+
+    def __post_init__(self):
+        if self.pace is not None and not 0 < self.pace <= 1000:
+            raise LinesideError(f"--pace: {self.pace} is outside 0..1000 frames per second")
+        for name in ("max_frames", "seconds"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise LinesideError(f"--{name.replace('max_', '')}: must be positive")
+
+
+def make_decider(model: RuntimeModel, options: RunOptions) -> Decider:
+    reject = options.reject_below
+    if reject is None:   # the bundle's threshold, if its exporter set one
+        reject = (model.metadata.get("thresholds") or {}).get("reject_below")
+    return Decider(model.labels, reject_below=reject,
+                   ok_classes=parse_classes(options.ok_classes, model.labels, "--ok-classes"),
+                   vote=parse_vote(options.vote))
+
+
+class StopOnSignal:
+    """SIGINT and SIGTERM set the stop event, so the loop drains and closes cleanly;
+    a second signal while stopping is left to the previous handler."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+        self.previous = {}
+        self.received = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        if self.stop.is_set():
+            handler = self.previous.get(signum)
+            if callable(handler):
+                handler(signum, frame)
+            return
+        self.stop.set()
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class StatusLine:
+    """A live status line on stderr (once a second), and the optional window."""
+
+    def __init__(self, status: bool, display: bool, ok_classes):
+        self.status = status and sys.stderr.isatty()
+        self.display = display
+        self.last = 0.0
+        self.t0 = time.perf_counter()
+        if display:
+            _check_display()
+
+    def __call__(self, frame, decision, stats):
+        now = time.perf_counter()
+        fps = stats.frames / max(now - self.t0, 1e-9)
+        if self.display:
+            _show(frame.image, decision, fps)
+        if self.status and now - self.last > 1.0:
+            self.last = now
+            sys.stderr.write(f"\r{stats.frames} frames  {fps:6.1f} FPS  last: {decision.label} "
+                             f"{decision.confidence:.0%} {decision.verdict or ''}   ")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.status:
+            sys.stderr.write("\n")
+        if self.display:
+            import cv2
+
+            cv2.destroyAllWindows()
+
+
+def _check_display():
+    import cv2
+
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) and sys.platform.startswith("linux"):
+        raise LinesideError("--display: no screen here (DISPLAY is not set); run headless, the default")
+    info = cv2.getBuildInformation()
+    if "GTK" not in info and "QT" not in info.upper().split("GUI")[-1][:200]:
+        raise LinesideError("--display needs OpenCV with a GUI; install it with: pip install 'lineside[display]'")
+
+
+def _show(image, decision, fps):
+    import cv2
+
+    colour = (0, 200, 0) if decision.verdict == "OK" else (0, 0, 230) if decision.verdict == "NG" else (230, 200, 0)
+    view = image.copy()
+    cv2.rectangle(view, (0, 0), (view.shape[1] - 1, view.shape[0] - 1), colour, 6)
+    text = f"{decision.label} {decision.confidence:.0%} {decision.verdict or ''}  {fps:.0f} FPS"
+    cv2.putText(view, text, (12, 32), cv2.FONT_HERSHEY_SIMPLEX, 0.9, colour, 2, cv2.LINE_AA)
+    cv2.imshow("lineside", view)
+    cv2.waitKey(1)
+
+
+def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
+    info = describe_source(options.source)
+    settings = LoopSettings(roi=parse_roi(options.roi), loop=options.loop, pace=options.pace, hint=options.hint,
+                            max_frames=options.max_frames, seconds=options.seconds)
+    decider = make_decider(model, options)
+    save = None
+    if options.save_dir:
+        save = SavePolicy(Path(options.save_dir), tuple(w.strip() for w in options.save_when.split(",") if w.strip()),
+                          options.save_max_files, options.save_max_mb)
+    status = StatusLine(options.status, options.display, options.ok_classes)
+    recorder = Recorder(Path(options.log) if options.log else None,
+                        {"source": info.text, "model": str(model.path), "model_sha256": model.checksum,
+                         "labels": model.labels,
+                         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in options.__dict__.items()}},
+                        save)
+    stop = threading.Event()
+    summary = None
+    try:
+        with StopOnSignal(stop) as signals:
+            summary = run_loop(model, info, settings, decider, recorder, stop, on_decision=status, opener=opener)
+        summary["stopped_by"] = signals.received
+    finally:
+        status.close()
+        recorder.close(summary)   # everything handed to the recorder is written before we return
+    summary.update(log=options.log, logged=recorder.written,
+                   saved=recorder.saver.saved if recorder.saver else 0,
+                   model=str(model.path), backend=model.backend, source=info.text)
+    return summary

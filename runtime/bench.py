@@ -1,0 +1,116 @@
+"""`lineside bench`: the real camera loop against the two things it must beat, in one run.
+
+    pipeline   lineside's loop (capture thread, requests in flight, decisions, SQLite log)
+    naive      one thread: read, resize, convert, infer, argmax, repeat
+    raw        the backend alone on one prepared image, as many requests as it likes
+
+The ratios pipeline/naive and pipeline/raw say what the loop costs and what it buys.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from lineside.spec import resize_to_spec
+
+from .decide import Decider
+from .loop import LoopSettings, peak_rss_mb, run_loop
+from .model import RuntimeModel
+from .records import Recorder
+from .sources import SourceInfo, describe_source
+
+
+def synthetic_video(folder: Path, frames: int = 300, size=(640, 480), fps: float = 30.0) -> Path:
+    """A short video of drawn parts, for a bench without --source (no dataset needed)."""
+    from lineside.synth import CLASSES, draw_part
+
+    rng = np.random.default_rng(0)
+    path = folder / "bench.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    try:
+        for i in range(frames):
+            img = draw_part(CLASSES[i % len(CLASSES)], min(size), rng)
+            frame = np.full((size[1], size[0], 3), 96, np.uint8)
+            x = (size[0] - img.shape[1]) // 2
+            y = (size[1] - img.shape[0]) // 2
+            frame[y:y + img.shape[0], x:x + img.shape[1]] = img[:, :, ::-1]
+            writer.write(frame)
+    finally:
+        writer.release()
+    return path
+
+
+def naive_fps(model: RuntimeModel, info: SourceInfo, seconds: float) -> float:
+    """The loop everyone writes first, on the same source and model."""
+    cap = cv2.VideoCapture(info.text)
+    n, t0 = 0, time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < seconds:
+            ok, frame = cap.read()
+            if not ok:
+                cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                ok, frame = cap.read()
+                if not ok:
+                    break
+            x = cv2.cvtColor(resize_to_spec(frame, model.spec), cv2.COLOR_BGR2RGB)
+            int(np.argmax(model.predict_proba(x[None])[0]))
+            n += 1
+    finally:
+        cap.release()
+    return n / (time.perf_counter() - t0)
+
+
+def raw_fps(model: RuntimeModel, seconds: float, hint: str = "throughput") -> float:
+    """The backend alone: one prepared image, all requests busy."""
+    engine = model.engine(hint)
+    x = np.random.default_rng(0).integers(0, 256, (1, model.spec.height, model.spec.width, 3), dtype=np.uint8)
+    for s in range(engine.depth):       # warm up every request
+        engine.submit(s, x)
+        engine.wait(s)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        s = n % engine.depth
+        if n >= engine.depth:
+            engine.wait(s)
+        engine.submit(s, x)
+        n += 1
+    for s in range(min(n, engine.depth)):
+        engine.wait(s)
+    return n / (time.perf_counter() - t0)
+
+
+def bench(model: RuntimeModel, source: str | None, seconds: float = 10.0, pace: float | None = None,
+          hint: str = "auto", log: bool = True) -> dict:
+    with tempfile.TemporaryDirectory(prefix="lineside-bench-") as tmp:
+        tmp = Path(tmp)
+        info = describe_source(source) if source else SourceInfo(str(synthetic_video(tmp)), "file", False)
+        settings = LoopSettings(loop=not info.live, pace=pace, hint=hint, seconds=seconds)
+        recorder = Recorder(tmp / "bench.sqlite" if log else None,
+                            {"source": info.text, "model": str(model.path), "model_sha256": model.checksum,
+                             "labels": model.labels, "settings": {"bench": True}})
+        stop = threading.Event()
+        try:
+            summary = run_loop(model, info, settings, Decider(model.labels), recorder, stop)
+        finally:
+            recorder.close()
+        rss = peak_rss_mb()
+        result = {
+            "model": str(model.path), "backend": model.backend, "source": source or "synthetic video",
+            "pace": pace, "seconds": seconds,
+            "fps": summary["fps"], "latency_ms": summary["latency_ms"], "stages_ms": summary["stages_ms"],
+            "dropped": summary["dropped"], "frames": summary["frames"], "rss_mb": round(rss, 1),
+            "engine": summary["engine"], "logged": recorder.written,
+        }
+        if info.kind == "file":
+            result["naive_fps"] = round(naive_fps(model, info, seconds), 2)
+        result["raw_fps"] = round(raw_fps(model, seconds), 2)
+    if result.get("naive_fps"):
+        result["fps_vs_naive"] = round(result["fps"] / result["naive_fps"], 3)
+    result["fps_vs_raw"] = round(result["fps"] / result["raw_fps"], 3)
+    return result

@@ -1,0 +1,291 @@
+"""The camera loop: sources, the latest-frame slot, reconnects, decisions, the log, signals."""
+
+import http.server
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from lineside.cli import main
+from lineside.errors import LinesideError
+from lineside.runtime.app import RunOptions, run_app
+from lineside.runtime.decide import Decider, parse_vote
+from lineside.runtime.model import open_model
+from lineside.runtime.sources import Capture, Closed, Frame, FrameSlot, SourceInfo, describe_source
+from lineside.video import write_video
+
+
+@pytest.fixture(scope="module")
+def video(synth_test_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("video") / "parts.avi"
+    info = write_video(synth_test_dir, out, size=(160, 120), hold=2)
+    return out, info
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    bundle, _ = tiny_bundle
+    return open_model(bundle, backend="openvino")
+
+
+def _frame(i):
+    return Frame(np.zeros((4, 4, 3), np.uint8), i, time.perf_counter(), 0.0)
+
+
+# --- slot and capture ------------------------------------------------------------------
+
+def test_slot_keeps_only_the_newest_frame_and_counts_drops():
+    slot = FrameSlot()
+    for i in range(5):
+        slot.put(_frame(i))
+    assert slot.get(timeout=0).index == 4 and slot.dropped == 4
+    assert slot.get(timeout=0) is None
+    slot.close()
+    with pytest.raises(Closed):
+        slot.get(timeout=1)
+
+
+def test_blocking_slot_drops_nothing():
+    slot, got = FrameSlot(block=True), []
+
+    def producer():
+        for i in range(200):
+            slot.put(_frame(i))
+        slot.close()
+
+    t = threading.Thread(target=producer)
+    t.start()
+    try:
+        while True:
+            got.append(slot.get(timeout=5).index)
+    except Closed:
+        pass
+    t.join()
+    assert got == list(range(200)) and slot.dropped == 0
+
+
+class FlakyCamera:
+    """A live source that delivers 5 frames, dies, refuses two reconnects, then works again."""
+
+    def __init__(self):
+        self.opens = 0
+        self.delivered = 0
+
+    def __call__(self, info):
+        self.opens += 1
+        if self.opens in (2, 3):
+            raise OSError("camera unplugged")
+        cam, left = self, 5
+
+        class Reader:
+            fps = 30
+
+            def read(self):
+                nonlocal left
+                if left == 0:
+                    return None, ""
+                left -= 1
+                cam.delivered += 1
+                return np.full((48, 64, 3), 100 + cam.delivered, np.uint8), ""
+
+            def release(self):
+                pass
+
+        return Reader()
+
+
+def test_a_source_that_dies_comes_back_and_the_gap_is_an_event():
+    camera, events = FlakyCamera(), []
+    slot, stop = FrameSlot(block=True), threading.Event()
+    cap = Capture(SourceInfo("cam", "camera", True), slot, stop, opener=camera, backoff=(0.01, 0.05),
+                  on_event=lambda kind, detail: events.append(kind), max_frames=12)
+    cap.start()
+    frames = []
+    try:
+        while True:
+            f = slot.get(timeout=5)
+            frames.append(int(f.image[0, 0, 0]))
+    except Closed:
+        pass
+    cap.join(5)
+    kinds = [k for k in events]
+    assert kinds[:4] == ["source_lost", "source_unavailable", "source_unavailable", "source_back"]
+    # every frame delivered is a real one from the camera: no stand-ins for the gap
+    assert frames == [100 + i for i in range(1, 13)] and cap.stats.reconnects >= 1
+
+
+def test_a_finite_source_is_not_reopened_on_failure(tmp_path):
+    with pytest.raises(LinesideError, match="no such video file"):
+        describe_source(str(tmp_path / "missing.mp4"))
+    with pytest.raises(LinesideError, match="not a camera index"):
+        describe_source(str(tmp_path / "nothing-here"))
+    assert describe_source("0").kind == "camera" and describe_source("rtsp://h/s").live
+
+
+# --- decisions ---------------------------------------------------------------------------
+
+def test_reject_ok_classes_and_vote():
+    d = Decider(["ok", "scratch", "dent"], reject_below=0.6, ok_classes=("ok",), vote=parse_vote("2/3"))
+    first = d(np.array([0.9, 0.05, 0.05]))
+    assert (first.label, first.verdict, first.decision) == ("ok", "OK", None)   # one vote of two
+    second = d(np.array([0.1, 0.85, 0.05]))
+    assert second.decision is None and second.verdict == "NG"
+    third = d(np.array([0.1, 0.8, 0.1]))
+    assert third.decision == "scratch"
+    unsure = d(np.array([0.4, 0.35, 0.25]))
+    assert unsure.label == "unknown" and unsure.top == "ok" and unsure.verdict == "NG"
+    assert unsure.decision == "scratch"     # still 2 of the last 3: one unsure frame does not flip it
+    d(np.array([0.3, 0.3, 0.4]))
+    assert d(np.array([0.2, 0.5, 0.3])).decision == "unknown"   # unknown, unknown, unknown
+    with pytest.raises(LinesideError, match="--vote"):
+        parse_vote("5/3")
+
+
+# --- the whole loop -----------------------------------------------------------------------
+
+def _rows(db):
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT frame, label, probabilities, verdict FROM decisions ORDER BY frame").fetchall()
+        events = [r[0] for r in con.execute("SELECT kind FROM events")]
+        runs = con.execute("SELECT ended, summary FROM runs").fetchall()
+    return rows, events, runs
+
+
+def test_video_file_every_frame_decided_and_logged(model, video, tmp_path):
+    path, info = video
+    db = tmp_path / "log.sqlite"
+    summary = run_app(model, RunOptions(source=str(path), log=str(db), ok_classes="card,cube"))
+    assert summary["frames"] == info["frames"] == summary["logged"] and summary["dropped"] == 0
+    rows, _, runs = _rows(db)
+    assert [r[0] for r in rows] == list(range(1, info["frames"] + 1))
+    probs = json.loads(rows[0][2])
+    assert set(probs) == set(model.labels) and abs(sum(probs.values()) - 1) < 1e-3
+    assert {r[3] for r in rows} <= {"OK", "NG"} and runs[0][0] is not None
+    # the model sees the parts: most frames carry the label the video was made from
+    labels = [r[1] for r in rows]
+    truth = [lab for lab in info["labels"] for _ in range(2)]
+    assert np.mean([a == b for a, b in zip(labels, truth)]) > 0.5
+
+
+def test_folder_source_survives_a_corrupt_image(model, synth_test_dir, tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, p in enumerate(sorted((synth_test_dir / "hat").glob("*.png"))[:4]):
+        (folder / f"{i}.png").write_bytes(p.read_bytes())
+    (folder / "2b.png").write_bytes(b"not an image")
+    log = tmp_path / "log.jsonl"
+    summary = run_app(model, RunOptions(source=str(folder), log=str(log)))
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert summary["frames"] == 4
+    assert [x["type"] for x in lines].count("decision") == 4
+    assert any(x["type"] == "event" and x["kind"] == "bad_image" and "2b.png" in x["detail"] for x in lines)
+    assert lines[-1]["type"] == "end"
+
+
+def test_save_cap_keeps_the_newest_frames(model, video, tmp_path):
+    path, _ = video
+    save = tmp_path / "saved"
+    summary = run_app(model, RunOptions(source=str(path), log=None, save_dir=save, save_when="all",
+                                        save_max_files=5, max_frames=12))
+    assert summary["saved"] == 12 and len(list(save.glob("*.jpg"))) == 5
+
+
+def test_roi_outside_the_frame_is_a_clear_error(model, video):
+    path, _ = video
+    with pytest.raises(LinesideError, match="--roi"):
+        run_app(model, RunOptions(source=str(path), log=None, roi="100,100,200,200"))
+
+
+def test_black_and_frozen_frames_are_flagged(model, tmp_path):
+    folder = tmp_path / "dark"
+    folder.mkdir()
+    import cv2
+
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.png"), np.zeros((64, 64, 3), np.uint8))
+    summary = run_app(model, RunOptions(source=str(folder), log=None))
+    assert summary["flags"] == {"black": 3, "frozen": 2}
+
+
+def test_http_stream_source(model, video):
+    path, info = video
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(path.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{path.name}"
+        summary = run_app(model, RunOptions(source=url, log=None, max_frames=10))
+    finally:
+        server.shutdown()
+    assert summary["frames"] >= 1 and summary["source"] == url
+
+
+def test_sigterm_drains_and_keeps_every_decision(tiny_bundle, video, tmp_path):
+    bundle, _ = tiny_bundle
+    path, _ = video
+    db = tmp_path / "log.sqlite"
+    code = ("import sys\nfrom lineside.cli import main\n"
+            f"main(['run', {str(bundle)!r}, '--source', {str(path)!r}, '--loop', '--pace', '200', "
+            f"'--log', {str(db)!r}, '--json'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            if _rows(db)[0]:
+                break
+        except sqlite3.Error:
+            pass
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    rows, _, runs = _rows(db)
+    assert summary["stopped_by"] == "SIGTERM" and summary["frames"] > 0
+    assert len(rows) == summary["frames"] == summary["logged"]
+    assert runs[0][0] is not None and json.loads(runs[0][1])["frames"] == len(rows)
+
+
+def test_runtime_never_imports_torch(tiny_bundle, video):
+    bundle, _ = tiny_bundle
+    path, _ = video
+    code = ("import sys\nfrom lineside.cli import main\n"
+            f"args = ['run', {str(bundle)!r}, '--source', {str(path)!r}, '--log', 'none', '--frames', '5']\n"
+            "try:\n    main(args)\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "import lineside.runtime.bench, lineside.runtime.app\n"
+            "print('TORCH' if 'torch' in sys.modules else 'CLEAN')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("CLEAN")
+
+
+def test_bench_json_has_the_promised_fields(tiny_bundle, video):
+    bundle, _ = tiny_bundle
+    path, _ = video
+    res = CliRunner().invoke(main, ["bench", str(bundle), "--source", str(path), "--seconds", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    for key in ("fps", "naive_fps", "raw_fps", "dropped", "rss_mb"):
+        assert r[key] >= 0
+    assert r["fps"] > 0 and r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
+    assert set(r["stages_ms"]) == {"capture", "preprocess", "infer", "postprocess", "record"}
+
+
+def test_run_cli_reports_counts(tiny_bundle, video, tmp_path):
+    bundle, _ = tiny_bundle
+    path, info = video
+    res = CliRunner().invoke(main, ["run", str(bundle), "--source", str(path), "--vote", "2/2",
+                                    "--log", str(tmp_path / "x.sqlite"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert f"{info['frames']} frames" in res.output and "parts seen (voted)" in res.output
+    res = CliRunner().invoke(main, ["run", str(bundle), "--source", str(path), "--ok-classes", "bolt"])
+    assert res.exit_code == 2 and "bolt" in res.output
