@@ -1,0 +1,110 @@
+"""Studies: draws, the learning-curve fit, the paired comparison, cross-validation."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from lineside.cli import main
+from lineside.dataset import draw_per_class
+from lineside.learning_curve import estimate_size, extrapolation_check, fit_power_law
+from lineside.train.config import TrainConfig
+from lineside.train.study import compare, stratified_folds
+
+from conftest import TINY
+
+
+def test_draws_are_disjoint_stratified_and_seeded():
+    targets = np.repeat(np.arange(4), [30, 12, 20, 9])
+    for k in (1, 5, 8):
+        for seed in range(3):
+            drawn, rest = draw_per_class(targets, k, seed)
+            assert not set(drawn) & set(rest) and len(drawn) + len(rest) == len(targets)
+            assert np.bincount(targets[drawn]).tolist() == [k] * 4          # every class, k each
+            assert set(np.unique(targets[rest])) == {0, 1, 2, 3}             # every class left to score
+            assert np.array_equal(drawn, draw_per_class(targets, k, seed)[0])
+    assert not np.array_equal(draw_per_class(targets, 5, 0)[0], draw_per_class(targets, 5, 1)[0])
+
+
+def test_folds_cover_every_image_once_and_keep_class_balance():
+    targets = np.repeat(np.arange(3), [23, 11, 17])
+    folds = stratified_folds(targets, 5, seed=0)
+    every = np.concatenate(folds)
+    assert sorted(every.tolist()) == list(range(len(targets)))
+    for c, n in enumerate([23, 11, 17]):
+        per_fold = [int((targets[f] == c).sum()) for f in folds]
+        assert max(per_fold) - min(per_fold) <= 1 and sum(per_fold) == n
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+
+
+def test_power_law_fit_recovers_known_curve():
+    n = np.array([1, 2, 5, 10, 20, 50])
+    truth = 0.97 - 0.25 * n ** -0.6
+    law = fit_power_law(n, truth)
+    assert abs(law.a - 0.97) < 2e-3 and abs(law.b - 0.25) < 5e-3 and abs(law.c - 0.6) < 0.02
+    assert abs(law.size_for(0.95) - (0.25 / 0.02) ** (1 / 0.6)) < 1.5
+    # fitted on the small sizes only, it predicts the large ones
+    check = extrapolation_check(n, {k: [v] for k, v in zip(n, truth)})
+    assert check["fit_sizes"] == [1, 2, 5, 10] and check["max_abs_error_points"] < 0.1
+
+
+def test_estimate_says_when_the_target_is_out_of_reach():
+    rng = np.random.default_rng(0)
+    n = [1, 2, 5, 10, 20]
+    scores = {k: list(0.90 - 0.3 * k ** -0.8 + rng.normal(0, 0.003, 4)) for k in n}
+    est = estimate_size(n, scores, target=0.99, boots=100)
+    assert est["estimate"] is None and "levels off" in est["statement"]
+    reachable = estimate_size(n, scores, target=0.88, boots=100)
+    assert 20 < reachable["estimate"] < 45 and "about" in reachable["statement"]
+    reached = estimate_size(n, scores, target=0.84, boots=100)
+    assert reached["estimate"] == 10 and reached["statement"].startswith("reached")
+    assert estimate_size([1, 2], {1: [0.5], 2: [0.6]}, 0.9)["estimate"] is None   # too few sizes
+
+
+def test_sample_size_study_end_to_end(synth_dir, tmp_path):
+    out = tmp_path / "ss"
+    res = CliRunner().invoke(main, ["study", "sample-size", str(synth_dir), "--shots", "1,2,4,6", "--repeats", "2",
+                                    "--strategy", "linear", "--target", "0.9", "--image-size", "64",
+                                    "--views", "2", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    assert [s["shots"] for s in r["sizes"]] == [1, 2, 4, 6] and len(r["runs"]) == 8
+    for row in r["runs"]:
+        assert row["n_train"] == 5 * row["shots"] and row["n_eval"] == 60 - 5 * row["shots"]
+    assert r["sizes"][-1]["mean"] > 0.5                 # the features carry the classes
+    assert set(r["per_class"]) == {"card", "cube", "hat", "screw", "torch"}
+    assert {"estimate", "statement"} <= set(r["estimate"])
+    assert (out / "learning_curve.png").stat().st_size > 10_000 and "How many images" in (out / "report.md").read_text()
+    res = CliRunner().invoke(main, ["study", "sample-size", str(synth_dir), "--shots", "1,12", "--out", str(out)])
+    assert res.exit_code == 2 and "12" in res.output
+
+
+def test_compare_is_paired(synth_dir, tmp_path):
+    cfg = TrainConfig(**TINY)
+    r = compare(synth_dir, tmp_path / "cmp", cfg, strategies=("linear", "finetune"), shots=4, repeats=2, views=2,
+                progress=False)
+    for seed in range(2):
+        draws = {row["draw"] for row in r["runs"] if row["seed"] == seed}
+        assert len(draws) == 1                          # every strategy trained on the same images
+    assert {row["draw"] for row in r["runs"] if row["seed"] == 0} != {row["draw"] for row in r["runs"] if row["seed"] == 1}
+    assert r["summary"][r["best"]]["vs_best_points"] == 0.0
+    assert (tmp_path / "cmp" / "compare.png").is_file() and (tmp_path / "cmp" / "compare.json").is_file()
+
+
+def test_cross_validation_scores_every_image_once(synth_dir, tmp_path):
+    res = CliRunner().invoke(main, ["study", "cv", str(synth_dir), "--folds", "3", "--strategy", "linear",
+                                    "--image-size", "64", "--views", "2", "--out", str(tmp_path / "cv"), "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    assert r["pooled"]["n"] == 60 and sum(f["n_eval"] for f in r["per_fold"]) == 60
+    cm = np.array(r["pooled"]["confusion_matrix"])
+    assert len(r["misclassified"]) == cm.sum() - np.trace(cm)
+    assert (tmp_path / "cv" / "confusion_matrix.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [(["--folds", "99"], "--folds"), (["--folds", "1"], "--folds")])
+def test_cv_rejects_bad_folds(synth_dir, tmp_path, args, message):
+    res = CliRunner().invoke(main, ["study", "cv", str(synth_dir), "--strategy", "linear", "--image-size", "64",
+                                    "--out", str(tmp_path / "cv"), *args])
+    assert res.exit_code == 2 and message in res.output
