@@ -26,7 +26,7 @@ from lineside.spec import resize_to_spec
 
 from .onnx_export import INPUT_NAME, export_onnx
 from .openvino_export import export_openvino
-from .quantize import RECIPES, int8_gate, quantize_openvino
+from .quantize import ORT_RECIPES, RECIPES, int8_gate, quantize_onnxruntime, quantize_openvino
 
 FORMATS = ("onnx", "openvino")
 PARITY_TOLERANCE = 1e-4
@@ -79,7 +79,7 @@ def check_parity(reference: np.ndarray, outputs: dict[str, np.ndarray]) -> dict:
 
 def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = PARITY_TOLERANCE,
                   int8: bool = True, calib=None, eval_data=None, max_drop: float = 0.5,
-                  progress: bool = False) -> dict:
+                  progress: bool = False, speed_seconds: float = 0.0) -> dict:
     from lineside.train.checkpoint import load_checkpoint
     from lineside.train.trainer import predict_proba
 
@@ -112,11 +112,12 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
         del files["onnx_fp32"]
 
     report = {"parity": {"images": parity_source, "tolerance": tolerance, "passed": parity_ok, "results": parity}}
-    if int8 and parity_ok and "openvino_fp32" in files:
-        report["int8"] = {"openvino": _openvino_int8(loaded, files, out, meta, calib or data, eval_data, max_drop,
-                                                     progress)}
+    if int8 and parity_ok:
+        report["int8"] = _int8_models(loaded, files, out, meta, calib or data, eval_data, max_drop, progress)
+    report["models"] = _sizes_and_speed(files, speed_seconds) if parity_ok else {}
     report["seconds"] = round(time.perf_counter() - t0, 2)
     (out / "export_report.json").write_text(json.dumps(report, indent=2))
+    (out / "export_report.md").write_text(report_markdown(report, out))
     bundle = {
         "bundle_schema": BUNDLE_SCHEMA,
         "metadata": meta,
@@ -130,6 +131,63 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
         raise LinesideError(f"{out}: exported model disagrees with PyTorch ({worst[0]}: max probability "
                             f"difference {worst[1]['max_abs_diff']:.2e} > {tolerance:.0e}); see export_report.json")
     return {"bundle": bundle, "report": report}
+
+
+def _sizes_and_speed(files: dict, seconds: float) -> dict:
+    """File sizes, and with `seconds` > 0 the latency (one request) and throughput (requests
+    in parallel) of each model on this host, every model with the same threads."""
+    from lineside.runtime.bench import raw_fps
+
+    rows = {}
+    for key, paths in files.items():
+        row = {"bytes": sum(p.stat().st_size for p in paths)}
+        if seconds > 0:
+            backend = "openvino" if key.startswith("openvino") else "onnxruntime"
+            model = open_model(paths[0], backend=backend, precision=key.rsplit("_", 1)[1])
+            row["latency_ms"] = round(1000.0 / raw_fps(model, seconds, "latency"), 3)
+            row["throughput_fps"] = round(raw_fps(model, seconds, "throughput"), 1)
+        rows[key] = row
+    for key, row in rows.items():
+        fp32 = rows.get(key.replace("int8", "fp32"))
+        if key.endswith("int8") and fp32:
+            row["size_vs_fp32"] = round(row["bytes"] / fp32["bytes"], 3)
+            if "throughput_fps" in row:
+                row["speedup_vs_fp32"] = round(row["throughput_fps"] / fp32["throughput_fps"], 2)
+    return rows
+
+
+def report_markdown(report: dict, out: Path) -> str:
+    lines = [f"# Export report: {out.name}", "", "## FP32 parity with PyTorch", "",
+             f"Images: {report['parity']['images']}; tolerance {report['parity']['tolerance']:.0e}; "
+             f"{'passed' if report['parity']['passed'] else 'FAILED'}.", "",
+             "| runtime | max abs probability difference | top-1 agreement |", "|---|---|---|"]
+    lines += [f"| {k} | {r['max_abs_diff']:.2e} | {r['top1_agreement']:.2%} |"
+              for k, r in report["parity"]["results"].items()]
+    for runtime, q in report.get("int8", {}).items():
+        lines += ["", f"## INT8 for {runtime}: {q['verdict']}", ""]
+        if q["verdict"] == "skipped":
+            lines.append(q["why"])
+            continue
+        g = q["gate"]
+        lines += [f"Scored on {q['eval_images']}.", "",
+                  f"- balanced accuracy: FP32 {g['fp32_balanced_accuracy']:.2%}, INT8 {g['int8_balanced_accuracy']:.2%} "
+                  f"(drop {g['drop_points']:.2f} points, limit {g['max_drop_points']})",
+                  f"- top-1 agreement with FP32: {g['top1_agreement']:.2%}; {len(g['flipped'])} image(s) changed label",
+                  "- recall change per class: " + ", ".join(f"{c} {v * 100:+.2f}" for c, v in g["recall_change"].items()),
+                  "- recipes tried: " + "; ".join(f"{a['recipe']} (drop {a['drop_points']:.2f}, agreement "
+                                                   f"{a['top1_agreement']:.2%}, {'passed' if a['passed'] else 'failed'})"
+                                                   for a in q["attempts"])]
+        if q["verdict"] == "refused":
+            lines.append(f"- {q['why']}")
+    if report.get("models"):
+        lines += ["", "## Models on this host", "", "| model | size | latency (1 request) | throughput | vs FP32 |",
+                  "|---|---|---|---|---|"]
+        for key, r in report["models"].items():
+            speed = (f"{r['latency_ms']:.2f} ms | {r['throughput_fps']:.1f} FPS" if "latency_ms" in r else "- | -")
+            vs = (f"{r['size_vs_fp32']:.0%} size" + (f", {r['speedup_vs_fp32']:.2f}x throughput"
+                                                     if "speedup_vs_fp32" in r else "")) if "size_vs_fp32" in r else "-"
+            lines.append(f"| {key} | {r['bytes'] / 2**20:.1f} MiB | {speed} | {vs} |")
+    return "\n".join(lines) + "\n"
 
 
 def _run_onnxruntime(path: Path, x: np.ndarray) -> np.ndarray:
@@ -150,10 +208,28 @@ def _labelled_arrays(loaded, data, limit: int | None, progress: bool, desc: str)
     return x, np.asarray(images.targets), images.paths
 
 
-def _openvino_int8(loaded, files, out: Path, meta: dict, calib, eval_data, max_drop: float, progress: bool) -> dict:
-    """Quantize, gate against FP32, keep the INT8 IR only if it passes."""
+def _int8_targets(files: dict) -> list[dict]:
+    """The INT8 models to try: one per runtime whose FP32 model was exported."""
+    targets = []
+    if "openvino_fp32" in files:
+        targets.append({"runtime": "openvino", "src": "openvino_fp32", "key": "openvino_int8",
+                        "out": "model_int8.xml", "recipes": RECIPES, "quantize": quantize_openvino,
+                        "run_fp32": _run_openvino, "run_int8": lambda p, x: _run_openvino_int8(p, x),
+                        "files": lambda p: [p, p.with_suffix(".bin")]})
+    if "onnx_fp32" in files:
+        targets.append({"runtime": "onnxruntime", "src": "onnx_fp32", "key": "onnx_int8",
+                        "out": "model_int8.onnx", "recipes": ORT_RECIPES, "quantize": quantize_onnxruntime,
+                        "run_fp32": _run_onnxruntime, "run_int8": lambda p, x: _run_onnxruntime_int8(p, x),
+                        "files": lambda p: [p]})
+    return targets
+
+
+def _int8_models(loaded, files, out: Path, meta: dict, calib, eval_data, max_drop: float, progress: bool) -> dict:
+    """Quantize for each runtime, gate against its FP32 model, keep only what passes."""
+    targets = _int8_targets(files)
     if calib is None or not Path(calib).exists():
-        return {"verdict": "skipped", "why": "no calibration images (pass --calib DIR)"}
+        return {t["runtime"]: {"verdict": "skipped", "why": "no calibration images (pass --calib DIR)"}
+                for t in targets}
     x_cal, y_cal, cal_paths = _labelled_arrays(loaded, calib, MAX_CALIB_IMAGES, progress, "calibration images")
     if eval_data is not None:
         x_eval, y_eval, eval_paths = _labelled_arrays(loaded, eval_data, None, progress, "evaluation images")
@@ -161,20 +237,28 @@ def _openvino_int8(loaded, files, out: Path, meta: dict, calib, eval_data, max_d
     else:
         x_eval, y_eval, eval_paths = x_cal, y_cal, cal_paths
         eval_source = f"the {len(y_eval)} calibration images (not held out; pass --eval DIR for held-out images)"
-    p_fp32 = _run_openvino(files["openvino_fp32"][0], x_eval)
     int8_meta = {**meta, "provenance": {**meta["provenance"], "precision": "int8"}}
-    xml = out / "model_int8.xml"
+    return {t["runtime"]: _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_paths,
+                                      eval_source, max_drop) for t in targets}
+
+
+def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_paths, eval_source, max_drop) -> dict:
+    p_fp32 = t["run_fp32"](files[t["src"]][0], x_eval)
+    path = out / t["out"]
     attempts = []
-    for name, recipe in RECIPES:
-        quantize_openvino(files["openvino_fp32"][0], xml, x_cal, int8_meta, recipe)
-        gate = int8_gate(y_eval, p_fp32, _run_openvino_int8(xml, x_eval), loaded.labels, max_drop, eval_paths)
-        attempts.append({"recipe": name, **{k: gate[k] for k in ("int8_balanced_accuracy", "drop_points",
-                                                                 "top1_agreement", "passed")}})
+    for name, recipe in t["recipes"]:
+        t0 = time.perf_counter()
+        t["quantize"](files[t["src"]][0], path, x_cal, int8_meta, recipe)
+        seconds = round(time.perf_counter() - t0, 1)
+        gate = int8_gate(y_eval, p_fp32, t["run_int8"](path, x_eval), loaded.labels, max_drop, eval_paths)
+        attempts.append({"recipe": name, "seconds": seconds,
+                         **{k: gate[k] for k in ("int8_balanced_accuracy", "drop_points", "top1_agreement",
+                                                 "passed")}})
         if gate["passed"]:
-            files["openvino_int8"] = [xml, xml.with_suffix(".bin")]
+            files[t["key"]] = t["files"](path)
             return {"verdict": "kept", "recipe": name, "eval_images": eval_source, "gate": gate,
                     "attempts": attempts}
-    for f in (xml, xml.with_suffix(".bin")):
+    for f in t["files"](path):
         f.unlink(missing_ok=True)
     return {"verdict": "refused", "eval_images": eval_source, "gate": gate, "attempts": attempts,
             "why": f"INT8 lost {gate['drop_points']:.2f} points of balanced accuracy (> {max_drop}) with every "
@@ -183,3 +267,7 @@ def _openvino_int8(loaded, files, out: Path, meta: dict, calib, eval_data, max_d
 
 def _run_openvino_int8(xml: Path, x: np.ndarray) -> np.ndarray:
     return open_model(xml, backend="openvino", precision="int8").predict_proba(x)
+
+
+def _run_onnxruntime_int8(path: Path, x: np.ndarray) -> np.ndarray:
+    return open_model(path, backend="onnxruntime", precision="int8").predict_proba(x)

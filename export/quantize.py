@@ -1,4 +1,5 @@
-"""INT8 post-training quantization (OpenVINO, through NNCF) and the accuracy gate.
+"""INT8 post-training quantization (OpenVINO through NNCF, ONNX Runtime through its
+static quantizer) and the accuracy gate.
 
 An INT8 model is kept only if, on the same images, its balanced accuracy is no
 more than `max_drop` percentage points below the FP32 model's. When the first
@@ -27,6 +28,65 @@ RECIPES = (
     ("bias-correction", {"fast_bias_correction": False, "subset_size": 300}),
     ("bias-correction-mixed", {"fast_bias_correction": False, "subset_size": 1000, "preset": "MIXED"}),
 )
+
+
+# ONNX Runtime static quantization, tried in order. Measured on the NEU model (see README):
+# QOperator (QLinearConv) with uint8 activations and int8 per-channel weights ran 2.3x
+# faster than FP32, while the same recipe in QDQ format ran 1.46x and uint8 weights ran
+# 4x slower than FP32 and lost 0.57 points. The in-graph preprocessing (transpose, cast,
+# normalise) and the softmax stay in float: quantizing the raw 0..255 input or the
+# probabilities only loses precision.
+ORT_RECIPES = (
+    ("qoperator-u8s8-minmax", {"format": "QOperator", "calibrate": "MinMax"}),
+    ("qoperator-u8s8-percentile", {"format": "QOperator", "calibrate": "Percentile"}),
+)
+
+
+def float_nodes(model) -> list[str]:
+    """Names of the nodes that stay in float: everything before the first Conv
+    (layout, cast, normalisation) and the final Softmax."""
+    names = []
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            break
+        names.append(node.name)
+    return names + [n.name for n in model.graph.node if n.op_type == "Softmax"]
+
+
+def quantize_onnxruntime(fp32_onnx: Path, out_onnx: Path, calib: np.ndarray, metadata: dict, recipe: dict) -> Path:
+    """Quantize an FP32 ONNX model with ONNX Runtime's static quantizer on calibration images."""
+    onnx = require("onnx", "export")
+    q = require("onnxruntime.quantization", None)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self, x, name):
+            self.items = iter([{name: x[i:i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    prepared = out_onnx.with_name(out_onnx.stem + ".prep.onnx")
+    try:
+        quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=False)
+        model = onnx.load(str(prepared))
+        input_name = model.graph.input[0].name
+        q.quantize_static(
+            str(prepared), str(out_onnx), Reader(calib, input_name),
+            quant_format=getattr(q.QuantFormat, recipe["format"]),
+            activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8, per_channel=True,
+            reduce_range=False, calibrate_method=getattr(q.CalibrationMethod, recipe["calibrate"]),
+            nodes_to_exclude=float_nodes(model),
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    finally:
+        prepared.unlink(missing_ok=True)
+    quantized = onnx.load(str(out_onnx))
+    del quantized.metadata_props[:]
+    entry = quantized.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = json.dumps(metadata, sort_keys=True)
+    onnx.save(quantized, str(out_onnx))
+    return out_onnx
 
 
 def quantize_openvino(fp32_xml: Path, out_xml: Path, calib: np.ndarray, metadata: dict, recipe: dict) -> Path:

@@ -421,16 +421,19 @@ def study_cv(data_dir, folds, strategy, seed, out, config_file, as_json, quiet, 
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="Images for the parity check (default: the run's training data, if present).")
 @click.option("--int8/--no-int8", default=True, show_default=True,
-              help="Also write an INT8 OpenVINO model (NNCF post-training quantization), if it passes the gate.")
+              help="Also write INT8 models (OpenVINO through NNCF, ONNX through ONNX Runtime's static "
+                   "quantizer), each kept only if it passes the accuracy gate.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration images (default: the run's training data).")
 @click.option("--eval", "eval_dir", type=click.Path(path_type=Path), default=None,
               help="Labelled held-out images on which FP32 and INT8 are compared.")
 @click.option("--max-drop", type=float, default=0.5, show_default=True,
               help="Largest loss of balanced accuracy (percentage points) an INT8 model may have.")
+@click.option("--speed-seconds", default=1.0, show_default=True,
+              help="Seconds to time each model's latency and throughput for the report (0: skip).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print bundle.json and the report as one JSON object.")
-def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, quiet, as_json):
+def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, speed_seconds, quiet, as_json):
     """Export a training RUN to a bundle of ONNX / OpenVINO models (FP32, and INT8 that passed its gate).
 
     The models take uint8 RGB images (N, H, W, 3) at the size in their metadata
@@ -443,7 +446,7 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, quiet, 
 
     result = export_bundle(run, out, formats=[f.strip() for f in formats.split(",") if f.strip()], data=data_dir,
                            int8=int8, calib=calib, eval_data=eval_dir, max_drop=max_drop,
-                           progress=not quiet and not as_json)
+                           progress=not quiet and not as_json, speed_seconds=speed_seconds)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -451,17 +454,19 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, quiet, 
     for name, r in parity["results"].items():
         click.echo(f"parity {name}: max |p - p_torch| = {r['max_abs_diff']:.1e}, "
                    f"top-1 agreement {r['top1_agreement']:.1%} ({parity['images']})")
-    q = result["report"].get("int8", {}).get("openvino")
-    if q and q["verdict"] == "kept":
-        g = q["gate"]
-        click.echo(f"INT8 kept ({q['recipe']} recipe): balanced accuracy {g['int8_balanced_accuracy']:.2%} vs FP32 "
-                   f"{g['fp32_balanced_accuracy']:.2%} (drop {g['drop_points']:.2f} points, limit {g['max_drop_points']}), "
-                   f"top-1 agreement {g['top1_agreement']:.1%} on {q['eval_images']}")
-    elif q:
-        click.echo(f"INT8 {q['verdict']}: {q['why']}")
-    for key, entry in result["bundle"]["models"].items():
-        click.echo(f"{key}: " + ", ".join(f"{n} ({e['bytes'] / 2**20:.1f} MiB)" for n, e in entry["files"].items()))
-    click.echo(f"wrote {out}/bundle.json, export_report.json")
+    for runtime, q in result["report"].get("int8", {}).items():
+        if q["verdict"] == "kept":
+            g = q["gate"]
+            click.echo(f"INT8 {runtime} kept ({q['recipe']}): balanced accuracy {g['int8_balanced_accuracy']:.2%} vs "
+                       f"FP32 {g['fp32_balanced_accuracy']:.2%} (drop {g['drop_points']:.2f} points, limit "
+                       f"{g['max_drop_points']}), top-1 agreement {g['top1_agreement']:.1%} on {q['eval_images']}")
+        else:
+            click.echo(f"INT8 {runtime} {q['verdict']}: {q['why']}")
+    for key, r in result["report"]["models"].items():
+        speed = (f", {r['latency_ms']:.2f} ms per image, {r['throughput_fps']:.0f} FPS" if "latency_ms" in r else "")
+        extra = f" ({r['speedup_vs_fp32']:.2f}x FP32)" if "speedup_vs_fp32" in r else ""
+        click.echo(f"{key}: {r['bytes'] / 2**20:.1f} MiB{speed}{extra}")
+    click.echo(f"wrote {out}/bundle.json, export_report.json, export_report.md")
 
 
 # --- run / bench ----------------------------------------------------------------------

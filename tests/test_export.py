@@ -90,7 +90,8 @@ def test_export_cli(tiny_run, tmp_path):
     res = runner.invoke(main, ["export", str(run), "--out", str(tmp_path / "b"), "--formats", "onnx"])
     assert res.exit_code == 0, res.output
     assert "parity onnxruntime_fp32" in res.output
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["bundle.json", "export_report.json",
-                                                                   "model_fp32.onnx"]
+    names = {p.name for p in (tmp_path / "b").iterdir()}
+    assert names - {"model_int8.onnx"} == {"bundle.json", "export_report.json", "export_report.md", "model_fp32.onnx"}
+    assert "FPS" in res.output and "ms per image" in res.output   # latency and throughput of each model
     res = runner.invoke(main, ["export", str(run), "--out", str(tmp_path / "c"), "--formats", "tflite"])
     assert res.exit_code == 2 and "tflite" in res.output

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from lineside.cli import main
 from lineside.export import bundle as bundle_mod
 from lineside.export.bundle import export_bundle
-from lineside.export.quantize import RECIPES, int8_gate
+from lineside.export.quantize import ORT_RECIPES, RECIPES, int8_gate
 
 
 def test_gate_by_hand():
@@ -27,20 +27,28 @@ def test_gate_by_hand():
     assert int8_gate(y, p32, p32, labels, max_drop=0.0)["passed"] is True
 
 
-def test_int8_model_is_written_checked_and_usable(tiny_bundle, synth_test_dir):
-    out, result = tiny_bundle
+@pytest.fixture(scope="module")
+def int8_bundle(tiny_run, synth_test_dir, tmp_path_factory):
+    """Both INT8 models of the tiny run, with the gate wide open: the tiny model is too
+    fragile for a 0.5-point gate to be a fair test of the files (the gate has its own tests)."""
+    run, _ = tiny_run
+    out = tmp_path_factory.mktemp("int8")
+    return out, export_bundle(run, out, eval_data=synth_test_dir, max_drop=100.0)
+
+
+def test_int8_model_is_written_checked_and_usable(int8_bundle, synth_test_dir):
+    out, result = int8_bundle
     q = result["report"]["int8"]["openvino"]
-    assert q["verdict"] in ("kept", "refused")
     doc = json.loads((out / "bundle.json").read_text())
-    if q["verdict"] == "refused":  # the tiny model may be too fragile; then nothing may be left behind
-        assert "openvino_int8" not in doc["models"] and not (out / "model_int8.xml").exists()
-        pytest.skip("tiny model's INT8 was refused by the gate")
-    assert q["gate"]["drop_points"] <= 0.5
+    assert q["verdict"] == "kept" and q["gate"]["n"] == 50
     fp32_bytes = doc["models"]["openvino_fp32"]["files"]["model_fp32.bin"]["bytes"]
     assert doc["models"]["openvino_int8"]["files"]["model_int8.bin"]["bytes"] < 0.35 * fp32_bytes
     res = CliRunner().invoke(main, ["eval", str(out), str(synth_test_dir), "--precision", "int8", "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["model"].endswith("model_int8.xml")
+    r = json.loads(res.output)
+    assert r["model"].endswith("model_int8.xml")
+    # the gate's figure is the one eval reports for the same images
+    assert r["balanced_accuracy"] == pytest.approx(q["gate"]["int8_balanced_accuracy"])
 
 
 def test_gate_refuses_a_broken_int8_model(tiny_run, tmp_path, monkeypatch):
@@ -59,3 +67,33 @@ def test_gate_refuses_a_broken_int8_model(tiny_run, tmp_path, monkeypatch):
     assert not (tmp_path / "model_int8.xml").exists() and not (tmp_path / "model_int8.bin").exists()
     doc = json.loads((tmp_path / "bundle.json").read_text())
     assert set(doc["models"]) == {"openvino_fp32"}
+
+
+def test_onnxruntime_int8_is_written_checked_and_self_describing(int8_bundle, synth_test_dir):
+    out, result = int8_bundle
+    q = result["report"]["int8"]["onnxruntime"]
+    doc = json.loads((out / "bundle.json").read_text())
+    assert q["verdict"] == "kept" and (out / "export_report.md").read_text().count("## INT8 for") == 2
+    sizes = result["report"]["models"]
+    assert sizes["onnx_int8"]["bytes"] < 0.35 * sizes["onnx_fp32"]["bytes"]
+    res = CliRunner().invoke(main, ["eval", str(out), str(synth_test_dir), "--backend", "onnxruntime",
+                                    "--precision", "int8", "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    assert r["model"].endswith("model_int8.onnx")
+    assert r["balanced_accuracy"] == pytest.approx(q["gate"]["int8_balanced_accuracy"])
+    from lineside.runtime.model import open_model
+
+    m = open_model(out / "model_int8.onnx")
+    assert m.metadata["provenance"]["precision"] == "int8" and m.labels == doc["metadata"]["labels"]
+
+
+def test_gate_refuses_a_broken_onnxruntime_int8_model(tiny_run, tmp_path, monkeypatch):
+    run, _ = tiny_run
+    monkeypatch.setattr(bundle_mod, "_run_onnxruntime_int8",
+                        lambda path, x: np.eye(5, dtype=np.float32)[np.zeros(len(x), int)])
+    res = export_bundle(run, tmp_path, formats=["onnx"])
+    q = res["report"]["int8"]["onnxruntime"]
+    assert q["verdict"] == "refused" and [a["recipe"] for a in q["attempts"]] == [n for n, _ in ORT_RECIPES]
+    assert not (tmp_path / "model_int8.onnx").exists()
+    assert set(json.loads((tmp_path / "bundle.json").read_text())["models"]) == {"onnx_fp32"}

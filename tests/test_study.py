@@ -108,3 +108,19 @@ def test_cv_rejects_bad_folds(synth_dir, tmp_path, args, message):
     res = CliRunner().invoke(main, ["study", "cv", str(synth_dir), "--strategy", "linear", "--image-size", "64",
                                     "--out", str(tmp_path / "cv"), *args])
     assert res.exit_code == 2 and message in res.output
+
+
+def test_shared_frozen_layers_predict_like_the_whole_network(synth_dir):
+    from lineside.train.study import Study
+    from lineside.train.trainer import Trainer
+
+    cfg = TrainConfig(strategy="finetune", **TINY)
+    study = Study(synth_dir, cfg, views=1, progress=False)
+    d = study.data
+    drawn, rest = draw_per_class(d.y, 4, 0)
+    trainer = Trainer(cfg, d.classes, d.spec, progress=False)
+    plan = trainer.fit(d.x[drawn], d.y[drawn])
+    assert plan.frozen > 0
+    shared = study._predict_from_trunk(trainer, plan.frozen, rest)
+    whole = trainer.predict_proba(d.x[rest])
+    assert np.abs(shared - whole).max() < 1e-2 and (shared.argmax(1) == whole.argmax(1)).mean() > 0.95

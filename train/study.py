@@ -63,8 +63,8 @@ def draw_key(idx: np.ndarray) -> str:
 class FeatureCache:
     """Pooled frozen-backbone features of every image: view 0 plain, then augmented views."""
 
-    def __init__(self, data: StudyData, cfg: TrainConfig, views: int, progress: bool):
-        self.trainer = Trainer(cfg.override(strategy="linear"), data.classes, data.spec, progress=False)
+    def __init__(self, data: StudyData, cfg: TrainConfig, views: int, progress: bool, trainer: Trainer):
+        self.trainer = trainer
         model, n_stages = self.trainer.model, len(self.trainer.model.stages)
         model.eval()
         aug = Augmenter(cfg.augment, cfg.seed + 1)
@@ -108,11 +108,43 @@ class Study:
         self.views = views
         self.data = load_study_data(data, cfg, progress)
         self._cache = None
+        self._base = None
+        self._trunks: dict[int, torch.Tensor] = {}
+
+    def base(self) -> Trainer:
+        """A pretrained network with a linear head: the frozen part every recipe starts from."""
+        if self._base is None:
+            self._base = Trainer(self.cfg.override(strategy="linear"), self.data.classes, self.data.spec,
+                                 progress=False)
+        return self._base
 
     def cache(self) -> FeatureCache:
         if self._cache is None:
-            self._cache = FeatureCache(self.data, self.cfg, self.views, self.progress)
+            self._cache = FeatureCache(self.data, self.cfg, self.views, self.progress, self.base())
         return self._cache
+
+    def trunk(self, frozen: int) -> torch.Tensor:
+        """Activations of every image after the first `frozen` (pretrained, frozen) stages,
+        computed once: fine-tuned models of every draw only run the stages after them."""
+        if frozen not in self._trunks:
+            model = self.base().model.eval()
+            with torch.inference_mode():
+                self._trunks[frozen] = torch.cat([
+                    model.trunk(to_tensor(self.data.x[s:s + INFER_BATCH], self.base().device), frozen)
+                    .to("cpu", torch.float16) for s in tqdm(range(0, len(self.data.x), INFER_BATCH),
+                                                           desc="shared frozen layers", unit="batch",
+                                                           disable=not self.progress, leave=False)])
+        return self._trunks[frozen]
+
+    def _predict_from_trunk(self, trainer: Trainer, frozen: int, idx) -> np.ndarray:
+        h = self.trunk(frozen)
+        model = trainer.model.eval()
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(idx), INFER_BATCH):
+                batch = h[idx[s:s + INFER_BATCH]].to(trainer.device).float()
+                out.append(torch.softmax(model.head(model.features(batch, frozen)).float(), 1).cpu().numpy())
+        return np.concatenate(out)
 
     def run_one(self, strategy: str, train_idx, test_idx, seed: int) -> dict:
         """Train with `strategy` on train_idx, score on test_idx."""
@@ -128,9 +160,12 @@ class Study:
             note = "features shared" if cache_was_ready else "includes computing the shared features"
         else:
             trainer = Trainer(cfg.override(strategy=chosen), d.classes, d.spec, progress=False)
-            trainer.fit(d.x[train_idx], d.y[train_idx])
+            plan = trainer.fit(d.x[train_idx], d.y[train_idx])
             train_s = time.perf_counter() - t0
-            probs = trainer.predict_proba(d.x[test_idx])
+            if plan.frozen > 0:
+                probs = self._predict_from_trunk(trainer, plan.frozen, test_idx)
+            else:
+                probs = trainer.predict_proba(d.x[test_idx])
             note = ""
         pred = probs.argmax(1)
         report = classification_report(d.y[test_idx], pred, d.classes)
@@ -201,11 +236,17 @@ def sample_size(data, out: Path, cfg: TrainConfig, shots=(1, 2, 5, 10, 20, 50), 
     return result
 
 
-def _plot_learning_curve(result: dict, path: Path):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_learning_curve(result: dict, path: Path):
+    plt = _pyplot()
 
     from lineside.learning_curve import PowerLaw
 
@@ -320,10 +361,7 @@ def compare(data, out: Path, cfg: TrainConfig, strategies=("linear", "finetune",
 
 
 def _plot_compare(result: dict, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     names = result["strategies"]
     s = result["summary"]

@@ -271,7 +271,32 @@ class Trainer:
         t0 = time.perf_counter()
         self._train_loop(plan, groups, lr=None, steps_per_epoch=math.ceil(len(y_train) / self.cfg.batch_size),
                          batches=batches, forward=self.model, validate=validate, stage=plan.strategy)
+        if not self.pretrained or self.cfg.bn_stats == "adapt":
+            self._recompute_bn_stats(x_train, aug)
         self.timings["train_s"] = time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _recompute_bn_stats(self, x_train, aug, views: int = 4):
+        """BatchNorm statistics trained along with the weights lag behind them: after a
+        short schedule from scratch, eval mode can collapse to one class. Recompute them
+        as exact averages over the training images (plain and augmented) at the final weights."""
+        bns = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not bns:
+            return
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None            # cumulative average over every batch below
+            m.train()
+        for v in range(views):
+            for s in range(0, len(x_train), INFER_BATCH):
+                batch = x_train[s:s + INFER_BATCH]
+                if v > 0:
+                    batch = np.stack([aug(im) for im in batch])
+                if len(batch) > 1:
+                    self.model(to_tensor(batch, self.device))
+        for m in bns:
+            m.momentum = 0.1
+        self.model.eval()
 
     # -- the shared loop -------------------------------------------------------------
 
