@@ -224,8 +224,9 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
             if not free:
                 finish(pending.popleft())
             s = free.pop()
+            t_submit = time.perf_counter()
             engine.submit(s, x)
-            pending.append(_InFlight(s, frame, flags, time.perf_counter()))
+            pending.append(_InFlight(s, frame, flags, t_submit))
         while pending:                       # drain: every frame taken is decided and recorded
             finish(pending.popleft())
     finally:

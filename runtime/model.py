@@ -39,9 +39,14 @@ class RuntimeModel:
     _run: object
     _engine: object = None
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) uint8 RGB at the spec's size -> (N, classes) probabilities."""
-        return self._run(np.ascontiguousarray(images, dtype=np.uint8))
+    def predict_proba(self, images: np.ndarray, batch: int = 32) -> np.ndarray:
+        """(N, H, W, 3) uint8 RGB at the spec's size -> (N, classes) probabilities.
+        Runs in batches: one call on a few thousand images would otherwise ask the
+        runtime for gigabytes of activations at once."""
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        if len(images) <= batch:
+            return self._run(images)
+        return np.concatenate([self._run(images[s:s + batch]) for s in range(0, len(images), batch)])
 
     def engine(self, hint: str = "latency") -> "Engine":
         """A one-image-at-a-time engine with requests in flight, for the camera loop.

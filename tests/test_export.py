@@ -26,6 +26,7 @@ def test_bundle_files_and_checksums(bundle):
     assert doc["bundle_schema"] == 1 and doc["parity_passed"] is True
     names = {n for m in doc["models"].values() for n in m["files"]}
     int8 = {"model_int8.xml", "model_int8.bin"} if "openvino_int8" in doc["models"] else set()
+    int8 |= {"model_int8.onnx"} if "onnx_int8" in doc["models"] else set()
     assert names == {"model_fp32.onnx", "model_fp32.xml", "model_fp32.bin"} | int8
     for entry in doc["models"].values():
         for name, f in entry["files"].items():
