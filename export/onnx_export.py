@@ -45,8 +45,14 @@ def export_onnx(classifier: nn.Module, height: int, width: int, path: Path, meta
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
+    onnx.checker.check_model(onnx.load(str(path)))
+    return write_metadata(path, metadata)
+
+
+def write_metadata(path: Path, metadata: dict) -> Path:
+    """Store `metadata` as one JSON string under metadata_props['lineside'], replacing any."""
+    onnx = require("onnx", "export")
     model = onnx.load(str(path))
-    onnx.checker.check_model(model)
     del model.metadata_props[:]
     entry = model.metadata_props.add()
     entry.key = METADATA_KEY

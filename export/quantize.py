@@ -71,6 +71,8 @@ def quantize_onnxruntime(fp32_onnx: Path, out_onnx: Path, calib: np.ndarray, met
     """Quantize an FP32 ONNX model with ONNX Runtime's static quantizer on calibration images."""
     onnx = require("onnx", "export")
     q = require("onnxruntime.quantization", None)
+    from .onnx_export import write_metadata
+
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(q.CalibrationDataReader):
@@ -96,13 +98,7 @@ def quantize_onnxruntime(fp32_onnx: Path, out_onnx: Path, calib: np.ndarray, met
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     finally:
         prepared.unlink(missing_ok=True)
-    quantized = onnx.load(str(out_onnx))
-    del quantized.metadata_props[:]
-    entry = quantized.metadata_props.add()
-    entry.key = METADATA_KEY
-    entry.value = json.dumps(metadata, sort_keys=True)
-    onnx.save(quantized, str(out_onnx))
-    return out_onnx
+    return write_metadata(out_onnx, metadata)
 
 
 def quantize_openvino(fp32_xml: Path, out_xml: Path, calib: np.ndarray, metadata: dict, recipe: dict) -> Path:

@@ -89,7 +89,7 @@ class StopOnSignal:
 class StatusLine:
     """A live status line on stderr (once a second), and the optional window."""
 
-    def __init__(self, status: bool, display: bool, ok_classes):
+    def __init__(self, status: bool, display: bool):
         self.status = status and sys.stderr.isatty()
         self.display = display
         self.last = 0.0
@@ -148,7 +148,7 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
     if options.save_dir:
         save = SavePolicy(Path(options.save_dir), tuple(w.strip() for w in options.save_when.split(",") if w.strip()),
                           options.save_max_files, options.save_max_mb)
-    status = StatusLine(options.status, options.display, options.ok_classes)
+    status = StatusLine(options.status, options.display)
     recorder = Recorder(Path(options.log) if options.log else None,
                         {"source": info.text, "model": str(model.path), "model_sha256": model.checksum,
                          "labels": model.labels,

@@ -83,7 +83,7 @@ class Preprocessor:
     def __init__(self, model: RuntimeModel, roi):
         self.spec = model.spec
         self.roi = roi
-        self.last_thumb = None
+        self.last = None
         self.frozen_run = 0
         self.checked_roi = False
 
@@ -125,13 +125,12 @@ class Preprocessor:
             flags.append("black")
         # Frozen means identical to the last frame, pixel for pixel: a live sensor always
         # adds some noise, so a repeat comes from a stalled driver or stream, not a still scene.
-        thumb = small
-        if self.last_thumb is not None and cv2.norm(thumb, self.last_thumb, cv2.NORM_INF) == 0:
+        if self.last is not None and cv2.norm(small, self.last, cv2.NORM_INF) == 0:
             flags.append("frozen")
             self.frozen_run += 1
         else:
             self.frozen_run = 0
-        self.last_thumb = thumb
+        self.last = small
         return flags
 
 

@@ -158,7 +158,6 @@ class FrameSlot:
         self._closed = False
         self._cond = threading.Condition()
         self.dropped = 0
-        self.put_count = 0
 
     def put(self, frame: Frame) -> bool:
         with self._cond:
@@ -170,7 +169,6 @@ class FrameSlot:
             if self._frame is not None:
                 self.dropped += 1
             self._frame = frame
-            self.put_count += 1
             self._cond.notify_all()
             return True
 

@@ -176,6 +176,12 @@ class Study:
                 "draw": draw_key(train_idx), "_pred": pred, "_probs": probs}
 
 
+def _start(data, out, cfg: TrainConfig, views: int, progress: bool) -> tuple[float, Path, Study]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return time.perf_counter(), out, Study(data, cfg, views, progress)
+
+
 def _public(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
@@ -196,10 +202,7 @@ def _check_shots(data: StudyData, shots) -> list[int]:
 
 def sample_size(data, out: Path, cfg: TrainConfig, shots=(1, 2, 5, 10, 20, 50), repeats: int = 5,
                 target: float = 0.99, views: int = STUDY_VIEWS, progress: bool = True) -> dict:
-    t_start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    study = Study(data, cfg, views, progress)
+    t_start, out, study = _start(data, out, cfg, views, progress)
     d = study.data
     shots = _check_shots(d, shots)
     rows = []
@@ -320,10 +323,7 @@ def _sample_size_report(r: dict) -> str:
 
 def compare(data, out: Path, cfg: TrainConfig, strategies=("linear", "finetune", "full", "scratch"), shots: int = 10,
             repeats: int = 3, views: int = STUDY_VIEWS, progress: bool = True) -> dict:
-    t_start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    study = Study(data, cfg, views, progress)
+    t_start, out, study = _start(data, out, cfg, views, progress)
     d = study.data
     (shots,) = _check_shots(d, [shots])
     rows = []
@@ -419,10 +419,7 @@ def stratified_folds(targets, k: int, seed: int = 0) -> list[np.ndarray]:
 
 def cross_validate(data, out: Path, cfg: TrainConfig, folds: int = 5, views: int = STUDY_VIEWS,
                    progress: bool = True) -> dict:
-    t_start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    study = Study(data, cfg, views, progress)
+    t_start, out, study = _start(data, out, cfg, views, progress)
     d = study.data
     smallest = int(np.bincount(d.y, minlength=len(d.classes)).min())
     if not 2 <= folds <= smallest:
