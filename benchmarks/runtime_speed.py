@@ -62,9 +62,9 @@ def main(argv=None) -> int:
         xml = args.bundle / f"model_{precision}.xml"
         extra = ["-infer_precision", "f32"] if precision == "fp32" else []
         r = {"benchmark_app_fps": throughput(xml, shape, args.seconds, extra)}
-        r["unpaced"] = lineside("bench", args.bundle, "--source", args.video, "--precision", precision,
+        r["unpaced"] = lineside("bench", args.bundle, "--source", args.video, *roi, "--precision", precision,
                                 "--seconds", args.seconds)
-        r["paced30"] = lineside("bench", args.bundle, "--source", args.video, "--precision", precision,
+        r["paced30"] = lineside("bench", args.bundle, "--source", args.video, *roi, "--precision", precision,
                                 "--seconds", args.seconds, "--pace", 30)
         r["fps_vs_benchmark_app"] = round(r["unpaced"]["fps"] / r["benchmark_app_fps"], 3)
         u, p = r["unpaced"], r["paced30"]

@@ -560,9 +560,10 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
 @main.command("bench")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @_runtime_options
+@click.option("--roi", default=None, help="x,y,w,h: classify only this region of each frame, as `lineside run` does.")
 @click.option("--seconds", default=10.0, show_default=True, help="Seconds for each of the three measurements.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench_cmd(bundle, source, pace, hint, backend, precision, device, threads, seconds, as_json):
+def bench_cmd(bundle, source, pace, hint, backend, precision, device, threads, roi, seconds, as_json):
     """Measure the real camera loop on BUNDLE, and in the same run a naive loop and the raw backend.
 
     Without --source, a short video of drawn parts is made in a temporary folder.
@@ -573,7 +574,7 @@ def bench_cmd(bundle, source, pace, hint, backend, precision, device, threads, s
     from lineside.runtime.bench import bench
 
     model = _open_runtime_model(bundle, backend, precision, device, threads)
-    r = bench(model, source, seconds=seconds, pace=pace, hint=hint)
+    r = bench(model, source, seconds=seconds, pace=pace, hint=hint, roi=roi)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return

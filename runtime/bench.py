@@ -20,7 +20,7 @@ import numpy as np
 from lineside.spec import resize_to_spec
 
 from .decide import Decider
-from .loop import LoopSettings, peak_rss_mb, run_loop
+from .loop import LoopSettings, parse_roi, peak_rss_mb, run_loop
 from .model import RuntimeModel
 from .records import Recorder
 from .sources import SourceInfo, describe_source
@@ -46,8 +46,8 @@ def synthetic_video(folder: Path, frames: int = 300, size=(640, 480), fps: float
     return path
 
 
-def naive_fps(model: RuntimeModel, info: SourceInfo, seconds: float) -> float:
-    """The loop everyone writes first, on the same source and model."""
+def naive_fps(model: RuntimeModel, info: SourceInfo, seconds: float, roi=None) -> float:
+    """The loop everyone writes first, on the same source, region and model."""
     cap = cv2.VideoCapture(info.text)
     n, t0 = 0, time.perf_counter()
     try:
@@ -58,6 +58,8 @@ def naive_fps(model: RuntimeModel, info: SourceInfo, seconds: float) -> float:
                 ok, frame = cap.read()
                 if not ok:
                     break
+            if roi:
+                frame = frame[roi[1]:roi[1] + roi[3], roi[0]:roi[0] + roi[2]]
             x = cv2.cvtColor(resize_to_spec(frame, model.spec), cv2.COLOR_BGR2RGB)
             int(np.argmax(model.predict_proba(x[None])[0]))
             n += 1
@@ -78,7 +80,7 @@ def raw_fps(model: RuntimeModel, seconds: float, hint: str = "throughput") -> fl
         s = n % engine.depth
         if n >= engine.depth:
             engine.wait(s)
-        engine.submit(s, x)
+        engine.submit(s)
         n += 1
     for s in range(min(n, engine.depth)):
         engine.wait(s)
@@ -86,11 +88,11 @@ def raw_fps(model: RuntimeModel, seconds: float, hint: str = "throughput") -> fl
 
 
 def bench(model: RuntimeModel, source: str | None, seconds: float = 10.0, pace: float | None = None,
-          hint: str = "auto", log: bool = True) -> dict:
+          hint: str = "auto", log: bool = True, roi: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="lineside-bench-") as tmp:
         tmp = Path(tmp)
         info = describe_source(source) if source else SourceInfo(str(synthetic_video(tmp)), "file", False)
-        settings = LoopSettings(loop=not info.live, pace=pace, hint=hint, seconds=seconds)
+        settings = LoopSettings(roi=parse_roi(roi), loop=not info.live, pace=pace, hint=hint, seconds=seconds)
         recorder = Recorder(tmp / "bench.sqlite" if log else None,
                             {"source": info.text, "model": str(model.path), "model_sha256": model.checksum,
                              "labels": model.labels, "settings": {"bench": True}})
@@ -102,13 +104,13 @@ def bench(model: RuntimeModel, source: str | None, seconds: float = 10.0, pace: 
         rss = peak_rss_mb()
         result = {
             "model": str(model.path), "backend": model.backend, "source": source or "synthetic video",
-            "pace": pace, "seconds": seconds,
+            "pace": pace, "roi": roi, "seconds": seconds,
             "fps": summary["fps"], "latency_ms": summary["latency_ms"], "stages_ms": summary["stages_ms"],
             "dropped": summary["dropped"], "frames": summary["frames"], "rss_mb": round(rss, 1),
             "engine": summary["engine"], "logged": recorder.written,
         }
         if info.kind == "file":
-            result["naive_fps"] = round(naive_fps(model, info, seconds), 2)
+            result["naive_fps"] = round(naive_fps(model, info, seconds, settings.roi), 2)
         result["raw_fps"] = round(raw_fps(model, seconds), 2)
     if result.get("naive_fps"):
         result["fps_vs_naive"] = round(result["fps"] / result["naive_fps"], 3)

@@ -87,19 +87,23 @@ class Preprocessor:
         self.frozen_run = 0
         self.checked_roi = False
 
-    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    def __call__(self, image: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+        """(1, H, W, 3) RGB input and flags. `out`, if given, receives the input (an
+        engine's request buffer: the image is never copied again before inference)."""
         if self.roi:
             image = self._crop(image)
         small = resize_to_spec(image, self.spec)
-        rgb = cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
-        return rgb[None], self._flags(small)
+        if out is None:
+            out = np.empty((1, *small.shape), np.uint8)
+        cv2.cvtColor(small, cv2.COLOR_BGR2RGB, dst=out[0])
+        return out, self._flags(small)
 
-    def prepare(self, frame: Frame):
-        """For the capture thread: (input, flags, frozen run), or the error for a frame that
-        cannot be used (it is recorded as an event, the loop goes on). A wrong --roi on the
-        first frame is a setup error and stops the run."""
+    def prepare(self, frame: Frame, out: np.ndarray | None = None):
+        """(input, flags, frozen run), or the error for a frame that cannot be used (it is
+        recorded as an event, the loop goes on). A wrong --roi on the first frame is a
+        setup error and stops the run."""
         try:
-            x, flags = self(frame.image)
+            x, flags = self(frame.image, out)
             return x, flags, self.frozen_run
         except LinesideError:
             raise
@@ -207,12 +211,15 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
                 if pending:
                     finish(pending.popleft())
                 continue
+            if not free:
+                finish(pending.popleft())
+            s = free[-1]
             t0 = time.perf_counter()
-            prepared = prep.prepare(frame)
+            prepared = prep.prepare(frame, engine.buffer(s))
             if isinstance(prepared, Exception):   # a frame the ROI does not fit: record, skip, go on
                 recorder.event("bad_frame", f"frame {frame.index}: {prepared}")
                 continue
-            x, flags, frozen_run = prepared
+            _, flags, frozen_run = prepared
             if frozen_run >= FROZEN_EVENT_FRAMES and not frozen_reported:
                 recorder.event("source_frozen", f"{frozen_run} identical frames in a row at frame {frame.index}")
                 frozen_reported = True
@@ -220,11 +227,9 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
                 frozen_reported = False
             stats.stages["capture"].add(frame.t_read_ms)
             stats.stages["preprocess"].add((time.perf_counter() - t0) * 1000)
-            if not free:
-                finish(pending.popleft())
-            s = free.pop()
+            free.pop()
             t_submit = time.perf_counter()
-            engine.submit(s, x)
+            engine.submit(s)
             pending.append(_InFlight(s, frame, flags, t_submit))
         while pending:                       # drain: every frame taken is decided and recorded
             finish(pending.popleft())

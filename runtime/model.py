@@ -59,12 +59,17 @@ class RuntimeModel:
 
 
 class Engine:
-    """submit(slot, x) starts inference of one (1, H, W, 3) uint8 image in request `slot`
-    (0 <= slot < depth); wait(slot) returns its (classes,) probabilities."""
+    """Requests 0 <= slot < depth. The image to classify is written into buffer(slot), a
+    (1, H, W, 3) uint8 array that is the request's own input memory (no copy on submit);
+    submit(slot) starts inference; wait(slot) returns the (classes,) probabilities.
+    submit(slot, x) copies x into the buffer first."""
 
     depth = 1
 
-    def submit(self, slot: int, x: np.ndarray):
+    def buffer(self, slot: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def submit(self, slot: int, x: np.ndarray | None = None):
         raise NotImplementedError
 
     def wait(self, slot: int) -> np.ndarray:
@@ -74,10 +79,16 @@ class Engine:
 class OpenVINOEngine(Engine):
     def __init__(self, compiled, depth: int):
         self.requests = [compiled.create_infer_request() for _ in range(depth)]
+        self.buffers = [r.get_input_tensor(0).data for r in self.requests]   # views of the tensors
         self.depth = depth
 
-    def submit(self, slot, x):
-        self.requests[slot].start_async([x])
+    def buffer(self, slot):
+        return self.buffers[slot]
+
+    def submit(self, slot, x=None):
+        if x is not None:
+            self.buffers[slot][...] = x
+        self.requests[slot].start_async()
 
     def wait(self, slot):
         request = self.requests[slot]
@@ -89,16 +100,22 @@ class OnnxRuntimeEngine(Engine):
     """ONNX Runtime has no async API for CPU: requests run on worker threads
     (session.run releases the GIL, and one session serves several threads)."""
 
-    def __init__(self, session, depth: int):
+    def __init__(self, session, depth: int, shape: tuple[int, ...]):
         from concurrent.futures import ThreadPoolExecutor
 
         self.session, self.depth = session, depth
         self.name = session.get_inputs()[0].name
         self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="lineside-ort")
         self.futures = [None] * depth
+        self.buffers = [np.zeros(shape, np.uint8) for _ in range(depth)]
 
-    def submit(self, slot, x):
-        self.futures[slot] = self.pool.submit(self.session.run, None, {self.name: x})
+    def buffer(self, slot):
+        return self.buffers[slot]
+
+    def submit(self, slot, x=None):
+        if x is not None:
+            self.buffers[slot][...] = x
+        self.futures[slot] = self.pool.submit(self.session.run, None, {self.name: self.buffers[slot]})
 
     def wait(self, slot):
         return self.futures[slot].result()[0][0]
@@ -198,15 +215,16 @@ def _open_onnxruntime(path: Path, threads: int | None) -> RuntimeModel:
     name = session.get_inputs()[0].name
 
     def engine(hint: str) -> Engine:
+        shape = (1, spec.height, spec.width, 3)
         if hint == "latency":
-            return OnnxRuntimeEngine(session, 1)
+            return OnnxRuntimeEngine(session, 1, shape)
         # Throughput: one single-threaded session run per core, in parallel.
         cores = threads or os.cpu_count() or 1
         single = ort.SessionOptions()
         single.intra_op_num_threads = 1
         single.inter_op_num_threads = 1
         return OnnxRuntimeEngine(ort.InferenceSession(str(path), single, providers=["CPUExecutionProvider"]),
-                                 max(1, cores))
+                                 max(1, cores), shape)
 
     return RuntimeModel(path, "onnxruntime", meta, labels, spec, sha256(path),
                         lambda x: session.run(None, {name: x})[0], engine)

@@ -254,7 +254,15 @@ class Capture(threading.Thread):
         next_due = time.perf_counter()
         period = 1.0 / self.pace if self.pace else 0.0
         lost_at = None
+        read_guess = 0.0        # a running estimate of the read time, for pacing
         while reader is not None and not self.stop.is_set():
+            if self.pace:
+                # Read (decode) just before the frame is due, not right after the previous
+                # one went out: decoding then overlaps idle time, not the previous frame's
+                # inference, as with a camera that delivers each frame when it is taken.
+                early = next_due + period - 2 * read_guess - 0.001 - time.perf_counter()
+                if early > 0 and self.stop.wait(early):
+                    break
             t0 = time.perf_counter()
             image, origin = reader.read()
             t1 = time.perf_counter()
@@ -273,6 +281,7 @@ class Capture(threading.Thread):
                     continue
                 return
             read_ms = (t1 - t0) * 1000
+            read_guess = (t1 - t0) if not read_guess else 0.9 * read_guess + 0.1 * (t1 - t0)
             if self.pace:
                 # Release frames at camera rate; a late frame goes out at once, it is not skipped.
                 # For a replayed file the release is the moment a camera would deliver the frame.

@@ -126,6 +126,42 @@ def test_a_source_that_dies_comes_back_and_the_gap_is_an_event():
     assert frames == [100 + i for i in range(1, 13)] and cap.stats.reconnects >= 1
 
 
+def test_pacing_releases_at_camera_rate_and_reads_just_before_each_frame_is_due():
+    """--pace replays a file like a camera: one frame per period, each read (decoded)
+    shortly before it goes out rather than a whole period early, so decoding does not
+    overlap the previous frame's inference."""
+    reads = []
+
+    class Reader:
+        fps = None
+
+        def read(self):
+            if len(reads) == 12:
+                return None, ""
+            reads.append(time.perf_counter())
+            return np.zeros((8, 8, 3), np.uint8), ""
+
+        def release(self):
+            pass
+
+    period = 0.05
+    slot, stop = FrameSlot(block=True), threading.Event()
+    cap = Capture(SourceInfo("f.avi", "file", False), slot, stop, pace=1 / period, opener=lambda info: Reader())
+    cap.start()
+    released = []
+    try:
+        while True:
+            released.append(slot.get(timeout=5).t_capture)
+    except Closed:
+        pass
+    cap.join(5)
+    assert len(released) == 12
+    gaps = np.diff(released)
+    assert abs(float(np.median(gaps)) - period) < period * 0.2
+    lead = np.array(released[1:]) - np.array(reads[1:])      # read -> release, per frame
+    assert float(np.median(lead)) < period / 2
+
+
 def test_a_finite_source_is_not_reopened_on_failure(tmp_path):
     with pytest.raises(LinesideError, match="no such video file"):
         describe_source(str(tmp_path / "missing.mp4"))
@@ -304,8 +340,12 @@ def test_overload_drops_frames_instead_of_queueing_them(model):
 
     class SlowEngine:
         depth = 1
+        input = np.zeros((1, model.spec.height, model.spec.width, 3), np.uint8)
 
-        def submit(self, slot, x):
+        def buffer(self, slot):
+            return self.input
+
+        def submit(self, slot, x=None):
             time.sleep(0.02)
 
         def wait(self, slot):
