@@ -79,7 +79,7 @@ def check_parity(reference: np.ndarray, outputs: dict[str, np.ndarray]) -> dict:
 
 def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = PARITY_TOLERANCE,
                   int8: bool = True, calib=None, eval_data=None, max_drop: float = 0.5,
-                  progress: bool = False, speed_seconds: float = 0.0) -> dict:
+                  progress: bool = False, speed_seconds: float = 0.0, min_agreement: float = 99.0) -> dict:
     from lineside.train.checkpoint import load_checkpoint
     from lineside.train.trainer import predict_proba
 
@@ -113,7 +113,8 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
 
     report = {"parity": {"images": parity_source, "tolerance": tolerance, "passed": parity_ok, "results": parity}}
     if int8 and parity_ok:
-        report["int8"] = _int8_models(loaded, files, out, meta, calib or data, eval_data, max_drop, progress)
+        report["int8"] = _int8_models(loaded, files, out, meta, calib or data, eval_data,
+                                      (max_drop, min_agreement), progress)
     report["models"] = _sizes_and_speed(files, speed_seconds) if parity_ok else {}
     report["seconds"] = round(time.perf_counter() - t0, 2)
     (out / "export_report.json").write_text(json.dumps(report, indent=2))
@@ -172,7 +173,8 @@ def report_markdown(report: dict, out: Path) -> str:
         lines += [f"Scored on {q['eval_images']}.", "",
                   f"- balanced accuracy: FP32 {g['fp32_balanced_accuracy']:.2%}, INT8 {g['int8_balanced_accuracy']:.2%} "
                   f"(drop {g['drop_points']:.2f} points, limit {g['max_drop_points']})",
-                  f"- top-1 agreement with FP32: {g['top1_agreement']:.2%}; {len(g['flipped'])} image(s) changed label",
+                  f"- top-1 agreement with FP32: {g['top1_agreement']:.2%} (at least {g['min_agreement']:g}%); "
+                  f"{len(g['flipped'])} image(s) changed label",
                   "- recall change per class: " + ", ".join(f"{c} {v * 100:+.2f}" for c, v in g["recall_change"].items()),
                   "- recipes tried: " + "; ".join(f"{a['recipe']} (drop {a['drop_points']:.2f}, agreement "
                                                    f"{a['top1_agreement']:.2%}, {'passed' if a['passed'] else 'failed'})"
@@ -224,7 +226,8 @@ def _int8_targets(files: dict) -> list[dict]:
     return targets
 
 
-def _int8_models(loaded, files, out: Path, meta: dict, calib, eval_data, max_drop: float, progress: bool) -> dict:
+def _int8_models(loaded, files, out: Path, meta: dict, calib, eval_data, limits: tuple[float, float],
+                 progress: bool) -> dict:
     """Quantize for each runtime, gate against its FP32 model, keep only what passes."""
     targets = _int8_targets(files)
     if calib is None or not Path(calib).exists():
@@ -239,10 +242,11 @@ def _int8_models(loaded, files, out: Path, meta: dict, calib, eval_data, max_dro
         eval_source = f"the {len(y_eval)} calibration images (not held out; pass --eval DIR for held-out images)"
     int8_meta = {**meta, "provenance": {**meta["provenance"], "precision": "int8"}}
     return {t["runtime"]: _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_paths,
-                                      eval_source, max_drop) for t in targets}
+                                      eval_source, limits) for t in targets}
 
 
-def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_paths, eval_source, max_drop) -> dict:
+def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_paths, eval_source, limits) -> dict:
+    max_drop, min_agreement = limits
     p_fp32 = t["run_fp32"](files[t["src"]][0], x_eval)
     path = out / t["out"]
     attempts = []
@@ -250,7 +254,8 @@ def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_pa
         t0 = time.perf_counter()
         t["quantize"](files[t["src"]][0], path, x_cal, int8_meta, recipe)
         seconds = round(time.perf_counter() - t0, 1)
-        gate = int8_gate(y_eval, p_fp32, t["run_int8"](path, x_eval), loaded.labels, max_drop, eval_paths)
+        gate = int8_gate(y_eval, p_fp32, t["run_int8"](path, x_eval), loaded.labels, max_drop, eval_paths,
+                         min_agreement)
         attempts.append({"recipe": name, "seconds": seconds,
                          **{k: gate[k] for k in ("int8_balanced_accuracy", "drop_points", "top1_agreement",
                                                  "passed")}})
@@ -260,9 +265,14 @@ def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_pa
                     "attempts": attempts}
     for f in t["files"](path):
         f.unlink(missing_ok=True)
+    reasons = []
+    if gate["drop_points"] > max_drop:
+        reasons.append(f"lost {gate['drop_points']:.2f} points of balanced accuracy (limit {max_drop:g})")
+    if 100.0 * gate["top1_agreement"] < min_agreement:
+        reasons.append(f"gave FP32's label on {gate['top1_agreement']:.2%} of images (at least {min_agreement:g}% "
+                       f"needed)")
     return {"verdict": "refused", "eval_images": eval_source, "gate": gate, "attempts": attempts,
-            "why": f"INT8 lost {gate['drop_points']:.2f} points of balanced accuracy (> {max_drop}) with every "
-                   f"recipe tried; FP32 kept"}
+            "why": f"INT8 {' and '.join(reasons)} with every recipe tried; FP32 kept"}
 
 
 def _run_openvino_int8(xml: Path, x: np.ndarray) -> np.ndarray:

@@ -23,10 +23,14 @@ log = logging.getLogger(__name__)
 
 # (name, NNCF options): tried in order until one passes the gate. On NEU (Lite0, 10 images
 # per class, 1740 held out) NNCF's default fast bias correction lost 0.40 points with 98.7%
-# top-1 agreement; full bias correction lost none (+0.06) with 99.4% agreement, so it leads.
+# top-1 agreement; full bias correction lost none (+0.06) but changed 11 labels (99.37%
+# agreement); keeping the first convolution and the classifier head in float as well
+# ("float ends": the layers most sensitive to quantization in small CNNs, about 3% of the
+# compute) changed 5 (99.71%, no loss) at 96-99% of the all-INT8 throughput, so it leads.
 RECIPES = (
-    ("bias-correction", {"fast_bias_correction": False, "subset_size": 300}),
-    ("bias-correction-mixed", {"fast_bias_correction": False, "subset_size": 1000, "preset": "MIXED"}),
+    ("bias-correction-float-ends", {"fast_bias_correction": False, "subset_size": 300, "float_ends": True}),
+    ("bias-correction-mixed-float-ends", {"fast_bias_correction": False, "subset_size": 1000, "preset": "MIXED",
+                                         "float_ends": True}),
 )
 
 
@@ -111,29 +115,43 @@ def quantize_openvino(fp32_xml: Path, out_xml: Path, calib: np.ndarray, metadata
     options["subset_size"] = min(options.get("subset_size", 300), len(calib))
     if "preset" in options:
         options["preset"] = getattr(nncf.QuantizationPreset, options["preset"])
+    if options.pop("float_ends", False):
+        options["ignored_scope"] = nncf.IgnoredScope(names=openvino_float_ends(model))
     quantized = nncf.quantize(model, dataset, **options)
     quantized.set_rt_info(json.dumps(metadata, sort_keys=True), [METADATA_KEY])
     ov.save_model(quantized, str(out_xml))
     return out_xml
 
 
-def int8_gate(y_true, p_fp32: np.ndarray, p_int8: np.ndarray, labels, max_drop: float, paths=None) -> dict:
-    """Compare INT8 with FP32 on the same labelled images. max_drop is in percentage points."""
+def openvino_float_ends(model) -> list[str]:
+    """The first convolution and the fully connected layers (the classifier head) of an
+    OpenVINO model: kept in float by the float-ends recipes."""
+    ops = model.get_ordered_ops()
+    convs = [op.get_friendly_name() for op in ops if op.get_type_name() == "Convolution"]
+    return convs[:1] + [op.get_friendly_name() for op in ops if op.get_type_name() == "MatMul"]
+
+
+def int8_gate(y_true, p_fp32: np.ndarray, p_int8: np.ndarray, labels, max_drop: float, paths=None,
+              min_agreement: float = 0.0) -> dict:
+    """Compare INT8 with FP32 on the same labelled images. max_drop is in percentage points
+    of balanced accuracy, min_agreement in percent of images with the same top-1 label."""
     fp32 = classification_report(y_true, p_fp32.argmax(1), labels)
     int8 = classification_report(y_true, p_int8.argmax(1), labels)
     drop = 100.0 * (fp32["balanced_accuracy"] - int8["balanced_accuracy"])
     flipped = np.flatnonzero(p_fp32.argmax(1) != p_int8.argmax(1))
+    agreement = float(np.mean(p_fp32.argmax(1) == p_int8.argmax(1)))
     return {
         "n": int(len(y_true)),
         "fp32_balanced_accuracy": fp32["balanced_accuracy"],
         "int8_balanced_accuracy": int8["balanced_accuracy"],
         "drop_points": drop,
         "max_drop_points": max_drop,
-        "top1_agreement": float(np.mean(p_fp32.argmax(1) == p_int8.argmax(1))),
+        "top1_agreement": agreement,
+        "min_agreement": min_agreement,
         "recall_change": {name: int8["per_class"][name]["recall"] - fp32["per_class"][name]["recall"]
                           for name in labels},
         "flipped": [{"image": str(paths[i]) if paths is not None else int(i),
                      "fp32": labels[int(p_fp32[i].argmax())], "int8": labels[int(p_int8[i].argmax())]}
                     for i in flipped],
-        "passed": bool(drop <= max_drop),
+        "passed": bool(drop <= max_drop and 100.0 * agreement >= min_agreement),
     }

@@ -429,11 +429,14 @@ def study_cv(data_dir, folds, strategy, seed, out, config_file, as_json, quiet, 
               help="Labelled held-out images on which FP32 and INT8 are compared.")
 @click.option("--max-drop", type=float, default=0.5, show_default=True,
               help="Largest loss of balanced accuracy (percentage points) an INT8 model may have.")
+@click.option("--min-agreement", type=float, default=99.0, show_default=True,
+              help="Smallest share of evaluation images (percent) on which INT8 must give FP32's label.")
 @click.option("--speed-seconds", default=1.0, show_default=True,
               help="Seconds to time each model's latency and throughput for the report (0: skip).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print bundle.json and the report as one JSON object.")
-def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, speed_seconds, quiet, as_json):
+def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agreement, speed_seconds, quiet,
+           as_json):
     """Export a training RUN to a bundle of ONNX / OpenVINO models (FP32, and INT8 that passed its gate).
 
     The models take uint8 RGB images (N, H, W, 3) at the size in their metadata
@@ -446,7 +449,8 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, speed_s
 
     result = export_bundle(run, out, formats=[f.strip() for f in formats.split(",") if f.strip()], data=data_dir,
                            int8=int8, calib=calib, eval_data=eval_dir, max_drop=max_drop,
-                           progress=not quiet and not as_json, speed_seconds=speed_seconds)
+                           min_agreement=min_agreement, progress=not quiet and not as_json,
+                           speed_seconds=speed_seconds)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -27,13 +27,39 @@ def test_gate_by_hand():
     assert int8_gate(y, p32, p32, labels, max_drop=0.0)["passed"] is True
 
 
+def test_gate_also_demands_agreement_with_fp32():
+    """Two images swap labels: balanced accuracy is unchanged, agreement is 4/6."""
+    labels = ["ok", "dent", "scratch"]
+    y = np.array([0, 0, 1, 1, 2, 2])
+    p32 = np.eye(3)[[0, 1, 1, 1, 2, 2]]                  # one ok image called dent
+    swapped = np.eye(3)[[1, 0, 1, 1, 2, 2]]              # int8: the other ok image instead
+    g = int8_gate(y, p32, swapped, labels, max_drop=0.0, min_agreement=99.0)
+    assert g["drop_points"] == pytest.approx(0.0) and g["top1_agreement"] == pytest.approx(4 / 6)
+    assert g["passed"] is False
+    assert int8_gate(y, p32, swapped, labels, max_drop=0.0, min_agreement=60.0)["passed"] is True
+
+
+def test_float_ends_are_the_first_convolution_and_the_head(tiny_bundle):
+    import openvino as ov
+
+    from lineside.export.quantize import openvino_float_ends
+
+    bundle, _ = tiny_bundle
+    model = ov.Core().read_model(str(bundle / "model_fp32.xml"))
+    names = openvino_float_ends(model)
+    types = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()}
+    assert [types[n] for n in names] == ["Convolution", "MatMul"]
+    first_conv = next(op for op in model.get_ordered_ops() if op.get_type_name() == "Convolution")
+    assert names[0] == first_conv.get_friendly_name()
+
+
 @pytest.fixture(scope="module")
 def int8_bundle(tiny_run, synth_test_dir, tmp_path_factory):
     """Both INT8 models of the tiny run, with the gate wide open: the tiny model is too
     fragile for a 0.5-point gate to be a fair test of the files (the gate has its own tests)."""
     run, _ = tiny_run
     out = tmp_path_factory.mktemp("int8")
-    return out, export_bundle(run, out, eval_data=synth_test_dir, max_drop=100.0)
+    return out, export_bundle(run, out, eval_data=synth_test_dir, max_drop=100.0, min_agreement=0.0)
 
 
 def test_int8_model_is_written_checked_and_usable(int8_bundle, synth_test_dir):
@@ -62,7 +88,7 @@ def test_gate_refuses_a_broken_int8_model(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(bundle_mod, "_run_openvino_int8", broken)
     res = export_bundle(run, tmp_path, formats=["openvino"])
     q = res["report"]["int8"]["openvino"]
-    assert q["verdict"] == "refused" and "FP32 kept" in q["why"]
+    assert q["verdict"] == "refused" and "FP32 kept" in q["why"] and "balanced accuracy" in q["why"]
     assert [a["recipe"] for a in q["attempts"]] == [name for name, _ in RECIPES]
     assert not (tmp_path / "model_int8.xml").exists() and not (tmp_path / "model_int8.bin").exists()
     doc = json.loads((tmp_path / "bundle.json").read_text())
