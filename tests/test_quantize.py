@@ -123,3 +123,50 @@ def test_gate_refuses_a_broken_onnxruntime_int8_model(tiny_run, tmp_path, monkey
     assert q["verdict"] == "refused" and [a["recipe"] for a in q["attempts"]] == [n for n, _ in ORT_RECIPES]
     assert not (tmp_path / "model_int8.onnx").exists()
     assert set(json.loads((tmp_path / "bundle.json").read_text())["models"]) == {"onnx_fp32"}
+
+
+def test_bias_correction_removes_the_mean_shift_of_int8_weights(tmp_path):
+    """A convolution whose inputs have a large mean: rounding its weights to int8 shifts
+    every output channel's mean by (W_q - W) . E[x]; the corrected biases undo that."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+    from onnxruntime import quantization as q
+
+    from lineside.export.quantize import correct_conv_biases
+
+    rng = np.random.default_rng(0)
+    w = (rng.normal(0, 0.05, (8, 3, 3, 3)) + 0.013).astype(np.float32)
+    b = rng.normal(0, 0.1, 8).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])], "conv",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 8, 16, 16])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    fp32_path, int8_path = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(model, fp32_path)
+    x = (40 + rng.normal(0, 4, (32, 3, 16, 16))).astype(np.float32)   # inputs far from zero mean
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"x": x[i:i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    q.quantize_static(str(fp32_path), str(int8_path), Reader(), quant_format=q.QuantFormat.QOperator,
+                      activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8, per_channel=True,
+                      extra_options={"WeightSymmetric": True})
+
+    def channel_shift(m):
+        y8 = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        y32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        return np.abs((y8 - y32)[:, :, 1:-1, 1:-1].mean(axis=(0, 2, 3)))   # away from the zero padding
+
+    quantized = onnx.load(int8_path)
+    before = channel_shift(quantized)
+    assert correct_conv_biases(model, quantized, x) == 1
+    after = channel_shift(quantized)
+    assert after.sum() < 0.3 * before.sum()
