@@ -125,6 +125,9 @@ def _list_backbones(ctx, _param, value):
                    "full: everything from the start; scratch: full from random weights; "
                    "auto: chosen from images per class. [auto]")
 @click.option("--unfreeze", default=None, help="finetune: number of deepest stages to train, or 'all'. [auto]")
+@click.option("--taps", default=None,
+              help="linear: stages whose pooled outputs feed the head: last, mid (middle to second-to-last: "
+                   "better for textures such as surface defects), or stage numbers 'a,b,c'. [last]")
 @click.option("--epochs", type=int, default=None, help="Epochs (default depends on the strategy).")
 @click.option("--batch-size", type=int, default=None, help="[32]")
 @click.option("--lr", type=float, default=None, help="Learning rate of a new head; backbone layers use lr/10. [1e-3]")

@@ -171,3 +171,83 @@ def test_ctrl_c_during_training_still_saves_a_model(synth_dir, tmp_path, monkeyp
     rows = list(csv.DictReader(open(tmp_path / "history.csv")))
     assert [r["stage"] for r in rows] == ["head", "finetune"]
     assert load_checkpoint(tmp_path).labels == metrics["labels"]
+
+
+def test_linear_head_on_middle_stages_learns_reloads_and_exports(synth_dir, synth_test_dir, tmp_path):
+    """--taps mid: the head reads the pooled outputs of the middle stages; the checkpoint
+    keeps them, a reload predicts the same, and the exported graph matches PyTorch."""
+    from lineside.export.bundle import export_bundle
+    from lineside.train.model import resolve_taps, stage_widths
+
+    run = tmp_path / "run"
+    metrics = train_run(synth_dir, run, TrainConfig(strategy="linear", taps="mid", **TINY), progress=False)
+    assert metrics["strategy"] == "linear"
+    loaded = load_checkpoint(run)
+    n = len(loaded.model.stages)
+    assert loaded.model.taps == resolve_taps("mid", n) == tuple(range(n // 2, n - 1))
+    widths = stage_widths(loaded.model.backbone)
+    assert loaded.model.head.in_features == sum(widths[t] for t in loaded.model.taps) != widths[-1]
+    assert evaluate_run(run, synth_test_dir, progress=False)["balanced_accuracy"] >= 0.6
+    files = sorted((synth_test_dir / "hat").glob("*.png"))[:2]
+    assert [p["probabilities"] for p in predict_files(run, files)] == \
+        [p["probabilities"] for p in predict_files(run / "model.pt", files)]
+    report = export_bundle(run, tmp_path / "bundle", int8=False)["report"]
+    assert report["parity"]["passed"] and all(r["max_abs_diff"] <= 1e-4 for r in report["parity"]["results"].values())
+
+
+def test_taps_are_checked():
+    from lineside.train.model import resolve_taps
+
+    assert resolve_taps("last", 9) is None and resolve_taps("5,3,3", 9) == (3, 5)
+    for bad in ("9", "x", "-1", ""):
+        if bad:
+            with pytest.raises(LinesideError, match="--taps"):
+                resolve_taps(bad, 9)
+    with pytest.raises(LinesideError, match="--strategy linear"):
+        from lineside.train.trainer import Trainer
+
+        Trainer(TrainConfig(strategy="finetune", taps="mid", **TINY), ["a", "b"], None, progress=False)
+
+
+def test_cross_validated_probe_tells_informative_features_from_noise():
+    from lineside.train.trainer import cross_validated_probe
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 8)
+    informative = rng.normal(0, 0.3, (24, 10)) + np.eye(3)[y] @ rng.normal(0, 3, (3, 10))
+    noise = rng.normal(0, 1, (24, 10))
+    assert cross_validated_probe(informative, y, 0) >= 0.9
+    assert cross_validated_probe(noise, y, 0) <= 0.7
+
+
+def test_auto_picks_a_middle_stage_head_only_when_it_wins_in_cross_validation(synth_dir, tmp_path, monkeypatch):
+    """auto compares linear heads on the last and on the middle stages over the training
+    images: middle stages that separate the classes clearly better make it choose a
+    linear head on them; otherwise fine-tuning stays the recipe."""
+    from lineside.train import trainer as trainer_mod
+    from lineside.train.model import resolve_taps
+
+    real = trainer_mod.pooled_stage_features
+
+    def noise_in(which):
+        def features(model, x, device):
+            feats = real(model, x, device)
+            n = len(feats)
+            rng = np.random.default_rng(1)
+            for k in ([n - 1] if which == "last" else resolve_taps("mid", n)):
+                feats[k] = rng.normal(0, 1, feats[k].shape).astype(np.float32)
+            return feats
+        return features
+
+    monkeypatch.setattr(trainer_mod, "pooled_stage_features", noise_in("last"))
+    metrics = train_run(synth_dir, tmp_path / "tex", TrainConfig(**TINY), progress=False)
+    assert metrics["strategy"] == "linear" and "middle-stage" in metrics["strategy_reason"]
+    cv = metrics["auto_cross_validation"]
+    assert cv["middle_stages"] >= cv["last_stage"] + trainer_mod.AUTO_TAPS_MARGIN
+    assert load_checkpoint(tmp_path / "tex").model.taps is not None
+
+    monkeypatch.setattr(trainer_mod, "pooled_stage_features", noise_in("mid"))
+    metrics = train_run(synth_dir, tmp_path / "obj", TrainConfig(**TINY), progress=False)
+    cv = metrics["auto_cross_validation"]
+    assert metrics["strategy"] == "finetune" and cv["middle_stages"] < cv["last_stage"]
+    assert load_checkpoint(tmp_path / "obj").model.taps is None

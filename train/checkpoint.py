@@ -39,6 +39,7 @@ def save_checkpoint(path: Path, model: Classifier, labels, backbone: str, spec: 
         "labels": list(labels),
         "input_spec": spec.to_dict(),
         "dropout": float(model.dropout.p),
+        "taps": list(model.taps) if model.taps else None,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "info": info,
     }
@@ -72,7 +73,14 @@ def load_checkpoint(path) -> LoadedModel:
         raise LinesideError(f"{path}: checkpoint has no valid label list")
     spec = InputSpec.from_dict(payload.get("input_spec"))
     entry = BACKBONES.get(str(payload.get("backbone")))
-    model = Classifier(entry.build(), entry.feature_dim, len(labels), spec, dropout=float(payload.get("dropout", 0.0)))
+    taps = payload.get("taps")
+    if taps is not None and not (isinstance(taps, list) and taps and all(isinstance(t, int) for t in taps)):
+        raise LinesideError(f"{path}: checkpoint has an invalid 'taps' entry")
+    try:
+        model = Classifier(entry.build(), entry.feature_dim, len(labels), spec,
+                           dropout=float(payload.get("dropout", 0.0)), taps=taps)
+    except ValueError as exc:
+        raise LinesideError(f"{path}: {exc}") from exc
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except (RuntimeError, KeyError, TypeError) as exc:

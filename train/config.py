@@ -22,6 +22,7 @@ class TrainConfig:
     weights: str = "imagenet"  # imagenet | none | path to a state dict
     strategy: str = "auto"
     unfreeze: str = "auto"  # finetune: 'auto' (backbone default), 'all', or a number of deepest stages
+    taps: str = "last"  # linear: stages whose pooled outputs feed the head: last, mid, or 'a,b,c'
     epochs: int | None = None  # None: the strategy's default
     batch_size: int = 32
     lr: float = 1e-3  # for a new head; fine-tuning the backbone uses lr / 10

@@ -13,12 +13,22 @@ from lineside.spec import InputSpec
 
 
 class Classifier(nn.Module):
+    """`taps`: the stages whose pooled outputs, concatenated, feed the head. None is the
+    last stage only (every recipe); middle stages describe textures better (see
+    benchmarks/feature_taps.py) and are used by `linear` with --taps. Stages after the
+    last tap are not run."""
+
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, spec: InputSpec,
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, taps: tuple[int, ...] | None = None):
         super().__init__()
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
         self.backbone = backbone
+        self.taps = tuple(sorted(set(int(t) for t in taps))) if taps else None
+        if self.taps:
+            if self.taps[0] < 0 or self.taps[-1] >= len(self.stages):
+                raise ValueError(f"taps {list(self.taps)} outside stages 0..{len(self.stages) - 1}")
+            feature_dim = sum(stage_widths(backbone)[t] for t in self.taps)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(feature_dim, num_classes)
 
@@ -30,8 +40,13 @@ class Classifier(nn.Module):
         return (x - self.mean) / self.std
 
     def trunk(self, x: torch.Tensor, stop: int) -> torch.Tensor:
-        """Normalise and run stages [0, stop): the activations a frozen trunk hands on."""
+        """Normalise and run stages [0, stop): the activations a frozen trunk hands on.
+        With taps, the whole network is the trunk: it returns the pooled features."""
         x = self.normalize(x)
+        if self.taps:
+            if stop < len(self.stages):
+                raise ValueError("a model with taps trains its head only (strategy linear)")
+            return self._tapped(x)
         for stage in self.stages[:stop]:
             x = stage(x)
         return x
@@ -41,10 +56,54 @@ class Classifier(nn.Module):
         (already pooled features pass through)."""
         if h.dim() == 2:
             return h
+        if self.taps:
+            if start != 0:
+                raise ValueError("a model with taps trains its head only (strategy linear)")
+            return self._tapped(h)
         for stage in self.stages[start:]:
             h = stage(h)
         return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1)
 
+    def _tapped(self, h: torch.Tensor) -> torch.Tensor:
+        pooled = []
+        for i, stage in enumerate(self.stages[:self.taps[-1] + 1]):
+            h = stage(h)
+            if i in self.taps:
+                pooled.append(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1))
+        return torch.cat(pooled, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, H, W) float RGB in 0..255 -> logits (N, classes)."""
         return self.head(self.dropout(self.features(self.normalize(x), 0)))
+
+
+def stage_widths(backbone: nn.Module) -> list[int]:
+    """Channels out of each stage, from one small forward pass (BatchNorm statistics untouched)."""
+    was_training = backbone.training
+    backbone.eval()
+    widths = []
+    with torch.no_grad():
+        h = torch.zeros(1, 3, 64, 64)
+        for stage in backbone.stages:
+            h = stage(h)
+            widths.append(int(h.shape[1]))
+    backbone.train(was_training)
+    return widths
+
+
+def resolve_taps(text: str, n_stages: int) -> tuple[int, ...] | None:
+    """--taps: 'last' (None), 'mid' (from the middle stage up to the second-to-last), or
+    stage numbers 'a,b,c' counted from 0."""
+    if text in (None, "", "last"):
+        return None
+    if text == "mid":
+        return tuple(range(n_stages // 2, n_stages - 1))
+    try:
+        taps = tuple(sorted({int(t) for t in str(text).split(",")}))
+    except ValueError:
+        taps = ()
+    if not taps or taps[0] < 0 or taps[-1] >= n_stages:
+        from lineside.errors import LinesideError
+
+        raise LinesideError(f"--taps: '{text}' must be last, mid, or stage numbers between 0 and {n_stages - 1}")
+    return taps

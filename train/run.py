@@ -84,6 +84,7 @@ def train_run(data, out, cfg: TrainConfig, val=None, progress: bool = True) -> d
         "weights": cfg.weights if plan.strategy != "scratch" else "none",
         "strategy": plan.strategy,
         "strategy_reason": plan.reason,
+        "auto_cross_validation": trainer.auto_cv,
         "plan": {"frozen_stages": plan.frozen, "total_stages": len(trainer.model.stages),
                  "views": plan.views, "epochs": plan.epochs,
                  "best_epoch": getattr(trainer, "best_epoch", None)},

@@ -32,7 +32,7 @@ from .augment import Augmenter
 from .backbones import build_backbone
 from .config import TrainConfig
 from .data import to_tensor
-from .model import Classifier
+from .model import Classifier, resolve_taps
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 AUTO_LINEAR_BELOW = 3
 VIEWS_BUDGET = 1200  # augmented views cached per training run (before the 16-per-image cap)
 INFER_BATCH = 32
+AUTO_TAPS_MARGIN = 0.02  # auto picks middle-stage taps when they beat the last stage by 2 points in CV
 
 
 @dataclass
@@ -80,6 +81,54 @@ def resolve_strategy(cfg: TrainConfig, per_class_min: int) -> tuple[str, str]:
                         "fine-tune the deepest stages at a 10x smaller learning rate")
 
 
+@torch.inference_mode()
+def pooled_stage_features(model: Classifier, x: np.ndarray, device) -> list[np.ndarray]:
+    """Every stage's output, average-pooled, for images x (N, H, W, 3) uint8: one pass."""
+    model.eval()
+    out = [[] for _ in model.stages]
+    for s in range(0, len(x), INFER_BATCH):
+        h = model.normalize(to_tensor(x[s:s + INFER_BATCH], device))
+        for k, stage in enumerate(model.stages):
+            h = stage(h)
+            out[k].append(h.float().mean((2, 3)).cpu().numpy())
+    return [np.concatenate(f) for f in out]
+
+
+def cross_validated_probe(feats: np.ndarray, y: np.ndarray, seed: int, folds: int = 5) -> float:
+    """Balanced accuracy of a logistic regression on standardised features, over stratified
+    folds (at most `folds`, at least 2 images of each class per fold's complement)."""
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(y)
+    k = int(max(2, min(folds, counts[counts > 0].min())))
+    fold = np.empty(len(y), int)
+    for c in np.flatnonzero(counts):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        fold[idx] = np.arange(len(idx)) % k
+    recalls = np.zeros(len(counts))
+    for f in range(k):
+        tr, te = fold != f, fold == f
+        mu, sd = feats[tr].mean(0), feats[tr].std(0) + 1e-6
+        xt = torch.from_numpy((feats[tr] - mu) / sd).float()
+        yt = torch.from_numpy(y[tr]).long()
+        head = torch.nn.Linear(xt.shape[1], len(counts))
+        opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=200, history_size=20,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(head(xt), yt) + 1e-3 * head.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            pred = head(torch.from_numpy((feats[te] - mu) / sd).float()).argmax(1).numpy()
+        for c in np.flatnonzero(counts):
+            recalls[c] += np.sum((pred == c) & (y[te] == c))
+    present = counts > 0
+    return float(np.mean(recalls[present] / counts[present]))
+
+
 def auto_views(cfg: TrainConfig, n_train: int) -> int:
     return cfg.views or int(min(16, max(2, VIEWS_BUDGET // max(n_train, 1))))
 
@@ -112,6 +161,7 @@ class Trainer:
         self.history = History()
         self.timings: dict[str, float] = {}
         self.interrupted = False
+        self.auto_cv: dict | None = None   # auto's cross-validated comparison of head inputs
         self._best = None
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -119,7 +169,11 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         weights = "none" if cfg.strategy == "scratch" else cfg.weights
         self.entry, backbone = build_backbone(cfg.backbone, weights)
-        self.model = Classifier(backbone, self.entry.feature_dim, len(self.classes), spec, cfg.dropout)
+        taps = resolve_taps(cfg.taps, len(backbone.stages))
+        if taps and cfg.strategy != "linear":
+            raise LinesideError(f"--taps {cfg.taps}: only with --strategy linear (the other recipes train the "
+                                f"deepest stages, which a head on middle stages does not use)")
+        self.model = Classifier(backbone, self.entry.feature_dim, len(self.classes), spec, cfg.dropout, taps=taps)
         self.model.to(self.device).to(memory_format=torch.channels_last)
         self.pretrained = weights != "none"
 
@@ -131,6 +185,8 @@ class Trainer:
             missing = [c for c, n in zip(self.classes, counts) if n == 0]
             raise LinesideError(f"no training images for class(es) {', '.join(missing)}")
         strategy, reason = resolve_strategy(self.cfg, int(counts.min()))
+        if self.cfg.strategy == "auto" and strategy == "finetune" and self.cfg.taps == "last":
+            strategy, reason = self._auto_taps(x_train, y_train, strategy, reason)
         plan = make_plan(self.cfg, strategy, reason, len(self.model.stages), self.entry.default_unfreeze,
                          len(y_train))
         self.plan = plan
@@ -142,6 +198,28 @@ class Trainer:
             self._fit_end_to_end(plan, x_train, y_train, x_val, y_val)
         self.model.eval()
         return plan
+
+    def _auto_taps(self, x_train, y_train, strategy: str, reason: str) -> tuple[str, str]:
+        """auto, with enough images to fine-tune: compare a linear head on the middle stages
+        with one on the last stage by cross-validation on the training images (one plain
+        pass through the frozen network, then a few logistic regressions: seconds). Middle
+        stages describe textures (scratches, pits, scale) better than the last, ImageNet-
+        object stage; when they win clearly, a linear head on them is the recipe. Otherwise
+        the fine-tuning recipe stands."""
+        n = len(self.model.stages)
+        mid = resolve_taps("mid", n)
+        feats = pooled_stage_features(self.model, x_train, self.device)
+        last_acc = cross_validated_probe(feats[n - 1], y_train, self.cfg.seed)
+        mid_acc = cross_validated_probe(np.concatenate([feats[t] for t in mid], 1), y_train, self.cfg.seed)
+        self.auto_cv = {"last_stage": round(last_acc, 4), "middle_stages": round(mid_acc, 4)}
+        if mid_acc < last_acc + AUTO_TAPS_MARGIN:
+            return strategy, reason + (f" (cross-validated linear heads: last stage {last_acc:.1%}, middle stages "
+                                       f"{mid_acc:.1%})")
+        self.model = Classifier(self.model.backbone, self.entry.feature_dim, len(self.classes), self.spec,
+                                self.cfg.dropout, taps=mid).to(self.device).to(memory_format=torch.channels_last)
+        return "linear", (f"auto: middle-stage features separate the training images better than the last stage "
+                          f"in cross-validation ({mid_acc:.1%} vs {last_acc:.1%}): a linear head on stages "
+                          f"{mid[0]}-{mid[-1]}")
 
     @torch.inference_mode()
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
