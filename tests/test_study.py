@@ -124,3 +124,24 @@ def test_shared_frozen_layers_predict_like_the_whole_network(synth_dir):
     shared = study._predict_from_trunk(trainer, plan.frozen, rest)
     whole = trainer.predict_proba(d.x[rest])
     assert np.abs(shared - whole).max() < 1e-2 and (shared.argmax(1) == whole.argmax(1)).mean() > 0.95
+
+
+def test_a_study_of_auto_measures_what_lineside_train_would_choose(synth_dir, monkeypatch):
+    """auto in a study is auto as in `lineside train`: when the middle stages win the
+    cross-validation, the row is a linear head on them, scored through the whole model."""
+    from lineside.train import trainer as trainer_mod
+    from lineside.train.study import Study
+
+    real = trainer_mod.pooled_stage_features
+
+    def last_stage_is_noise(model, x, device):
+        feats = real(model, x, device)
+        feats[-1] = np.random.default_rng(0).normal(0, 1, feats[-1].shape).astype(np.float32)
+        return feats
+
+    monkeypatch.setattr(trainer_mod, "pooled_stage_features", last_stage_is_noise)
+    study = Study(synth_dir, TrainConfig(**TINY), views=1, progress=False)
+    drawn, rest = draw_per_class(study.data.y, 6, 0)
+    row = study.run_one("auto", drawn, rest, 0)
+    assert row["strategy"] == "linear" and row["requested"] == "auto" and "stages" in row["note"]
+    assert row["balanced_accuracy"] >= 0.5 and len(row["_pred"]) == len(rest)

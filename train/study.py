@@ -159,14 +159,19 @@ class Study:
             train_s = time.perf_counter() - t0
             note = "features shared" if cache_was_ready else "includes computing the shared features"
         else:
-            trainer = Trainer(cfg.override(strategy=chosen), d.classes, d.spec, progress=False)
+            # auto keeps its own choice between fine-tuning and a head on the middle stages
+            auto = strategy == "auto" and chosen == "finetune"
+            trainer = Trainer(cfg if auto else cfg.override(strategy=chosen), d.classes, d.spec, progress=False)
             plan = trainer.fit(d.x[train_idx], d.y[train_idx])
             train_s = time.perf_counter() - t0
-            if plan.frozen > 0:
+            chosen, note = plan.strategy, ""
+            if trainer.model.taps:
+                probs = trainer.predict_proba(d.x[test_idx])
+                note = f"head on stages {','.join(map(str, trainer.model.taps))} (auto's cross-validation)"
+            elif plan.frozen > 0:
                 probs = self._predict_from_trunk(trainer, plan.frozen, test_idx)
             else:
                 probs = trainer.predict_proba(d.x[test_idx])
-            note = ""
         pred = probs.argmax(1)
         report = classification_report(d.y[test_idx], pred, d.classes)
         return {"strategy": chosen, "requested": strategy, "seed": seed, "n_train": int(len(train_idx)),
