@@ -26,37 +26,8 @@ import torch
 from lineside.dataset import draw_per_class, load_arrays, load_image_set
 from lineside.metrics import classification_report
 from lineside.train.backbones import build_backbone
-
-
-def stage_features(backbone, spec, x: np.ndarray, batch: int = 50) -> list[np.ndarray]:
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
-    out = [[] for _ in backbone.stages]
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            h = (torch.from_numpy(x[i:i + batch]).permute(0, 3, 1, 2).float() - mean) / std
-            for k, stage in enumerate(backbone.stages):
-                h = stage(h)
-                out[k].append(h.mean((2, 3)).numpy())
-    return [np.concatenate(f) for f in out]
-
-
-def probe(x_train, y_train, x_test, classes: int, l2: float) -> np.ndarray:
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
-    xt = torch.from_numpy((x_train - mu) / sd).float()
-    head = torch.nn.Linear(xt.shape[1], classes)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=500, history_size=20, line_search_fn="strong_wolfe")
-    yt = torch.from_numpy(y_train).long()
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(xt), yt) + l2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return head(torch.from_numpy((x_test - mu) / sd).float()).argmax(1).numpy()
+from lineside.train.model import Classifier
+from lineside.train.trainer import fit_probe, pooled_stage_features
 
 
 def main(argv=None) -> int:
@@ -74,12 +45,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     entry, backbone = build_backbone(args.backbone)
-    backbone.eval()
     images = load_image_set(args.data)
+    model = Classifier(backbone, entry.feature_dim, len(images.classes), entry.input_spec)
     t0 = time.perf_counter()
     x, images, _ = load_arrays(images, entry.input_spec, progress=False)
     y = np.array(images.targets)
-    feats = stage_features(backbone, entry.input_spec, x)
+    feats = pooled_stage_features(model, x, torch.device("cpu"))
     print(f"{len(y)} images, {len(feats)} stages (widths {[f.shape[1] for f in feats]}), "
           f"features in {time.perf_counter() - t0:.0f} s", flush=True)
     n = len(feats)
@@ -98,7 +69,7 @@ def main(argv=None) -> int:
             accs = []
             for seed in range(args.repeats):
                 drawn, rest = draw_per_class(images.targets, k, seed)
-                pred = probe(xs[drawn], y[drawn], xs[rest], len(images.classes), args.l2)
+                pred = fit_probe(xs[drawn], y[drawn], len(images.classes), args.l2, max_iter=500)(xs[rest])
                 accs.append(100 * classification_report(y[rest], pred, labels)["balanced_accuracy"])
             cells.append(f"{np.mean(accs):>9.2f}% ± {np.std(accs):4.2f}")
         print(f"{','.join(map(str, stages)):>16} | " + " | ".join(cells), flush=True)

@@ -40,13 +40,8 @@ class Classifier(nn.Module):
         return (x - self.mean) / self.std
 
     def trunk(self, x: torch.Tensor, stop: int) -> torch.Tensor:
-        """Normalise and run stages [0, stop): the activations a frozen trunk hands on.
-        With taps, the whole network is the trunk: it returns the pooled features."""
+        """Normalise and run stages [0, stop): the activations a frozen trunk hands on."""
         x = self.normalize(x)
-        if self.taps:
-            if stop < len(self.stages):
-                raise ValueError("a model with taps trains its head only (strategy linear)")
-            return self._tapped(x)
         for stage in self.stages[:stop]:
             x = stage(x)
         return x
@@ -72,9 +67,13 @@ class Classifier(nn.Module):
                 pooled.append(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1))
         return torch.cat(pooled, 1)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, 3, H, W) float RGB in 0..255 -> the pooled features the head reads."""
+        return self.features(self.normalize(x), 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, H, W) float RGB in 0..255 -> logits (N, classes)."""
-        return self.head(self.dropout(self.features(self.normalize(x), 0)))
+        return self.head(self.dropout(self.embed(x)))
 
 
 def stage_widths(backbone: nn.Module) -> list[int]:

@@ -65,7 +65,7 @@ class FeatureCache:
 
     def __init__(self, data: StudyData, cfg: TrainConfig, views: int, progress: bool, trainer: Trainer):
         self.trainer = trainer
-        model, n_stages = self.trainer.model, len(self.trainer.model.stages)
+        model = self.trainer.model
         model.eval()
         aug = Augmenter(cfg.augment, cfg.seed + 1)
         feats = []
@@ -77,8 +77,7 @@ class FeatureCache:
                     batch = data.x[s:s + INFER_BATCH]
                     if v > 0:
                         batch = np.stack([aug(im) for im in batch])
-                    h = model.trunk(to_tensor(batch, self.trainer.device), n_stages)
-                    out.append(model.features(h, n_stages).float().cpu())
+                    out.append(model.embed(to_tensor(batch, self.trainer.device)).float().cpu())
                     bar.update(len(batch))
                 feats.append(torch.cat(out))
         bar.close()

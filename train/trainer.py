@@ -94,9 +94,34 @@ def pooled_stage_features(model: Classifier, x: np.ndarray, device) -> list[np.n
     return [np.concatenate(f) for f in out]
 
 
+def fit_probe(x_train: np.ndarray, y_train: np.ndarray, classes: int, l2: float = 1e-3, max_iter: int = 200):
+    """Multinomial logistic regression (L-BFGS, L2) on standardised features: a quick
+    linear probe. Returns predict(x) -> labels."""
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    xt = torch.from_numpy((x_train - mu) / sd).float()
+    yt = torch.from_numpy(y_train).long()
+    head = torch.nn.Linear(xt.shape[1], classes)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(xt), yt) + l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return head(torch.from_numpy((x - mu) / sd).float()).argmax(1).numpy()
+
+    return predict
+
+
 def cross_validated_probe(feats: np.ndarray, y: np.ndarray, seed: int, folds: int = 5) -> float:
-    """Balanced accuracy of a logistic regression on standardised features, over stratified
-    folds (at most `folds`, at least 2 images of each class per fold's complement)."""
+    """Balanced accuracy of a linear probe (fit_probe) over stratified folds (at most
+    `folds`, and no more than the smallest class has images)."""
     rng = np.random.default_rng(seed)
     counts = np.bincount(y)
     k = int(max(2, min(folds, counts[counts > 0].min())))
@@ -107,22 +132,7 @@ def cross_validated_probe(feats: np.ndarray, y: np.ndarray, seed: int, folds: in
     recalls = np.zeros(len(counts))
     for f in range(k):
         tr, te = fold != f, fold == f
-        mu, sd = feats[tr].mean(0), feats[tr].std(0) + 1e-6
-        xt = torch.from_numpy((feats[tr] - mu) / sd).float()
-        yt = torch.from_numpy(y[tr]).long()
-        head = torch.nn.Linear(xt.shape[1], len(counts))
-        opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=200, history_size=20,
-                                line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(head(xt), yt) + 1e-3 * head.weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():
-            pred = head(torch.from_numpy((feats[te] - mu) / sd).float()).argmax(1).numpy()
+        pred = fit_probe(feats[tr], y[tr], len(counts))(feats[te])
         for c in np.flatnonzero(counts):
             recalls[c] += np.sum((pred == c) & (y[te] == c))
     present = counts > 0
@@ -271,9 +281,10 @@ class Trainer:
                 batch = x[s:s + INFER_BATCH]
                 if v > 0:
                     batch = np.stack([aug(im) for im in batch])
-                h = self.model.trunk(to_tensor(batch, self.device), frozen)
-                if frozen >= len(self.model.stages):
-                    h = self.model.features(h, frozen)  # nothing left to train but the head: pool now
+                if frozen >= len(self.model.stages):   # nothing left to train but the head: pool now
+                    h = self.model.embed(to_tensor(batch, self.device))
+                else:
+                    h = self.model.trunk(to_tensor(batch, self.device), frozen)
                 # half precision halves the memory of a feature-map bank; the tail trains in float32
                 outputs.append(h.to("cpu", torch.float16 if h.dim() == 4 else torch.float32))
                 labels.append(y[s:s + INFER_BATCH])
