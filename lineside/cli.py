@@ -3,6 +3,7 @@ so that `--help` and the runtime commands never load torch."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -187,13 +188,32 @@ def _is_exported(path: Path) -> bool:
 
 
 def _model_options(f):
+    """--backend/--precision/--device/--threads for an exported model, and --profile, whose
+    runtime settings fill in whatever of those (and --hint) the command line leaves out."""
+
+    command = f
+
+    @functools.wraps(command)
+    def resolved(*args, profile=None, **kw):
+        from lineside.devices.profiles import get_profile, resolve_runtime
+
+        keys = [k for k in ("backend", "device", "precision", "threads", "hint") if k in kw]
+        settings = resolve_runtime(get_profile(profile) if profile else None, **{k: kw[k] for k in keys})
+        kw.update({k: settings[k] for k in keys})
+        return command(*args, **kw)
+
+    f = resolved
     f = click.option("--threads", type=int, default=None, help="CPU threads for an exported model.")(f)
-    f = click.option("--device", default="CPU", show_default=True,
-                     help="OpenVINO device for an exported model (CPU, GPU, NPU, AUTO).")(f)
-    f = click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
-                     help="Which model of a bundle.")(f)
-    f = click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino"]), default="auto",
-                     show_default=True, help="Runtime for an exported model (auto: OpenVINO if in the bundle).")(f)
+    f = click.option("--device", default=None,
+                     help="OpenVINO device for an exported model (CPU, GPU, NPU, AUTO).  [default: CPU]")(f)
+    f = click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None,
+                     help="Which model of a bundle.  [default: fp32]")(f)
+    f = click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino"]), default=None,
+                     help="Runtime for an exported model (auto: OpenVINO if in the bundle).  [default: auto]")(f)
+    f = click.option("--profile", default=None,
+                     help="Target box profile (a name from `lineside devices list`, or a .yaml file): its "
+                          "backend, device, precision, threads and hint apply where these options are not "
+                          "given.")(f)
     return f
 
 
@@ -479,10 +499,10 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agr
 # --- run / bench ----------------------------------------------------------------------
 
 def _runtime_options(f):
-    f = click.option("--hint", type=click.Choice(["auto", "latency", "throughput"]), default="auto",
-                     show_default=True, help="Inference mode: latency (one request, a camera at its rate) or "
-                                             "throughput (requests in parallel). auto: throughput for a file "
-                                             "read unpaced, else latency.")(f)
+    f = click.option("--hint", type=click.Choice(["auto", "latency", "throughput"]), default=None,
+                     help="Inference mode: latency (one request, a camera at its rate) or throughput "
+                          "(requests in parallel). auto: throughput for a file read unpaced, else "
+                          "latency.  [default: auto]")(f)
     f = click.option("--pace", type=float, default=None,
                      help="Replay a file or folder at this many frames per second (camera rate).")(f)
     f = click.option("--source", "source", default=None,
@@ -596,6 +616,88 @@ def bench_cmd(bundle, source, pace, hint, backend, precision, device, threads, r
     if "naive_fps" in r:
         click.echo(f"naive loop: {r['naive_fps']:.1f} FPS (pipeline {r['fps_vs_naive']:.2f}x)")
     click.echo(f"raw backend: {r['raw_fps']:.1f} FPS (pipeline {r['fps_vs_raw']:.2f}x)")
+
+
+# --- devices --------------------------------------------------------------------------
+
+@main.group()
+def devices():
+    """Target box profiles, and what this box is.
+
+    \b
+    Examples:
+      lineside devices probe                 # this box: CPU, devices, matching profile
+      lineside devices list
+      lineside run bundle --source 0 --profile intel-n100
+    """
+
+
+@devices.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def devices_list(as_json):
+    """The shipped target box profiles and the runtime settings each applies."""
+    from lineside.devices.profiles import shipped_profiles
+
+    profiles = shipped_profiles()
+    if as_json:
+        click.echo(json.dumps([p.to_dict() for p in profiles], indent=2))
+        return
+    for p in profiles:
+        rt = ", ".join(f"{k} {v}" for k, v in p.runtime.items())
+        click.echo(f"{p.name:22s} {p.title}\n{'':22s} -> {rt}")
+
+
+@devices.command("show")
+@click.argument("profile")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def devices_show(profile, as_json):
+    """Everything a PROFILE (a name, or a .yaml file) says."""
+    from lineside.devices.profiles import get_profile
+
+    p = get_profile(profile)
+    if as_json:
+        click.echo(json.dumps(p.to_dict(), indent=2))
+        return
+    click.echo(f"{p.name}: {p.title}")
+    if p.cpu:
+        click.echo("cpu: " + ", ".join(f"{k} {v}" for k, v in p.cpu.items()))
+    if p.memory_gb:
+        click.echo(f"memory: {p.memory_gb:g} GB")
+    for a in p.accelerators:
+        click.echo(f"accelerator: {a['device']}" + (f" ({a['what']})" if a.get("what") else ""))
+    click.echo("runtime settings: " + (", ".join(f"--{k} {v}" for k, v in p.runtime.items()) or "none"))
+    if p.notes:
+        click.echo(p.notes)
+
+
+@devices.command("probe")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def devices_probe(as_json):
+    """What this box is: CPU and its INT8 instructions, memory, the devices OpenVINO and
+    ONNX Runtime see, the shipped profiles that match, and the settings to start from.
+    Check them with `lineside bench BUNDLE --profile NAME`."""
+    from lineside.devices.probe import matching_profiles, probe_host, recommend
+
+    host = probe_host()
+    host["matching_profiles"] = [p.name for p in matching_profiles(host)]
+    host["recommended"] = recommend(host)
+    if as_json:
+        click.echo(json.dumps(host, indent=2))
+        return
+    click.echo(f"cpu: {host['cpu_model']} ({host['arch']}, {host['cores']} cores), memory "
+               f"{host['memory_gb']} GB" + (f", board {host['board']}" if host["board"] else ""))
+    click.echo("int8 dot-product instructions: " + (", ".join(host["int8_dot_product"]) or "none"))
+    ov = host.get("openvino") or {}
+    if "devices" in ov:
+        click.echo(f"openvino {ov['version']}: " + ", ".join(f"{d} ({n})" for d, n in ov["devices"].items()))
+    else:
+        click.echo(f"openvino: not usable ({ov.get('error')})")
+    ort = host.get("onnxruntime") or {}
+    click.echo(f"onnxruntime {ort['version']}: " + ", ".join(ort["providers"]) if "providers" in ort
+               else f"onnxruntime: not usable ({ort.get('error')})")
+    rec = host["recommended"]
+    click.echo(f"matching profiles: {', '.join(host['matching_profiles']) or 'none'}")
+    click.echo(f"start with: {' '.join(f'--{k} {v}' for k, v in rec['runtime'].items())}  ({rec['why']})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -230,6 +230,21 @@ def _open_onnxruntime(path: Path, threads: int | None) -> RuntimeModel:
                         lambda x: session.run(None, {name: x})[0], engine)
 
 
+VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
+
+
+def _check_device(core, device: str):
+    """A plain device name (CPU, GPU, GPU.1, NPU) must be one OpenVINO sees on this box;
+    AUTO, MULTI:... and HETERO:... choose among those themselves."""
+    name = device.upper()
+    if name.startswith(VIRTUAL_DEVICES):
+        return
+    available = list(core.available_devices)
+    if name not in available and name.split(".")[0] not in {d.split(".")[0] for d in available}:
+        raise LinesideError(f"--device {device}: OpenVINO sees no such device on this box (it has: "
+                            f"{', '.join(available) or 'none'}; see lineside devices probe)")
+
+
 def _open_openvino(path: Path, device: str, threads: int | None, precision: str) -> RuntimeModel:
     ov = require("openvino", None)
     core = ov.Core()
@@ -246,22 +261,39 @@ def _open_openvino(path: Path, device: str, threads: int | None, precision: str)
     config = dict(OPENVINO_FP32) if precision == "fp32" and device.upper().startswith("CPU") else {}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    try:
-        compiled = core.compile_model(model, device, config)
-    except Exception as exc:  # noqa: BLE001
-        raise LinesideError(f"--device {device}: OpenVINO cannot compile the model there ({exc})") from exc
-    request = compiled.create_infer_request()
+
+    def compile_on_device(m, cfg):
+        try:
+            return core.compile_model(m, device, cfg)
+        except Exception as exc:  # noqa: BLE001
+            raise LinesideError(f"--device {device}: OpenVINO cannot compile the model there ({exc})") from exc
+
+    def static(batch: int):
+        # A static shape compiles to faster kernels than the dynamic batch, and is all
+        # some devices (NPU) compile at all.
+        m = model.clone()
+        m.reshape({m.inputs[0]: [batch, spec.height, spec.width, 3]})
+        return m
 
     def engine(hint: str) -> Engine:
-        # A static one-image shape compiles to faster kernels than the dynamic batch.
-        static = model.clone()
-        static.reshape({static.inputs[0]: [1, spec.height, spec.width, 3]})
-        cfg = dict(config, PERFORMANCE_HINT=hint.upper())
-        one = core.compile_model(static, device, cfg)
+        one = compile_on_device(static(1), dict(config, PERFORMANCE_HINT=hint.upper()))
         if hint == "latency":
             return OpenVINOEngine(one, 1)
         # Twice the optimal number of requests: one waits in Python while the other runs.
         return OpenVINOEngine(one, 2 * max(1, int(one.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))))
 
-    return RuntimeModel(path, "openvino", meta, labels, spec, sha256(path),
-                        lambda x: request.infer([x])[0].copy(), engine)
+    batch_request = []   # compiled on first use: the camera loop only needs the engine
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if not batch_request:
+            try:
+                batch_request.append((core.compile_model(model, device, config).create_infer_request(), False))
+            except Exception:  # noqa: BLE001 - a device without dynamic shapes: one image at a time
+                batch_request.append((compile_on_device(static(1), config).create_infer_request(), True))
+        request, single = batch_request[0]
+        if single:
+            return np.concatenate([request.infer([x[i:i + 1]])[0].copy() for i in range(len(x))])
+        return request.infer([x])[0].copy()
+
+    _check_device(core, device)   # fail at open, naming what there is, not mid-run
+    return RuntimeModel(path, "openvino", meta, labels, spec, sha256(path), run, engine)
