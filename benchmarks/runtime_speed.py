@@ -5,7 +5,8 @@
         --seconds 10 --long 600 --out runtime_speed.json
 
 For each precision: benchmark_app throughput (the reference), then `lineside bench`
-unpaced (pipeline, naive and raw FPS), then paced at 30 FPS (capture-to-decision
+unpaced (pipeline, naive and raw FPS, and the ceiling that decoding leaves: see
+lineside.runtime.bench.ceiling_fps), then paced at 30 FPS (capture-to-decision
 latency, drops). With --long N, `lineside run --pace 30` for N seconds with a SQLite
 log, and the capture-to-decision p50/p99 of each minute read back from the log,
 to show whether latency grows; its peak RSS is that of the `lineside run` process.
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
         u, p = r["unpaced"], r["paced30"]
         print(f"{precision}: benchmark_app {r['benchmark_app_fps']:.1f} FPS | pipeline {u['fps']:.1f} FPS "
               f"({r['fps_vs_benchmark_app']:.2f}x benchmark_app, {u['fps_vs_naive']:.2f}x naive {u['naive_fps']:.1f}, "
-              f"{u['fps_vs_raw']:.2f}x raw {u['raw_fps']:.1f}) | paced 30: p50 {p['latency_ms']['p50']:.2f} ms "
+              f"{u['fps_vs_raw']:.2f}x raw {u['raw_fps']:.1f}, {u.get('fps_vs_ceiling', 0):.2f}x ceiling "
+              f"{u.get('ceiling_fps', 0):.1f} from decode {u.get('decode_fps', 0):.1f}) | paced 30: p50 {p['latency_ms']['p50']:.2f} ms "
               f"p99 {p['latency_ms']['p99']:.2f} ms, dropped {p['dropped']}, RSS {p['rss_mb']:.0f} MB", flush=True)
         results[precision] = r
     if args.long:

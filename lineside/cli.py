@@ -616,6 +616,10 @@ def bench_cmd(bundle, source, pace, hint, backend, precision, device, threads, r
     if "naive_fps" in r:
         click.echo(f"naive loop: {r['naive_fps']:.1f} FPS (pipeline {r['fps_vs_naive']:.2f}x)")
     click.echo(f"raw backend: {r['raw_fps']:.1f} FPS (pipeline {r['fps_vs_raw']:.2f}x)")
+    if "ceiling_fps" in r:
+        click.echo(f"decode + resize alone: {r['decode_fps']:.1f} FPS on one thread; ceiling for this box "
+                   f"(inference + decoding, no overhead): {r['ceiling_fps']:.1f} FPS (pipeline "
+                   f"{r['fps_vs_ceiling']:.2f}x)")
 
 
 # --- devices --------------------------------------------------------------------------

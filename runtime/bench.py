@@ -3,12 +3,17 @@
     pipeline   lineside's loop (capture thread, requests in flight, decisions, SQLite log)
     naive      one thread: read, resize, convert, infer, argmax, repeat
     raw        the backend alone on one prepared image, as many requests as it likes
+    decode     one thread reading, cropping and resizing frames, no inference
+
+From raw and decode follows the ceiling: the frame rate the cores could reach if
+the loop cost nothing but decoding and inference (see ceiling_fps).
 
 The ratios pipeline/naive and pipeline/raw say what the loop costs and what it buys.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
@@ -68,6 +73,35 @@ def naive_fps(model: RuntimeModel, info: SourceInfo, seconds: float, roi=None) -
     return n / (time.perf_counter() - t0)
 
 
+def decode_fps(model: RuntimeModel, info: SourceInfo, seconds: float, roi=None) -> float:
+    """Frames per second one thread can read, crop and resize: the work every frame costs
+    besides inference."""
+    cap = cv2.VideoCapture(info.text, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
+    n, t0 = 0, time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < seconds:
+            ok, frame = cap.read()
+            if not ok:
+                cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                ok, frame = cap.read()
+                if not ok:
+                    break
+            if roi:
+                frame = frame[roi[1]:roi[1] + roi[3], roi[0]:roi[0] + roi[2]]
+            resize_to_spec(frame, model.spec)
+            n += 1
+    finally:
+        cap.release()
+    return n / (time.perf_counter() - t0)
+
+
+def ceiling_fps(raw: float, decode: float, cores: int) -> float:
+    """The most frames per second `cores` cores can classify when each frame costs
+    cores/raw core-seconds of inference (raw: all cores busy) plus 1/decode of reading
+    and resizing: what the loop would reach with no overhead of its own."""
+    return cores / (cores / raw + 1.0 / decode)
+
+
 def raw_fps(model: RuntimeModel, seconds: float, hint: str = "throughput") -> float:
     """The backend alone: one prepared image, all requests busy."""
     engine = model.engine(hint)
@@ -111,8 +145,14 @@ def bench(model: RuntimeModel, source: str | None, seconds: float = 10.0, pace: 
         }
         if info.kind == "file":
             result["naive_fps"] = round(naive_fps(model, info, seconds, settings.roi), 2)
+            result["decode_fps"] = round(decode_fps(model, info, seconds / 2, settings.roi), 2)
         result["raw_fps"] = round(raw_fps(model, seconds), 2)
+        if "decode_fps" in result and not pace:
+            cores = os.cpu_count() or 1
+            result["ceiling_fps"] = round(ceiling_fps(result["raw_fps"], result["decode_fps"], cores), 2)
     if result.get("naive_fps"):
         result["fps_vs_naive"] = round(result["fps"] / result["naive_fps"], 3)
     result["fps_vs_raw"] = round(result["fps"] / result["raw_fps"], 3)
+    if result.get("ceiling_fps"):
+        result["fps_vs_ceiling"] = round(result["fps"] / result["ceiling_fps"], 3)
     return result

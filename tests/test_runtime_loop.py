@@ -318,6 +318,11 @@ def test_bench_json_has_the_promised_fields(tiny_bundle, video):
         assert r[key] >= 0
     assert r["fps"] > 0 and r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
     assert set(r["stages_ms"]) == {"capture", "preprocess", "infer", "postprocess", "record"}
+    # The ceiling: inference and decoding share the cores, so it lies below both the raw
+    # backend's rate and cores x the decoding rate.
+    cores = os.cpu_count() or 1
+    assert 0 < r["ceiling_fps"] < r["raw_fps"] and r["ceiling_fps"] < cores * r["decode_fps"]
+    assert r["ceiling_fps"] == pytest.approx(cores / (cores / r["raw_fps"] + 1 / r["decode_fps"]), rel=0.01)
 
 
 def test_run_cli_reports_counts(tiny_bundle, video, tmp_path):
