@@ -51,10 +51,9 @@ def synthetic_video(folder: Path, frames: int = 300, size=(640, 480), fps: float
     return path
 
 
-def naive_fps(model: RuntimeModel, info: SourceInfo, seconds: float, roi=None) -> float:
-    """The loop everyone writes first, on the same source, region and model."""
-    cap = cv2.VideoCapture(info.text)
-    n, t0 = 0, time.perf_counter()
+def _timed_frames(cap, seconds: float, roi=None):
+    """Frames of an open file, cropped to roi, looping at its end, for `seconds`."""
+    t0 = time.perf_counter()
     try:
         while time.perf_counter() - t0 < seconds:
             ok, frame = cap.read()
@@ -62,36 +61,30 @@ def naive_fps(model: RuntimeModel, info: SourceInfo, seconds: float, roi=None) -
                 cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
                 ok, frame = cap.read()
                 if not ok:
-                    break
-            if roi:
-                frame = frame[roi[1]:roi[1] + roi[3], roi[0]:roi[0] + roi[2]]
-            x = cv2.cvtColor(resize_to_spec(frame, model.spec), cv2.COLOR_BGR2RGB)
-            int(np.argmax(model.predict_proba(x[None])[0]))
-            n += 1
+                    return
+            yield frame[roi[1]:roi[1] + roi[3], roi[0]:roi[0] + roi[2]] if roi else frame
     finally:
         cap.release()
+
+
+def naive_fps(model: RuntimeModel, info: SourceInfo, seconds: float, roi=None) -> float:
+    """The loop everyone writes first, on the same source, region and model."""
+    n, t0 = 0, time.perf_counter()
+    for frame in _timed_frames(cv2.VideoCapture(info.text), seconds, roi):
+        x = cv2.cvtColor(resize_to_spec(frame, model.spec), cv2.COLOR_BGR2RGB)
+        int(np.argmax(model.predict_proba(x[None])[0]))
+        n += 1
     return n / (time.perf_counter() - t0)
 
 
 def decode_fps(model: RuntimeModel, info: SourceInfo, seconds: float, roi=None) -> float:
     """Frames per second one thread can read, crop and resize: the work every frame costs
     besides inference."""
-    cap = cv2.VideoCapture(info.text, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
     n, t0 = 0, time.perf_counter()
-    try:
-        while time.perf_counter() - t0 < seconds:
-            ok, frame = cap.read()
-            if not ok:
-                cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-                ok, frame = cap.read()
-                if not ok:
-                    break
-            if roi:
-                frame = frame[roi[1]:roi[1] + roi[3], roi[0]:roi[0] + roi[2]]
-            resize_to_spec(frame, model.spec)
-            n += 1
-    finally:
-        cap.release()
+    for frame in _timed_frames(cv2.VideoCapture(info.text, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1]),
+                               seconds, roi):
+        resize_to_spec(frame, model.spec)
+        n += 1
     return n / (time.perf_counter() - t0)
 
 
