@@ -33,7 +33,8 @@ demo: $(STAMP)
 	$(LS) eval $(DEMO)/bundle $(DEMO)/test --backend openvino --precision int8 --quiet
 	$(LS) eval $(DEMO)/bundle $(DEMO)/test --backend onnxruntime --quiet
 	$(LS) data video $(DEMO)/test $(DEMO)/parts.avi --hold 3
-	$(LS) run $(DEMO)/bundle --source $(DEMO)/parts.avi --roi 80,0,480,480 --vote 2/3 --quiet \
+	$(LS) devices probe
+	$(LS) run $(DEMO)/bundle --profile auto --source $(DEMO)/parts.avi --roi 80,0,480,480 --vote 2/3 --quiet \
 		--log $(DEMO)/decisions.sqlite --save $(DEMO)/review --save-when unknown --reject-below 0.5
 
 bench: $(STAMP)

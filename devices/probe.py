@@ -118,6 +118,17 @@ def recommend(host: dict, profiles: list[Profile] | None = None) -> dict:
     return {"profile": None, "runtime": {"backend": backend, "device": "CPU", "precision": precision}, "why": why}
 
 
+def auto_profile() -> Profile:
+    """`--profile auto`: the shipped profile that matches this host best, else a profile
+    made of the rule of thumb in recommend()."""
+    host = probe_host()
+    found = matching_profiles(host)
+    if found:
+        return found[0]
+    rec = recommend(host, profiles=[])
+    return Profile(name="auto", title=rec["why"], path=Path("(probed)"), runtime=rec["runtime"])
+
+
 def describe_model_text(name: str) -> str:
     """A CPU model string without trademark clutter, for one-line reports."""
     return re.sub(r"\((TM|R)\)|CPU @.*$", "", name, flags=re.IGNORECASE).strip()

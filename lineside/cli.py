@@ -195,10 +195,17 @@ def _model_options(f):
 
     @functools.wraps(command)
     def resolved(*args, profile=None, **kw):
+        from lineside.devices.probe import auto_profile
         from lineside.devices.profiles import get_profile, resolve_runtime
 
         keys = [k for k in ("backend", "device", "precision", "threads", "hint") if k in kw]
-        settings = resolve_runtime(get_profile(profile) if profile else None, **{k: kw[k] for k in keys})
+        chosen = auto_profile() if profile == "auto" else get_profile(profile) if profile else None
+        if chosen is not None and profile == "auto":
+            click.echo(f"--profile auto: {chosen.name} ({', '.join(f'{k} {v}' for k, v in chosen.runtime.items())})",
+                       err=True)
+        settings = resolve_runtime(chosen, **{k: kw[k] for k in keys})
+        if kw.get("precision") is None and settings["precision"] == "int8":
+            settings["precision"] = _int8_or_fp32(kw.get("bundle") or kw.get("model"))
         kw.update({k: settings[k] for k in keys})
         return command(*args, **kw)
 
@@ -211,10 +218,25 @@ def _model_options(f):
     f = click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino"]), default=None,
                      help="Runtime for an exported model (auto: OpenVINO if in the bundle).  [default: auto]")(f)
     f = click.option("--profile", default=None,
-                     help="Target box profile (a name from `lineside devices list`, or a .yaml file): its "
-                          "backend, device, precision, threads and hint apply where these options are not "
-                          "given.")(f)
+                     help="Target box profile (a name from `lineside devices list`, a .yaml file, or auto: "
+                          "the one `lineside devices probe` finds for this box): its backend, device, "
+                          "precision, threads and hint apply where these options are not given.")(f)
     return f
+
+
+def _int8_or_fp32(model) -> str:
+    """A profile prefers INT8; a bundle whose INT8 model the accuracy gate refused has
+    none, and then the profile's preference yields to FP32 (said on stderr)."""
+    doc = Path(model or "") / "bundle.json"
+    try:
+        models = json.loads(doc.read_text()).get("models") or {}
+    except (OSError, ValueError, AttributeError):
+        return "int8"             # not a readable bundle: opening it will say what is wrong
+    if any(k.endswith("_int8") for k in models):
+        return "int8"
+    click.echo(f"{doc.parent}: the bundle has no INT8 model (the export kept FP32); the profile's "
+               "--precision int8 yields to fp32", err=True)
+    return "fp32"
 
 
 def _open_scorer(model: Path, backend, precision, device, threads):

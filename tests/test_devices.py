@@ -141,3 +141,34 @@ def test_devices_commands():
     assert {p["name"] for p in json.loads(res.output)} == {p.name for p in shipped_profiles()}
     res = runner.invoke(main, ["devices", "show", "raspberry-pi-5"])
     assert res.exit_code == 0 and "--backend onnxruntime" in res.output
+
+
+def test_profile_auto_uses_what_the_probe_finds(tiny_bundle, synth_test_dir):
+    from lineside.devices.probe import auto_profile, recommend
+
+    expected = recommend(probe_host())["runtime"]
+    assert auto_profile().runtime == expected
+    bundle, _ = tiny_bundle
+    res = CliRunner().invoke(main, ["eval", str(bundle), str(synth_test_dir), "--profile", "auto",
+                                    "--precision", "fp32", "--json"])
+    assert res.exit_code == 0, res.output
+    assert "--profile auto:" in res.output   # says which it took (CliRunner mixes stderr in)
+    want = {"auto": "openvino"}.get(expected.get("backend", "auto"), expected.get("backend", "auto"))
+    assert json.loads(res.output[res.output.index("{"):])["backend"] == want
+
+
+def test_profile_int8_yields_to_fp32_when_the_bundle_has_none(tiny_bundle, synth_test_dir, tmp_path):
+    import shutil
+
+    bundle = tmp_path / "fp32-only"
+    shutil.copytree(tiny_bundle[0], bundle)
+    doc = json.loads((bundle / "bundle.json").read_text())
+    doc["models"] = {k: v for k, v in doc["models"].items() if not k.endswith("_int8")}
+    (bundle / "bundle.json").write_text(json.dumps(doc))
+    box = tmp_path / "box.yaml"
+    box.write_text("name: box\nruntime: {backend: onnxruntime, precision: int8}\n")
+    res = CliRunner().invoke(main, ["eval", str(bundle), str(synth_test_dir), "--profile", str(box), "--json"])
+    assert res.exit_code == 0, res.output
+    assert "no INT8 model" in res.output
+    res = CliRunner().invoke(main, ["eval", str(bundle), str(synth_test_dir), "--precision", "int8"])
+    assert res.exit_code == 2 and "no int8 model" in res.output   # asked for on the command line: refused
