@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lineside.dataset import draw_per_class, load_arrays, load_image_set
-from lineside.metrics import classification_report
+from lineside.dataset import load_arrays, load_image_set, scores_over_draws
 from lineside.train.augment import AugmentConfig
 from lineside.train.backbones import BACKBONES
 from lineside.train.config import TrainConfig
@@ -76,15 +75,14 @@ def main(argv=None) -> int:
         trainer.class_weights = torch.ones(len(labels))
         cells = []
         for k in shots:
-            accs = []
-            for seed in range(args.repeats):
-                drawn, rest = draw_per_class(images.targets, k, seed)
+            def fit_predict(drawn, rest):
                 views = 1 if policy is None else auto_views(cfg, len(drawn))
                 bank, bank_y = trainer._build_bank(x[drawn], y[drawn], len(trainer.model.stages), views)
                 trainer._fit_head(bank, bank_y, len(trainer.model.stages))
                 with torch.inference_mode():
-                    pred = trainer.model.head(feats[rest]).argmax(1).numpy()
-                accs.append(100 * classification_report(y[rest], pred, labels)["balanced_accuracy"])
+                    return trainer.model.head(feats[rest]).argmax(1).numpy()
+
+            accs = scores_over_draws(images.targets, k, args.repeats, fit_predict)
             cells.append(f"{np.mean(accs):6.2f} ({' '.join(f'{a:.2f}' for a in accs)})")
         print(f"{name:>42} | " + " | ".join(cells), flush=True)
     return 0

@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lineside.dataset import draw_per_class, load_arrays, load_image_set
-from lineside.metrics import classification_report
+from lineside.dataset import load_arrays, load_image_set, scores_over_draws
 from lineside.train.backbones import build_backbone
 from lineside.train.model import Classifier
 from lineside.train.trainer import fit_probe, pooled_stage_features
@@ -60,17 +59,13 @@ def main(argv=None) -> int:
         sets = [[n - 1], [n - 2], [n - 3], [n - 4], [n - 3, n - 2], [n - 4, n - 3, n - 2],
                 [n - 5, n - 4, n - 3, n - 2]]
     shots = [int(s) for s in args.shots.split(",")]
-    labels = [str(c) for c in range(len(images.classes))]
     print(f"\n{'stages':>16} | " + " | ".join(f"{k:>2}/class mean ± std" for k in shots))
     for stages in sets:
         xs = np.concatenate([feats[s] for s in stages], 1)
         cells = []
         for k in shots:
-            accs = []
-            for seed in range(args.repeats):
-                drawn, rest = draw_per_class(images.targets, k, seed)
-                pred = fit_probe(xs[drawn], y[drawn], len(images.classes), args.l2, max_iter=500)(xs[rest])
-                accs.append(100 * classification_report(y[rest], pred, labels)["balanced_accuracy"])
+            accs = scores_over_draws(images.targets, k, args.repeats, lambda d, r: fit_probe(
+                xs[d], y[d], len(images.classes), args.l2, max_iter=500)(xs[r]))
             cells.append(f"{np.mean(accs):>9.2f}% ± {np.std(accs):4.2f}")
         print(f"{','.join(map(str, stages)):>16} | " + " | ".join(cells), flush=True)
     return 0

@@ -167,6 +167,20 @@ def draw_per_class(targets, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return drawn, rest
 
 
+def scores_over_draws(targets, k: int, repeats: int, fit_predict) -> list[float]:
+    """Balanced accuracy (percent) of `fit_predict(drawn, rest) -> labels of rest` for
+    draws 0..repeats-1 of k images per class, each scored on every image not drawn."""
+    from .metrics import classification_report
+
+    y = np.asarray(targets)
+    labels = [str(c) for c in range(int(y.max()) + 1)]
+    out = []
+    for seed in range(repeats):
+        drawn, rest = draw_per_class(targets, k, seed)
+        out.append(100 * classification_report(y[rest], fit_predict(drawn, rest), labels)["balanced_accuracy"])
+    return out
+
+
 def load_arrays(images: ImageSet, spec: InputSpec, skip_bad: bool = False, progress: bool = True,
                 desc: str = "reading images"):
     """Read and resize every image -> (uint8 array N x H x W x 3, kept ImageSet, bad paths).

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lineside.dataset import draw_per_class, load_image_set, stratified_split
+from lineside.dataset import draw_per_class, load_image_set, scores_over_draws, stratified_split
 from lineside.errors import LinesideError
 from lineside.images import BadImage, read_image
 from lineside.metrics import classification_report
@@ -141,3 +141,19 @@ def test_synthetic_dataset_is_reproducible(tmp_path):
     assert not np.array_equal(same, read_image(tmp_path / "c" / "hat" / "hat_0001.png"))
     with pytest.raises(LinesideError, match="unknown synthetic class"):
         write_dataset(tmp_path / "d", classes=("hat", "bolt"))
+
+
+def test_scores_over_draws_scores_each_draw_on_the_rest():
+    targets = [0] * 10 + [1] * 10 + [2] * 10
+    y = np.array(targets)
+    seen = []
+
+    def perfect(drawn, rest):
+        seen.append((set(drawn.tolist()), set(rest.tolist())))
+        return y[rest]
+
+    assert scores_over_draws(targets, 3, 2, perfect) == [100.0, 100.0]
+    assert all(not (d & r) and len(d) == 9 and len(d | r) == 30 for d, r in seen)
+    assert seen[0][0] != seen[1][0]                      # each seed its own draw
+    always_zero = scores_over_draws(targets, 3, 1, lambda d, r: np.zeros(len(r), int))
+    assert always_zero == [pytest.approx(100 / 3)]
