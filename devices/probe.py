@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 from pathlib import Path
 
 from .profiles import Profile, shipped_profiles
@@ -127,8 +126,3 @@ def auto_profile() -> Profile:
         return found[0]
     rec = recommend(host, profiles=[])
     return Profile(name="auto", title=rec["why"], path=Path("(probed)"), runtime=rec["runtime"])
-
-
-def describe_model_text(name: str) -> str:
-    """A CPU model string without trademark clutter, for one-line reports."""
-    return re.sub(r"\((TM|R)\)|CPU @.*$", "", name, flags=re.IGNORECASE).strip()

@@ -227,14 +227,15 @@ def _model_options(f):
 def _int8_or_fp32(model) -> str:
     """A profile prefers INT8; a bundle whose INT8 model the accuracy gate refused has
     none, and then the profile's preference yields to FP32 (said on stderr)."""
-    doc = Path(model or "") / "bundle.json"
+    from lineside.runtime.model import bundle_precisions
+
+    folder = Path(model or "")
     try:
-        models = json.loads(doc.read_text()).get("models") or {}
-    except (OSError, ValueError, AttributeError):
-        return "int8"             # not a readable bundle: opening it will say what is wrong
-    if any(k.endswith("_int8") for k in models):
-        return "int8"
-    click.echo(f"{doc.parent}: the bundle has no INT8 model (the export kept FP32); the profile's "
+        if "int8" in bundle_precisions(folder):
+            return "int8"
+    except LinesideError:
+        return "int8"             # not a bundle folder: opening it will say what is wrong
+    click.echo(f"{folder}: the bundle has no INT8 model (the export kept FP32); the profile's "
                "--precision int8 yields to fp32", err=True)
     return "fp32"
 
@@ -704,9 +705,11 @@ def devices_probe(as_json):
     Check them with `lineside bench BUNDLE --profile NAME`."""
     from lineside.devices.probe import matching_profiles, probe_host, recommend
 
-    host = probe_host()
-    host["matching_profiles"] = [p.name for p in matching_profiles(host)]
-    host["recommended"] = recommend(host)
+    from lineside.devices.profiles import shipped_profiles
+
+    host, profiles = probe_host(), shipped_profiles()
+    host["matching_profiles"] = [p.name for p in matching_profiles(host, profiles)]
+    host["recommended"] = recommend(host, profiles)
     if as_json:
         click.echo(json.dumps(host, indent=2))
         return

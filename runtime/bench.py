@@ -28,7 +28,7 @@ from .decide import Decider
 from .loop import LoopSettings, parse_roi, peak_rss_mb, run_loop
 from .model import RuntimeModel
 from .records import Recorder
-from .sources import SourceInfo, describe_source
+from .sources import SourceInfo, describe_source, open_video_file
 
 
 def synthetic_video(folder: Path, frames: int = 300, size=(640, 480), fps: float = 30.0) -> Path:
@@ -81,8 +81,7 @@ def decode_fps(model: RuntimeModel, info: SourceInfo, seconds: float, roi=None) 
     """Frames per second one thread can read, crop and resize: the work every frame costs
     besides inference."""
     n, t0 = 0, time.perf_counter()
-    for frame in _timed_frames(cv2.VideoCapture(info.text, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1]),
-                               seconds, roi):
+    for frame in _timed_frames(open_video_file(info.text), seconds, roi):
         resize_to_spec(frame, model.spec)
         n += 1
     return n / (time.perf_counter() - t0)

@@ -150,7 +150,8 @@ def open_model(path, backend: str = "auto", precision: str = "fp32", device: str
     raise LinesideError(f"{path}: not a model file (expected a bundle folder, .onnx or .xml)")
 
 
-def _bundle_model_file(folder: Path, backend: str, precision: str) -> Path:
+def read_bundle_doc(folder: Path) -> dict:
+    """bundle.json of a bundle folder, checked to be one this lineside reads."""
     doc_path = folder / "bundle.json"
     if not doc_path.is_file():
         raise LinesideError(f"{folder}: not a bundle (no bundle.json)")
@@ -162,7 +163,17 @@ def _bundle_model_file(folder: Path, backend: str, precision: str) -> Path:
         version = doc.get("bundle_schema") if isinstance(doc, dict) else None
         raise LinesideError(f"{doc_path}: bundle schema {version!r} is not supported (this lineside reads "
                             f"{BUNDLE_SCHEMA})")
-    models = doc.get("models") or {}
+    return doc
+
+
+def bundle_precisions(folder: Path) -> set[str]:
+    """The precisions a bundle has a model for ("fp32", "int8")."""
+    models = read_bundle_doc(folder).get("models")
+    return {str(key).rsplit("_", 1)[-1] for key in models} if isinstance(models, dict) else set()
+
+
+def _bundle_model_file(folder: Path, backend: str, precision: str) -> Path:
+    models = read_bundle_doc(folder).get("models") or {}
     order = ["openvino", "onnxruntime"] if backend == "auto" else [backend]
     keys = {"openvino": f"openvino_{precision}", "onnxruntime": f"onnx_{precision}"}
     for b in order:
@@ -258,6 +269,7 @@ def _open_openvino(path: Path, device: str, threads: int | None, precision: str)
         text = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) \
             .get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     meta, labels, spec = _checked_metadata(path, text)
+    _check_device(core, device)   # fail at open, naming what there is, not mid-run
     config = dict(OPENVINO_FP32) if precision == "fp32" and device.upper().startswith("CPU") else {}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -268,15 +280,15 @@ def _open_openvino(path: Path, device: str, threads: int | None, precision: str)
         except Exception as exc:  # noqa: BLE001
             raise LinesideError(f"--device {device}: OpenVINO cannot compile the model there ({exc})") from exc
 
-    def static(batch: int):
-        # A static shape compiles to faster kernels than the dynamic batch, and is all
-        # some devices (NPU) compile at all.
+    def one_image():
+        # A static one-image shape compiles to faster kernels than the dynamic batch, and
+        # is all some devices (NPU) compile at all.
         m = model.clone()
-        m.reshape({m.inputs[0]: [batch, spec.height, spec.width, 3]})
+        m.reshape({m.inputs[0]: [1, spec.height, spec.width, 3]})
         return m
 
     def engine(hint: str) -> Engine:
-        one = compile_on_device(static(1), dict(config, PERFORMANCE_HINT=hint.upper()))
+        one = compile_on_device(one_image(), dict(config, PERFORMANCE_HINT=hint.upper()))
         if hint == "latency":
             return OpenVINOEngine(one, 1)
         # Twice the optimal number of requests: one waits in Python while the other runs.
@@ -289,11 +301,10 @@ def _open_openvino(path: Path, device: str, threads: int | None, precision: str)
             try:
                 batch_request.append((core.compile_model(model, device, config).create_infer_request(), False))
             except Exception:  # noqa: BLE001 - a device without dynamic shapes: one image at a time
-                batch_request.append((compile_on_device(static(1), config).create_infer_request(), True))
+                batch_request.append((compile_on_device(one_image(), config).create_infer_request(), True))
         request, single = batch_request[0]
         if single:
             return np.concatenate([request.infer([x[i:i + 1]])[0].copy() for i in range(len(x))])
         return request.infer([x])[0].copy()
 
-    _check_device(core, device)   # fail at open, naming what there is, not mid-run
     return RuntimeModel(path, "openvino", meta, labels, spec, sha256(path), run, engine)
