@@ -247,6 +247,7 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
         stop.set()
         slot.close()
         capture.join(timeout=10)
+        gc.unfreeze()   # what the loop no longer needs can be collected again
     if capture.error is not None:
         if isinstance(capture.error, LinesideError):
             raise capture.error
