@@ -155,17 +155,18 @@ def shipped_profiles() -> list[Profile]:
     return profiles
 
 
-def get_profile(name_or_path: str) -> Profile:
-    """A shipped profile by name, or a profile file by path."""
+def get_profile(name_or_path: str, what: str = "--profile") -> Profile:
+    """A shipped profile by name, or a profile file by path. `what` names the option or
+    argument in errors."""
     text = str(name_or_path)
     if text.endswith((".yaml", ".yml")) or "/" in text:
         path = Path(text)
         if not path.is_file():
-            raise LinesideError(f"--profile: {path}: no such profile file")
+            raise LinesideError(f"{what}: {path}: no such profile file")
         return load_profile(path)
     profiles = {p.name: p for p in shipped_profiles()}
     if text not in profiles:
-        raise LinesideError(f"--profile: no profile named '{text}' (shipped: {', '.join(sorted(profiles))}; "
+        raise LinesideError(f"{what}: no profile named '{text}' (shipped: {', '.join(sorted(profiles))}; "
                             f"or give a path to a .yaml file)")
     return profiles[text]
 

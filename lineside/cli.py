@@ -681,7 +681,7 @@ def devices_show(profile, as_json):
     """Everything a PROFILE (a name, or a .yaml file) says."""
     from lineside.devices.profiles import get_profile
 
-    p = get_profile(profile)
+    p = get_profile(profile, what="PROFILE")
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))
         return
