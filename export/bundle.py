@@ -45,6 +45,7 @@ def model_metadata(loaded, run_dir: Path, precision: str) -> dict:
         "input_spec": spec.to_dict(),
         "output": {"name": "probabilities", "kind": "softmax"},
         "thresholds": {"reject_below": None},
+        "test_views": list(loaded.model.views) if loaded.model.views else None,
         "provenance": {"source_run": str(run_dir), "backbone": loaded.backbone,
                        "strategy": loaded.info.get("strategy"),
                        "data_fingerprint": loaded.info.get("data_fingerprint"),
@@ -79,7 +80,8 @@ def check_parity(reference: np.ndarray, outputs: dict[str, np.ndarray]) -> dict:
 
 def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = PARITY_TOLERANCE,
                   int8: bool = True, calib=None, eval_data=None, max_drop: float = 0.5,
-                  progress: bool = False, speed_seconds: float = 0.0, min_agreement: float = 99.0) -> dict:
+                  progress: bool = False, speed_seconds: float = 0.0, min_agreement: float = 99.0,
+                  tta: bool = True) -> dict:
     from lineside.train.checkpoint import load_checkpoint
     from lineside.train.trainer import predict_proba
 
@@ -88,6 +90,8 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
         raise LinesideError(f"--formats: unknown format(s) {', '.join(unknown)} (choose from {', '.join(FORMATS)})")
     run_dir, out = Path(run_dir), Path(out)
     loaded = load_checkpoint(run_dir)
+    if not tta:
+        loaded.model.views = None  # one pass per image: faster, a little less accurate
     out.mkdir(parents=True, exist_ok=True)
     meta = model_metadata(loaded, run_dir, "fp32")
     t0 = time.perf_counter()

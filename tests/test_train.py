@@ -11,6 +11,7 @@ import yaml
 
 from conftest import TINY
 from lineside.errors import LinesideError
+from lineside.train.backbones import BACKBONES
 from lineside.train.checkpoint import load_checkpoint
 from lineside.train.config import TrainConfig
 from lineside.train.evaluate import evaluate_run, predict_files
@@ -193,6 +194,88 @@ def test_linear_head_on_middle_stages_learns_reloads_and_exports(synth_dir, synt
         [p["probabilities"] for p in predict_files(run / "model.pt", files)]
     report = export_bundle(run, tmp_path / "bundle", int8=False)["report"]
     assert report["parity"]["passed"] and all(r["max_abs_diff"] <= 1e-4 for r in report["parity"]["results"].values())
+
+
+def test_linear_recipe_averages_quarter_turns_at_prediction_and_export_can_drop_them(synth_dir, tmp_path):
+    """--tta auto: a linear head predicts on the four quarter turns of an image, averaged,
+    so a turned part gets the same probabilities; the checkpoint and the exported graph
+    keep the views (parity with PyTorch), and export --tta off writes a one-pass model."""
+    import onnxruntime as ort
+
+    from lineside.export.bundle import export_bundle
+    from lineside.train.augment import orient
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(strategy="linear", taps="mid", **{**TINY, "views": None})
+    metrics = train_run(synth_dir, run, cfg, progress=False)
+    assert metrics["plan"]["test_views"] == [0, 1, 2, 3] and metrics["plan"]["views"] == 8
+    model = load_checkpoint(run).model
+    assert model.views == (0, 1, 2, 3)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    img[0, :20, :30] = 255   # not symmetric: each turn is a different image
+
+    def probs(m, batch):
+        with torch.no_grad():
+            return torch.softmax(m(torch.from_numpy(batch).permute(0, 3, 1, 2).float()), 1).numpy()
+
+    turned = np.stack([orient(img[0], 1)])
+    assert not np.array_equal(turned, img)
+    np.testing.assert_allclose(probs(model, turned), probs(model, img), atol=1e-5)
+    single = load_checkpoint(run).model
+    single.views = None
+    assert np.abs(probs(single, turned) - probs(single, img)).max() > 1e-4   # one view alone is not invariant
+
+    kept = export_bundle(run, tmp_path / "b4", formats=["onnx"], int8=False)
+    off = export_bundle(run, tmp_path / "b1", formats=["onnx"], int8=False, tta=False)
+    assert kept["bundle"]["metadata"]["test_views"] == [0, 1, 2, 3] and off["bundle"]["metadata"]["test_views"] is None
+    assert kept["report"]["parity"]["passed"] and off["report"]["parity"]["passed"]
+    s4 = ort.InferenceSession(str(tmp_path / "b4" / "model_fp32.onnx"), providers=["CPUExecutionProvider"])
+    s1 = ort.InferenceSession(str(tmp_path / "b1" / "model_fp32.onnx"), providers=["CPUExecutionProvider"])
+    both = np.concatenate([img, turned])
+    p4, p1 = s4.run(None, {"image": both})[0], s1.run(None, {"image": both})[0]
+    np.testing.assert_allclose(p4[0], p4[1], atol=1e-5)
+    np.testing.assert_allclose(p4, probs(model, both), atol=1e-4)
+    np.testing.assert_allclose(p1, probs(single, both), atol=1e-4)
+
+
+def test_bank_starts_with_the_allowed_flips_and_turns_exactly(synth_dir):
+    """The cached views of each training image are first its flips and quarter turns (the
+    ones --flip/--rot90 allow), exactly, then randomly augmented copies."""
+    from lineside.dataset import load_arrays, load_image_set
+    from lineside.train.augment import orient, orientations, test_views
+    from lineside.train.data import to_tensor
+    from lineside.train.trainer import Trainer
+
+    assert orientations(True, True) == (0, 2, 1, 3, 4, 6, 5, 7) and test_views(True, True) == (0, 1, 2, 3)
+    assert orientations(True, False) == (0, 2, 4, 6) and test_views(True, False) == (0, 2, 4, 6)
+    assert orientations(False, True) == (0, 2, 1, 3) and orientations(False, True, square=False) == (0, 2)
+    assert orientations(False, False) == (0,) and test_views(False, False) == ()
+    cfg = TrainConfig(strategy="linear", taps="mid", **TINY)
+    trainer = Trainer(cfg, ["a", "b"], BACKBONES.get(cfg.backbone).input_spec.with_size(64), progress=False)
+    images = load_image_set(synth_dir)
+    x, _, _ = load_arrays(images.subset([0, 1, 2]), trainer.spec, progress=False)
+    y = np.zeros(3, np.int64)
+    bank, _ = trainer._build_bank(x, y, len(trainer.model.stages), 10)
+    assert len(bank) == 30
+    group = trainer.orientations()
+    with torch.no_grad():
+        for v, k in enumerate(group):
+            expect = trainer.model.embed(to_tensor(np.stack([orient(im, k) for im in x]), trainer.device))
+            np.testing.assert_allclose(bank[v * 3:(v + 1) * 3].numpy(), expect.numpy(), atol=1e-4)
+    assert not any(torch.allclose(bank[8 * 3 + i], bank[v * 3 + i], atol=1e-3) for i in range(3) for v in range(8))
+
+
+def test_tta_option_is_checked():
+    with pytest.raises(LinesideError, match="--tta"):
+        TrainConfig(tta="sometimes")
+    from lineside.train.trainer import Trainer
+
+    cfg = TrainConfig(strategy="linear", tta="on", **TINY).override(flip=False, rot90=False)
+    trainer = Trainer(cfg, ["a", "b"], BACKBONES.get(cfg.backbone).input_spec.with_size(64), progress=False)
+    with pytest.raises(LinesideError, match="--tta on"):
+        trainer.test_views("linear")
+    assert Trainer(cfg.override(tta="auto"), ["a", "b"], trainer.spec, progress=False).test_views("linear") is None
 
 
 def test_taps_are_checked():

@@ -60,3 +60,36 @@ class Augmenter:
         m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
         m[:, 2] += self.rng.uniform(-0.05, 0.05, 2) * (w, h) * s
         return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+
+
+# -- flips and quarter turns as a group ---------------------------------------------
+# An orientation is an id k = r + 4 * f: r quarter turns (np.rot90), then a left-right
+# mirror when f. The ids allowed by --flip/--rot90 form a group, so averaging a model's
+# features over them (test-time views) gives the same answer for any flipped or turned
+# copy of a part.
+
+_BANK_ORDER = (0, 2, 1, 3, 4, 6, 5, 7)   # identity, half turn, quarter turns, then mirrored
+
+
+def orientations(flip: bool, rot90: bool, square: bool = True) -> tuple[int, ...]:
+    """Every flip/turn the augmentation may apply, identity first. A half turn is two
+    flips, so it belongs to either option; quarter turns need a square input."""
+    turns = {0, 1, 2, 3} if rot90 and square else {0, 2} if (rot90 or flip) else {0}
+    mirrors = {0, 1} if flip else {0}
+    return tuple(k for k in _BANK_ORDER if k % 4 in turns and k // 4 in mirrors)
+
+
+def test_views(flip: bool, rot90: bool, square: bool = True) -> tuple[int, ...]:
+    """The views averaged at prediction: the four quarter turns when turns are allowed,
+    else identity, mirrors and half turn when flips are; () when orientation matters."""
+    group = orientations(flip, rot90, square)
+    if len(group) < 2:
+        return ()
+    turns = tuple(k for k in group if k < 4)
+    return tuple(sorted(turns)) if len(turns) == 4 else tuple(sorted(group))
+
+
+def orient(image: np.ndarray, k: int) -> np.ndarray:
+    """Orientation k of an H x W x C image (see orientations)."""
+    out = np.rot90(image, k % 4)
+    return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)

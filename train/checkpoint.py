@@ -40,6 +40,7 @@ def save_checkpoint(path: Path, model: Classifier, labels, backbone: str, spec: 
         "input_spec": spec.to_dict(),
         "dropout": float(model.dropout.p),
         "taps": list(model.taps) if model.taps else None,
+        "views": list(model.views) if model.views else None,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "info": info,
     }
@@ -76,9 +77,12 @@ def load_checkpoint(path) -> LoadedModel:
     taps = payload.get("taps")
     if taps is not None and not (isinstance(taps, list) and taps and all(isinstance(t, int) for t in taps)):
         raise LinesideError(f"{path}: checkpoint has an invalid 'taps' entry")
+    views = payload.get("views")
+    if views is not None and not (isinstance(views, list) and views and all(isinstance(k, int) for k in views)):
+        raise LinesideError(f"{path}: checkpoint has an invalid 'views' entry")
     try:
         model = Classifier(entry.build(), entry.feature_dim, len(labels), spec,
-                           dropout=float(payload.get("dropout", 0.0)), taps=taps)
+                           dropout=float(payload.get("dropout", 0.0)), taps=taps, views=views)
     except ValueError as exc:
         raise LinesideError(f"{path}: {exc}") from exc
     try:

@@ -32,6 +32,7 @@ class TrainConfig:
     bn_stats: str = "freeze"  # pretrained BatchNorm statistics in trained stages: freeze | adapt
     balance: str = "loss"  # class imbalance: weighted loss, balanced sampling, or nothing
     views: int | None = None  # augmented views per image cached through a frozen trunk (None: auto)
+    tta: str = "auto"  # test-time views (flips/turns averaged): auto (linear recipe), on, off
     val_fraction: float | None = None  # None: 0.2 when every class has >= 25 images, else no split
     patience: int = 6  # early stopping, in epochs without validation improvement
     image_size: int | None = None  # override the backbone's input size (square)
@@ -65,6 +66,8 @@ class TrainConfig:
             bad("label_smoothing", "must be in [0, 1)")
         if not 0 <= self.dropout < 1:
             bad("dropout", "must be in [0, 1)")
+        if self.tta not in ("auto", "on", "off"):
+            bad("tta", f"'{self.tta}' is not auto, on or off")
         if self.views is not None and not 1 <= self.views <= 64:
             bad("views", "must be between 1 and 64")
         if self.val_fraction is not None and not 0 <= self.val_fraction < 1:

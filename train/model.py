@@ -16,11 +16,22 @@ class Classifier(nn.Module):
     """`taps`: the stages whose pooled outputs, concatenated, feed the head. None is the
     last stage only (every recipe); middle stages describe textures better (see
     benchmarks/feature_taps.py) and are used by `linear` with --taps. Stages after the
-    last tap are not run."""
+    last tap are not run.
+
+    `views`: orientations (ids of lineside.train.augment.orientations) whose pooled
+    features are averaged before the head at prediction (test-time views): a model
+    trained on flipped and turned copies then answers the same for every orientation of
+    a part. Training reads single views through `embed`."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, spec: InputSpec,
-                 dropout: float = 0.2, taps: tuple[int, ...] | None = None):
+                 dropout: float = 0.2, taps: tuple[int, ...] | None = None, views: tuple[int, ...] | None = None):
         super().__init__()
+        self.views = tuple(int(k) for k in views) if views else None
+        if self.views:
+            if len(set(self.views)) != len(self.views) or not all(0 <= k < 8 for k in self.views):
+                raise ValueError(f"test-time views {list(self.views)} must be distinct orientations 0..7")
+            if spec.height != spec.width and any(k % 2 for k in self.views):
+                raise ValueError(f"test-time views {list(self.views)}: quarter turns need a square input")
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
         self.backbone = backbone
@@ -73,7 +84,22 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, H, W) float RGB in 0..255 -> logits (N, classes)."""
-        return self.head(self.dropout(self.embed(x)))
+        if not self.views:
+            return self.head(self.dropout(self.embed(x)))
+        feats = self.embed(torch.cat([orient_tensor(x, k) for k in self.views]))
+        return self.head(self.dropout(feats.reshape(len(self.views), -1, feats.shape[1]).mean(0)))
+
+
+def orient_tensor(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Orientation k (r + 4 * f) of an (N, C, H, W) batch, as augment.orient does to one image."""
+    r = k % 4   # written with transpose and flip, which export to ONNX (rot90 does not)
+    if r == 1:
+        x = x.flip(3).transpose(2, 3)
+    elif r == 2:
+        x = x.flip((2, 3))
+    elif r == 3:
+        x = x.transpose(2, 3).flip(3)
+    return x.flip(3) if k >= 4 else x
 
 
 def stage_widths(backbone: nn.Module) -> list[int]:

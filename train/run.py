@@ -87,6 +87,7 @@ def train_run(data, out, cfg: TrainConfig, val=None, progress: bool = True) -> d
         "auto_cross_validation": trainer.auto_cv,
         "plan": {"frozen_stages": plan.frozen, "total_stages": len(trainer.model.stages),
                  "views": plan.views, "epochs": plan.epochs,
+                 "test_views": list(trainer.model.views) if trainer.model.views else None,
                  "best_epoch": getattr(trainer, "best_epoch", None)},
         "interrupted": trainer.interrupted,
         "device": str(trainer.device),

@@ -28,7 +28,7 @@ from lineside.errors import LinesideError
 from lineside.learning_curve import estimate_size, extrapolation_check
 from lineside.metrics import classification_report
 
-from .augment import Augmenter
+from .augment import Augmenter, orient
 from .backbones import BACKBONES
 from .config import TrainConfig
 from .data import to_tensor
@@ -61,31 +61,38 @@ def draw_key(idx: np.ndarray) -> str:
 
 
 class FeatureCache:
-    """Pooled frozen-backbone features of every image: view 0 plain, then augmented views."""
+    """Pooled frozen-backbone features of every image: first its flips and turns that the
+    augmentation allows (identity first), then `views - 1` randomly augmented copies."""
 
     def __init__(self, data: StudyData, cfg: TrainConfig, views: int, progress: bool, trainer: Trainer):
         self.trainer = trainer
         model = self.trainer.model
         model.eval()
         aug = Augmenter(cfg.augment, cfg.seed + 1)
+        self.group = trainer.orientations()
+        total_views = len(self.group) + max(views - 1, 0)
         feats = []
-        bar = tqdm(total=len(data.x) * views, desc="frozen features", unit="img", disable=not progress, leave=False)
+        bar = tqdm(total=len(data.x) * total_views, desc="frozen features", unit="img", disable=not progress,
+                   leave=False)
         with torch.inference_mode():
-            for v in range(views):
+            for v in range(total_views):
                 out = []
                 for s in range(0, len(data.x), INFER_BATCH):
                     batch = data.x[s:s + INFER_BATCH]
-                    if v > 0:
+                    if v >= len(self.group):
                         batch = np.stack([aug(im) for im in batch])
+                    elif self.group[v]:
+                        batch = np.stack([orient(im, self.group[v]) for im in batch])
                     out.append(model.embed(to_tensor(batch, self.trainer.device)).float().cpu())
                     bar.update(len(batch))
                 feats.append(torch.cat(out))
         bar.close()
         self.feats = torch.stack(feats)          # views x N x D
-        self.views = views
+        self.views = total_views
 
     def fit_predict(self, data: StudyData, train_idx, test_idx) -> np.ndarray:
-        """Logistic-regression head on the drawn images' views; probabilities of the rest."""
+        """Logistic-regression head on the drawn images' views; probabilities of the rest
+        (averaged over the test-time views, as the trained model would)."""
         t = self.trainer
         bank = self.feats[:, train_idx].reshape(-1, self.feats.shape[-1])
         y = np.tile(data.y[train_idx], self.views)
@@ -93,8 +100,9 @@ class FeatureCache:
         t.class_weights = t._class_weights(counts)
         n_stages = len(t.model.stages)
         t._fit_head(bank, y, n_stages)
+        at = [self.group.index(k) for k in (t.test_views("linear") or (0,))]
         with torch.inference_mode():
-            logits = t.model.head(self.feats[0, test_idx].to(t.device))
+            logits = t.model.head(self.feats[at][:, test_idx].mean(0).to(t.device))
         return torch.softmax(logits.float(), 1).cpu().numpy()
 
 
