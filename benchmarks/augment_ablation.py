@@ -34,7 +34,7 @@ from lineside.train.trainer import INFER_BATCH, Trainer, auto_views, to_tensor
 
 # name: (augmentation, views per image; None = what lineside train picks)
 POLICIES = {
-    "flips and turns, exact (default)": (AugmentConfig(), None),
+    "flips and turns exactly (default)": (AugmentConfig(), None),
     "flips and turns + 8 augmented copies (all augmentations)": (AugmentConfig(), 16),
     "flips and turns + 8 brightness/contrast copies": (AugmentConfig(affine=0, blur=0, noise=0), 16),
     "flips and turns + 8 blur/noise copies": (AugmentConfig(affine=0, color=0), 16),

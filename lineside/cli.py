@@ -489,7 +489,7 @@ def study_cv(data_dir, folds, strategy, seed, out, config_file, as_json, quiet, 
               help="Seconds to time each model's latency and throughput for the report (0: skip).")
 @click.option("--tta", type=click.Choice(["keep", "off"]), default="keep", show_default=True,
               help="A model trained with test-time views (lineside train --tta) runs 4 flipped/turned "
-                   "copies of each image; off exports one pass per image: about 4x faster, a little "
+                   "copies of each image; off exports one pass per image: 4-5x faster, a little "
                    "less accurate (compare with --eval).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print bundle.json and the report as one JSON object.")
