@@ -50,9 +50,12 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 metrics = train_run(train_csv, run, cfg.override(seed=seed), progress=False)
                 train_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
                 report = evaluate_run(run, test_csv, progress=False)
+                eval_s = time.perf_counter() - t0
                 row = {"shots": k, "seed": seed, "strategy": metrics["strategy"], "train_s": round(train_s, 1),
-                       "balanced_accuracy": report["balanced_accuracy"], "n_eval": report["n"]}
+                       "balanced_accuracy": report["balanced_accuracy"], "n_eval": report["n"],
+                       "eval_s": round(eval_s, 1)}
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
 
