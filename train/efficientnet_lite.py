@@ -35,6 +35,7 @@ def _scaled(repeats, widths):
 # keep the first and last stage at one block each (read off the shipped weights).
 LITE1_STAGES = _scaled((1, 3, 3, 4, 4, 5, 1), (16, 24, 40, 80, 112, 192, 320))
 LITE2_STAGES = _scaled((1, 3, 3, 4, 4, 5, 1), (16, 24, 48, 88, 120, 208, 352))
+LITE_STAGES = {0: LITE0_STAGES, 1: LITE1_STAGES, 2: LITE2_STAGES}
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
@@ -148,17 +149,3 @@ class EfficientNetLite(nn.Module):
         self.load_state_dict(mapped, strict=True)
         return fc
 
-
-class EfficientNetLite0(EfficientNetLite):
-    def __init__(self):
-        super().__init__(LITE0_STAGES)
-
-
-class EfficientNetLite1(EfficientNetLite):
-    def __init__(self):
-        super().__init__(LITE1_STAGES)
-
-
-class EfficientNetLite2(EfficientNetLite):
-    def __init__(self):
-        super().__init__(LITE2_STAGES)

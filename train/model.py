@@ -90,8 +90,8 @@ class Classifier(nn.Module):
             # One batch of all views: a single backbone in the exported graph.
             feats = self.embed(torch.cat([orient_tensor(x, k) for k in self.views]))
             return self.head(self.dropout(feats.reshape(len(self.views), -1, feats.shape[1]).mean(0)))
-        # In PyTorch, one view at a time: the same result, 1.2-1.5x faster on a CPU than
-        # a batch four times larger (benchmarks/fewshot.py reports eval_s).
+        # In PyTorch, one view at a time: the same result, and 1.2-1.5x faster on a
+        # 2-core CPU than one batch four times larger.
         feats = sum(self.embed(orient_tensor(x, k)) for k in self.views) / len(self.views)
         return self.head(self.dropout(feats))
 
