@@ -262,7 +262,7 @@ def test_bank_starts_with_the_allowed_flips_and_turns_exactly(synth_dir):
     with torch.no_grad():
         for v, k in enumerate(group):
             expect = trainer.model.embed(to_tensor(np.stack([orient(im, k) for im in x]), trainer.device))
-            np.testing.assert_allclose(bank[v * 3:(v + 1) * 3].numpy(), expect.numpy(), atol=1e-4)
+            np.testing.assert_allclose(bank[v * 3:(v + 1) * 3].numpy(), expect.cpu().numpy(), atol=1e-4)
     assert not any(torch.allclose(bank[8 * 3 + i], bank[v * 3 + i], atol=1e-3) for i in range(3) for v in range(8))
 
 

@@ -114,7 +114,8 @@ def stage_widths(backbone: nn.Module) -> list[int]:
     backbone.eval()
     widths = []
     with torch.no_grad():
-        h = torch.zeros(1, 3, 64, 64)
+        param = next(backbone.parameters(), None)
+        h = torch.zeros(1, 3, 64, 64, device=param.device if param is not None else None)
         for stage in backbone.stages:
             h = stage(h)
             widths.append(int(h.shape[1]))
