@@ -480,10 +480,12 @@ def study_cv(data_dir, folds, strategy, seed, out, config_file, as_json, quiet, 
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration images (default: the run's training data).")
 @click.option("--eval", "eval_dir", type=click.Path(path_type=Path), default=None,
-              help="Labelled held-out images on which FP32 and INT8 are compared.")
-@click.option("--max-drop", type=float, default=0.5, show_default=True,
+              help="Labelled held-out images on which FP32 and INT8 are compared. Without it, half of the "
+                   "calibration images (per class) are held out of calibration and INT8 is judged on them "
+                   "and on augmented copies of them.")
+@click.option("--max-drop", type=float, default=0.3, show_default=True,
               help="Largest loss of balanced accuracy (percentage points) an INT8 model may have.")
-@click.option("--min-agreement", type=float, default=99.0, show_default=True,
+@click.option("--min-agreement", type=float, default=99.5, show_default=True,
               help="Smallest share of evaluation images (percent) on which INT8 must give FP32's label.")
 @click.option("--speed-seconds", default=1.0, show_default=True,
               help="Seconds to time each model's latency and throughput for the report (0: skip).")
@@ -503,7 +505,7 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agr
     and in bundle.json, with a sha256 of every file. Every export checks that
     ONNX Runtime and OpenVINO agree with PyTorch (max probability difference
     <= 1e-4) and fails if they do not."""
-    from lineside.export.bundle import export_bundle
+    from lineside.export.bundle import export_bundle, judged_on
 
     result = export_bundle(run, out, formats=[f.strip() for f in formats.split(",") if f.strip()], data=data_dir,
                            int8=int8, calib=calib, eval_data=eval_dir, max_drop=max_drop,
@@ -521,7 +523,9 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agr
             g = q["gate"]
             click.echo(f"INT8 {runtime} kept ({q['recipe']}): balanced accuracy {g['int8_balanced_accuracy']:.2%} vs "
                        f"FP32 {g['fp32_balanced_accuracy']:.2%} (drop {g['drop_points']:.2f} points, limit "
-                       f"{g['max_drop_points']}), top-1 agreement {g['top1_agreement']:.1%} on {q['eval_images']}")
+                       f"{g['max_drop_points']}), top-1 agreement {g['top1_agreement']:.1%} on {judged_on(q)}")
+        elif q["verdict"] == "refused":
+            click.echo(f"INT8 {runtime} refused: {q['why']} (judged on {judged_on(q)})")
         else:
             click.echo(f"INT8 {runtime} {q['verdict']}: {q['why']}")
     for key, r in result["report"]["models"].items():

@@ -53,6 +53,25 @@ def test_float_ends_are_the_first_convolution_and_the_head(tiny_bundle):
     assert names[0] == first_conv.get_friendly_name()
 
 
+def test_linear_convolutions_are_those_that_feed_no_activation(tiny_bundle):
+    """The float-linear recipes keep in float the convolutions whose output goes to no
+    activation: in Lite0 exactly the projections that end each inverted-residual block,
+    found alike in the ONNX graph and in the OpenVINO IR."""
+    import onnx
+    import openvino as ov
+
+    from lineside.export.quantize import float_nodes, openvino_linear_convs
+
+    bundle, _ = tiny_bundle
+    model = onnx.load(str(bundle / "model_fp32.onnx"))
+    extra = [n for n in float_nodes(model, linear_convs=True) if n not in float_nodes(model)]
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert extra and all("_project_conv" in n for n in extra)
+    assert {n for n in convs if "_project_conv" in n} == set(extra)
+    ir = openvino_linear_convs(ov.Core().read_model(str(bundle / "model_fp32.xml")))
+    assert len(ir) == len(extra) and all("_project_conv" in n for n in ir)
+
+
 @pytest.fixture(scope="module")
 def int8_bundle(tiny_run, synth_test_dir, tmp_path_factory):
     """Both INT8 models of the tiny run, with the gate wide open: the tiny model is too
@@ -170,3 +189,76 @@ def test_bias_correction_removes_the_mean_shift_of_int8_weights(tmp_path):
     assert correct_conv_biases(model, quantized, x) == 1
     after = channel_shift(quantized)
     assert after.sum() < 0.3 * before.sum()
+
+
+def _fingerprints(x):
+    return {hash(im.tobytes()) for im in x}
+
+
+def test_default_gate_refuses_int8_that_is_right_only_on_its_calibration_images(tiny_run, tmp_path, monkeypatch):
+    """An "INT8 model" that gives FP32's answers on the images it was calibrated on and a
+    wrong class on every other image: without --eval the default export must still refuse
+    it, because INT8 is judged on images held out of calibration."""
+    run, _ = tiny_run
+    seen, calibs = set(), []
+    real_quantize = bundle_mod._int8_targets
+
+    def targets(files):
+        out = real_quantize(files)
+        for t in out:
+            quantize = t["quantize"]
+
+            def recording(src, dst, calib, meta, recipe, quantize=quantize):
+                seen.update(_fingerprints(calib))
+                calibs.append(calib)
+                return quantize(src, dst, calib, meta, recipe)
+            t["quantize"] = recording
+        return out
+
+    def memorised(xml, x):
+        p = bundle_mod._run_openvino(xml.with_name("model_fp32.xml"), x)
+        wrong = np.eye(p.shape[1], dtype=np.float32)[(p.argmax(1) + 1) % p.shape[1]]
+        known = np.array([hash(im.tobytes()) in seen for im in x])
+        return np.where(known[:, None], p, wrong)
+
+    monkeypatch.setattr(bundle_mod, "_int8_targets", targets)
+    monkeypatch.setattr(bundle_mod, "_run_openvino_int8", memorised)
+    res = export_bundle(run, tmp_path, formats=["openvino"])
+    q = res["report"]["int8"]["openvino"]
+    assert q["verdict"] == "refused" and q["judged"]["held_out"] is True
+    assert "held out from calibration" in q["eval_images"]
+    assert not (tmp_path / "model_int8.xml").exists()
+    # judged on its own calibration images (the old default), the same model had passed
+    calib = calibs[-1]
+    fp32 = bundle_mod._run_openvino(tmp_path / "model_fp32.xml", calib)
+    assert bundle_mod.int8_gate(np.zeros(len(calib), int), fp32, memorised(tmp_path / "model_int8.xml", calib),
+                                ["a", "b", "c", "d", "e"], max_drop=0.5, min_agreement=99.0)["top1_agreement"] == 1.0
+
+
+def test_held_out_judgement_splits_each_class_and_judges_augmented_copies():
+    from lineside.export.bundle import MAX_JUDGE_VIEWS, held_out_judgement
+    from lineside.train.augment import AugmentConfig
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    y = np.repeat([0, 1, 2], 4)
+    paths = [f"img{i}.png" for i in range(12)]
+    x_cal, (x_judge, y_judge, names), judged = held_out_judgement(x, y, paths, AugmentConfig())
+    views = MAX_JUDGE_VIEWS    # 6 held-out images: as many copies as allowed
+    assert judged["held_out"] is True and len(x_cal) == 6 and len(x_judge) == 6 * views
+    assert not _fingerprints(x_cal) & _fingerprints(x_judge)          # nothing judged was calibrated on
+    assert np.bincount(y_judge).tolist() == [2 * views] * 3       # every class judged
+    assert len(_fingerprints(x_judge)) > 0.9 * len(x_judge)            # the copies differ from the images
+    assert len(names) == len(x_judge) and "augmented copy" in names[-1]
+
+    x_cal, (x_judge, _, _), judged = held_out_judgement(x[[0, 4, 8]], y[[0, 4, 8]], paths[:3], AugmentConfig())
+    assert judged["held_out"] is False and len(x_judge) == len(x_cal) == 3 and "--eval" in judged["why"]
+
+
+def test_export_says_in_its_int8_line_what_int8_was_judged_on(tiny_run, tmp_path):
+    run, _ = tiny_run
+    res = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "b"), "--formats", "openvino",
+                                    "--speed-seconds", "0", "--quiet"])
+    assert res.exit_code == 0, res.output
+    line = next(s for s in res.output.splitlines() if s.startswith("INT8 openvino"))
+    assert "held out from calibration" in line and "WARNING" not in line
