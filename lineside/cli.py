@@ -568,10 +568,13 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 @click.option("--log", "log_path", default="decisions.sqlite", show_default=True,
               help="Decision log: a SQLite file, or a .jsonl file for JSON lines; 'none' for no log.")
 @click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for the frames worth a look (JPEG).")
+              help="Folder for the frames worth a look (JPEG, named lineside_*.jpg). Only those files are "
+                   "ever deleted by the caps below; a frame that cannot be saved is a save_failed event, "
+                   "never a lost decision.")
 @click.option("--save-when", default="ng,unknown", show_default=True,
               help="Which frames to save: comma-separated from ng, unknown, flagged, all.")
-@click.option("--save-max-files", default=1000, show_default=True, help="Keep at most this many saved frames.")
+@click.option("--save-max-files", default=1000, show_default=True,
+              help="Keep at most this many saved frames (the oldest lineside_*.jpg go first).")
 @click.option("--save-max-mb", default=500.0, show_default=True, help="Keep at most this much in saved frames.")
 @click.option("--frames", "max_frames", type=int, default=None, help="Stop after this many frames.")
 @click.option("--seconds", type=float, default=None, help="Stop after this many seconds.")

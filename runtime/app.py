@@ -139,6 +139,16 @@ def _show(image, decision, fps):
     cv2.waitKey(1)
 
 
+def _check_save_outside_source(save_dir: Path, info) -> None:
+    """Frames saved into a folder being classified would be read back as new parts."""
+    if info.kind != "folder":
+        return
+    source, save = Path(info.text).resolve(), save_dir.resolve()
+    if save == source or source in save.parents:
+        raise LinesideError(f"--save {save_dir}: is inside the --source folder {info.text}; saved frames would be "
+                            "classified as new parts (choose a folder outside it)")
+
+
 def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
     info = describe_source(options.source)
     settings = LoopSettings(roi=parse_roi(options.roi), loop=options.loop, pace=options.pace, hint=options.hint,
@@ -146,6 +156,7 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
     decider = make_decider(model, options)
     save = None
     if options.save_dir:
+        _check_save_outside_source(Path(options.save_dir), info)
         save = SavePolicy(Path(options.save_dir), tuple(w.strip() for w in options.save_when.split(",") if w.strip()),
                           options.save_max_files, options.save_max_mb)
     status = StatusLine(options.status, options.display)
@@ -165,5 +176,6 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
         recorder.close(summary)   # everything handed to the recorder is written before we return
     summary.update(log=options.log, logged=recorder.written,
                    saved=recorder.saver.saved if recorder.saver else 0,
+                   save_failed=recorder.saver.failed if recorder.saver else 0,
                    model=str(model.path), backend=model.backend, source=info.text)
     return summary

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -61,24 +62,38 @@ class SavePolicy:
                 or ("flagged" in self.when and bool(row.get("flags"))))
 
 
+# The name of every frame lineside saves: housekeeping deletes files of this name only, so
+# an operator's own images in the folder are never touched.
+SAVED_PREFIX = "lineside_"
+SAVED_NAME = re.compile(r"^lineside_\d{8}-\d{6}_\d{9}_[^/\\]*\.jpg$")
+
+
 class FrameSaver:
-    """JPEG files of chosen frames; the oldest are deleted to stay under the caps."""
+    """JPEG files of chosen frames; the oldest of them are deleted to stay under the caps.
+    Only files named as lineside names its frames (SAVED_NAME) count and are deleted."""
 
     def __init__(self, policy: SavePolicy):
         self.policy = policy
         policy.folder.mkdir(parents=True, exist_ok=True)
-        existing = sorted(policy.folder.glob("*.jpg"), key=lambda p: p.stat().st_mtime)
+        existing = sorted((p for p in policy.folder.glob(f"{SAVED_PREFIX}*.jpg") if SAVED_NAME.match(p.name)),
+                          key=lambda p: p.stat().st_mtime)
         self.files = [(p, p.stat().st_size) for p in existing]
         self.bytes = sum(s for _, s in self.files)
         self.saved = 0
+        self.failed = 0
 
     def save(self, row: dict, image: np.ndarray):
-        name = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(row['ts']))}_{row['frame']:09d}_{row['label']}.jpg"
-        path = self.policy.folder / name
+        label = re.sub(r"[^\w.-]", "-", str(row["label"]))
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(row["ts"]))
+        path = self.policy.folder / f"{SAVED_PREFIX}{stamp}_{row['frame']:09d}_{label}.jpg"
         ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
         if not ok:
-            return
-        path.write_bytes(data.tobytes())
+            raise OSError("the frame could not be encoded as JPEG")
+        try:
+            path.write_bytes(data.tobytes())
+        except OSError:
+            path.unlink(missing_ok=True)   # no half-written frame left behind
+            raise
         self.files.append((path, len(data)))
         self.bytes += len(data)
         self.saved += 1
@@ -170,12 +185,30 @@ class Recorder:
             self.error = exc
 
     def _write(self, batch):
+        """The decisions and events of a batch go on record first; the frames worth a look
+        are saved after, each on its own: a frame that cannot be saved (a full disk) is a
+        `save_failed` event and a count, never a lost decision or a stopped line."""
+        self._log(batch)
+        if not self.saver:
+            return
+        failures = []
+        for kind, row, image in batch:
+            if image is None:
+                continue
+            try:
+                self.saver.save(row, image)
+            except OSError as exc:
+                self.saver.failed += 1
+                failures.append(("event", {"ts": time.time(), "kind": "save_failed",
+                                           "detail": f"frame {row.get('frame')}: {self.saver.policy.folder}: {exc}"},
+                                 None))
+        if failures:
+            log.warning("save_failed: %d frame(s) not saved (%s)", len(failures), failures[-1][1]["detail"])
+            self._log(failures)
+
+    def _log(self, batch):
         decisions = [row for kind, row, _ in batch if kind == "decision"]
         events = [row for kind, row, _ in batch if kind == "event"]
-        if self.saver:
-            for kind, row, image in batch:
-                if image is not None:
-                    self.saver.save(row, image)
         if self.kind == "sqlite":
             self.db.executemany(
                 f"INSERT INTO decisions ({','.join(DECISION_COLUMNS)}) VALUES ({','.join('?' * len(DECISION_COLUMNS))})",

@@ -238,6 +238,53 @@ def test_save_cap_keeps_the_newest_frames(model, video, tmp_path):
     assert summary["saved"] == 12 and len(list(save.glob("*.jpg"))) == 5
 
 
+def test_a_full_save_disk_loses_no_decision_and_stops_nothing(model, video, tmp_path, monkeypatch):
+    """Saving frames fails (no space left on that disk): every decision is still in the
+    log, each failure is a save_failed event and a count, and the run ends normally."""
+    import errno
+
+    path, _ = video
+    save, log = tmp_path / "saved", tmp_path / "log.sqlite"
+    real = Path.write_bytes
+
+    def full_disk(self, data):
+        if self.parent == save:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    summary = run_app(model, RunOptions(source=str(path), log=str(log), save_dir=save, save_when="all",
+                                        max_frames=20))
+    db = sqlite3.connect(log)
+    assert summary["frames"] == 20 and summary["logged"] == 20
+    assert db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0] == 20
+    failed = db.execute("SELECT detail FROM events WHERE kind = 'save_failed'").fetchall()
+    assert summary["saved"] == 0 and summary["save_failed"] == 20 == len(failed)
+    assert "No space left" in failed[0][0] and str(save) in failed[0][0]
+
+
+def test_save_housekeeping_deletes_only_the_frames_lineside_saved(model, video, tmp_path):
+    path, _ = video
+    save = tmp_path / "saved"
+    save.mkdir()
+    mine = [save / f"operator_{i}.jpg" for i in range(5)] + [save / "20240101-120000_000000001_ok.jpg"]
+    for f in mine:
+        f.write_bytes(b"not lineside's")
+    summary = run_app(model, RunOptions(source=str(path), log=None, save_dir=save, save_when="all",
+                                        save_max_files=3, max_frames=8))
+    assert summary["saved"] == 8 and all(f.exists() for f in mine)
+    assert len(list(save.glob("lineside_*.jpg"))) == 3
+
+
+def test_save_inside_a_folder_source_is_refused(model, synth_test_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(synth_test_dir, src)
+    for save in (src, src / "review"):
+        with pytest.raises(LinesideError, match="--save .*inside the --source folder"):
+            run_app(model, RunOptions(source=str(src), log=None, save_dir=save, save_when="all"))
+    assert not (src / "review").exists()
+
+
 def test_roi_outside_the_frame_is_a_clear_error(model, video):
     path, _ = video
     with pytest.raises(LinesideError, match="--roi"):
