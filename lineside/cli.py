@@ -566,7 +566,8 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 @click.option("--ok-classes", default=None, help="Comma-separated labels that mean OK; the rest (and unknown) are NG.")
 @click.option("--vote", default=None, help="N/M: decide a label seen in at least N of the last M frames.")
 @click.option("--log", "log_path", default="decisions.sqlite", show_default=True,
-              help="Decision log: a SQLite file, or a .jsonl file for JSON lines; 'none' for no log.")
+              help="Decision log: a SQLite file (.sqlite, .sqlite3 or .db), or a .jsonl file for JSON lines "
+                   "(extension in any case); 'none' for no log.")
 @click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the frames worth a look (JPEG, named lineside_*.jpg). Only those files are "
                    "ever deleted by the caps below; a frame that cannot be saved is a save_failed event, "

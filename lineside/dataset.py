@@ -114,7 +114,7 @@ def _scan_folders(root: Path) -> list[tuple[Path, str]]:
 
 def _read_manifest(path: Path) -> list[tuple[Path, str]]:
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:   # -sig: Excel's byte-order mark
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise LinesideError(f"{path}: cannot read manifest ({exc})") from exc

@@ -103,13 +103,24 @@ class FrameSaver:
             self.bytes -= size
 
 
+LOG_KINDS = {".jsonl": "jsonl", ".sqlite": "sqlite", ".sqlite3": "sqlite", ".db": "sqlite"}
+
+
+def log_kind(path: Path) -> str:
+    """The log format a --log path asks for, by its extension (any case)."""
+    kind = LOG_KINDS.get(path.suffix.lower())
+    if kind is None:
+        raise LinesideError(f"--log {path}: unknown log format '{path.suffix}' (use {', '.join(LOG_KINDS)})")
+    return kind
+
+
 class Recorder:
-    """Writer thread for decisions and events. `log_path` ending in .jsonl writes JSON
-    lines; anything else is a SQLite database."""
+    """Writer thread for decisions and events: JSON lines for a .jsonl `log_path`, a
+    SQLite database for .sqlite, .sqlite3 or .db (see log_kind)."""
 
     def __init__(self, log_path: Path | None, run_info: dict, save: SavePolicy | None = None):
         self.path = Path(log_path) if log_path else None
-        self.kind = None if self.path is None else ("jsonl" if self.path.suffix == ".jsonl" else "sqlite")
+        self.kind = None if self.path is None else log_kind(self.path)
         self.saver = FrameSaver(save) if save else None
         self._queue: queue.Queue = queue.Queue()
         self.written = 0

@@ -157,3 +157,14 @@ def test_scores_over_draws_scores_each_draw_on_the_rest():
     assert seen[0][0] != seen[1][0]                      # each seed its own draw
     always_zero = scores_over_draws(targets, 3, 1, lambda d, r: np.zeros(len(r), int))
     assert always_zero == [pytest.approx(100 / 3)]
+
+
+def test_a_manifest_saved_by_excel_with_a_byte_order_mark_reads(synth_dir, tmp_path):
+    from lineside.dataset import load_image_set
+
+    images = load_image_set(synth_dir)
+    picked = [0, 1, len(images) - 2, len(images) - 1]    # two classes
+    manifest = images.write_manifest(tmp_path / "m.csv", picked)
+    manifest.write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())
+    again = load_image_set(manifest)
+    assert [p.name for p in again.paths] == [images.paths[i].name for i in picked]

@@ -517,3 +517,13 @@ def _count(db, table):
             return con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
     except sqlite3.Error:
         return 0
+
+
+def test_log_format_follows_the_extension_in_any_case(model, video, tmp_path):
+    path, _ = video
+    upper = tmp_path / "x.JSONL"
+    run_app(model, RunOptions(source=str(path), log=str(upper), max_frames=3))
+    assert [json.loads(x)["type"] for x in upper.read_text().splitlines()].count("decision") == 3
+    with pytest.raises(LinesideError, match=r"--log .*x\.txt.*unknown log format"):
+        run_app(model, RunOptions(source=str(path), log=str(tmp_path / "x.txt"), max_frames=3))
+    assert not (tmp_path / "x.txt").exists()
