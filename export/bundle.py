@@ -36,6 +36,29 @@ MAX_DROP = 0.3          # points of balanced accuracy INT8 may lose against FP32
 MIN_AGREEMENT = 99.5    # percent of images on which INT8 must give FP32's label
 
 
+REPORT_FILES = ("bundle.json", "export_report.json", "export_report.md")
+
+
+def clear_old_bundle(out: Path, force: bool) -> None:
+    """A bundle already in `out` is replaced only with force, and then its files (those its
+    bundle.json lists, and the reports) are removed first, so no old model stays beside
+    the new ones. Nothing else in the folder is touched."""
+    doc_path = out / "bundle.json"
+    if not doc_path.exists():
+        return
+    if not force:
+        raise LinesideError(f"--out {out}: already holds a bundle; choose another folder or pass --force to replace it")
+    try:
+        models = json.loads(doc_path.read_text()).get("models") or {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        models = {}
+    names = {name for entry in models.values() if isinstance(entry, dict)
+             for name in (entry.get("files") or {}) if isinstance(name, str)}
+    for name in sorted(names | set(REPORT_FILES)):
+        if Path(name).name == name:
+            (out / name).unlink(missing_ok=True)
+
+
 def model_metadata(loaded, run_dir: Path, precision: str) -> dict:
     spec = loaded.spec
     return {
@@ -83,7 +106,7 @@ def check_parity(reference: np.ndarray, outputs: dict[str, np.ndarray]) -> dict:
 def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = PARITY_TOLERANCE,
                   int8: bool = True, calib=None, eval_data=None, max_drop: float = MAX_DROP,
                   progress: bool = False, speed_seconds: float = 0.0, min_agreement: float = MIN_AGREEMENT,
-                  tta: bool = True) -> dict:
+                  tta: bool = True, force: bool = False) -> dict:
     from lineside.train.checkpoint import load_checkpoint
     from lineside.train.trainer import predict_proba
 
@@ -92,6 +115,7 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
         raise LinesideError(f"--formats: unknown format(s) {', '.join(unknown)} (choose from {', '.join(FORMATS)})")
     run_dir, out = Path(run_dir), Path(out)
     loaded = load_checkpoint(run_dir)
+    clear_old_bundle(out, force)
     if not tta:
         loaded.model.views = None  # one pass per image: faster, a little less accurate
     out.mkdir(parents=True, exist_ok=True)

@@ -493,10 +493,11 @@ def study_cv(data_dir, folds, strategy, seed, out, config_file, as_json, quiet, 
               help="A model trained with test-time views (lineside train --tta) runs 4 flipped/turned "
                    "copies of each image; off exports one pass per image: 4-5x faster, a little "
                    "less accurate (compare with --eval).")
+@click.option("--force", is_flag=True, help="Replace a bundle already in --out (its files are removed first).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print bundle.json and the report as one JSON object.")
-def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agreement, speed_seconds, tta, quiet,
-           as_json):
+def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agreement, speed_seconds, tta, force,
+           quiet, as_json):
     """Export a training RUN to a bundle of ONNX / OpenVINO models (FP32, and INT8 that passed its gate).
 
     The models take uint8 RGB images (N, H, W, 3) at the size in their metadata
@@ -510,7 +511,7 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agr
     result = export_bundle(run, out, formats=[f.strip() for f in formats.split(",") if f.strip()], data=data_dir,
                            int8=int8, calib=calib, eval_data=eval_dir, max_drop=max_drop,
                            min_agreement=min_agreement, progress=not quiet and not as_json,
-                           speed_seconds=speed_seconds, tta=tta == "keep")
+                           speed_seconds=speed_seconds, tta=tta == "keep", force=force)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -96,3 +96,22 @@ def test_export_cli(tiny_run, tmp_path):
     assert "FPS" in res.output and "ms per image" in res.output   # latency and throughput of each model
     res = runner.invoke(main, ["export", str(run), "--out", str(tmp_path / "c"), "--formats", "tflite"])
     assert res.exit_code == 2 and "tflite" in res.output
+
+
+def test_export_replaces_an_existing_bundle_only_with_force(tiny_run, tmp_path):
+    run, _ = tiny_run
+    out = tmp_path / "b"
+    export_bundle(run, out, int8=False)
+    stale = out / "model_int8.xml"          # a model of the old bundle that the new one will not have
+    stale.write_text("<old/>")
+    doc = json.loads((out / "bundle.json").read_text())
+    doc["models"]["openvino_int8"] = {"files": {"model_int8.xml": {"sha256": "0", "bytes": 6}}}
+    (out / "bundle.json").write_text(json.dumps(doc))
+    operator_note = out / "notes.txt"
+    operator_note.write_text("mine")
+    with pytest.raises(LinesideError, match="--out .*already holds a bundle.*--force"):
+        export_bundle(run, out, int8=False, formats=["onnx"])
+    assert (out / "model_fp32.xml").exists()    # refused: nothing touched
+    export_bundle(run, out, int8=False, formats=["onnx"], force=True)
+    assert not stale.exists() and not (out / "model_fp32.xml").exists() and operator_note.exists()
+    assert set(json.loads((out / "bundle.json").read_text())["models"]) == {"onnx_fp32"}
