@@ -565,7 +565,10 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 @click.option("--reject-below", type=float, default=None,
               help="Label frames whose top probability is below this 'unknown'. [the bundle's threshold]")
 @click.option("--ok-classes", default=None, help="Comma-separated labels that mean OK; the rest (and unknown) are NG.")
-@click.option("--vote", default=None, help="N/M: decide a label seen in at least N of the last M frames.")
+@click.option("--vote", default=None,
+              help="N/M: decide a label seen in at least N of the last M frames. The summary counts runs of "
+                   "one voted label: parts of one class that follow each other with no other label between "
+                   "them are one run, so it is a part count only where that cannot happen.")
 @click.option("--log", "log_path", default="decisions.sqlite", show_default=True,
               help="Decision log: a SQLite file (.sqlite, .sqlite3 or .db), or a .jsonl file for JSON lines "
                    "(extension in any case); 'none' for no log.")
@@ -619,7 +622,8 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
                f"p99 {lat.get('p99', 0):.1f} ms, peak RSS {summary['rss_mb']:.0f} MB")
     click.echo("frames per label: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["labels"].items())))
     if vote:
-        click.echo("parts seen (voted): " + ", ".join(f"{k} {v}" for k, v in sorted(summary["parts"].items())))
+        click.echo("runs of one voted label (two parts of a class in a row are one run): "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(summary["voted_runs"].items())))
     if summary["verdicts"]:
         click.echo("verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["verdicts"].items())))
     if summary["flags"]:

@@ -70,7 +70,9 @@ class LoopStats:
     labels: Counter = field(default_factory=Counter)
     verdicts: Counter = field(default_factory=Counter)
     flags: Counter = field(default_factory=Counter)
-    parts: Counter = field(default_factory=Counter)
+    # runs of one voted label: a count of parts only when parts of one class never follow
+    # each other without a change of label between them, which frames alone cannot tell
+    voted_runs: Counter = field(default_factory=Counter)
     stages: dict = field(default_factory=lambda: {k: Timings() for k in
                                                   ("capture", "preprocess", "infer", "postprocess", "record")})
     capture_to_decision: Timings = field(default_factory=Timings)
@@ -195,7 +197,7 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
         for f in item.flags:
             stats.flags[f] += 1
         if decision.decision is not None and decision.decision != last_voted:
-            stats.parts[decision.decision] += 1
+            stats.voted_runs[decision.decision] += 1
         last_voted = decision.decision
         if on_decision:
             on_decision(item.frame, decision, stats)
@@ -262,7 +264,7 @@ def summarize(stats: LoopStats, capture: Capture, slot: FrameSlot, hint: str, de
         "seconds": round(elapsed, 3),
         "fps": round(stats.frames / elapsed, 2),
         "labels": dict(stats.labels),
-        "parts": dict(stats.parts),
+        "voted_runs": dict(stats.voted_runs),
         "verdicts": dict(stats.verdicts),
         "flags": dict(stats.flags),
         "dropped": slot.dropped,

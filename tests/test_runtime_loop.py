@@ -378,7 +378,7 @@ def test_run_cli_reports_counts(tiny_bundle, video, tmp_path):
     res = CliRunner().invoke(main, ["run", str(bundle), "--source", str(path), "--vote", "2/2",
                                     "--log", str(tmp_path / "x.sqlite"), "--quiet"])
     assert res.exit_code == 0, res.output
-    assert f"{info['frames']} frames" in res.output and "parts seen (voted)" in res.output
+    assert f"{info['frames']} frames" in res.output and "runs of one voted label" in res.output
     res = CliRunner().invoke(main, ["run", str(bundle), "--source", str(path), "--ok-classes", "bolt"])
     assert res.exit_code == 2 and "bolt" in res.output
 
