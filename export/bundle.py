@@ -271,6 +271,11 @@ def _int8_targets(files: dict) -> list[dict]:
 # versions of an image): a 0.5% agreement limit needs hundreds of judgements to mean
 # anything. Judged on the calibration images themselves, INT8 models that lost up to
 # 1.3 points on NEU's held-out images passed with no loss at all (benchmarks/int8_gate.py).
+# INT8 is calibrated on the calibration images and CALIB_COPIES augmented copies of each
+# (as the run's training augmented them): activation ranges that cover a brighter or
+# blurred part. On NEU's weak draw (OpenVINO, calibrated on 30 images) that took the
+# held-out agreement with FP32 from 98.74% to 99.25% and the loss from 0.75 points to 0.06.
+CALIB_COPIES = 3
 JUDGE_SHARE = 0.5
 JUDGE_IMAGES = 960
 MAX_JUDGE_VIEWS = 32
@@ -284,12 +289,13 @@ def _int8_models(loaded, files, out: Path, meta: dict, calib, eval_data, limits:
         return {t["runtime"]: {"verdict": "skipped", "why": "no calibration images (pass --calib DIR)"}
                 for t in targets}
     x_cal, y_cal, cal_paths = _labelled_arrays(loaded, calib, MAX_CALIB_IMAGES, progress, "calibration images")
+    augment = _run_augment(run_dir)
     if eval_data is not None:
         x_eval, y_eval, eval_paths = _labelled_arrays(loaded, eval_data, None, progress, "evaluation images")
         judged = {"source": f"{len(y_eval)} images from {eval_data}", "held_out": True}
     else:
-        x_cal, (x_eval, y_eval, eval_paths), judged = held_out_judgement(x_cal, y_cal, cal_paths,
-                                                                         _run_augment(run_dir))
+        x_cal, (x_eval, y_eval, eval_paths), judged = held_out_judgement(x_cal, y_cal, cal_paths, augment)
+    x_cal = with_augmented_copies(x_cal, augment)
     int8_meta = {**meta, "provenance": {**meta["provenance"], "precision": "int8"}}
     return {t["runtime"]: _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_paths,
                                       judged, limits) for t in targets}
@@ -315,6 +321,17 @@ def held_out_judgement(x, y, paths, augment, seed: int = 0):
     source = (f"{len(judge)} training images held out from calibration, each with {views - 1} augmented "
               f"copies ({len(judge) * views} images; calibrated on the other {len(cal)})")
     return x[cal], (np.concatenate(judged), np.tile(y[judge], views), names), {"source": source, "held_out": True}
+
+
+def with_augmented_copies(x: np.ndarray, augment, copies: int = CALIB_COPIES, seed: int = 2) -> np.ndarray:
+    """Calibration images and `copies` augmented copies of each, at most MAX_CALIB_IMAGES."""
+    from lineside.train.augment import Augmenter
+
+    copies = min(copies, MAX_CALIB_IMAGES // max(len(x), 1) - 1)
+    if copies < 1:
+        return x
+    aug = Augmenter(augment, seed)
+    return np.concatenate([x] + [np.stack([aug(im) for im in x]) for _ in range(copies)])
 
 
 def _run_augment(run_dir: Path | None):
