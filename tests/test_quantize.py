@@ -120,7 +120,8 @@ def test_onnxruntime_int8_is_written_checked_and_self_describing(int8_bundle, sy
     doc = json.loads((out / "bundle.json").read_text())
     assert q["verdict"] == "kept" and (out / "export_report.md").read_text().count("## INT8 for") == 2
     sizes = result["report"]["models"]
-    assert sizes["onnx_int8"]["bytes"] < 0.35 * sizes["onnx_fp32"]["bytes"]
+    # the linear convolutions stay in float (ORT_RECIPES): their weights are most of what is left
+    assert sizes["onnx_int8"]["bytes"] < 0.7 * sizes["onnx_fp32"]["bytes"]
     res = CliRunner().invoke(main, ["eval", str(out), str(synth_test_dir), "--backend", "onnxruntime",
                                     "--precision", "int8", "--json"])
     assert res.exit_code == 0, res.output
