@@ -304,17 +304,18 @@ def _int8_models(loaded, files, out: Path, meta: dict, calib, eval_data, limits:
 def held_out_judgement(x, y, paths, augment, seed: int = 0):
     """Split labelled calibration images into those the quantizer calibrates on and those
     INT8 is judged on (JUDGE_SHARE of each class with two or more images), each judged
-    image in JUDGE_VIEWS versions: itself and augmented copies. Returns (calibration
+    image in several versions (itself and augmented copies; about JUDGE_IMAGES in all,
+    at most MAX_JUDGE_VIEWS versions of one image). Returns (calibration
     images, (judged images, labels, names), description). With no class of two images
     there is nothing to hold out: INT8 is judged on its calibration images, and says so."""
     from lineside.dataset import stratified_split
     from lineside.train.augment import Augmenter
 
     cal, judge = stratified_split(y, JUDGE_SHARE, seed)
-    views = int(np.clip(np.ceil(JUDGE_IMAGES / max(len(judge), 1)), 1, MAX_JUDGE_VIEWS))
     if len(judge) == 0:
         return x, (x, y, paths), {"source": f"the {len(y)} calibration images", "held_out": False,
                                   "why": "too few images to hold any out of calibration; pass --eval DIR"}
+    views = int(np.clip(np.ceil(JUDGE_IMAGES / len(judge)), 1, MAX_JUDGE_VIEWS))
     aug = Augmenter(augment, seed + 1)
     judged = [x[judge]] + [np.stack([aug(im) for im in x[judge]]) for _ in range(views - 1)]
     names = [f"{paths[i]}" if v == 0 else f"{paths[i]} (augmented copy {v})" for v in range(views) for i in judge]
