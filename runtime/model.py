@@ -218,10 +218,18 @@ def _open_onnxruntime(path: Path, threads: int | None) -> RuntimeModel:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    # The session is made from the file's bytes, never from its path: ONNX Runtime then
+    # cannot read weights from an external data file beside it, which no checksum covers
+    # (a model that needs one is refused), and it runs exactly the bytes that were hashed.
+    data = path.read_bytes()
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - any unloadable file is the same user error
-        raise LinesideError(f"{path}: ONNX Runtime cannot load this model ({exc.__class__.__name__})") from exc
+        reason = (str(exc).strip().splitlines() or [""])[-1][:300]
+        hint = (" (a model whose weights lie in an external data file is not supported: export it as one file)"
+                if "external" in reason.lower() or "model_path must not be empty" in reason else "")
+        raise LinesideError(f"{path}: ONNX Runtime cannot load this model ({exc.__class__.__name__}: {reason}){hint}") \
+            from exc
     meta, labels, spec = _checked_metadata(path, session.get_modelmeta().custom_metadata_map.get(METADATA_KEY))
     name = session.get_inputs()[0].name
 
@@ -234,10 +242,10 @@ def _open_onnxruntime(path: Path, threads: int | None) -> RuntimeModel:
         single = ort.SessionOptions()
         single.intra_op_num_threads = 1
         single.inter_op_num_threads = 1
-        return OnnxRuntimeEngine(ort.InferenceSession(str(path), single, providers=["CPUExecutionProvider"]),
+        return OnnxRuntimeEngine(ort.InferenceSession(data, single, providers=["CPUExecutionProvider"]),
                                  max(1, cores), shape)
 
-    return RuntimeModel(path, "onnxruntime", meta, labels, spec, sha256(path),
+    return RuntimeModel(path, "onnxruntime", meta, labels, spec, hashlib.sha256(data).hexdigest(),
                         lambda x: session.run(None, {name: x})[0], engine)
 
 

@@ -103,3 +103,24 @@ def test_model_without_lineside_metadata_is_refused(tmp_path, synth_test_dir):
         res = CliRunner().invoke(main, ["eval", str(tmp_path / "plain.onnx"), str(synth_test_dir),
                                         "--backend", backend])
         assert res.exit_code == 2 and "no lineside metadata" in res.output, res.output
+
+
+def test_an_onnx_model_with_external_weights_is_refused(tiny_bundle, tmp_path):
+    """Weights in a separate file are in no checksum: a doctored weights file would change
+    the answers. The model is loaded from its own (hashed) bytes, so it cannot reach one."""
+    import onnx
+
+    from lineside.errors import LinesideError
+    from lineside.runtime.model import sha256
+
+    bundle, _ = tiny_bundle
+    model = onnx.load(str(bundle / "model_fp32.onnx"))
+    out = tmp_path / "external.onnx"
+    onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin",
+              size_threshold=0)
+    assert (tmp_path / "weights.bin").stat().st_size > 1000
+    with pytest.raises(LinesideError, match=r"external\.onnx: ONNX Runtime cannot load this model \(.+: .+\)"):
+        open_model(out)
+    # the same model in one file opens, and its checksum is that of the file
+    one = open_model(bundle / "model_fp32.onnx")
+    assert one.checksum == sha256(bundle / "model_fp32.onnx")
