@@ -309,26 +309,28 @@ def held_out_judgement(x, y, paths, augment, seed: int = 0):
     images, (judged images, labels, names), description). With no class of two images
     there is nothing to hold out: INT8 is judged on its calibration images, and says so."""
     from lineside.dataset import stratified_split
-    from lineside.train.augment import Augmenter
 
     cal, judge = stratified_split(y, JUDGE_SHARE, seed)
     if len(judge) == 0:
         return x, (x, y, paths), {"source": f"the {len(y)} calibration images", "held_out": False,
                                   "why": "too few images to hold any out of calibration; pass --eval DIR"}
     views = int(np.clip(np.ceil(JUDGE_IMAGES / len(judge)), 1, MAX_JUDGE_VIEWS))
-    aug = Augmenter(augment, seed + 1)
-    judged = [x[judge]] + [np.stack([aug(im) for im in x[judge]]) for _ in range(views - 1)]
+    judged = augmented_copies(x[judge], augment, views - 1, seed + 1)
     names = [f"{paths[i]}" if v == 0 else f"{paths[i]} (augmented copy {v})" for v in range(views) for i in judge]
     source = (f"{len(judge)} training images held out from calibration, each with {views - 1} augmented "
               f"copies ({len(judge) * views} images; calibrated on the other {len(cal)})")
-    return x[cal], (np.concatenate(judged), np.tile(y[judge], views), names), {"source": source, "held_out": True}
+    return x[cal], (judged, np.tile(y[judge], views), names), {"source": source, "held_out": True}
 
 
 def with_augmented_copies(x: np.ndarray, augment, copies: int = CALIB_COPIES, seed: int = 2) -> np.ndarray:
     """Calibration images and `copies` augmented copies of each, at most MAX_CALIB_IMAGES."""
+    return augmented_copies(x, augment, min(copies, MAX_CALIB_IMAGES // max(len(x), 1) - 1), seed)
+
+
+def augmented_copies(x: np.ndarray, augment, copies: int, seed: int) -> np.ndarray:
+    """x, then `copies` augmented copies of every image of x, in that order."""
     from lineside.train.augment import Augmenter
 
-    copies = min(copies, MAX_CALIB_IMAGES // max(len(x), 1) - 1)
     if copies < 1:
         return x
     aug = Augmenter(augment, seed)
