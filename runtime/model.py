@@ -225,7 +225,7 @@ def _open_onnxruntime(path: Path, threads: int | None) -> RuntimeModel:
     try:
         session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - any unloadable file is the same user error
-        reason = (str(exc).strip().splitlines() or [""])[-1][:300]
+        reason = library_reason(exc)
         hint = (" (a model whose weights lie in an external data file is not supported: export it as one file)"
                 if "external" in reason.lower() or "model_path must not be empty" in reason else "")
         raise LinesideError(f"{path}: ONNX Runtime cannot load this model ({exc.__class__.__name__}: {reason}){hint}") \
@@ -249,6 +249,15 @@ def _open_onnxruntime(path: Path, threads: int | None) -> RuntimeModel:
                         lambda x: session.run(None, {name: x})[0], engine)
 
 
+def library_reason(exc: BaseException) -> str:
+    """The line of an ONNX Runtime or OpenVINO error that says what is wrong, without the
+    C++ source locations they wrap it in (one line, for a one-line error)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from src/", "Check '")) and " at src/" not in ln]
+    reason = (useful or lines or [exc.__class__.__name__])[-1]
+    return reason[:300]
+
+
 VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
 
 
@@ -267,15 +276,32 @@ def _check_device(core, device: str):
 def _open_openvino(path: Path, device: str, threads: int | None, precision: str) -> RuntimeModel:
     ov = require("openvino", None)
     core = ov.Core()
-    try:
-        model = core.read_model(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise LinesideError(f"{path}: OpenVINO cannot read this model ({exc.__class__.__name__})") from exc
-    text = model.get_rt_info([METADATA_KEY]).astype(str) if model.has_rt_info([METADATA_KEY]) else None
-    if text is None and path.suffix == ".onnx":
+    # Read from the files' bytes, as for ONNX Runtime: an IR's weights come from the .bin
+    # beside it (checksummed in a bundle), and an ONNX file may not pull weights from an
+    # external data file, which OpenVINO would look for even in the working directory.
+    data = path.read_bytes()
+    text = None
+    if path.suffix == ".onnx":
         ort = require("onnxruntime", None)
-        text = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) \
-            .get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        try:   # made from bytes, an ONNX Runtime session refuses any external data
+            session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001
+            reason = library_reason(exc)
+            hint = (" (a model whose weights lie in an external data file is not supported: export it as one file)"
+                    if "external" in reason.lower() or "model_path must not be empty" in reason else "")
+            raise LinesideError(f"{path}: OpenVINO cannot read this model ({reason}){hint}") from exc
+        text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    try:
+        if path.suffix == ".xml":
+            weights = path.with_suffix(".bin")
+            blob = np.frombuffer(weights.read_bytes(), np.uint8) if weights.is_file() else np.zeros(0, np.uint8)
+            model = core.read_model(data, ov.Tensor(blob))
+        else:
+            model = core.read_model(data)
+    except Exception as exc:  # noqa: BLE001
+        raise LinesideError(f"{path}: OpenVINO cannot read this model ({library_reason(exc)})") from exc
+    if model.has_rt_info([METADATA_KEY]):
+        text = model.get_rt_info([METADATA_KEY]).astype(str)
     meta, labels, spec = _checked_metadata(path, text)
     _check_device(core, device)   # fail at open, naming what there is, not mid-run
     config = dict(OPENVINO_FP32) if precision == "fp32" and device.upper().startswith("CPU") else {}
@@ -286,7 +312,8 @@ def _open_openvino(path: Path, device: str, threads: int | None, precision: str)
         try:
             return core.compile_model(m, device, cfg)
         except Exception as exc:  # noqa: BLE001
-            raise LinesideError(f"--device {device}: OpenVINO cannot compile the model there ({exc})") from exc
+            raise LinesideError(f"--device {device}: OpenVINO cannot compile the model there "
+                                f"({library_reason(exc)})") from exc
 
     def one_image():
         # A static one-image shape compiles to faster kernels than the dynamic batch, and
@@ -315,4 +342,4 @@ def _open_openvino(path: Path, device: str, threads: int | None, precision: str)
             return np.concatenate([request.infer([x[i:i + 1]])[0].copy() for i in range(len(x))])
         return request.infer([x])[0].copy()
 
-    return RuntimeModel(path, "openvino", meta, labels, spec, sha256(path), run, engine)
+    return RuntimeModel(path, "openvino", meta, labels, spec, hashlib.sha256(data).hexdigest(), run, engine)

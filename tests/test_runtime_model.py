@@ -1,6 +1,7 @@
 """Exported models scored and used without torch; bad bundles are one-line errors."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,27 @@ def test_an_onnx_model_with_external_weights_is_refused(tiny_bundle, tmp_path):
     assert (tmp_path / "weights.bin").stat().st_size > 1000
     with pytest.raises(LinesideError, match=r"external\.onnx: ONNX Runtime cannot load this model \(.+: .+\)"):
         open_model(out)
+    # OpenVINO, given the bytes, would look for weights.bin in the working directory
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(LinesideError, match=r"external\.onnx: OpenVINO cannot read this model .*external data"):
+            open_model(out, backend="openvino")
+    finally:
+        os.chdir(cwd)
     # the same model in one file opens, and its checksum is that of the file
     one = open_model(bundle / "model_fp32.onnx")
     assert one.checksum == sha256(bundle / "model_fp32.onnx")
+
+
+def test_runtime_errors_keep_the_library_reason(tiny_bundle, tmp_path):
+    """A damaged IR names what OpenVINO found wrong, on one line, without its C++ locations."""
+    bundle, _ = tiny_bundle
+    xml = tmp_path / "model.xml"
+    xml.write_text((bundle / "model_fp32.xml").read_text()[:400])
+    shutil.copy(bundle / "model_fp32.bin", tmp_path / "model.bin")
+    res = CliRunner().invoke(main, ["run", str(xml), "--source", str(tmp_path), "--log", "none"])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert "OpenVINO cannot read this model (" in lines[0] and "src/" not in lines[0]
+    assert "mismatch at offset" in lines[0]     # pugixml's own words
