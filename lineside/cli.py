@@ -583,12 +583,16 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 @click.option("--save-max-mb", default=500.0, show_default=True, help="Keep at most this much in saved frames.")
 @click.option("--frames", "max_frames", type=int, default=None, help="Stop after this many frames.")
 @click.option("--seconds", type=float, default=None, help="Stop after this many seconds.")
+@click.option("--source-timeout", type=float, default=None,
+              help="End the run (exit status 3) when the source has delivered no frame for this many seconds, "
+                   "at the start or after a loss; for a supervisor that restarts or raises an alarm. "
+                   "[wait and reconnect for ever]")
 @click.option("--display", is_flag=True, help="Show frames with label, confidence, OK/NG and FPS (needs a screen).")
 @click.option("--quiet", is_flag=True, help="No live status line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loop, roi, reject_below, ok_classes,
-            vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, display,
-            quiet, as_json):
+            vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
+            display, quiet, as_json):
     """Classify every frame from --source with an exported BUNDLE and record each decision.
 
     \b
@@ -601,7 +605,23 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
     for is dropped and counted, never queued), a lost camera is reconnected with
     backoff, and black or frozen frames are flagged. Every decision goes to the
     log (SQLite, WAL). Ctrl-C or SIGTERM stops capture, finishes the frames in
-    flight, closes the log and exits 0. Never imports torch."""
+    flight, closes the log and exits 0. Never imports torch.
+
+    \b
+    Faults are events in the log, never a stopped line:
+      frame not saved (full disk)    save_failed; the decision is logged
+      log unwritable (disk, lock)    decisions wait in memory, retried; log_unwritable
+      log file deleted               a new one is started; log_recreated
+      damaged video frame            skipped, reading goes on; decode_error
+      frame the --roi does not fit   decided unknown (NG), flag roi_outside
+      camera or stream lost          reconnected with backoff; source_lost, source_back
+
+    \b
+    Exit status:
+      0  the run ended normally (end of source, --frames, --seconds, a signal)
+      2  a setup error: bad option, bundle, --roi, --log or --save path
+      3  the source never delivered a frame, or none for --source-timeout seconds
+      4  decisions were made that are not in the log (the summary's not_logged)"""
     from lineside.runtime.app import RunOptions, run_app
 
     if source is None:
@@ -609,13 +629,27 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
     options = RunOptions(source=source, pace=pace, hint=hint, loop=loop, roi=roi, reject_below=reject_below,
                          ok_classes=ok_classes, vote=vote, log=None if log_path == "none" else log_path,
                          save_dir=save_dir, save_when=save_when, save_max_files=save_max_files,
-                         save_max_mb=save_max_mb, max_frames=max_frames, seconds=seconds, display=display,
-                         status=not quiet and not as_json)
+                         save_max_mb=save_max_mb, max_frames=max_frames, seconds=seconds,
+                         source_timeout=source_timeout, display=display, status=not quiet and not as_json)
     model = _open_runtime_model(bundle, backend, precision, device, threads)
     summary = run_app(model, options)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
-        return
+    else:
+        _print_run_summary(summary, vote)
+    code = summary["exit_code"]
+    if code == 3:
+        click.echo(f"error: --source {source}: " + (
+            f"no frame for {source_timeout:g} s (--source-timeout)" if summary.get("source_timeout")
+            else "no frame was ever received (see the source_unavailable events in the log)"), err=True)
+    elif code == 4:
+        click.echo(f"error: {summary['not_logged']} decisions are not in the log {summary['log']} "
+                   "(it could not be written; see the log_unwritable events)", err=True)
+    if code:
+        sys.exit(code)
+
+
+def _print_run_summary(summary: dict, vote) -> None:
     lat = summary["latency_ms"]
     click.echo(f"{summary['frames']} frames in {summary['seconds']:.1f} s ({summary['fps']:.1f} FPS), "
                f"dropped {summary['dropped']}, capture-to-decision p50 {lat.get('p50', 0):.1f} ms "
@@ -628,6 +662,9 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
         click.echo("verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["verdicts"].items())))
     if summary["flags"]:
         click.echo("flagged frames: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["flags"].items())))
+    faults = {k: summary.get(k) for k in ("decode_errors", "save_failed", "not_logged", "log_recreated")}
+    if any(faults.values()):
+        click.echo("faults: " + ", ".join(f"{k} {v}" for k, v in faults.items() if v))
     if summary.get("log"):
         click.echo(f"{summary['logged']} decisions logged to {summary['log']}")
 

@@ -36,16 +36,17 @@ class RunOptions:
     save_max_mb: float = 500.0
     max_frames: int | None = None
     seconds: float | None = None
+    source_timeout: float | None = None
     display: bool = False
     status: bool = False
 
     def __post_init__(self):
         if self.pace is not None and not 0 < self.pace <= 1000:
             raise LinesideError(f"--pace: {self.pace} is outside 0..1000 frames per second")
-        for name in ("max_frames", "seconds"):
+        for name in ("max_frames", "seconds", "source_timeout"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise LinesideError(f"--{name.replace('max_', '')}: must be positive")
+                raise LinesideError(f"--{name.replace('max_', '').replace('_', '-')}: must be positive")
 
 
 def make_decider(model: RuntimeModel, options: RunOptions) -> Decider:
@@ -152,7 +153,8 @@ def _check_save_outside_source(save_dir: Path, info) -> None:
 def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
     info = describe_source(options.source)
     settings = LoopSettings(roi=parse_roi(options.roi), loop=options.loop, pace=options.pace, hint=options.hint,
-                            max_frames=options.max_frames, seconds=options.seconds)
+                            max_frames=options.max_frames, seconds=options.seconds,
+                            source_timeout=options.source_timeout)
     decider = make_decider(model, options)
     save = None
     if options.save_dir:
@@ -174,8 +176,21 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
     finally:
         status.close()
         recorder.close(summary)   # everything handed to the recorder is written before we return
-    summary.update(log=options.log, logged=recorder.written,
-                   saved=recorder.saver.saved if recorder.saver else 0,
-                   save_failed=recorder.saver.failed if recorder.saver else 0,
-                   model=str(model.path), backend=model.backend, source=info.text)
+    summary.update(log=options.log, **recorder.counts(), model=str(model.path), backend=model.backend,
+                   source=info.text)
+    summary["exit_code"] = exit_code(summary)
     return summary
+
+
+# `lineside run` exit codes (the CLI's --help lists them)
+EXIT_OK, EXIT_SETUP, EXIT_NO_FRAMES, EXIT_NOT_LOGGED = 0, 2, 3, 4
+
+
+def exit_code(summary: dict) -> int:
+    """3: the source never delivered a frame, or none for --source-timeout seconds;
+    4: decisions were made that are not in the log (see not_logged); else 0."""
+    if summary.get("frames_read", 0) == 0 or summary.get("source_timeout"):
+        return EXIT_NO_FRAMES
+    if summary.get("not_logged"):
+        return EXIT_NOT_LOGGED
+    return EXIT_OK

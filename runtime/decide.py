@@ -69,6 +69,12 @@ class Decider:
         verdict = None if self.ok_classes is None else ("OK" if label in self.ok_classes else "NG")
         return Decision(label, confidence, top, verdict, self._voted(label))
 
+    def not_inspected(self) -> Decision:
+        """The fail-safe decision for a frame that could not be classified: unknown (NG
+        with OK classes), and an unknown vote."""
+        verdict = None if self.ok_classes is None else "NG"
+        return Decision(UNKNOWN, 0.0, "", verdict, self._voted(UNKNOWN))
+
     def _voted(self, label: str) -> str | None:
         if self.vote is None:
             return label
@@ -77,5 +83,6 @@ class Decider:
         return best if count >= self.vote[0] else None
 
     def reset(self):
-        """Forget the vote history (after a gap in the source)."""
+        """Forget the vote history: the loop calls it on the first frame after a gap in
+        the source, so frames from before the gap never vote on the part after it."""
         self._recent.clear()

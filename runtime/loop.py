@@ -26,7 +26,7 @@ from lineside.spec import resize_to_spec
 
 from .decide import Decider
 from .model import RuntimeModel
-from .records import Recorder
+from .records import DecisionRow, Recorder
 from .sources import Capture, Closed, Frame, FrameSlot, SourceInfo
 from .timings import Timings
 
@@ -45,6 +45,7 @@ class LoopSettings:
     hint: str = "auto"               # auto: throughput for a file read unpaced, else latency
     max_frames: int | None = None
     seconds: float | None = None
+    source_timeout: float | None = None   # end the run when no frame came for this long
 
     def engine_hint(self, info: SourceInfo) -> str:
         if self.hint != "auto":
@@ -78,52 +79,64 @@ class LoopStats:
     capture_to_decision: Timings = field(default_factory=Timings)
     started: float = 0.0
     ended: float = 0.0
+    source_timeout: bool = False
+
+
+class BadFrame(Exception):
+    """A frame that cannot be classified; recorded as an event, the loop goes on."""
+
+
+class RoiOutside(BadFrame):
+    """A frame the ROI does not fit (smaller than the first): decided as unknown, flagged
+    roi_outside, never classified from a clipped or stretched crop."""
 
 
 class Preprocessor:
-    """ROI crop, resize to the model's size, BGR -> RGB, and frame checks (black, frozen)."""
+    """ROI crop, resize to the model's size, BGR -> RGB, and frame checks (black, frozen,
+    a size other than the first frame's)."""
 
     def __init__(self, model: RuntimeModel, roi):
         self.spec = model.spec
         self.roi = roi
         self.last = None
         self.frozen_run = 0
-        self.checked_roi = False
+        self.first_size = None
+        self.size = None
+        self.size_changed = False     # set when a frame's size differs from the frame before
 
     def __call__(self, image: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
         """(1, H, W, 3) RGB input and flags. `out`, if given, receives the input (an
-        engine's request buffer: the image is never copied again before inference)."""
+        engine's request buffer: the image is never copied again before inference).
+        Raises BadFrame (RoiOutside) for a frame that cannot be classified; a --roi that
+        does not fit the first frame is a setup error (LinesideError) and stops the run."""
+        if (not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3
+                or image.shape[0] < 2 or image.shape[1] < 2):
+            raise BadFrame(f"not an 8-bit colour image (shape {getattr(image, 'shape', None)})")
+        size = (image.shape[1], image.shape[0])
+        first = self.first_size is None
+        if first:
+            self.first_size = size
+        self.size_changed = self.size is not None and size != self.size
+        self.size = size
         if self.roi:
-            image = self._crop(image)
-        small = resize_to_spec(image, self.spec)
+            x, y, w, h = self.roi
+            if x + w > size[0] or y + h > size[1]:
+                if first:
+                    raise LinesideError(f"--roi {x},{y},{w},{h} reaches outside the {size[0]}x{size[1]} frame")
+                raise RoiOutside(f"--roi {x},{y},{w},{h} reaches outside this {size[0]}x{size[1]} frame "
+                                 f"(the first was {self.first_size[0]}x{self.first_size[1]})")
+            image = image[y:y + h, x:x + w]
+        try:
+            small = resize_to_spec(image, self.spec)
+        except (ValueError, cv2.error) as exc:
+            raise BadFrame(str(exc)) from exc
         if out is None:
             out = np.empty((1, *small.shape), np.uint8)
         cv2.cvtColor(small, cv2.COLOR_BGR2RGB, dst=out[0])
-        return out, self._flags(small)
-
-    def prepare(self, frame: Frame, out: np.ndarray | None = None):
-        """(input, flags, frozen run), or the error for a frame that cannot be used (it is
-        recorded as an event, the loop goes on). A wrong --roi on the first frame is a
-        setup error and stops the run."""
-        try:
-            x, flags = self(frame.image, out)
-            return x, flags, self.frozen_run
-        except LinesideError:
-            raise
-        except ValueError as exc:
-            return exc
-
-    def _crop(self, image):
-        x, y, w, h = self.roi
-        H, W = image.shape[:2]
-        if not self.checked_roi:
-            self.checked_roi = True
-            if x + w > W or y + h > H:
-                raise LinesideError(f"--roi {x},{y},{w},{h} reaches outside the {W}x{H} frame")
-        crop = image[y:min(y + h, H), x:min(x + w, W)]
-        if crop.shape[0] < 2 or crop.shape[1] < 2:
-            raise ValueError(f"--roi {x},{y},{w},{h} is outside this {W}x{H} frame")
-        return crop
+        flags = self._flags(small)
+        if size != self.first_size:
+            flags.append("size_changed")
+        return out, flags
 
     def _flags(self, small: np.ndarray) -> list[str]:
         flags = []
@@ -154,8 +167,9 @@ class _InFlight:
 def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, decider: Decider,
              recorder: Recorder, stop: threading.Event, on_decision: Callable | None = None,
              opener: Callable | None = None) -> dict:
-    """Classify frames from `info` until the source ends, `stop` is set, or the
-    frame/time limit is reached. Returns the summary (also written to the log)."""
+    """Classify frames from `info` until the source ends, `stop` is set, the frame/time
+    limit is reached, or no frame came for `settings.source_timeout` seconds. Returns the
+    summary (also written to the log)."""
     hint = settings.engine_hint(info)
     engine = model.engine(hint)
     slot = FrameSlot(block=not info.live and not settings.pace)
@@ -168,39 +182,61 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
     deadline = time.monotonic() + settings.seconds if settings.seconds else None
     last_voted = None
     frozen_reported = False
+    roi_outside_run = 0
+    sizes_seen: set = set()
 
-    def finish(item: _InFlight):
+    def record(frame: Frame, decision, probabilities: dict, flags: list, t_submit: float, t_decided: float):
         nonlocal last_voted
-        probs = engine.wait(item.slot)
-        free.append(item.slot)
-        t_done = time.perf_counter()
-        decision = decider(probs)
-        t_decided = time.perf_counter()
-        row = {"ts": time.time(), "frame": item.frame.index, "source": info.text, "origin": item.frame.origin,
-               "label": decision.label, "confidence": round(decision.confidence, 6), "top": decision.top,
-               "verdict": decision.verdict, "decision": decision.decision,
-               "probabilities": {n: round(float(p), 6) for n, p in zip(model.labels, probs)},
-               "flags": item.flags, "latency_ms": round((t_decided - item.t_submit) * 1000, 3),
-               "capture_to_decision_ms": round((t_decided - item.frame.t_capture) * 1000, 3),
-               "model_sha256": model.checksum}
-        recorder.decision(row, item.frame.image)
-        t_recorded = time.perf_counter()
-        st = stats.stages
-        st["infer"].add((t_done - item.t_submit) * 1000)
-        st["postprocess"].add((t_decided - t_done) * 1000)
-        st["record"].add((t_recorded - t_decided) * 1000)
-        stats.capture_to_decision.add((t_decided - item.frame.t_capture) * 1000)
+        row = DecisionRow(time.time(), frame.index, info.text, frame.origin, decision.label,
+                          round(decision.confidence, 6), decision.top, decision.verdict, decision.decision,
+                          probabilities, flags, round((t_decided - t_submit) * 1000, 3),
+                          round((t_decided - frame.t_capture) * 1000, 3), model.checksum)
+        recorder.decision(row, frame.image)
+        stats.capture_to_decision.add((t_decided - frame.t_capture) * 1000)
         stats.frames += 1
         stats.labels[decision.label] += 1
         if decision.verdict:
             stats.verdicts[decision.verdict] += 1
-        for f in item.flags:
+        for f in flags:
             stats.flags[f] += 1
         if decision.decision is not None and decision.decision != last_voted:
             stats.voted_runs[decision.decision] += 1
         last_voted = decision.decision
         if on_decision:
-            on_decision(item.frame, decision, stats)
+            on_decision(frame, decision, stats)
+
+    def after_gap(frame: Frame):
+        """Frames before a gap in the source say nothing about the part after it."""
+        nonlocal last_voted
+        if frame.after_gap:
+            decider.reset()
+            last_voted = None
+
+    def finish(item: _InFlight):
+        probs = engine.wait(item.slot)
+        free.append(item.slot)
+        t_done = time.perf_counter()
+        after_gap(item.frame)
+        decision = decider(probs)
+        t_decided = time.perf_counter()
+        record(item.frame, decision, {n: round(float(p), 6) for n, p in zip(model.labels, probs)}, item.flags,
+               item.t_submit, t_decided)
+        st = stats.stages
+        st["infer"].add((t_done - item.t_submit) * 1000)
+        st["postprocess"].add((t_decided - t_done) * 1000)
+        st["record"].add((time.perf_counter() - t_decided) * 1000)
+
+    def not_inspected(frame: Frame, reason: RoiOutside, t0: float):
+        """A frame the ROI does not fit: the fail-safe answer (unknown, NG with
+        --ok-classes), decided in frame order, and one event per run of such frames."""
+        nonlocal roi_outside_run
+        while pending:
+            finish(pending.popleft())
+        if roi_outside_run == 0:
+            recorder.event("roi_outside", f"frame {frame.index}: {reason}; decided unknown until the frames fit")
+        roi_outside_run += 1
+        after_gap(frame)
+        record(frame, decider.not_inspected(), {}, ["roi_outside"], t0, time.perf_counter())
 
     # Everything loaded so far (the runtimes' Python objects, OpenCV, the model) lives as
     # long as the loop: keep it out of the garbage collector's full passes, which would
@@ -210,9 +246,16 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
     gc.freeze()
     capture.start()
     stats.started = time.perf_counter()
+    last_frame_at = time.monotonic()
     try:
         while not stop.is_set():
-            if deadline and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline and now > deadline:
+                break
+            if settings.source_timeout and now - last_frame_at > settings.source_timeout:
+                stats.source_timeout = True
+                recorder.event("source_timeout", f"no frame from '{info.text}' for {now - last_frame_at:.1f} s "
+                                                 f"(--source-timeout {settings.source_timeout:g}); the run ends")
                 break
             try:
                 frame = slot.get(timeout=0 if pending else 0.25)
@@ -222,15 +265,31 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
                 if pending:
                     finish(pending.popleft())
                 continue
+            last_frame_at = time.monotonic()
+            if not sizes_seen:
+                sizes_seen.add((frame.image.shape[1], frame.image.shape[0]) if frame.image is not None else None)
             if not free:
                 finish(pending.popleft())
             s = free[-1]
             t0 = time.perf_counter()
-            prepared = prep.prepare(frame, engine.buffer(s))
-            if isinstance(prepared, Exception):   # a frame the ROI does not fit: record, skip, go on
-                recorder.event("bad_frame", f"frame {frame.index}: {prepared}")
+            try:
+                _, flags = prep(frame.image, engine.buffer(s))
+            except RoiOutside as exc:
+                not_inspected(frame, exc, t0)
                 continue
-            _, flags, frozen_run = prepared
+            except BadFrame as exc:      # record, skip, go on
+                recorder.event("bad_frame", f"frame {frame.index}: {exc}")
+                continue
+            if roi_outside_run:
+                recorder.event("roi_fits", f"frame {frame.index}: the --roi fits the frames again "
+                                           f"({roi_outside_run} frames were not inspected)")
+                roi_outside_run = 0
+            if prep.size_changed and prep.size not in sizes_seen:   # once per size: a mixed folder is no flood
+                sizes_seen.add(prep.size)
+                w, h = prep.size
+                recorder.event("frame_size", f"frame {frame.index} is {w}x{h}, the first frame was "
+                                             f"{prep.first_size[0]}x{prep.first_size[1]}")
+            frozen_run = prep.frozen_run
             if frozen_run >= FROZEN_EVENT_FRAMES and not frozen_reported:
                 recorder.event("source_frozen", f"{frozen_run} identical frames in a row at frame {frame.index}")
                 frozen_reported = True
@@ -270,6 +329,8 @@ def summarize(stats: LoopStats, capture: Capture, slot: FrameSlot, hint: str, de
         "dropped": slot.dropped,
         "frames_read": capture.stats.frames,
         "reconnects": capture.stats.reconnects,
+        "decode_errors": capture.stats.decode_errors,
+        "source_timeout": stats.source_timeout,
         "latency_ms": stats.capture_to_decision.summary(),
         "stages_ms": {k: v.summary() for k, v in stats.stages.items()},
         "rss_mb": round(peak_rss_mb(), 1),

@@ -1,20 +1,35 @@
 """Every decision goes on record: a SQLite log (WAL) or JSON lines, and the frames worth a look.
 
 Writes happen on a writer thread in batches, so the camera loop never waits for
-the disk. `close()` writes everything handed over before it returns: a decision
-the loop has recorded is never lost on a clean stop (SIGINT/SIGTERM).
+the disk. The log comes first and nothing else can touch it:
+
+- a frame that cannot be saved (full disk, removed folder) is a `save_failed`
+  event and a count; the decision is logged all the same;
+- when the log itself cannot be written (full disk, another program holding
+  its lock, a removed directory) the decisions wait in a bounded buffer and the
+  write is retried; once it succeeds a `log_unwritable` event says for how long
+  and why, and how many decisions did not fit in the buffer (counted as
+  `not_logged`);
+- a log file deleted or replaced during the run is noticed, a new one is
+  started and a `log_recreated` event says so.
+
+`close()` writes everything handed over before it returns (retrying for a while
+if the log is unwritable): a decision the loop has made is either in the log or
+counted in `not_logged`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import re
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import cv2
@@ -27,6 +42,46 @@ log = logging.getLogger(__name__)
 SAVE_WHEN = ("ng", "unknown", "all", "flagged")
 BATCH_SECONDS = 0.2
 BATCH_ROWS = 500
+LOG_BUFFER_ROWS = 50_000     # decisions kept while the log is unwritable (about half an hour at 30 FPS)
+LOG_BUFFER_EVENTS = 5_000
+RETRY_SECONDS = 0.5          # between attempts to write an unwritable log
+LOCK_WAIT_SECONDS = 1.0      # how long one SQLite write waits for another program's lock
+CLOSE_RETRY_SECONDS = 10.0   # how long close() keeps trying an unwritable log
+MAX_QUEUED_IMAGES = 64       # frames waiting to be saved; beyond this a frame is not saved (save_failed)
+
+
+@dataclass(slots=True)
+class DecisionRow:
+    """One decision, as the loop makes it and every log writes it."""
+    ts: float
+    frame: int
+    source: str
+    origin: str
+    label: str
+    confidence: float
+    top: str
+    verdict: str | None
+    decision: str | None
+    probabilities: dict
+    flags: list
+    latency_ms: float
+    capture_to_decision_ms: float
+    model_sha256: str
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in ROW_FIELDS}
+
+
+ROW_FIELDS = tuple(f.name for f in fields(DecisionRow))
+DECISION_COLUMNS = ("run", *ROW_FIELDS)
+
+
+@dataclass(slots=True)
+class Event:
+    ts: float
+    kind: str
+    detail: str
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -38,8 +93,6 @@ CREATE TABLE IF NOT EXISTS decisions (
     flags TEXT, latency_ms REAL, capture_to_decision_ms REAL, model_sha256 TEXT);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, run INTEGER, ts REAL, kind TEXT, detail TEXT);
 """
-DECISION_COLUMNS = ("run", "ts", "frame", "source", "origin", "label", "confidence", "top", "verdict", "decision",
-                    "probabilities", "flags", "latency_ms", "capture_to_decision_ms", "model_sha256")
 
 
 @dataclass
@@ -56,10 +109,10 @@ class SavePolicy:
         if self.max_files < 1 or self.max_mb <= 0:
             raise LinesideError("--save-max-files and --save-max-mb must be positive")
 
-    def wants(self, row: dict) -> bool:
-        return ("all" in self.when or ("ng" in self.when and row.get("verdict") == "NG")
-                or ("unknown" in self.when and row.get("label") == "unknown")
-                or ("flagged" in self.when and bool(row.get("flags"))))
+    def wants(self, row: DecisionRow) -> bool:
+        return ("all" in self.when or ("ng" in self.when and row.verdict == "NG")
+                or ("unknown" in self.when and row.label == "unknown")
+                or ("flagged" in self.when and bool(row.flags)))
 
 
 # The name of every frame lineside saves: housekeeping deletes files of this name only, so
@@ -74,18 +127,24 @@ class FrameSaver:
 
     def __init__(self, policy: SavePolicy):
         self.policy = policy
-        policy.folder.mkdir(parents=True, exist_ok=True)
-        existing = sorted((p for p in policy.folder.glob(f"{SAVED_PREFIX}*.jpg") if SAVED_NAME.match(p.name)),
+        folder = policy.folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LinesideError(f"--save {folder}: cannot create this folder ({_reason(exc)})") from exc
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise LinesideError(f"--save {folder}: this folder is not writable")
+        existing = sorted((p for p in folder.glob(f"{SAVED_PREFIX}*.jpg") if SAVED_NAME.match(p.name)),
                           key=lambda p: p.stat().st_mtime)
         self.files = [(p, p.stat().st_size) for p in existing]
         self.bytes = sum(s for _, s in self.files)
         self.saved = 0
         self.failed = 0
 
-    def save(self, row: dict, image: np.ndarray):
-        label = re.sub(r"[^\w.-]", "-", str(row["label"]))
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(row["ts"]))
-        path = self.policy.folder / f"{SAVED_PREFIX}{stamp}_{row['frame']:09d}_{label}.jpg"
+    def save(self, row: DecisionRow, image: np.ndarray):
+        label = re.sub(r"[^\w.-]", "-", str(row.label))
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(row.ts))
+        path = self.policy.folder / f"{SAVED_PREFIX}{stamp}_{row.frame:09d}_{label}.jpg"
         ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
         if not ok:
             raise OSError("the frame could not be encoded as JPEG")
@@ -103,6 +162,8 @@ class FrameSaver:
             self.bytes -= size
 
 
+# --- the log writers: one interface, one class per format -------------------------------
+
 LOG_KINDS = {".jsonl": "jsonl", ".sqlite": "sqlite", ".sqlite3": "sqlite", ".db": "sqlite"}
 
 
@@ -114,140 +175,350 @@ def log_kind(path: Path) -> str:
     return kind
 
 
-class Recorder:
-    """Writer thread for decisions and events: JSON lines for a .jsonl `log_path`, a
-    SQLite database for .sqlite, .sqlite3 or .db (see log_kind)."""
+class LogFile:
+    """One log file. `write()` puts a batch on record whole or raises with nothing of it
+    written (OSError or sqlite3.Error), so a failed batch can simply be tried again."""
 
-    def __init__(self, log_path: Path | None, run_info: dict, save: SavePolicy | None = None):
+    def __init__(self, path: Path, run_info: dict):
+        self.path = path
+        self.run_info = run_info
+        self._identity = None
+
+    def open(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._open()
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def replaced(self) -> bool:
+        """The file at the path is no longer the one open (deleted, or another put there)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return (st.st_dev, st.st_ino) != self._identity
+
+    def _open(self):
+        raise NotImplementedError
+
+    def write(self, decisions: list[DecisionRow], events: list[Event]):
+        raise NotImplementedError
+
+    def finish(self, summary: dict):
+        raise NotImplementedError
+
+    def close(self):
+        raise NotImplementedError
+
+
+class SqliteLog(LogFile):
+    def _open(self):
+        self.db = sqlite3.connect(str(self.path), timeout=5.0, check_same_thread=False)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+            info = self.run_info
+            cur = self.db.execute(
+                "INSERT INTO runs (started, source, model, model_sha256, labels, settings) VALUES (?,?,?,?,?,?)",
+                (time.time(), info.get("source"), info.get("model"), info.get("model_sha256"),
+                 json.dumps(info.get("labels")), json.dumps(info.get("settings"))))
+            self.db.commit()
+            self.db.execute(f"PRAGMA busy_timeout = {int(LOCK_WAIT_SECONDS * 1000)}")
+        except BaseException:
+            self.db.close()
+            raise
+        self.run_id = cur.lastrowid
+
+    def write(self, decisions, events):
+        run = self.run_id
+        try:
+            self.db.executemany(
+                f"INSERT INTO decisions ({','.join(DECISION_COLUMNS)}) VALUES ({','.join('?' * len(DECISION_COLUMNS))})",
+                [(run, r.ts, r.frame, r.source, r.origin, r.label, r.confidence, r.top, r.verdict, r.decision,
+                  json.dumps(r.probabilities), json.dumps(r.flags), r.latency_ms, r.capture_to_decision_ms,
+                  r.model_sha256) for r in decisions])
+            self.db.executemany("INSERT INTO events (run, ts, kind, detail) VALUES (?,?,?,?)",
+                                [(run, e.ts, e.kind, e.detail) for e in events])
+            self.db.commit()
+        except BaseException:
+            self.db.rollback()
+            raise
+
+    def finish(self, summary):
+        self.db.execute("UPDATE runs SET ended=?, summary=? WHERE id=?",
+                        (time.time(), json.dumps(summary), self.run_id))
+        self.db.commit()
+
+    def close(self):
+        self.db.close()     # closing twice is harmless
+
+
+class JsonLinesLog(LogFile):
+    """Appends whole lines with one write() each batch; a write that fails part way is cut
+    back, so the file never holds half a line."""
+
+    def _open(self):
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self._append([{"type": "run", "ts": time.time(), **self.run_info}])
+        except BaseException:
+            self.close()
+            raise
+
+    def _append(self, objects: list[dict]):
+        data = "".join(json.dumps(o) + "\n" for o in objects).encode("utf-8")
+        size = os.fstat(self.fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError:
+                pass
+            raise
+
+    def write(self, decisions, events):
+        self._append([{"type": "decision", **r.as_dict()} for r in decisions]
+                     + [{"type": "event", "ts": e.ts, "kind": e.kind, "detail": e.detail} for e in events])
+
+    def finish(self, summary):
+        self._append([{"type": "end", "ts": time.time(), "summary": summary}])
+
+    def close(self):
+        fd, self.fd = self.fd, None
+        if fd is not None:     # never close a descriptor number twice: it may be another file's by then
+            os.close(fd)
+
+
+def open_log(path: Path, run_info: dict) -> LogFile:
+    """The log for --log PATH, opened, with one-line errors for paths that cannot be used."""
+    writer = (SqliteLog if log_kind(path) == "sqlite" else JsonLinesLog)(path, run_info)
+    try:
+        writer.open()
+    except sqlite3.DatabaseError as exc:
+        raise LinesideError(f"--log {path}: not a usable SQLite database ({exc})") from exc
+    except OSError as exc:
+        raise LinesideError(f"--log {path}: cannot be written ({_reason(exc)})") from exc
+    return writer
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
+
+
+# --- the recorder ----------------------------------------------------------------------
+
+class Recorder:
+    """The camera loop's one place to put decisions and events (never blocks it). A writer
+    thread writes them to the log (see open_log) and saves the frames `save` asks for."""
+
+    def __init__(self, log_path: Path | None, run_info: dict, save: SavePolicy | None = None,
+                 buffer_rows: int = LOG_BUFFER_ROWS):
         self.path = Path(log_path) if log_path else None
-        self.kind = None if self.path is None else log_kind(self.path)
         self.saver = FrameSaver(save) if save else None
+        self.log = open_log(self.path, run_info) if self.path else None
+        self.buffer_rows = buffer_rows
         self._queue: queue.Queue = queue.Queue()
-        self.written = 0
-        self.error: BaseException | None = None
-        self.run_id = None
-        self._open(run_info)
-        self._thread = threading.Thread(target=self._loop, name="lineside-recorder", daemon=True)
+        self._rows: deque[DecisionRow] = deque()
+        self._events: deque[Event] = deque()
+        self._images_queued = 0   # counted by the loop's thread...
+        self._images_taken = 0    # ...and by the writer's: their difference is what waits
+        self.written = 0          # decisions in the log file now
+        self.not_logged = 0       # decisions that never reached the log (buffer full, or unwritable at the end)
+        self.deleted_with_log = 0  # decisions written to a log file that was then deleted or replaced
+        self.recreated = 0
+        self.save_skipped = 0     # frames not saved because saving fell behind
+        self.error: BaseException | None = None   # the writer thread itself failed (a bug, not a fault)
+        self._failing: dict | None = None
+        self._thread = threading.Thread(target=self._run, name="lineside-recorder", daemon=True)
         self._thread.start()
+
+    @property
+    def save_failed(self) -> int:
+        return self.save_skipped + (self.saver.failed if self.saver else 0)
 
     # -- called by the camera loop ---------------------------------------------------------
 
-    def decision(self, row: dict, image: np.ndarray | None = None):
+    def decision(self, row: DecisionRow, image: np.ndarray | None = None):
         if self.error:
-            raise LinesideError(f"{self.path}: the log cannot be written ({self.error})")
-        keep = image if self.saver is not None and self.saver.policy.wants(row) else None
-        self._queue.put(("decision", row, keep))
+            raise LinesideError(f"the recorder stopped ({self.error})")
+        keep = None
+        if image is not None and self.saver is not None and self.saver.policy.wants(row):
+            if self._images_queued - self._images_taken < MAX_QUEUED_IMAGES:
+                keep = image
+                self._images_queued += 1
+            else:
+                self.save_skipped += 1
+                self.event("save_failed", f"frame {row.frame}: not saved, saving is behind "
+                                          f"({MAX_QUEUED_IMAGES} frames waiting)")
+        self._queue.put((row, keep))
 
     def event(self, kind: str, detail: str = ""):
         log.warning("%s: %s", kind, detail)
-        self._queue.put(("event", {"ts": time.time(), "kind": kind, "detail": detail}, None))
+        self._queue.put(Event(time.time(), kind, detail))
 
     def close(self, summary: dict | None = None):
         """Write everything queued, then the run summary, and close the file."""
-        self._queue.put(("close", summary or {}, None))
+        self._queue.put(("close", summary or {}))
         self._thread.join()
         if self.error:
-            raise LinesideError(f"{self.path}: the log could not be written ({self.error})")
+            raise LinesideError(f"the recorder stopped ({self.error})")
 
     # -- the writer thread -----------------------------------------------------------------
 
-    def _open(self, run_info: dict):
-        if self.kind == "sqlite":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self.db = sqlite3.connect(str(self.path), check_same_thread=False)
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=NORMAL")
-                self.db.executescript(SCHEMA)
-                cur = self.db.execute(
-                    "INSERT INTO runs (started, source, model, model_sha256, labels, settings) VALUES (?,?,?,?,?,?)",
-                    (time.time(), run_info.get("source"), run_info.get("model"), run_info.get("model_sha256"),
-                     json.dumps(run_info.get("labels")), json.dumps(run_info.get("settings"))))
-                self.db.commit()
-            except sqlite3.DatabaseError as exc:
-                raise LinesideError(f"--log {self.path}: not a usable SQLite database ({exc})") from exc
-            self.run_id = cur.lastrowid
-        elif self.kind == "jsonl":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a", encoding="utf-8")
-            self.file.write(json.dumps({"type": "run", "ts": time.time(), **run_info}) + "\n")
-            self.file.flush()
+    def _run(self):
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the loop on its next decision()
+            self.error = exc
+            log.exception("the recorder stopped")
 
     def _loop(self):
-        closing = None
-        while closing is None:
-            batch = [self._queue.get()]
+        while True:
+            closing = None
+            images = []
+            wait = RETRY_SECONDS if self._failing else None
+            try:
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:
+                item = None
             deadline = time.monotonic() + BATCH_SECONDS
-            while len(batch) < BATCH_ROWS and batch[-1][0] != "close":
+            n = 0
+            while item is not None:
+                if isinstance(item, Event):
+                    self._events.append(item)
+                elif item[0] == "close":
+                    closing = item[1]
+                    break
+                else:
+                    row, image = item
+                    self._rows.append(row)
+                    if image is not None:
+                        images.append((row, image))
+                n += 1
+                if n >= BATCH_ROWS:
+                    break
                 try:
-                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
-            if batch[-1][0] == "close":
-                closing = batch.pop()[1]
-            try:
-                self._write(batch)
-            except Exception as exc:  # noqa: BLE001 - surfaced to the loop on its next record()
-                self.error = exc
-                log.error("log write failed: %s", exc)
-        try:
-            self._finish(closing)
-        except Exception as exc:  # noqa: BLE001
-            self.error = exc
+            self._flush()
+            if images:
+                self._save(images)
+            if closing is not None:
+                self._close(closing)
+                return
 
-    def _write(self, batch):
-        """The decisions and events of a batch go on record first; the frames worth a look
-        are saved after, each on its own: a frame that cannot be saved (a full disk) is a
-        `save_failed` event and a count, never a lost decision or a stopped line."""
-        self._log(batch)
-        if not self.saver:
-            return
-        failures = []
-        for kind, row, image in batch:
-            if image is None:
-                continue
+    def _save(self, images):
+        failures = 0
+        for row, image in images:
+            self._images_taken += 1
             try:
                 self.saver.save(row, image)
             except OSError as exc:
                 self.saver.failed += 1
-                failures.append(("event", {"ts": time.time(), "kind": "save_failed",
-                                           "detail": f"frame {row.get('frame')}: {self.saver.policy.folder}: {exc}"},
-                                 None))
+                failures += 1
+                self._events.append(Event(time.time(), "save_failed",
+                                          f"frame {row.frame}: {self.saver.policy.folder}: {_reason(exc)}"))
         if failures:
-            log.warning("save_failed: %d frame(s) not saved (%s)", len(failures), failures[-1][1]["detail"])
-            self._log(failures)
+            log.warning("save_failed: %d frame(s) not saved (%s)", failures, self._events[-1].detail)
+            self._flush()
 
-    def _log(self, batch):
-        decisions = [row for kind, row, _ in batch if kind == "decision"]
-        events = [row for kind, row, _ in batch if kind == "event"]
-        if self.kind == "sqlite":
-            self.db.executemany(
-                f"INSERT INTO decisions ({','.join(DECISION_COLUMNS)}) VALUES ({','.join('?' * len(DECISION_COLUMNS))})",
-                [tuple(_sql(r.get(c), self.run_id if c == "run" else None) for c in DECISION_COLUMNS)
-                 for r in decisions])
-            self.db.executemany("INSERT INTO events (run, ts, kind, detail) VALUES (?,?,?,?)",
-                                [(self.run_id, e["ts"], e["kind"], e["detail"]) for e in events])
-            self.db.commit()
-        elif self.kind == "jsonl":
-            for kind, row, _ in batch:
-                self.file.write(json.dumps({"type": kind, **row}) + "\n")
-            self.file.flush()
-        self.written += len(decisions)
+    def _flush(self) -> bool:
+        """Write the waiting decisions and events; keep them (bounded) when the log fails."""
+        if self.log is None:
+            self._rows.clear()
+            self._events.clear()
+            return True
+        if not self._rows and not self._events and not self._failing:
+            return True
+        events = list(self._events)
+        try:
+            if self.log.replaced():
+                self._recreate()
+                events = list(self._events)
+            if self._failing:
+                events.append(self._recovered_event())
+            self.log.write(list(self._rows), events)
+        except (OSError, sqlite3.Error) as exc:
+            self._failed(exc)
+            return False
+        self.written += len(self._rows)
+        self._rows.clear()
+        self._events.clear()
+        if self._failing:
+            log.warning("log_unwritable: %s", events[-1].detail)
+            self._failing = None
+        return True
 
-    def _finish(self, summary: dict):
-        if self.kind == "sqlite":
-            self.db.execute("UPDATE runs SET ended=?, summary=? WHERE id=?",
-                            (time.time(), json.dumps(summary), self.run_id))
-            self.db.commit()
-            self.db.close()
-        elif self.kind == "jsonl":
-            self.file.write(json.dumps({"type": "end", "ts": time.time(), "summary": summary}) + "\n")
-            self.file.close()
+    def _failed(self, exc: BaseException):
+        now = time.time()
+        if self._failing is None:
+            self._failing = {"since": now, "reason": _reason(exc), "dropped": 0, "first_frame": None}
+            log.error("%s: the log cannot be written (%s); decisions wait in memory and the write is retried",
+                      self.path, _reason(exc))
+        self._failing["reason"] = _reason(exc)
+        while len(self._rows) > self.buffer_rows:
+            self._rows.popleft()
+            self._failing["dropped"] += 1
+            self.not_logged += 1
+        while len(self._events) > LOG_BUFFER_EVENTS:
+            self._events.popleft()
 
+    def _recovered_event(self) -> Event:
+        f = self._failing
+        detail = (f"{self.path}: could not be written for {time.time() - f['since']:.1f} s ({f['reason']}); "
+                  f"{len(self._rows)} decisions waited in memory and are written now")
+        if f["dropped"]:
+            detail += (f"; {f['dropped']} older decisions did not fit in the buffer of {self.buffer_rows} "
+                       "and are not in the log (counted in not_logged)")
+        return Event(time.time(), "log_unwritable", detail)
 
-def _sql(value, default):
-    if value is None:
-        return default
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value)
-    return value
+    def _recreate(self):
+        """The log file was deleted or replaced: close ours, start a new one at the path."""
+        gone = self.written
+        try:
+            self.log.close()
+        except (OSError, sqlite3.Error):
+            pass
+        self.log.open()          # raises when the path cannot be written now: retried later
+        self.recreated += 1
+        self.deleted_with_log += gone
+        self.written = 0
+        self._events.appendleft(Event(time.time(), "log_recreated",
+                                      f"{self.path} was deleted or replaced during the run; a new log was started "
+                                      f"(the {gone} decisions written before went with the old file)"))
+        log.warning("log_recreated: %s", self._events[0].detail)
+
+    def _close(self, summary: dict):
+        deadline = time.monotonic() + CLOSE_RETRY_SECONDS
+        while not self._flush() and time.monotonic() < deadline:
+            time.sleep(RETRY_SECONDS)
+        if self.log is None:
+            return
+        try:
+            if self.log.replaced():   # deleted after the last batch: the summary still goes somewhere
+                self._recreate()
+        except (OSError, sqlite3.Error):
+            pass
+        if self._rows:
+            self.not_logged += len(self._rows)
+            log.error("%s: %d decisions could not be logged before the run ended (%s)",
+                      self.path, len(self._rows), self._failing["reason"] if self._failing else "")
+            self._rows.clear()
+        try:
+            self.log.finish(dict(summary, **self.counts()))
+        except (OSError, sqlite3.Error) as exc:
+            log.error("%s: the run's summary could not be written (%s)", self.path, _reason(exc))
+        try:
+            self.log.close()
+        except (OSError, sqlite3.Error):
+            pass
+
+    def counts(self) -> dict:
+        return {"logged": self.written, "not_logged": self.not_logged, "log_recreated": self.recreated,
+                "deleted_with_log": self.deleted_with_log,
+                "saved": self.saver.saved if self.saver else 0, "save_failed": self.save_failed}

@@ -14,6 +14,8 @@ is recorded as an event; no frame is ever invented to fill it.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".mjpeg", ".mjpg", "
 URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://", "rtmp://")
 OPEN_TIMEOUT_MS = 5000
 READ_TIMEOUT_MS = 5000
+MAX_DECODE_SKIPS = 100    # failed reads in a row that mean the end of a video file, not damage
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Frame:
     t_capture: float           # time.perf_counter() when the read returned
     t_read_ms: float           # how long the read took
     origin: str = ""           # file name for folder sources
+    after_gap: bool = False    # the first frame after the source was lost and came back
 
 
 @dataclass
@@ -87,10 +91,16 @@ def open_video_file(path: str) -> cv2.VideoCapture:
 
 
 class VideoReader:
-    """cv2.VideoCapture around a camera index, file, URL or GStreamer pipeline."""
+    """cv2.VideoCapture around a camera index, file, URL or GStreamer pipeline.
 
-    def __init__(self, info: SourceInfo):
+    In a video file a frame that fails to decode is skipped: reading goes on past it
+    (up to MAX_DECODE_SKIPS failures in a row, which is the end of the file) and the
+    skipped frames are a `decode_error` event with their position."""
+
+    def __init__(self, info: SourceInfo, on_event: Callable[[str, str], None] | None = None):
         self.info = info
+        self.on_event = on_event or (lambda kind, detail: None)
+        self.decoded = 0
         if info.kind == "camera":
             self.cap = cv2.VideoCapture(int(info.text))
         elif info.kind == "gstreamer":
@@ -112,7 +122,19 @@ class VideoReader:
 
     def read(self) -> tuple[np.ndarray | None, str]:
         ok, image = self.cap.read()
-        return (image if ok and image is not None and image.size else None), ""
+        if ok and image is not None and image.size:
+            self.decoded += 1
+            return image, ""
+        if self.info.kind != "file":
+            return None, ""
+        for failed in range(1, MAX_DECODE_SKIPS):
+            ok, image = self.cap.read()
+            if ok and image is not None and image.size:
+                self.on_event("decode_error", f"{self.info.text}: {failed} frame(s) after frame {self.decoded} "
+                                              "could not be decoded and were skipped")
+                self.decoded += 1
+                return image, ""
+        return None, ""
 
     def release(self):
         self.cap.release()
@@ -147,8 +169,30 @@ class FolderReader:
         pass
 
 
-def open_reader(info: SourceInfo, on_bad=None):
-    return FolderReader(info, on_bad) if info.kind == "folder" else VideoReader(info)
+def open_reader(info: SourceInfo, on_event=None):
+    return FolderReader(info, on_event) if info.kind == "folder" else VideoReader(info, on_event)
+
+
+def unfixable(info: SourceInfo) -> str | None:
+    """Why a live source that failed to open will not open by retrying, or None (an
+    outage: retry). Asked only before the source ever worked: a camera that was
+    there and went away is retried."""
+    if info.kind == "camera" and sys.platform.startswith("linux") and Path("/dev").is_dir():
+        device = Path(f"/dev/video{int(info.text)}")
+        if not device.exists():
+            here = sorted(str(p) for p in Path("/dev").glob("video[0-9]*"))
+            return f"no such camera ({device} does not exist; cameras here: {', '.join(here) or 'none'})"
+    if info.kind == "gstreamer" and not gstreamer_available():
+        return ("this OpenCV was built without GStreamer, so a GStreamer pipeline cannot be opened "
+                "(install an OpenCV built with GStreamer, or give the camera as an index, file or URL)")
+    return None
+
+
+def gstreamer_available() -> bool:
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GStreamer:"):
+            return "YES" in line.split(":", 1)[1].upper()
+    return False
 
 
 # --- the latest-frame slot ---------------------------------------------------------------
@@ -207,6 +251,7 @@ class FrameSlot:
 class CaptureStats:
     frames: int = 0
     reconnects: int = 0
+    decode_errors: int = 0
     read_ms: Timings = field(default_factory=Timings)
 
 
@@ -225,11 +270,12 @@ class Capture(threading.Thread):
         self.info, self.slot, self.stop = info, slot, stop
         self.loop, self.pace, self.max_frames = loop, pace, max_frames
         self.on_event = on_event or (lambda kind, detail: None)
-        self.opener = opener or (lambda i: open_reader(i, self.on_event))
+        self.opener = opener or (lambda i: open_reader(i, self._reader_event))
         self.backoff = backoff
         self.stats = CaptureStats()
         self.error: BaseException | None = None
         self.fps: float | None = None
+        self.opened = False
 
     def run(self):
         try:
@@ -240,19 +286,29 @@ class Capture(threading.Thread):
         finally:
             self.slot.close()
 
+    def _reader_event(self, kind: str, detail: str):
+        if kind == "decode_error":
+            self.stats.decode_errors += 1
+        self.on_event(kind, detail)
+
     def _open(self):
-        """Open the source; live sources retry with backoff until stopped."""
+        """Open the source; live sources retry with backoff until stopped, unless the
+        source never opened and retrying cannot help (see unfixable)."""
         delay = self.backoff[0]
         while not self.stop.is_set():
             try:
                 reader = self.opener(self.info)
                 self.fps = self.fps or getattr(reader, "fps", None)
+                self.opened = True
                 return reader
             except LinesideError:
                 raise
             except Exception as exc:  # noqa: BLE001 - OpenCV and OS errors alike
                 if not self.info.live:
                     raise LinesideError(f"--source: {exc}") from exc
+                reason = None if self.opened else unfixable(self.info)
+                if reason:
+                    raise LinesideError(f"--source {self.info.text}: {reason}") from exc
                 self.on_event("source_unavailable", f"{exc}; retrying in {delay:.1f} s")
                 if self.stop.wait(delay):
                     return None
@@ -263,7 +319,8 @@ class Capture(threading.Thread):
         reader = self._open()
         next_due = time.perf_counter()
         period = 1.0 / self.pace if self.pace else 0.0
-        lost_at = None
+        last_frame_at = time.time()   # for the gap: a stalled stream is lost from its last frame on
+        after_gap = False
         read_guess = 0.0        # a running estimate of the read time, for pacing
         while reader is not None and not self.stop.is_set():
             if self.pace:
@@ -279,12 +336,11 @@ class Capture(threading.Thread):
             if image is None:
                 reader.release()
                 if self.info.live:
-                    lost_at = time.time()
-                    self.on_event("source_lost", f"no frame from '{self.info.text}'; reconnecting")
+                    self.on_event("source_lost", f"no frame from '{self.info.text}' for "
+                                                 f"{time.time() - last_frame_at:.1f} s; reconnecting")
                     self.stats.reconnects += 1
                     reader = self._open()
-                    if reader is not None:
-                        self.on_event("source_back", f"gap of {time.time() - lost_at:.1f} s")
+                    after_gap = True
                     continue
                 if self.loop and self.stats.frames > 0:
                     reader = self._open()
@@ -302,9 +358,13 @@ class Capture(threading.Thread):
                 if wait > 0 and self.stop.wait(wait):
                     break
                 t1 = time.perf_counter()
+            if after_gap:
+                self.on_event("source_back", f"gap of {time.time() - last_frame_at:.1f} s without frames")
+            last_frame_at = time.time()
             self.stats.frames += 1
             self.stats.read_ms.add(read_ms)
-            frame = Frame(image, self.stats.frames, t1, read_ms, origin)
+            frame = Frame(image, self.stats.frames, t1, read_ms, origin, after_gap)
+            after_gap = False
             if not self.slot.put(frame):
                 break
             if self.max_frames and self.stats.frames >= self.max_frames:
