@@ -806,20 +806,57 @@ def test_when_the_log_buffer_overflows_the_loss_is_counted_and_the_exit_status_s
     assert result["not_logged"] > 0 and result["exit_code"] == 4
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 256 kB tmpfs: a --save disk that fills up after a few frames (needs root)."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True,
+def _mount_tmpfs(folder: Path, size: str) -> Path:
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
                           text=True)
     if done.returncode != 0:
-        message = f"cannot mount a tmpfs here ({done.stderr.strip()}): the fault test needs root"
+        message = f"cannot mount a tmpfs here ({done.stderr.strip()}): the fault tests need root"
         if os.environ.get("LINESIDE_REQUIRE_FAULTS"):
             pytest.fail(message)
         pytest.skip(message)
+    return folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 kB tmpfs: a --save disk that fills up after a few frames (needs root)."""
+    mount = _mount_tmpfs(tmp_path / "small-disk", "256k")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.fixture
+def log_disk(tmp_path):
+    mount = _mount_tmpfs(tmp_path / "log-disk", "2m")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_log_on_a_real_full_disk_loses_nothing_once_space_is_back(model, video, log_disk):
+    """The log's disk fills up mid-run (another file takes all the space) and is freed 2 s
+    later: the decisions made meanwhile are in the log, and the summary says what happened."""
+    path, _ = video
+    db = log_disk / "log.sqlite"
+    worker, result = _paced(model, path, db, max_frames=200)
+    _wait_for_rows(db, 20)
+    filler = log_disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    time.sleep(2.0)
+    filler.unlink()
+    worker.join(60)
+    con = sqlite3.connect(db)
+    assert result["frames"] == 200 == result["logged"] == con.execute("SELECT COUNT(*) FROM decisions").fetchone()[0]
+    assert result["exit_code"] == 0 and result["not_logged"] == 0
+    detail = [d for k, d in con.execute("SELECT kind, detail FROM events") if k == "log_unwritable"]
+    assert len(detail) == 1 and "full" in detail[0]
+    assert json.loads(con.execute("SELECT summary FROM runs").fetchone()[0])["logged"] == 200
 
 
 def test_faults_during_a_live_run_lose_no_decision(tiny_bundle, rtsp, small_disk, tmp_path):
