@@ -76,15 +76,14 @@ def main(argv=None) -> int:
         augment, views = POLICIES[name]
         cfg = TrainConfig(strategy="linear", taps="mid", augment=augment, views=views)
         trainer = Trainer(cfg, images.classes, spec, progress=False)
-        trainer.class_weights = torch.ones(len(images.classes))
         cells = []
         for k in shots:
             tta = {}
 
             def fit_predict(drawn, rest):
                 n_views = auto_views(cfg, len(drawn), True, len(trainer.orientations()))
-                bank, bank_y = trainer._build_bank(x[drawn], y[drawn], len(trainer.model.stages), n_views)
-                trainer._fit_head(bank, bank_y, len(trainer.model.stages))
+                bank, bank_y = trainer.build_bank(x[drawn], y[drawn], len(trainer.model.stages), n_views)
+                trainer.fit_head(bank, bank_y, len(trainer.model.stages))
                 with torch.inference_mode():
                     tta.setdefault("acc", []).append(
                         trainer.model.head(turned[:, rest].mean(0)).argmax(1).numpy())

@@ -151,12 +151,17 @@ def _list_backbones(ctx, _param, value):
 @click.option("--image-size", type=int, default=None, help="Square input size (default: the backbone's).")
 @click.option("--seed", type=int, default=None, help="[0]")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[auto]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="auto: CUDA when there is a GPU (the run's metrics.json names the device used). [auto]")
+@click.option("--gpus", "processes", type=int, default=None,
+              help="Train data-parallel in this many processes on this machine, one per GPU (without CUDA, "
+                   "CPU processes), through torchrun and DistributedDataParallel. --batch-size is per "
+                   "process. Several machines: start `torchrun ... -m lineside.cli train ...` on each (README).")
 @click.option("--skip-bad", is_flag=True, default=None, help="Skip unreadable images with a warning instead of failing.")
 @click.option("--force", is_flag=True, help="Overwrite a run folder that already holds a model.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def train(data_dir, out, config_file, val_dir, force, quiet, as_json, **options):
+def train(data_dir, out, config_file, val_dir, processes, force, quiet, as_json, **options):
     """Train a classifier on DATA (one sub-folder per class, or a path,label CSV).
 
     \b
@@ -165,12 +170,28 @@ def train(data_dir, out, config_file, val_dir, force, quiet, as_json, **options)
       lineside train parts/ --out runs/p2 --strategy linear
       lineside train parts/ --out runs/p3 --backbone resnet18 --weights resnet18.pth --no-rot90
     """
+    from lineside.train import distributed
     from lineside.train.config import TrainConfig
     from lineside.train.run import check_out_dir, train_run
 
     cfg = TrainConfig.from_yaml(config_file, **options) if config_file else TrainConfig().override(**options)
-    check_out_dir(out, force)
+    dist = distributed.from_env()
+    if dist.main:
+        check_out_dir(out, force)
+    if processes is not None and processes < 1:
+        raise LinesideError(f"--gpus: {processes} is not a number of processes (1 or more)")
+    if processes and processes > 1 and not dist.active:
+        import subprocess
+
+        import torch
+
+        if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < processes:
+            raise LinesideError(f"--gpus {processes}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        argv = distributed.without_option(sys.argv[1:], "--gpus")
+        sys.exit(subprocess.run(distributed.torchrun_args(processes, argv)).returncode)
     m = train_run(data_dir, out, cfg, val=val_dir, progress=not quiet)
+    if not dist.main:
+        return
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return
@@ -255,13 +276,11 @@ def _open_scorer(model: Path, backend, precision, device, threads):
 
         m = open_model(model, backend=backend, precision=precision, device=device, threads=threads)
         return m.predict_proba, m.labels, m.spec, {"model": str(m.path), "backend": m.backend}
-    from functools import partial
-
     from lineside.train.checkpoint import load_checkpoint, resolve_checkpoint
-    from lineside.train.trainer import predict_proba
+    from lineside.train.evaluate import RunScorer
 
     loaded = load_checkpoint(model)
-    return (partial(predict_proba, loaded.model), loaded.labels, loaded.spec,
+    return (RunScorer(loaded.model), loaded.labels, loaded.spec,
             {"model": str(resolve_checkpoint(model)), "backend": "pytorch"})
 
 

@@ -19,8 +19,13 @@ BATCH = 32
 
 
 def predict_batched(predict: PredictFn, x: np.ndarray, progress: bool = False) -> np.ndarray:
+    """predict over x in batches; a predict with a `whole(x, progress)` method (a training
+    run: see lineside.train.evaluate) is handed all of x at once and batches itself."""
     from tqdm import tqdm
 
+    whole = getattr(predict, "whole", None)
+    if whole is not None:
+        return whole(x, progress)
     out = [predict(x[s:s + BATCH]) for s in tqdm(range(0, len(x), BATCH), desc="predicting", unit="batch",
                                                  disable=not progress, leave=False)]
     return np.concatenate(out)

@@ -54,3 +54,24 @@ def neu_dir():
     if not (NEU / "crazing").is_dir():
         pytest.skip(f"real dataset not found at {NEU}")
     return NEU
+
+
+@pytest.fixture(autouse=True, scope="session")
+def test_device():
+    """LINESIDE_TEST_DEVICE=cuda (or cpu) makes every training in the tests that leaves
+    --device at auto run there: `LINESIDE_TEST_DEVICE=cuda make test` on a GPU machine.
+    Unset, auto means what it means for users (CUDA when present)."""
+    wanted = os.environ.get("LINESIDE_TEST_DEVICE")
+    if not wanted:
+        yield None
+        return
+    import torch
+
+    from lineside.train import trainer
+
+    if wanted == "cuda" and not torch.cuda.is_available():
+        pytest.exit("LINESIDE_TEST_DEVICE=cuda: no CUDA device here", returncode=2)
+    original = trainer.pick_device
+    trainer.pick_device = lambda name: original(wanted if name == "auto" else name)
+    yield wanted
+    trainer.pick_device = original

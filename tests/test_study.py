@@ -119,7 +119,7 @@ def test_shared_frozen_layers_predict_like_the_whole_network(synth_dir):
     d = study.data
     drawn, rest = draw_per_class(d.y, 4, 0)
     trainer = Trainer(cfg, d.classes, d.spec, progress=False)
-    plan = trainer.fit(d.x[drawn], d.y[drawn])
+    plan = trainer.fit(d.x[drawn], d.y[drawn]).plan
     assert plan.frozen > 0
     shared = study._predict_from_trunk(trainer, plan.frozen, rest)
     whole = trainer.predict_proba(d.x[rest])

@@ -256,7 +256,7 @@ def test_bank_starts_with_the_allowed_flips_and_turns_exactly(synth_dir):
     images = load_image_set(synth_dir)
     x, _, _ = load_arrays(images.subset([0, 1, 2]), trainer.spec, progress=False)
     y = np.zeros(3, np.int64)
-    bank, _ = trainer._build_bank(x, y, len(trainer.model.stages), 10)
+    bank, _ = trainer.build_bank(x, y, len(trainer.model.stages), 10)
     assert len(bank) == 30
     group = trainer.orientations()
     with torch.no_grad():
@@ -334,3 +334,108 @@ def test_auto_picks_a_middle_stage_head_only_when_it_wins_in_cross_validation(sy
     cv = metrics["auto_cross_validation"]
     assert metrics["strategy"] == "finetune" and cv["middle_stages"] < cv["last_stage"]
     assert load_checkpoint(tmp_path / "obj").model.taps is None
+
+
+# --- frozen forward passes: PyTorch, or OpenVINO converted in memory on the CPU -----------
+
+def _images(n, size=64, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_frozen_forward_in_openvino_matches_pytorch(tiny_run):
+    """Scores, pooled features and trunk activations are the same whichever runs them, and a
+    large job on the CPU really runs in OpenVINO (small ones stay in PyTorch)."""
+    from lineside.train.infer import MIN_OPENVINO_IMAGES, FrozenForward
+    from lineside.train.trainer import predict_proba, score
+
+    model = load_checkpoint(tiny_run[0]).model.eval()
+    x = _images(40)
+    for fn in (model.embed, lambda t: model.trunk(t, 2), lambda t: torch.softmax(model(t), 1)):
+        fast = FrozenForward(model, fn, x[:1], "cpu", n_images=10_000)
+        slow = FrozenForward(model, fn, x[:1], "cpu", n_images=1)
+        assert (fast.backend, slow.backend) == ("openvino", "torch")
+        a, b = fast.map(x), slow.map(x)
+        assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4 * max(1.0, float(b.abs().max()))
+    views = len(model.views or (0,))
+    big = _images(MIN_OPENVINO_IMAGES // views + 1, seed=1)
+    assert np.abs(score(model, big) - predict_proba(model, big)).max() < 1e-5
+
+
+def test_frozen_forward_can_be_kept_in_pytorch(tiny_run, monkeypatch):
+    from lineside.train.infer import FrozenForward
+
+    model = load_checkpoint(tiny_run[0]).model.eval()
+    monkeypatch.setenv("LINESIDE_FAST_INFERENCE", "torch")
+    assert FrozenForward(model, model.embed, _images(1), "cpu", n_images=10_000).backend == "torch"
+
+
+# --- data-parallel training under torchrun (gloo on CPU processes here) --------------------
+
+def test_every_rank_takes_an_equal_share_of_each_epoch():
+    from lineside.train.distributed import Dist, shard
+
+    order = np.random.default_rng(0).permutation(23)
+    parts = [shard(order, Dist(r, 3, r)) for r in range(3)]
+    assert {len(p) for p in parts} == {8}                      # padded: every rank steps as often
+    assert set(np.concatenate(parts)) == set(order)
+    assert list(shard(order, Dist())) == list(order)
+
+
+def test_two_processes_train_data_parallel_and_only_rank_0_writes(synth_dir, synth_test_dir, tmp_path):
+    """`lineside train --gpus 2` without CUDA: torchrun starts two CPU processes (gloo),
+    DistributedDataParallel trains `full`, rank 0 writes a complete run folder and prints
+    once; the model reloads and scores like a one-process run."""
+    import subprocess
+    import sys
+
+    common = ["--strategy", "full", "--image-size", "64", "--epochs", "4", "--batch-size", "8", "--device", "cpu",
+              "--quiet", "--json", "--threads", "1"]
+    two = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "lineside.cli", "train", str(synth_dir), "--out", str(two),
+                           *common, "--gpus", "2"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(proc.stdout)                       # one JSON object: rank 1 printed nothing
+    assert metrics["processes"] == 2 and metrics["device"] == "cpu"
+    for name in ("model.pt", "metrics.json", "history.csv", "config.yaml", "confusion_matrix.png"):
+        assert (two / name).is_file(), name
+    with open(two / "history.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3", "4"]
+    one = tmp_path / "one"
+    train_run(synth_dir, one, TrainConfig(strategy="full", image_size=64, epochs=4, batch_size=8, device="cpu"),
+              progress=False)
+    acc_two = evaluate_run(two, synth_test_dir, progress=False)["balanced_accuracy"]
+    acc_one = evaluate_run(one, synth_test_dir, progress=False)["balanced_accuracy"]
+    assert acc_two > 0.6 and abs(acc_two - acc_one) < 0.2, (acc_two, acc_one)
+
+
+def test_batch_augmentation_draws_per_image_and_keeps_flips_and_turns_exact():
+    """On the device a batch is augmented at once, but every image gets its own draw (not
+    one draw for the batch); with only flips and turns on, each output is exactly one
+    orientation of its input."""
+    from lineside.train.augment import AugmentConfig, BatchAugmenter, orient
+
+    torch.manual_seed(0)
+    x = _images(16, size=32)
+    t = torch.from_numpy(x).permute(0, 3, 1, 2).float()
+    only_turns = BatchAugmenter(AugmentConfig(affine=0, color=0, blur=0, noise=0))
+    out = only_turns(t.clone()).permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    found = []
+    for im, o in zip(x, out):
+        ks = [k for k in range(8) if np.array_equal(orient(im, k), o)]
+        assert ks, "not an exact flip or turn"
+        found.append(ks[0])
+    assert len(set(found)) > 2                      # per image, not one draw for the whole batch
+    full = BatchAugmenter(AugmentConfig())(t.clone())
+    assert full.shape == t.shape and float(full.min()) >= 0 and float(full.max()) <= 255
+    diffs = (full - t).abs().mean((1, 2, 3))
+    assert float(diffs.std()) > 0                   # images changed by different amounts
+
+
+def test_full_training_with_batch_augmentation_learns(synth_dir, synth_test_dir, tmp_path, monkeypatch):
+    """The batched (CUDA) augmentation path, forced on the CPU: the images go to the device
+    once as uint8 and the model still learns the parts."""
+    monkeypatch.setenv("LINESIDE_BATCH_AUGMENT", "1")
+    out = tmp_path / "run"
+    train_run(synth_dir, out, TrainConfig(strategy="full", image_size=64, epochs=5, batch_size=16, device="cpu"),
+              progress=False)
+    assert evaluate_run(out, synth_test_dir, progress=False)["balanced_accuracy"] > 0.6

@@ -93,3 +93,46 @@ def orient(image: np.ndarray, k: int) -> np.ndarray:
     """Orientation k of an H x W x C image (see orientations)."""
     out = np.rot90(image, k % 4)
     return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
+
+
+class BatchAugmenter:
+    """The Augmenter's transforms on a whole batch where it lies (the GPU), each image with
+    its own random draw: flips, quarter turns, affine jitter and blur from kornia, contrast,
+    brightness and noise as tensor arithmetic. Takes and returns float (N, 3, H, W) in
+    0..255. Used on CUDA; on the CPU, OpenCV one image at a time is faster (measured: 33 ms
+    against 258 ms for 32 images of 224 px on 2 cores), so the CPU keeps Augmenter."""
+
+    def __init__(self, cfg: AugmentConfig, square: bool = True):
+        import kornia.augmentation as K
+
+        self.cfg = cfg
+        ops = []
+        if cfg.flip:
+            ops += [K.RandomHorizontalFlip(p=0.5), K.RandomVerticalFlip(p=0.5)]
+        if cfg.rot90 and square:       # quarter turns of a non-square image would change its shape
+            ops.append(K.RandomRotation90(times=(0, 3), p=1.0))
+        if cfg.affine > 0:
+            s = cfg.affine
+            ops.append(K.RandomAffine(degrees=10 * s, translate=(0.05 * s, 0.05 * s), scale=(1 - 0.1 * s, 1 + 0.1 * s),
+                                      p=0.7, padding_mode="reflection"))
+        if cfg.blur > 0:
+            ops.append(K.RandomGaussianBlur((5, 5), (0.3, 1.0), p=cfg.blur))
+        self.geometry = K.AugmentationSequential(*ops) if ops else None
+
+    def __call__(self, x):
+        import torch
+
+        cfg = self.cfg
+        n = len(x)
+        if self.geometry is not None:
+            x = self.geometry(x / 255.0) * 255.0
+        if cfg.color > 0:
+            on = (torch.rand(n, 1, 1, 1, device=x.device) < 0.8).float()
+            alpha = 1.0 + (torch.rand(n, 1, 1, 1, device=x.device) * 0.4 - 0.2) * cfg.color * on
+            beta = (torch.rand(n, 1, 1, 1, device=x.device) * 40 - 20) * cfg.color * on
+            x = x * alpha + beta
+        if cfg.noise > 0:
+            on = (torch.rand(n, 1, 1, 1, device=x.device) < cfg.noise).float()
+            std = 2.0 + torch.rand(n, 1, 1, 1, device=x.device) * 4.0
+            x = x + torch.randn_like(x) * std * on
+        return x.clamp_(0, 255).round_()

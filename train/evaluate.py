@@ -1,22 +1,38 @@
-"""Scoring a training run on labelled folders, and predicting single images (PyTorch)."""
+"""Scoring a training run on labelled folders, and predicting single images (PyTorch,
+or on the CPU the same network converted to OpenVINO in memory: see infer.py)."""
 
 from __future__ import annotations
 
-from functools import partial
+import numpy as np
+from tqdm import tqdm
 
 from lineside.scoring import evaluate, predict_paths
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
-from .trainer import predict_proba
+from .trainer import score
+
+
+class RunScorer:
+    """A run's model as a `predict(images) -> probabilities` for lineside.scoring."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return score(self.model, x)
+
+    def whole(self, x: np.ndarray, progress: bool = False) -> np.ndarray:
+        with tqdm(total=len(x), desc="predicting", unit="img", disable=not progress, leave=False) as bar:
+            return score(self.model, x, progress=bar.update)
 
 
 def evaluate_run(model_path, data, skip_bad: bool = False, progress: bool = True) -> dict:
     loaded = load_checkpoint(model_path)
-    report = evaluate(partial(predict_proba, loaded.model), loaded.labels, loaded.spec, data, skip_bad, progress)
+    report = evaluate(RunScorer(loaded.model), loaded.labels, loaded.spec, data, skip_bad, progress)
     report["model"] = str(resolve_checkpoint(model_path))
     return report
 
 
 def predict_files(model_path, paths) -> list[dict]:
     loaded = load_checkpoint(model_path)
-    return predict_paths(partial(predict_proba, loaded.model), loaded.labels, loaded.spec, paths)
+    return predict_paths(RunScorer(loaded.model), loaded.labels, loaded.spec, paths)

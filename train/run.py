@@ -18,6 +18,7 @@ from lineside.dataset import ImageSet, load_arrays, load_image_set, stratified_s
 from lineside.errors import LinesideError
 from lineside.metrics import classification_report
 
+from . import distributed
 from .backbones import BACKBONES
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
@@ -47,14 +48,24 @@ def split_data(images: ImageSet, cfg: TrainConfig, val_path=None) -> tuple[Image
 
 
 def train_run(data, out, cfg: TrainConfig, val=None, progress: bool = True) -> dict:
-    """Train on `data` and write a run folder to `out`. Returns the metrics dict."""
+    """Train on `data` and write a run folder to `out`. Returns the metrics dict. Under
+    torchrun every process trains (see distributed.py) and rank 0 alone writes."""
+    dist = distributed.from_env()
+    device = distributed.setup(dist, cfg.device)
+    try:
+        return _train_run(data, Path(out), cfg, val, progress and dist.main, dist, device)
+    finally:
+        distributed.teardown(dist)
+
+
+def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, device) -> dict:
     t_start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     images = load_image_set(data)
     train_set, val_set, split_note = split_data(images, cfg, val)
     spec = BACKBONES.get(cfg.backbone).input_spec.with_size(cfg.image_size)
-    cfg.dump(out / "config.yaml")  # written first, so a failed run still says what it tried
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.dump(out / "config.yaml")  # written first, so a failed run still says what it tried
 
     x_train, train_set, bad = load_arrays(train_set, spec, cfg.skip_bad, progress, "reading training images")
     x_val = y_val = None
@@ -64,8 +75,9 @@ def train_run(data, out, cfg: TrainConfig, val=None, progress: bool = True) -> d
         bad += bad_val
     y_train = np.asarray(train_set.targets, dtype=np.int64)
 
-    trainer = Trainer(cfg, images.classes, spec, progress)
-    plan = trainer.fit(x_train, y_train, x_val, y_val)
+    trainer = Trainer(cfg, images.classes, spec, progress, dist=dist, device=device)
+    result = trainer.fit(x_train, y_train, x_val, y_val)
+    plan = result.plan
     train_seconds = time.perf_counter() - t_start
 
     if x_val is not None:
@@ -84,13 +96,14 @@ def train_run(data, out, cfg: TrainConfig, val=None, progress: bool = True) -> d
         "weights": cfg.weights if plan.strategy != "scratch" else "none",
         "strategy": plan.strategy,
         "strategy_reason": plan.reason,
-        "auto_cross_validation": trainer.auto_cv,
+        "auto_cross_validation": result.auto_cv,
         "plan": {"frozen_stages": plan.frozen, "total_stages": len(trainer.model.stages),
                  "views": plan.views, "epochs": plan.epochs,
                  "test_views": list(trainer.model.views) if trainer.model.views else None,
-                 "best_epoch": getattr(trainer, "best_epoch", None)},
-        "interrupted": trainer.interrupted,
+                 "best_epoch": result.best_epoch},
+        "interrupted": result.interrupted,
         "device": str(trainer.device),
+        "processes": dist.world,
         "threads": torch.get_num_threads(),
         "input_spec": spec.to_dict(),
         "labels": list(images.classes),
@@ -102,13 +115,15 @@ def train_run(data, out, cfg: TrainConfig, val=None, progress: bool = True) -> d
         "skipped_images": bad,
         "validation": report,
         "training_set": None if report else cm_report,
-        "seconds": {"total": round(train_seconds, 2), **{k: round(v, 2) for k, v in trainer.timings.items()}},
+        "seconds": {"total": round(train_seconds, 2), **{k: round(v, 2) for k, v in result.timings.items()}},
         "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
     }
+    if not dist.main:
+        return metrics
     info = {k: metrics[k] for k in ("strategy", "weights", "data_fingerprint", "lineside_version")}
     info["val_balanced_accuracy"] = report["balanced_accuracy"] if report else None
     save_checkpoint(out / "model.pt", trainer.model, images.classes, cfg.backbone, spec, info)
-    _write_history(out / "history.csv", trainer.history.rows)
+    _write_history(out / "history.csv", result.history.rows)
     plot_confusion(np.asarray(cm_report["confusion_matrix"]), images.classes, out / "confusion_matrix.png", cm_title)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

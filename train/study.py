@@ -28,11 +28,11 @@ from lineside.errors import LinesideError
 from lineside.learning_curve import estimate_size, extrapolation_check
 from lineside.metrics import classification_report
 
-from .augment import Augmenter, orient
+from .augment import Augmenter
 from .backbones import BACKBONES
 from .config import TrainConfig
-from .data import to_tensor
-from .trainer import INFER_BATCH, Trainer, resolve_strategy
+from .infer import FrozenForward
+from .trainer import BANK_CHUNK, INFER_BATCH, Trainer, resolve_strategy, view_bank
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +71,12 @@ class FeatureCache:
         aug = Augmenter(cfg.augment, cfg.seed + 1)
         self.group = trainer.orientations()
         total_views = len(self.group) + max(views - 1, 0)
-        feats = []
-        bar = tqdm(total=len(data.x) * total_views, desc="frozen features", unit="img", disable=not progress,
-                   leave=False)
-        with torch.inference_mode():
-            for v in range(total_views):
-                out = []
-                for s in range(0, len(data.x), INFER_BATCH):
-                    batch = data.x[s:s + INFER_BATCH]
-                    if v >= len(self.group):
-                        batch = np.stack([aug(im) for im in batch])
-                    elif self.group[v]:
-                        batch = np.stack([orient(im, self.group[v]) for im in batch])
-                    out.append(model.embed(to_tensor(batch, self.trainer.device)).float().cpu())
-                    bar.update(len(batch))
-                feats.append(torch.cat(out))
-        bar.close()
-        self.feats = torch.stack(feats)          # views x N x D
+        run = FrozenForward(model, model.embed, data.x[:1], trainer.device, len(data.x) * total_views)
+        with tqdm(total=len(data.x) * total_views, desc="frozen features", unit="img", disable=not progress,
+                  leave=False) as bar:
+            bank = view_bank(run, data.x, self.group, aug, total_views, bar.update)
+        feats = bank.reshape(total_views, len(data.x), -1)
+        self.feats = feats                        # views x N x D
         self.views = total_views
 
     def fit_predict(self, data: StudyData, train_idx, test_idx) -> np.ndarray:
@@ -96,10 +85,7 @@ class FeatureCache:
         t = self.trainer
         bank = self.feats[:, train_idx].reshape(-1, self.feats.shape[-1])
         y = np.tile(data.y[train_idx], self.views)
-        counts = np.bincount(data.y[train_idx], minlength=len(data.classes))
-        t.class_weights = t._class_weights(counts)
-        n_stages = len(t.model.stages)
-        t._fit_head(bank, y, n_stages)
+        t.fit_head(bank, y, len(t.model.stages))
         at = [self.group.index(k) for k in (t.test_views("linear") or (0,))]
         with torch.inference_mode():
             logits = t.model.head(self.feats[at][:, test_idx].mean(0).to(t.device))
@@ -134,13 +120,14 @@ class Study:
         """Activations of every image after the first `frozen` (pretrained, frozen) stages,
         computed once: fine-tuned models of every draw only run the stages after them."""
         if frozen not in self._trunks:
-            model = self.base().model.eval()
-            with torch.inference_mode():
-                self._trunks[frozen] = torch.cat([
-                    model.trunk(to_tensor(self.data.x[s:s + INFER_BATCH], self.base().device), frozen)
-                    .to("cpu", torch.float16) for s in tqdm(range(0, len(self.data.x), INFER_BATCH),
-                                                           desc="shared frozen layers", unit="batch",
-                                                           disable=not self.progress, leave=False)])
+            base = self.base()
+            model = base.model.eval()
+            x = self.data.x
+            run = FrozenForward(model, lambda t: model.trunk(t, frozen), x[:1], base.device, len(x))
+            with tqdm(total=len(x), desc="shared frozen layers", unit="img", disable=not self.progress,
+                      leave=False) as bar:
+                self._trunks[frozen] = torch.cat([run.map(x[s:s + BANK_CHUNK], progress=bar.update)
+                                                  .to("cpu", torch.float16) for s in range(0, len(x), BANK_CHUNK)])
         return self._trunks[frozen]
 
     def _predict_from_trunk(self, trainer: Trainer, frozen: int, idx) -> np.ndarray:
@@ -169,7 +156,7 @@ class Study:
             # auto keeps its own choice between fine-tuning and a head on the middle stages
             auto = strategy == "auto" and chosen == "finetune"
             trainer = Trainer(cfg if auto else cfg.override(strategy=chosen), d.classes, d.spec, progress=False)
-            plan = trainer.fit(d.x[train_idx], d.y[train_idx])
+            plan = trainer.fit(d.x[train_idx], d.y[train_idx]).plan
             train_s = time.perf_counter() - t0
             chosen, note = plan.strategy, ""
             if trainer.model.taps:

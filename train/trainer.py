@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -29,10 +30,13 @@ from tqdm import tqdm
 
 from lineside.errors import LinesideError
 
-from .augment import Augmenter, orient, orientations, test_views
+from .augment import Augmenter, BatchAugmenter, orient, orientations, test_views
 from .backbones import build_backbone
 from .config import TrainConfig
+from . import distributed
 from .data import to_tensor
+from .distributed import Dist
+from .infer import FrozenForward
 from .model import Classifier, resolve_taps
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 AUTO_LINEAR_BELOW = 3
 VIEWS_BUDGET = 1200  # augmented views cached per training run (before the 16-per-image cap)
 INFER_BATCH = 32
+BANK_CHUNK = 256  # images augmented and handed to the frozen network at once
 HEAD_L2 = 1e-3  # linear recipe: L2 penalty of the head on standardised features
 AUTO_TAPS_MARGIN = 0.02  # auto picks middle-stage taps when they beat the last stage by 2 points in CV
 
@@ -61,6 +66,19 @@ class History:
 
     def add(self, **row):
         self.rows.append(row)
+
+
+@dataclass
+class TrainResult:
+    """What `Trainer.fit` did: the plan it followed, per-epoch history, timings, the epoch
+    whose weights were kept (None without validation), auto's cross-validated scores of
+    head inputs, and whether Ctrl-C ended it early."""
+    plan: Plan
+    history: History
+    timings: dict[str, float]
+    best_epoch: int | None = None
+    auto_cv: dict | None = None
+    interrupted: bool = False
 
 
 def pick_device(name: str) -> torch.device:
@@ -96,29 +114,64 @@ def pooled_stage_features(model: Classifier, x: np.ndarray, device) -> list[np.n
     return [np.concatenate(f) for f in out]
 
 
-def fit_probe(x_train: np.ndarray, y_train: np.ndarray, classes: int, l2: float = 1e-3, max_iter: int = 200):
-    """Multinomial logistic regression (L-BFGS, L2) on standardised features: a quick
-    linear probe. Returns predict(x) -> labels."""
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
-    xt = torch.from_numpy((x_train - mu) / sd).float()
-    yt = torch.from_numpy(y_train).long()
-    head = torch.nn.Linear(xt.shape[1], classes)
+def fit_linear_head(head: torch.nn.Linear, feats: torch.Tensor, target: torch.Tensor, l2: float,
+                    standardise: bool, weight: torch.Tensor | None = None, max_iter: int = 300) -> None:
+    """Multinomial logistic regression (L-BFGS, L2 on the weights) of `head` on pooled
+    features, in place, from zero weights. With `standardise` the features are fitted on
+    one scale and the scaling is folded back into the head, which stays a plain linear
+    layer on the raw features."""
+    if standardise:
+        mu, sd = feats.mean(0), feats.std(0) + 1e-6
+        feats = (feats - mu) / sd
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
     opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                            line_search_fn="strong_wolfe")
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6)
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(head(xt), yt) + l2 * head.weight.pow(2).sum()
+        loss = F.cross_entropy(head(feats), target, weight=weight) + l2 * head.weight.pow(2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
+    if standardise:
+        with torch.no_grad():
+            head.weight.div_(sd)
+            head.bias.sub_(head.weight @ mu)
+
+
+def fit_probe(x_train: np.ndarray, y_train: np.ndarray, classes: int, l2: float = 1e-3, max_iter: int = 200):
+    """A quick linear probe on standardised features (fit_linear_head). Returns
+    predict(x) -> labels."""
+    head = torch.nn.Linear(x_train.shape[1], classes)
+    fit_linear_head(head, torch.from_numpy(x_train).float(), torch.from_numpy(y_train).long(), l2, True,
+                    max_iter=max_iter)
 
     def predict(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return head(torch.from_numpy((x - mu) / sd).float()).argmax(1).numpy()
+            return head(torch.from_numpy(x).float()).argmax(1).numpy()
 
     return predict
+
+
+def view_bank(run: FrozenForward, x: np.ndarray, group: tuple[int, ...], aug: Augmenter, views: int,
+              progress=None, dtype=torch.float32) -> torch.Tensor:
+    """The frozen network's outputs for `views` versions of every image, view by view
+    (views x N rows, view-major): the orientations of `group` first (identity, half turn,
+    quarter turns, mirrored), exactly, then randomly augmented copies. The one place
+    the view bank is built: training and the studies share it."""
+    outputs = []
+    for v in range(views):
+        for s in range(0, len(x), BANK_CHUNK):
+            batch = x[s:s + BANK_CHUNK]
+            if v < len(group):
+                if group[v]:
+                    batch = np.stack([orient(im, group[v]) for im in batch])
+            else:
+                batch = np.stack([aug(im) for im in batch])
+            outputs.append(run.map(batch, progress=progress).to("cpu", dtype))
+    return torch.cat(outputs)
 
 
 def cross_validated_probe(feats: np.ndarray, y: np.ndarray, seed: int, folds: int = 5) -> float:
@@ -170,17 +223,15 @@ def make_plan(cfg: TrainConfig, strategy: str, reason: str, n_stages: int, defau
 class Trainer:
     """Trains a Classifier on in-memory images (uint8, N x H x W x 3, already at the spec size)."""
 
-    def __init__(self, cfg: TrainConfig, classes, spec, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, classes, spec, progress: bool = True, dist: Dist | None = None,
+                 device: torch.device | None = None):
         self.cfg = cfg
         self.classes = list(classes)
         self.spec = spec
-        self.progress = progress
-        self.device = pick_device(cfg.device)
-        self.history = History()
-        self.timings: dict[str, float] = {}
-        self.interrupted = False
-        self.auto_cv: dict | None = None   # auto's cross-validated comparison of head inputs
-        self._best = None
+        self.dist = dist or Dist()
+        self.progress = progress and self.dist.main
+        self.device = device or pick_device(cfg.device)
+        self._result: TrainResult | None = None   # filled in during fit() and returned by it
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         if cfg.threads:
@@ -197,18 +248,19 @@ class Trainer:
 
     # -- public -------------------------------------------------------------------
 
-    def fit(self, x_train: np.ndarray, y_train: np.ndarray, x_val=None, y_val=None) -> Plan:
+    def fit(self, x_train: np.ndarray, y_train: np.ndarray, x_val=None, y_val=None) -> TrainResult:
+        """Train the model in place (self.model) and say how (TrainResult)."""
         counts = np.bincount(y_train, minlength=len(self.classes))
         if counts.min() == 0:
             missing = [c for c, n in zip(self.classes, counts) if n == 0]
             raise LinesideError(f"no training images for class(es) {', '.join(missing)}")
         strategy, reason = resolve_strategy(self.cfg, int(counts.min()))
+        auto_cv = None
         if self.cfg.strategy == "auto" and strategy == "finetune" and self.cfg.taps == "last":
-            strategy, reason = self._auto_taps(x_train, y_train, strategy, reason)
+            strategy, reason, auto_cv = self._auto_taps(x_train, y_train, strategy, reason)
         plan = make_plan(self.cfg, strategy, reason, len(self.model.stages), self.entry.default_unfreeze,
                          len(y_train), len(self.orientations()))
-        self.plan = plan
-        self.class_weights = self._class_weights(counts)
+        result = self._result = TrainResult(plan, History(), {}, auto_cv=auto_cv)
         log.info("%s", reason)
         if plan.frozen > 0:
             self._fit_on_bank(plan, x_train, y_train, x_val, y_val)
@@ -216,7 +268,8 @@ class Trainer:
             self._fit_end_to_end(plan, x_train, y_train, x_val, y_val)
         self.model.views = self.test_views(plan.strategy)
         self.model.eval()
-        return plan
+        self._result = None
+        return result
 
     def orientations(self) -> tuple[int, ...]:
         a = self.cfg.augment
@@ -235,7 +288,7 @@ class Trainer:
             return None
         return views or None
 
-    def _auto_taps(self, x_train, y_train, strategy: str, reason: str) -> tuple[str, str]:
+    def _auto_taps(self, x_train, y_train, strategy: str, reason: str) -> tuple[str, str, dict]:
         """auto, with enough images to fine-tune: compare a linear head on the middle stages
         with one on the last stage by cross-validation on the training images (one plain
         pass through the frozen network, then a few logistic regressions: seconds). Middle
@@ -247,34 +300,33 @@ class Trainer:
         feats = pooled_stage_features(self.model, x_train, self.device)
         last_acc = cross_validated_probe(feats[n - 1], y_train, self.cfg.seed)
         mid_acc = cross_validated_probe(np.concatenate([feats[t] for t in mid], 1), y_train, self.cfg.seed)
-        self.auto_cv = {"last_stage": round(last_acc, 4), "middle_stages": round(mid_acc, 4)}
+        cv = {"last_stage": round(last_acc, 4), "middle_stages": round(mid_acc, 4)}
         if mid_acc < last_acc + AUTO_TAPS_MARGIN:
             return strategy, reason + (f" (cross-validated linear heads: last stage {last_acc:.1%}, middle stages "
-                                       f"{mid_acc:.1%})")
+                                       f"{mid_acc:.1%})"), cv
         self.model = Classifier(self.model.backbone, self.entry.feature_dim, len(self.classes), self.spec,
                                 self.cfg.dropout, taps=mid).to(self.device).to(memory_format=torch.channels_last)
         return "linear", (f"auto: middle-stage features separate the training images better than the last stage "
                           f"in cross-validation ({mid_acc:.1%} vs {last_acc:.1%}): a linear head on stages "
-                          f"{mid[0]}-{mid[-1]}")
+                          f"{mid[0]}-{mid[-1]}"), cv
 
-    @torch.inference_mode()
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        return predict_proba(self.model, x, self.device, progress=False)
+        return score(self.model, x, self.device)
 
     # -- frozen trunk: cache activations of augmented views once ----------------
 
     def _fit_on_bank(self, plan: Plan, x_train, y_train, x_val, y_val):
         t0 = time.perf_counter()
-        bank, bank_y = self._build_bank(x_train, y_train, plan.frozen, plan.views)
-        val_bank = self._build_bank(x_val, y_val, plan.frozen, 1)[0] if x_val is not None else None
-        self.timings["bank_s"] = time.perf_counter() - t0
+        bank, bank_y = self.build_bank(x_train, y_train, plan.frozen, plan.views)
+        val_bank = self.build_bank(x_val, y_val, plan.frozen, 1)[0] if x_val is not None else None
+        self._result.timings["bank_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        self._fit_head(bank, bank_y, plan.frozen)
-        self.timings["head_s"] = time.perf_counter() - t0
+        self.fit_head(bank, bank_y, plan.frozen)
+        self._result.timings["head_s"] = time.perf_counter() - t0
         val = self._evaluate_bank(val_bank, y_val, plan.frozen)
-        self.history.add(stage="head", epoch=0, train_loss=float("nan"), lr=0.0, **val,
-                         seconds=round(self.timings["head_s"], 2))
+        self._result.history.add(stage="head", epoch=0, train_loss=float("nan"), lr=0.0, **val,
+                                 seconds=round(self._result.timings["head_s"], 2))
         if plan.frozen >= len(self.model.stages):
             return  # linear: the head is all there is
 
@@ -291,37 +343,25 @@ class Trainer:
         t0 = time.perf_counter()
         self._train_loop(plan, trainable, lr=self.cfg.lr / 10, steps_per_epoch=math.ceil(n / self.cfg.batch_size),
                          batches=batches, forward=forward,
-                         validate=lambda: self._evaluate_bank(val_bank, y_val, plan.frozen), stage="finetune")
-        self.timings["finetune_s"] = time.perf_counter() - t0
+                         validate=lambda: self._evaluate_bank(val_bank, y_val, plan.frozen), stage="finetune",
+                         y=y_train)
+        self._result.timings["finetune_s"] = time.perf_counter() - t0
 
-    @torch.inference_mode()
-    def _build_bank(self, x, y, frozen: int, views: int):
-        """Trunk activations for `views` versions of every image: the allowed flips and turns
-        first (identity, half turn, quarter turns, mirrored), then randomly augmented copies."""
+    def build_bank(self, x, y, frozen: int, views: int):
+        """Trunk activations (pooled features when every stage is frozen) for `views`
+        versions of every image (view_bank), with their labels. The frozen part runs
+        through FrozenForward (OpenVINO on the CPU for large banks)."""
         self.model.eval()
-        aug = Augmenter(self.cfg.augment, self.cfg.seed + 1)
-        group = self.orientations()
-        outputs, labels = [], []
-        total = len(x) * views
-        bar = tqdm(total=total, desc="caching frozen features", unit="img", disable=not self.progress, leave=False)
-        for v in range(views):
-            for s in range(0, len(x), INFER_BATCH):
-                batch = x[s:s + INFER_BATCH]
-                if v < len(group):
-                    if group[v]:
-                        batch = np.stack([orient(im, group[v]) for im in batch])
-                else:
-                    batch = np.stack([aug(im) for im in batch])
-                if frozen >= len(self.model.stages):   # nothing left to train but the head: pool now
-                    h = self.model.embed(to_tensor(batch, self.device))
-                else:
-                    h = self.model.trunk(to_tensor(batch, self.device), frozen)
-                # half precision halves the memory of a feature-map bank; the tail trains in float32
-                outputs.append(h.to("cpu", torch.float16 if h.dim() == 4 else torch.float32))
-                labels.append(y[s:s + INFER_BATCH])
-                bar.update(len(batch))
-        bar.close()
-        return torch.cat(outputs), np.concatenate(labels).astype(np.int64)
+        model = self.model
+        pooled = frozen >= len(model.stages)      # nothing left to train but the head: pool now
+        run = FrozenForward(model, model.embed if pooled else (lambda t: model.trunk(t, frozen)), x[:1], self.device,
+                            len(x) * views)
+        with tqdm(total=len(x) * views, desc="caching frozen features", unit="img", disable=not self.progress,
+                  leave=False) as bar:
+            # half precision halves the memory of a feature-map bank; the tail trains in float32
+            bank = view_bank(run, x, self.orientations(), Augmenter(self.cfg.augment, self.cfg.seed + 1), views,
+                             bar.update, torch.float32 if pooled else torch.float16)
+        return bank, np.tile(np.asarray(y), views).astype(np.int64)
 
     def _evaluate_bank(self, bank, y, frozen) -> dict:
         if bank is None:
@@ -334,16 +374,16 @@ class Trainer:
             ]).float().cpu()
         return _val_metrics(logits, y, len(self.classes))
 
-    def _fit_head(self, bank, y, frozen: int):
-        """Multinomial logistic regression on pooled features (L-BFGS, L2).
+    def fit_head(self, bank, y, frozen: int):
+        """The head as a multinomial logistic regression on pooled features (fit_linear_head).
 
         A head on middle stages (linear --taps) is fitted on standardised features (every
         feature on one scale, L2 of HEAD_L2) and the scaling is folded back into its
-        weights, so the model stays a plain linear layer: on NEU (10 images per class, five
-        draws) that beat the raw fit by 0.1 points on single images and 0.3 with test-time
-        views. On the last stage (1280 pooled features, many nearly constant) it did much
-        worse: 65.5% instead of over 80% in tests/test_neu.py; that head, and the one
-        fitted before fine-tuning, use the raw features (L2 as in C=1)."""
+        weights: on NEU (10 images per class, five draws) that beat the raw fit by 0.1
+        points on single images and 0.3 with test-time views. On the last stage (1280
+        pooled features, many nearly constant) it did much worse: 65.5% instead of over
+        80% in tests/test_neu.py; that head, and the one fitted before fine-tuning, use the
+        raw features (L2 as in C=1). Class weights follow --balance loss."""
         self.model.eval()
         with torch.inference_mode():
             feats = torch.cat([
@@ -352,29 +392,11 @@ class Trainer:
             ])
         feats = feats.clone()
         standardise = frozen >= len(self.model.stages) and bool(self.model.taps)
-        if standardise:
-            mu, sd = feats.mean(0), feats.std(0) + 1e-6
-            feats = (feats - mu) / sd
-        target = torch.from_numpy(y).to(self.device)
-        weight = self.class_weights.to(self.device) if self.cfg.balance == "loss" else None
-        head = self.model.head
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
-        l2 = HEAD_L2 if standardise else 0.5 / len(y)
-        opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=500 if standardise else 300, history_size=20,
-                                line_search_fn="strong_wolfe", tolerance_grad=1e-6)
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(head(feats), target, weight=weight) + l2 * head.weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        if standardise:
-            with torch.no_grad():
-                head.weight.div_(sd)
-                head.bias.sub_(head.weight @ mu)
+        counts = np.bincount(y, minlength=len(self.classes))
+        weight = class_weights(counts).to(self.device) if self.cfg.balance == "loss" else None
+        fit_linear_head(self.model.head, feats, torch.from_numpy(y).to(self.device),
+                        HEAD_L2 if standardise else 0.5 / len(y), standardise, weight,
+                        max_iter=500 if standardise else 300)
 
     # -- end to end: augment images on the fly --------------------------------------
 
@@ -385,17 +407,30 @@ class Trainer:
         if plan.strategy == "finetune":  # --unfreeze all: the head still comes first, on frozen features
             n = len(self.model.stages)
             t0 = time.perf_counter()
-            self._fit_head(*self._build_bank(x_train, y_train, n, auto_views(self.cfg, len(y_train))), n)
-            self.timings["head_s"] = time.perf_counter() - t0
+            self.fit_head(*self.build_bank(x_train, y_train, n, auto_views(self.cfg, len(y_train))), n)
+            self._result.timings["head_s"] = time.perf_counter() - t0
             groups = [{"params": body_params + head_params, "lr": self.cfg.lr / 10}]
         else:
             body_lr = self.cfg.lr if plan.strategy == "scratch" else self.cfg.lr / 10
             groups = [{"params": body_params, "lr": body_lr}, {"params": head_params, "lr": self.cfg.lr}]
 
-        def batches(rng):
-            for idx in self._epoch_indices(y_train, rng):
-                images = np.stack([aug(x_train[i]) for i in idx])
-                yield to_tensor(images, self.device), torch.from_numpy(y_train[idx]).to(self.device)
+        if batch_augment(self.device):
+            # Every image decoded once into a uint8 tensor, kept on the device when it fits
+            # (pinned on the host otherwise), augmented a whole batch at a time where it lies.
+            images_t, targets_t = device_images(x_train, self.device), torch.from_numpy(y_train).to(self.device)
+            batch_aug = BatchAugmenter(self.cfg.augment, self.spec.height == self.spec.width)
+
+            def batches(rng):
+                for idx in self._epoch_indices(y_train, rng, shard=True):
+                    at = torch.from_numpy(idx).to(images_t.device)
+                    xb = images_t[at].to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+                    yield (batch_aug(xb).contiguous(memory_format=torch.channels_last),
+                           targets_t[at.to(self.device)])
+        else:
+            def batches(rng):
+                for idx in self._epoch_indices(y_train, rng, shard=True):
+                    images = np.stack([aug(x_train[i]) for i in idx])
+                    yield to_tensor(images, self.device), torch.from_numpy(y_train[idx]).to(self.device)
 
         def validate():
             if x_val is None:
@@ -405,11 +440,13 @@ class Trainer:
             return _val_metrics(logits, y_val, len(self.classes))
 
         t0 = time.perf_counter()
-        self._train_loop(plan, groups, lr=None, steps_per_epoch=math.ceil(len(y_train) / self.cfg.batch_size),
-                         batches=batches, forward=self.model, validate=validate, stage=plan.strategy)
+        forward = distributed.wrap(self.model, self.dist, self.device)   # data-parallel under torchrun
+        steps = math.ceil(math.ceil(len(y_train) / self.dist.world) / self.cfg.batch_size)
+        self._train_loop(plan, groups, lr=None, steps_per_epoch=steps, batches=batches, forward=forward,
+                         validate=validate, stage=plan.strategy, y=y_train)
         if not self.pretrained or self.cfg.bn_stats == "adapt":
             self._recompute_bn_stats(x_train, aug)
-        self.timings["train_s"] = time.perf_counter() - t0
+        self._result.timings["train_s"] = time.perf_counter() - t0
 
     @torch.no_grad()
     def _recompute_bn_stats(self, x_train, aug, views: int = 4):
@@ -436,65 +473,62 @@ class Trainer:
 
     # -- the shared loop -------------------------------------------------------------
 
-    def _train_loop(self, plan, params, lr, steps_per_epoch, batches, forward, validate, stage):
-        bar = tqdm(range(1, plan.epochs + 1), desc=stage, unit="epoch", disable=not self.progress)
-        try:
-            self._run_epochs(bar, plan, params, lr, steps_per_epoch, batches, forward, validate, stage)
-        except KeyboardInterrupt:
-            # Ctrl-C ends training early but still saves the best model so far.
-            log.warning("interrupted: keeping the best model so far (press Ctrl-C again to abort)")
-            self.interrupted = True
-        bar.close()
-        if self._best is not None:
-            self.model.load_state_dict(self._best)
-
-    def _run_epochs(self, bar, plan, params, lr, steps_per_epoch, batches, forward, validate, stage):
-        cfg = self.cfg
+    def _train_loop(self, plan, params, lr, steps_per_epoch, batches, forward, validate, stage, y):
+        """Epochs of train_one_epoch with a warm-up + cosine schedule, validation after
+        each, early stopping on it, and the best epoch's weights kept. Ctrl-C ends training
+        early but keeps the best model so far."""
+        cfg, result = self.cfg, self._result
         groups = params if lr is None else [{"params": params, "lr": lr}]
         for g in groups:
             g["initial_lr"] = g["lr"]
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         total = plan.epochs * steps_per_epoch
         warmup = max(1, int(0.05 * total))
-        weight = self.class_weights.to(self.device) if cfg.balance == "loss" else None
-        use_amp = self.device.type == "cuda"
-        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+        def lr_scale(step: int) -> float:
+            return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
+
+        weight = class_weights(np.bincount(y, minlength=len(self.classes))).to(self.device) \
+            if cfg.balance == "loss" else None
+        amp = Amp(self.device)
         rng = np.random.default_rng(cfg.seed + 3)
-        best_key, bad_epochs, step = None, 0, 0
-        for epoch in bar:
-            self._set_train_mode(plan.frozen)
-            t0, losses = time.perf_counter(), []
-            for xb, yb in batches(rng):
-                scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
-                for g in opt.param_groups:
-                    g["lr"] = g["initial_lr"] * scale
-                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss = F.cross_entropy(forward(xb), yb, weight=weight, label_smoothing=cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                losses.append(float(loss.detach()))
-                step += 1
-            self.model.eval()
-            val = validate()
-            row = dict(stage=stage, epoch=epoch, train_loss=float(np.mean(losses)),
-                       lr=opt.param_groups[-1]["lr"], **val, seconds=round(time.perf_counter() - t0, 2))
-            self.history.add(**row)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}",
-                            **({"val_bal_acc": f"{val['val_balanced_accuracy']:.3f}"} if val else {}))
-            if val:
+        best_key, best_state, bad_epochs, step = None, None, 0, 0
+        bar = tqdm(range(1, plan.epochs + 1), desc=stage, unit="epoch", disable=not self.progress)
+        try:
+            for epoch in bar:
+                self._set_train_mode(plan.frozen)
+                t0 = time.perf_counter()
+                loss, step = train_one_epoch(forward, opt, batches(rng), lr_scale, step, amp,
+                                             weight=weight, label_smoothing=cfg.label_smoothing)
+                loss = distributed.mean(loss, self.dist, self.device)
+                self.model.eval()
+                val = validate()
+                if val and self.dist.active:      # every rank follows rank 0's early stopping
+                    val["val_balanced_accuracy"], val["val_loss"] = distributed.from_main(
+                        [val["val_balanced_accuracy"], val["val_loss"]], self.dist, self.device)
+                row = dict(stage=stage, epoch=epoch, train_loss=loss, lr=opt.param_groups[-1]["lr"], **val,
+                           seconds=round(time.perf_counter() - t0, 2))
+                result.history.add(**row)
+                bar.set_postfix(loss=f"{loss:.3f}",
+                                **({"val_bal_acc": f"{val['val_balanced_accuracy']:.3f}"} if val else {}))
+                if not val:
+                    continue
                 key = (val["val_balanced_accuracy"], -val["val_loss"])
                 if best_key is None or key > best_key:
                     best_key, bad_epochs = key, 0
-                    self._best = copy.deepcopy(self.model.state_dict())
-                    self.best_epoch = epoch
+                    best_state = copy.deepcopy(self.model.state_dict())
+                    result.best_epoch = epoch
                 else:
                     bad_epochs += 1
                     if bad_epochs >= cfg.patience:
                         log.info("early stop after epoch %d: no validation gain for %d epochs", epoch, bad_epochs)
                         break
+        except KeyboardInterrupt:
+            log.warning("interrupted: keeping the best model so far (press Ctrl-C again to abort)")
+            result.interrupted = True
+        bar.close()
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
 
     def _set_train_mode(self, frozen: int):
         """Frozen stages stay in eval mode. Pretrained BatchNorm statistics are kept
@@ -514,12 +548,9 @@ class Trainer:
             p.requires_grad_(True)
         self.model.dropout.train()
 
-    def _class_weights(self, counts) -> torch.Tensor:
-        counts = np.asarray(counts, dtype=np.float64)
-        return torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
-
-    def _epoch_indices(self, y, rng):
-        """Mini-batch indices for one epoch: a shuffle, or class-balanced draws."""
+    def _epoch_indices(self, y, rng, shard: bool = False):
+        """Mini-batch indices for one epoch: a shuffle, or class-balanced draws; with
+        `shard`, this rank's share of them under torchrun (data-parallel training)."""
         n, bs = len(y), self.cfg.batch_size
         if self.cfg.balance == "sampler":
             counts = np.bincount(y)
@@ -527,10 +558,70 @@ class Trainer:
             order = rng.choice(n, size=n, replace=True, p=p / p.sum())
         else:
             order = rng.permutation(n)
+        if shard:
+            order = distributed.shard(order, self.dist)     # the same order on every rank: each takes its share
+            n = len(order)
         for s in range(0, n, bs):
             idx = order[s:s + bs]
             if len(idx) >= 2 or n == 1:  # a batch of one breaks nothing but wastes a step
                 yield idx
+
+
+class Amp:
+    """Mixed precision as the device allows: bfloat16 (or float16 with a gradient scaler)
+    on CUDA, plain float32 on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device_type = device.type
+        self.enabled = device.type == "cuda"
+        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+def train_one_epoch(forward, optimizer, batches, lr_scale, step: int, amp: Amp, weight=None,
+                    label_smoothing: float = 0.0) -> tuple[float, int]:
+    """One pass over `batches` ((inputs, targets) on the model's device): returns the mean
+    training loss and the step count after it. The losses are summed on the device and read
+    once at the end, so no step waits for the GPU."""
+    total, n = None, 0
+    for xb, yb in batches:
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * lr_scale(step)
+        with amp.autocast():
+            loss = F.cross_entropy(forward(xb), yb, weight=weight, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        amp.scaler.scale(loss).backward()
+        amp.scaler.step(optimizer)
+        amp.scaler.update()
+        total = loss.detach().float() if total is None else total + loss.detach().float()
+        n += 1
+        step += 1
+    return (float(total) / n if n else float("nan")), step
+
+
+def batch_augment(device: torch.device) -> bool:
+    """Augment whole batches on the device (CUDA), or each image with OpenCV (the CPU,
+    where that is faster; LINESIDE_BATCH_AUGMENT=1 forces the batched path, for tests)."""
+    return device.type == "cuda" or os.environ.get("LINESIDE_BATCH_AUGMENT") == "1"
+
+
+def device_images(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The uint8 images as one tensor on the device when they take under half of its free
+    memory, else in pinned host memory (copied batch by batch without blocking)."""
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    if device.type != "cuda":
+        return t.to(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    return t.to(device) if t.nbytes < free // 2 else t.pin_memory()
+
+
+def class_weights(counts) -> torch.Tensor:
+    """Inverse-frequency class weights (1 for balanced classes)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
 
 
 def _val_metrics(logits: torch.Tensor, y, num_classes) -> dict:
@@ -552,3 +643,15 @@ def predict_proba(model: Classifier, x: np.ndarray, device=None, progress: bool 
     for s in tqdm(range(0, len(x), batch_size), desc="predicting", unit="batch", disable=not progress, leave=False):
         out.append(torch.softmax(model(to_tensor(x[s:s + batch_size], device)).float(), 1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
+
+
+def score(model: Classifier, x: np.ndarray, device=None, progress=None) -> np.ndarray:
+    """Class probabilities of a finished model for uint8 images (N x H x W x 3), as fast as
+    the device allows (FrozenForward: on the CPU, OpenVINO for large jobs). Identical to
+    predict_proba within 1e-5; predict_proba stays for a model that is still training."""
+    device = device or next(model.parameters()).device
+    if len(x) == 0:
+        return np.zeros((0, model.head.out_features), np.float32)
+    views = len(model.views or (0,))
+    run = FrozenForward(model, lambda t: torch.softmax(model(t).float(), 1), x[:1], device, len(x) * views)
+    return run.map(x, progress).numpy()
