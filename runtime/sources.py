@@ -14,7 +14,6 @@ is recorded as an event; no frame is ever invented to fill it.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
