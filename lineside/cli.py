@@ -196,8 +196,9 @@ def train(data_dir, out, config_file, val_dir, processes, force, quiet, as_json,
         click.echo(json.dumps(m, indent=2))
         return
     click.echo(m["strategy_reason"])
+    where = m["device"] + (f", {m['processes']} processes" if m.get("processes", 1) > 1 else "")
     click.echo(f"trained {m['backbone']} ({m['strategy']}) on {sum(m['train_counts'].values())} images "
-               f"in {m['seconds']['total']:.0f} s; {m['split']}")
+               f"in {m['seconds']['total']:.0f} s on {where}; {m['split']}")
     if m["plan"]["test_views"]:
         click.echo(f"predictions average {len(m['plan']['test_views'])} flipped/turned views of each image "
                    f"(--tta off for one pass)")

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Training speed against the GPU's ceiling, in one run on one device.
+
+For each batch size it measures
+- the reference: a plain loop with lineside's own Classifier (Lite0, ImageNet weights),
+  the images already on the device as uint8, random flips on the device, AMP (bf16 where
+  supported), channels_last and AdamW: what the device can do with this network;
+- `lineside train DATA --strategy full` and `--strategy finetune --unfreeze all` on the
+  same images: steady-state images per second (epochs after the first, from
+  history.csv: training and validation of the epoch), the first epoch's time, and the
+  whole command's time;
+and prints the ratio of lineside's steady state to the reference.
+
+    python benchmarks/gpu_train.py ../shared/datasets/neu-det --batch-sizes 32,128 --epochs 5
+    python benchmarks/gpu_train.py ../shared/datasets/neu-det --device cpu --limit 60 --image-size 64 --epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lineside.dataset import load_arrays, load_image_set
+from lineside.train.backbones import BACKBONES, build_backbone
+from lineside.train.model import Classifier
+
+
+def reference_rate(x: np.ndarray, y: np.ndarray, classes: int, spec, batch: int, device: torch.device,
+                   seconds: float) -> float:
+    """Images per second of the plain loop, after two warm-up steps."""
+    entry, backbone = build_backbone("efficientnet_lite0", "imagenet")
+    model = Classifier(backbone, entry.feature_dim, classes, spec).to(device).to(memory_format=torch.channels_last)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.from_numpy(x).to(device)
+    targets = torch.from_numpy(y).to(device)
+    amp = device.type == "cuda"
+    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+
+    def step():
+        idx = torch.randint(0, len(images), (batch,), device=device)
+        xb = images[idx].permute(0, 3, 1, 2).float()
+        flip = torch.rand(batch, device=device) < 0.5
+        xb = torch.where(flip[:, None, None, None], xb.flip(3), xb).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            loss = F.cross_entropy(model(xb), targets[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += batch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def lineside_rate(data: Path, strategy: list[str], batch: int, epochs: int, device: str, image_size: int | None,
+                  work: Path) -> dict:
+    out = work / f"run-{'-'.join(strategy)}-{batch}"
+    cmd = [sys.executable, "-m", "lineside.cli", "train", str(data), "--out", str(out), *strategy,
+           "--batch-size", str(batch), "--epochs", str(epochs), "--device", device, "--val-fraction", "0.2",
+           "--patience", str(epochs + 1), "--quiet", "--json", "--force"]
+    if image_size:
+        cmd += ["--image-size", str(image_size)]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    total = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"lineside train failed:\n{done.stderr[-2000:]}")
+    metrics = json.loads(done.stdout)
+    n_train = sum(metrics["train_counts"].values())
+    with open(out / "history.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["stage"] != "head"]
+    seconds = [float(r["seconds"]) for r in rows]
+    steady = float(np.median(seconds[1:])) if len(seconds) > 1 else float("nan")
+    return {"command_s": round(total, 1), "first_epoch_s": round(seconds[0], 2), "steady_epoch_s": round(steady, 2),
+            "img_per_s": round(n_train / steady, 1), "train_images": n_train, "device": metrics["device"]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data")
+    ap.add_argument("--batch-sizes", default="32,128")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--limit", type=int, default=None, help="Use only the first N images (a quick check).")
+    ap.add_argument("--seconds", type=float, default=10.0, help="Seconds of the reference loop per batch size.")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    images = load_image_set(args.data)
+    if args.limit:
+        images = images.subset(np.random.default_rng(0).permutation(len(images))[:args.limit])
+    spec = BACKBONES.get("efficientnet_lite0").input_spec.with_size(args.image_size)
+    x, images, _ = load_arrays(images, spec, progress=False)
+    y = np.asarray(images.targets, dtype=np.int64)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{len(y)} images at {spec.width} px on {gpu}, torch {torch.__version__}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="lineside-gpu-train-") as tmp:
+        tmp = Path(tmp)
+        data = tmp / "data.csv"
+        images.write_manifest(data)
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            ref = reference_rate(x, y, len(images.classes), spec, batch, device, args.seconds)
+            print(f"batch {batch}: reference loop {ref:.0f} img/s", flush=True)
+            for name, strategy in (("full", ["--strategy", "full"]),
+                                   ("finetune all", ["--strategy", "finetune", "--unfreeze", "all"])):
+                r = lineside_rate(data, strategy, batch, args.epochs, args.device, args.image_size, tmp)
+                print(f"  lineside {name:13s}: {r['img_per_s']:.0f} img/s steady ({r['img_per_s'] / ref:.2f}x the "
+                      f"reference), first epoch {r['first_epoch_s']} s, later epochs {r['steady_epoch_s']} s, "
+                      f"whole command {r['command_s']} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
