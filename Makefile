@@ -34,8 +34,15 @@ demo: $(STAMP)
 	$(LS) eval $(DEMO)/bundle $(DEMO)/test --backend onnxruntime --quiet
 	$(LS) data video $(DEMO)/test $(DEMO)/parts.avi --hold 3
 	$(LS) devices probe
+	@if $(PY) -c "import socket; socket.create_connection(('127.0.0.1', 1883), 1)" 2>/dev/null; then \
+		echo "an MQTT broker listens on 127.0.0.1:1883: the run publishes to lineside/demo/# (mosquitto_sub -v -t 'lineside/demo/#')"; \
+		MQTT="--mqtt mqtt://127.0.0.1:1883/lineside/demo --station demo"; \
+	else \
+		echo "no MQTT broker on 127.0.0.1:1883, so the run publishes nothing (start mosquitto to watch the decisions)"; \
+		MQTT=""; \
+	fi; \
 	$(LS) run $(DEMO)/bundle --profile auto --source $(DEMO)/parts.avi --roi 80,0,480,480 --vote 2/3 --quiet \
-		--log $(DEMO)/decisions.sqlite --save $(DEMO)/review --save-when unknown --reject-below 0.5
+		--log $(DEMO)/decisions.sqlite --save $(DEMO)/review --save-when unknown --reject-below 0.5 $$MQTT
 
 bench: $(STAMP)
 	$(PY) benchmarks/fewshot.py ../shared/datasets/neu-det --shots 5,10,20 --repeats 3

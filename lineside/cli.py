@@ -607,12 +607,20 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
               help="End the run (exit status 3) when the source has delivered no frame for this many seconds, "
                    "at the start or after a loss; for a supervisor that restarts or raises an alarm. "
                    "[wait and reconnect for ever]")
+@click.option("--mqtt", default=None, metavar="URL",
+              help="Publish every decision to an MQTT broker: mqtt://[user:pass@]HOST[:PORT]/TOPIC/PREFIX "
+                   "(mqtts:// for TLS). Topics PREFIX/decision and PREFIX/event (QoS 1) and PREFIX/status "
+                   "(retained; offline is the last will). The loop never waits on the broker.")
+@click.option("--mqtt-ca", default=None, metavar="FILE", help="CA certificate file for an mqtts:// broker.")
+@click.option("--mqtt-queue", default=10_000, show_default=True,
+              help="Messages kept while the broker is away; beyond that they are dropped and counted.")
+@click.option("--station", default=None, help="Station name in published messages. [this host's name]")
 @click.option("--display", is_flag=True, help="Show frames with label, confidence, OK/NG and FPS (needs a screen).")
 @click.option("--quiet", is_flag=True, help="No live status line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loop, roi, reject_below, ok_classes,
             vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
-            display, quiet, as_json):
+            mqtt, mqtt_ca, mqtt_queue, station, display, quiet, as_json):
     """Classify every frame from --source with an exported BUNDLE and record each decision.
 
     \b
@@ -650,7 +658,8 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
                          ok_classes=ok_classes, vote=vote, log=None if log_path == "none" else log_path,
                          save_dir=save_dir, save_when=save_when, save_max_files=save_max_files,
                          save_max_mb=save_max_mb, max_frames=max_frames, seconds=seconds,
-                         source_timeout=source_timeout, display=display, status=not quiet and not as_json)
+                         source_timeout=source_timeout, mqtt=mqtt, mqtt_ca=mqtt_ca, mqtt_queue=mqtt_queue,
+                         station=station, display=display, status=not quiet and not as_json)
     model = _open_runtime_model(bundle, backend, precision, device, threads)
     summary = run_app(model, options)
     if as_json:
@@ -682,7 +691,8 @@ def _print_run_summary(summary: dict, vote) -> None:
         click.echo("verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["verdicts"].items())))
     if summary["flags"]:
         click.echo("flagged frames: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["flags"].items())))
-    faults = {k: summary.get(k) for k in ("decode_errors", "save_failed", "not_logged", "log_recreated")}
+    faults = {k: summary.get(k) for k in ("decode_errors", "save_failed", "not_logged", "log_recreated",
+                                          "mqtt_dropped", "output_errors")}
     if any(faults.values()):
         click.echo("faults: " + ", ".join(f"{k} {v}" for k, v in faults.items() if v))
     if summary.get("log"):

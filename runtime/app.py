@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -37,6 +38,10 @@ class RunOptions:
     max_frames: int | None = None
     seconds: float | None = None
     source_timeout: float | None = None
+    mqtt: str | None = None
+    mqtt_ca: str | None = None
+    mqtt_queue: int = 10_000
+    station: str | None = None
     display: bool = False
     status: bool = False
 
@@ -162,11 +167,21 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
         save = SavePolicy(Path(options.save_dir), tuple(w.strip() for w in options.save_when.split(",") if w.strip()),
                           options.save_max_files, options.save_max_mb)
     status = StatusLine(options.status, options.display)
-    recorder = Recorder(Path(options.log) if options.log else None,
-                        {"source": info.text, "model": str(model.path), "model_sha256": model.checksum,
-                         "labels": model.labels,
-                         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in options.__dict__.items()}},
-                        save)
+    station = options.station or socket.gethostname()
+    peers = []
+    if options.mqtt:
+        from .mqtt import MqttOutput
+
+        if options.mqtt_queue < 1:
+            raise LinesideError("--mqtt-queue: must be positive")
+        peers.append(MqttOutput(options.mqtt, station, model.checksum, model.labels, options.mqtt_ca,
+                                options.mqtt_queue, source=info.text))
+    try:
+        recorder = _recorder(options, model, info, save, station, peers)
+    except BaseException:
+        for peer in peers:
+            peer.close(None)
+        raise
     stop = threading.Event()
     summary = None
     try:
@@ -180,6 +195,14 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
                    source=info.text)
     summary["exit_code"] = exit_code(summary)
     return summary
+
+
+def _recorder(options: RunOptions, model: RuntimeModel, info, save, station: str, peers) -> Recorder:
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in options.__dict__.items()
+                if k != "mqtt"}      # the broker URL may hold a password
+    return Recorder(Path(options.log) if options.log else None,
+                    {"source": info.text, "model": str(model.path), "model_sha256": model.checksum,
+                     "labels": model.labels, "settings": settings, "station": station}, save, peers=peers)
 
 
 # `lineside run` exit codes (the CLI's --help lists them)

@@ -316,7 +316,9 @@ class Recorder:
     thread writes them to the log (see open_log) and saves the frames `save` asks for."""
 
     def __init__(self, log_path: Path | None, run_info: dict, save: SavePolicy | None = None,
-                 buffer_rows: int = LOG_BUFFER_ROWS):
+                 buffer_rows: int = LOG_BUFFER_ROWS, peers: tuple = ()):
+        self.peers = list(peers)  # other outputs (MQTT...): fed every decision and event, never blocking
+        self.peer_errors = 0
         self.path = Path(log_path) if log_path else None
         self.saver = FrameSaver(save) if save else None
         self.log = open_log(self.path, run_info) if self.path else None
@@ -355,15 +357,36 @@ class Recorder:
                 self.event("save_failed", f"frame {row.frame}: not saved, saving is behind "
                                           f"({MAX_QUEUED_IMAGES} frames waiting)")
         self._queue.put((row, keep))
+        for peer in self.peers:
+            self._to_peer(peer.decision, row)
 
     def event(self, kind: str, detail: str = ""):
         log.warning("%s: %s", kind, detail)
-        self._queue.put(Event(time.time(), kind, detail))
+        event = Event(time.time(), kind, detail)
+        self._queue.put(event)
+        for peer in self.peers:
+            self._to_peer(peer.event, event)
+
+    def _to_peer(self, call, item):
+        """One failing output never stops the log, the other outputs or the loop."""
+        try:
+            call(item)
+        except Exception as exc:  # noqa: BLE001 - counted and logged, never raised into the loop
+            self.peer_errors += 1
+            if self.peer_errors == 1 or self.peer_errors % 1000 == 0:
+                log.error("output %s failed (%d so far): %s", type(call.__self__).__name__, self.peer_errors, exc)
 
     def close(self, summary: dict | None = None):
-        """Write everything queued, then the run summary, and close the file."""
+        """Write everything queued, then the run summary, and close the file; then close
+        the other outputs."""
         self._queue.put(("close", summary or {}))
         self._thread.join()
+        for peer in self.peers:
+            try:
+                peer.close(summary)
+            except Exception as exc:  # noqa: BLE001
+                self.peer_errors += 1
+                log.error("output %s failed to close: %s", type(peer).__name__, exc)
         if self.error:
             raise LinesideError(f"the recorder stopped ({self.error})")
 
@@ -519,6 +542,11 @@ class Recorder:
             pass
 
     def counts(self) -> dict:
-        return {"logged": self.written, "not_logged": self.not_logged, "log_recreated": self.recreated,
-                "deleted_with_log": self.deleted_with_log,
-                "saved": self.saver.saved if self.saver else 0, "save_failed": self.save_failed}
+        out = {"logged": self.written, "not_logged": self.not_logged, "log_recreated": self.recreated,
+               "deleted_with_log": self.deleted_with_log,
+               "saved": self.saver.saved if self.saver else 0, "save_failed": self.save_failed}
+        for peer in self.peers:
+            out.update(peer.counters())
+        if self.peer_errors:
+            out["output_errors"] = self.peer_errors
+        return out

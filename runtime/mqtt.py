@@ -1,0 +1,213 @@
+"""Decisions to the plant's MQTT broker: `lineside run ... --mqtt mqtt://[user:pass@]HOST[:PORT]/PREFIX`.
+
+Topics under PREFIX (an ISA-95 style path such as `acme/plant1/paint/line3/station7`):
+
+    PREFIX/decision   every decision, one JSON object, QoS 1
+    PREFIX/event      every event (reconnects, faults), QoS 1
+    PREFIX/status     retained: online/offline (offline is also the last will, so a
+                      killed process or a lost connection reads offline), source
+                      state, FPS, OK/NG/unknown counts, dropped frames, last error;
+                      every STATUS_SECONDS and on every change of state
+
+The loop never waits on the broker: paho-mqtt's network thread sends, a lost broker is
+reconnected with backoff (1 s doubling to 30 s), and unsent QoS 1 messages wait in a
+bounded queue (`--mqtt-queue`, counted as `mqtt_dropped` when it is full) and go out
+after the reconnect. `mqtts://` uses TLS (`--mqtt-ca FILE` for a private CA).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from urllib.parse import unquote, urlsplit
+
+from lineside.errors import LinesideError, require
+
+from .records import DecisionRow, Event
+
+log = logging.getLogger(__name__)
+
+STATUS_SECONDS = 5.0
+DEFAULT_QUEUE = 10_000
+SOURCE_STATES = {"source_lost": "reconnecting", "source_unavailable": "reconnecting", "source_back": "live",
+                 "source_timeout": "ended"}
+
+
+def parse_mqtt_url(url: str) -> dict:
+    """mqtt://[user[:pass]@]host[:port]/topic/prefix -> its parts (one-line errors). A user
+    without a password in the URL takes it from LINESIDE_MQTT_PASSWORD."""
+    parts = urlsplit(url)
+    if "#" in url or "?" in url:
+        raise LinesideError(f"--mqtt {url}: a topic prefix cannot hold # (a wildcard) or ?")
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise LinesideError(f"--mqtt {url}: must start with mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise LinesideError(f"--mqtt {url}: no broker host")
+    prefix = parts.path.strip("/")
+    if not prefix or any(c in prefix for c in "+#") or "//" in prefix:
+        raise LinesideError(f"--mqtt {url}: needs a topic prefix without wildcards, e.g. mqtt://broker/plant/line3/station7")
+    try:
+        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    except ValueError:
+        raise LinesideError(f"--mqtt {url}: bad port") from None
+    password = unquote(parts.password) if parts.password else None
+    if parts.username and password is None:     # kept out of the command line, where `ps` shows it
+        password = os.environ.get("LINESIDE_MQTT_PASSWORD")
+    return {"tls": parts.scheme == "mqtts", "host": parts.hostname, "port": port, "prefix": prefix,
+            "user": unquote(parts.username) if parts.username else None, "password": password}
+
+
+def iso_time(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="milliseconds")
+
+
+class MqttOutput:
+    """A peer of the decision log (see Recorder's `peers`): decision(), event(), close()
+    are called from the camera loop and never block it."""
+
+    def __init__(self, url: str, station: str, model_sha256: str, labels: list[str], ca_file: str | None = None,
+                 queue: int = DEFAULT_QUEUE, source: str = ""):
+        mqtt = require("paho.mqtt.client", None)
+        self.cfg = parse_mqtt_url(url)
+        self.url_shown = f"{'mqtts' if self.cfg['tls'] else 'mqtt'}://{self.cfg['host']}:{self.cfg['port']}/" \
+                         f"{self.cfg['prefix']}"
+        self.prefix = self.cfg["prefix"]
+        self.station = station
+        self.model_sha256 = model_sha256
+        self.labels_version = hashlib.sha256(json.dumps(list(labels)).encode()).hexdigest()[:12]
+        self.source = source
+        self.counts = {"OK": 0, "NG": 0, "unknown": 0}
+        self.decisions = 0
+        self.published = 0
+        self.dropped = 0
+        self.source_state = "starting"
+        self.last_error = None
+        self.connected = threading.Event()
+        self._last_status = 0.0
+        self._t0 = time.monotonic()
+        self._lock = threading.Lock()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                             client_id=f"lineside-{station}-{os.getpid()}", clean_session=True)
+        if self.cfg["user"]:
+            client.username_pw_set(self.cfg["user"], self.cfg["password"])
+        if self.cfg["tls"]:
+            if ca_file and not os.path.isfile(ca_file):
+                raise LinesideError(f"--mqtt-ca {ca_file}: no such file")
+            client.tls_set(ca_certs=ca_file)
+        elif ca_file:
+            raise LinesideError("--mqtt-ca: only with an mqtts:// URL")
+        client.max_queued_messages_set(queue)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.will_set(self.topic("status"), json.dumps(self._status("offline")), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        self.client = client
+        try:
+            client.connect_async(self.cfg["host"], self.cfg["port"], keepalive=30)
+        except (OSError, ValueError) as exc:
+            raise LinesideError(f"--mqtt {self.url_shown}: {exc}") from exc
+        client.loop_start()
+
+    def topic(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    # -- paho's network thread -----------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason, properties):
+        if reason.is_failure:
+            self.last_error = f"broker refused the connection ({reason})"
+            log.warning("mqtt: %s", self.last_error)
+            return
+        self.connected.set()
+        log.info("mqtt: connected to %s", self.url_shown)
+        self._publish_status(force=True)
+
+    def _on_disconnect(self, client, userdata, flags, reason, properties):
+        self.connected.clear()
+        if reason.is_failure:
+            self.last_error = f"connection to the broker lost ({reason}); reconnecting"
+            log.warning("mqtt: %s", self.last_error)
+
+    # -- called by the loop --------------------------------------------------------------
+
+    def decision(self, row: DecisionRow):
+        self.decisions += 1
+        verdict = row.verdict
+        if row.label == "unknown":
+            self.counts["unknown"] += 1
+        elif verdict in ("OK", "NG"):
+            self.counts[verdict] += 1
+        if self.source_state == "starting":
+            self.source_state = "live"
+        payload = {"time": iso_time(row.ts), "ts": row.ts, "station": self.station, "source": row.source,
+                   "frame": row.frame, "part_id": getattr(row, "part_id", None), "label": row.label,
+                   "confidence": row.confidence, "verdict": verdict, "decision": row.decision,
+                   "probabilities": row.probabilities, "flags": row.flags,
+                   "capture_to_decision_ms": row.capture_to_decision_ms, "model_sha256": row.model_sha256,
+                   "labels_version": self.labels_version}
+        self._publish(self.topic("decision"), payload)
+        self._publish_status()
+
+    def event(self, event: Event):
+        state = SOURCE_STATES.get(event.kind)
+        changed = state is not None and state != self.source_state
+        if state:
+            self.source_state = state
+        if event.kind not in ("source_back", "roi_fits"):
+            self.last_error = f"{event.kind}: {event.detail}"
+        self._publish(self.topic("event"), {"time": iso_time(event.ts), "ts": event.ts, "station": self.station,
+                                            "kind": event.kind, "detail": event.detail})
+        self._publish_status(force=changed)
+
+    def close(self, summary: dict | None = None):
+        """Publish the final status (offline, retained), give queued messages a few
+        seconds to go out, and disconnect."""
+        self.source_state = "ended"
+        info = self.client.publish(self.topic("status"), json.dumps(self._status("offline", summary)), qos=1,
+                                   retain=True)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and self.connected.is_set() and (
+                self.client._out_messages or not info.is_published()):  # noqa: SLF001 - paho has no public count
+            time.sleep(0.05)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def counters(self) -> dict:
+        return {"mqtt_published": self.published, "mqtt_dropped": self.dropped}
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _publish(self, topic: str, payload: dict, retain: bool = False):
+        info = self.client.publish(topic, json.dumps(payload), qos=1, retain=retain)
+        rc = info.rc
+        if rc == 0 or rc == 4:       # sent, or queued until the broker is back (MQTT_ERR_NO_CONN)
+            self.published += 1
+        else:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("mqtt: %d message(s) not queued (rc %d: the queue of unsent messages is full)",
+                            self.dropped, rc)
+
+    def _status(self, state: str, summary: dict | None = None) -> dict:
+        elapsed = max(time.monotonic() - self._t0, 1e-9)
+        status = {"state": state, "time": iso_time(time.time()), "ts": time.time(), "station": self.station,
+                  "host": socket.gethostname(), "source": self.source, "source_state": self.source_state,
+                  "fps": round(self.decisions / elapsed, 2), "counts": dict(self.counts),
+                  "decisions": self.decisions, "mqtt_dropped": self.dropped, "last_error": self.last_error,
+                  "model_sha256": self.model_sha256}
+        if summary:
+            status["dropped_frames"] = summary.get("dropped")
+        return status
+
+    def _publish_status(self, force: bool = False):
+        now = time.monotonic()
+        if not force and now - self._last_status < STATUS_SECONDS:
+            return
+        self._last_status = now
+        self.client.publish(self.topic("status"), json.dumps(self._status("online")), qos=1, retain=True)

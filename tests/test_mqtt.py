@@ -1,0 +1,214 @@
+"""Decisions over MQTT, against a real Mosquitto broker on loopback (Debian's `mosquitto`;
+.ci/run installs it, and LINESIDE_REQUIRE_MQTT makes these tests fail, not skip, without it)."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lineside.errors import LinesideError
+from lineside.runtime.app import RunOptions, run_app
+from lineside.runtime.model import open_model
+from lineside.runtime.mqtt import parse_mqtt_url
+from lineside.video import write_video
+
+PREFIX = "acme/plant1/paint/line3/station7"
+
+
+class Broker:
+    """A Mosquitto broker on a free loopback port, with persistence so that a subscriber's
+    session outlives a restart."""
+
+    def __init__(self, binary: str, folder: Path):
+        self.binary, self.folder = binary, folder
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.conf = folder / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                             f"persistence_location {folder}/\nautosave_interval 1\n")
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not start: {self.proc.stderr.read()[-500:]}")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)     # a clean stop saves the sessions
+            self.proc.wait(10)
+
+    @property
+    def url(self):
+        return f"mqtt://127.0.0.1:{self.port}/{PREFIX}"
+
+
+@pytest.fixture
+def broker(tmp_path):
+    binary = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if Path(p).exists()), None)
+    if binary is None:
+        message = "no MQTT broker: apt-get install mosquitto"
+        if os.environ.get("LINESIDE_REQUIRE_MQTT"):
+            pytest.fail(message)
+        pytest.skip(message)
+    b = Broker(binary, tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+class Subscriber:
+    """Collects what the broker delivers under PREFIX (a persistent session, QoS 1)."""
+
+    def __init__(self, port: int, client_id: str = "test-subscriber"):
+        import paho.mqtt.client as mqtt
+
+        self.messages: dict[str, list] = {}
+        self.ready = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        self.client.on_connect = lambda c, u, f, r, p: (c.subscribe(f"{PREFIX}/#", qos=1), self.ready.set())
+        self.client.on_message = self._message
+        self.client.reconnect_delay_set(0.2, 1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self.ready.wait(10)
+        time.sleep(0.3)
+
+    def _message(self, client, userdata, msg):
+        self.messages.setdefault(msg.topic.rsplit("/", 1)[-1], []).append((json.loads(msg.payload), msg.retain))
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def retained_status(port: int) -> dict:
+    import paho.mqtt.client as mqtt
+
+    got = threading.Event()
+    box = {}
+
+    def on_message(c, u, msg):
+        box["status"] = json.loads(msg.payload)
+        box["retain"] = msg.retain
+        got.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-status-reader")
+    client.on_connect = lambda c, u, f, r, p: c.subscribe(f"{PREFIX}/status", qos=1)
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    got.wait(10)
+    client.disconnect()
+    client.loop_stop()
+    return box
+
+
+@pytest.fixture(scope="module")
+def video(synth_test_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mqtt-video") / "parts.avi"
+    return out, write_video(synth_test_dir, out, size=(160, 120), hold=2)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return open_model(tiny_bundle[0], backend="openvino")
+
+
+def test_mqtt_urls_are_checked():
+    assert parse_mqtt_url("mqtt://u:p%40ss@broker:1884/a/b")["password"] == "p@ss"
+    assert parse_mqtt_url("mqtts://broker/a")["port"] == 8883
+    for bad in ("http://broker/a", "mqtt://broker", "mqtt://broker/a/#", "mqtt:///a"):
+        with pytest.raises(LinesideError, match="--mqtt"):
+            parse_mqtt_url(bad)
+
+
+def test_every_decision_is_published_with_its_fields_and_the_status_is_retained(model, video, broker, tmp_path):
+    path, info = video
+    sub = Subscriber(broker.port)
+    try:
+        summary = run_app(model, RunOptions(source=str(path), log=str(tmp_path / "log.sqlite"), mqtt=broker.url,
+                                            station="station7", ok_classes=model.labels[0]))
+        deadline = time.time() + 10
+        while time.time() < deadline and len({m["frame"] for m, _ in sub.messages.get("decision", [])}) < \
+                summary["frames"]:
+            time.sleep(0.1)
+    finally:
+        sub.close()
+    decisions = [m for m, _ in sub.messages["decision"]]
+    assert sorted({m["frame"] for m in decisions}) == list(range(1, info["frames"] + 1)) == \
+        list(range(1, summary["frames"] + 1))
+    first = decisions[0]
+    for key in ("time", "ts", "station", "frame", "part_id", "label", "confidence", "verdict", "probabilities",
+                "flags", "capture_to_decision_ms", "model_sha256", "labels_version"):
+        assert key in first, key
+    assert first["station"] == "station7" and first["model_sha256"] == model.checksum
+    assert first["time"][-6] in "+-" and set(first["probabilities"]) == set(model.labels)
+    assert summary["mqtt_dropped"] == 0 and summary["mqtt_published"] >= summary["frames"]
+    status = retained_status(broker.port)
+    assert status["retain"] and status["status"]["state"] == "offline"
+    assert sum(status["status"]["counts"].values()) == summary["frames"]
+
+
+def test_a_killed_station_reads_offline_through_its_last_will(tiny_bundle, video, broker, tmp_path):
+    path, _ = video
+    proc = subprocess.Popen([sys.executable, "-m", "lineside.cli", "run", str(tiny_bundle[0]), "--source", str(path),
+                             "--loop", "--pace", "30", "--log", "none", "--mqtt", broker.url, "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if retained_status(broker.port).get("status", {}).get("state") == "online":
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the station never published an online status")
+    finally:
+        proc.kill()
+        proc.wait(10)
+    deadline = time.time() + 10
+    while time.time() < deadline and retained_status(broker.port)["status"]["state"] != "offline":
+        time.sleep(0.2)
+    assert retained_status(broker.port)["status"]["state"] == "offline"
+
+
+def test_a_broker_away_for_a_few_seconds_loses_no_decision(model, video, broker, tmp_path):
+    """The broker stops mid-run and comes back 3 s later: the decisions made meanwhile wait
+    in the queue and arrive after the reconnect; the loop never waited."""
+    path, _ = video
+    sub = Subscriber(broker.port)
+    result = {}
+    run = threading.Thread(target=lambda: result.update(run_app(model, RunOptions(
+        source=str(path), log=None, mqtt=broker.url, pace=30, loop=True, max_frames=300))))
+    try:
+        run.start()
+        time.sleep(3.0)
+        broker.stop()
+        time.sleep(3.0)
+        broker.start()
+        run.join(60)
+        deadline = time.time() + 20
+        while time.time() < deadline and len({m["frame"] for m, _ in sub.messages.get("decision", [])}) < 300:
+            time.sleep(0.2)
+    finally:
+        sub.close()
+    frames = {m["frame"] for m, _ in sub.messages["decision"]}
+    assert result["frames"] == 300 and frames == set(range(1, 301))
+    assert result["mqtt_dropped"] == 0
+    assert result["dropped"] < 5          # paced at 30 FPS: the broker's absence never held the loop back
