@@ -1,4 +1,6 @@
-"""ONNX model -> OpenVINO IR (FP32), carrying the same lineside metadata in rt_info."""
+"""ONNX model -> OpenVINO IR (FP32), carrying the same lineside metadata in rt_info, and
+the `model_info` that OpenVINO Model API reads, so that its ClassificationModel (and
+OpenVINO Model Server with it) loads a lineside IR as it is."""
 
 from __future__ import annotations
 
@@ -13,7 +15,33 @@ from .onnx_export import METADATA_KEY
 def export_openvino(onnx_path: Path, xml_path: Path, metadata: dict) -> Path:
     ov = require("openvino", "export")
     model = ov.convert_model(str(onnx_path))
-    model.set_rt_info(json.dumps(metadata, sort_keys=True), [METADATA_KEY])
+    set_metadata(model, metadata)
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
     return xml_path
+
+
+def model_api_info(metadata: dict) -> dict[str, str]:
+    """rt_info `model_info` for OpenVINO Model API's ClassificationModel. The graph takes
+    uint8 RGB (N, H, W, 3) and does its own normalisation (empty mean and scale); Model API
+    hands it BGR frames from OpenCV, hence reverse_input_channels; its outputs are already
+    probabilities, which Model API recognises and does not softmax again. Labels are
+    space-separated there, so spaces inside a label become underscores."""
+    return {
+        "model_type": "Classification",
+        "labels": " ".join(str(label).replace(" ", "_") for label in metadata["labels"]),
+        "layout": "image:NHWC",
+        "reverse_input_channels": "True",
+        "mean_values": "",
+        "scale_values": "",
+        "resize_type": "standard",
+        "output_raw_scores": "True",
+        "confidence_threshold": str((metadata.get("thresholds") or {}).get("reject_below") or 0.0),
+    }
+
+
+def set_metadata(model, metadata: dict) -> None:
+    """lineside's own metadata (one JSON string) and Model API's model_info, on an IR."""
+    model.set_rt_info(json.dumps(metadata, sort_keys=True), [METADATA_KEY])
+    for key, value in model_api_info(metadata).items():
+        model.set_rt_info(value, ["model_info", key])
 

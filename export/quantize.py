@@ -9,7 +9,6 @@ calibration images); if that fails too, no INT8 model is written.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import numpy as np
 
 from lineside.errors import require
 from lineside.metrics import classification_report
-from lineside.runtime.model import METADATA_KEY
+
+from .openvino_export import set_metadata
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def quantize_openvino(fp32_xml: Path, out_xml: Path, calib: np.ndarray, metadata
     if ignored:
         options["ignored_scope"] = nncf.IgnoredScope(names=ignored)
     quantized = nncf.quantize(model, dataset, **options)
-    quantized.set_rt_info(json.dumps(metadata, sort_keys=True), [METADATA_KEY])
+    set_metadata(quantized, metadata)
     ov.save_model(quantized, str(out_xml))
     return out_xml
 

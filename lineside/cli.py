@@ -615,12 +615,20 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 @click.option("--mqtt-queue", default=10_000, show_default=True,
               help="Messages kept while the broker is away; beyond that they are dropped and counted.")
 @click.option("--station", default=None, help="Station name in published messages. [this host's name]")
+@click.option("--trigger", type=click.Choice(["stdin", "mqtt"]), default=None,
+              help="Answer triggered parts: each line on stdin (its text, if any, is the part id) or each "
+                   "message on PREFIX/trigger asks for the decision on the next frame (with --vote N/M, the "
+                   "next M frames). The answer (part id, label, OK/NG, reason) goes to stdout as a JSON line "
+                   "(stdin), PREFIX/answer (MQTT) and the log. Needs --ok-classes. [free-running]")
+@click.option("--trigger-timeout", "trigger_timeout_ms", default=1000.0, show_default=True,
+              help="Milliseconds within which a triggered part gets its answer; when none is ready, the "
+                   "answer is NG with reason no_frame (no frame came) or timeout (fail safe).")
 @click.option("--display", is_flag=True, help="Show frames with label, confidence, OK/NG and FPS (needs a screen).")
 @click.option("--quiet", is_flag=True, help="No live status line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loop, roi, reject_below, ok_classes,
             vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
-            mqtt, mqtt_ca, mqtt_queue, station, display, quiet, as_json):
+            mqtt, mqtt_ca, mqtt_queue, station, trigger, trigger_timeout_ms, display, quiet, as_json):
     """Classify every frame from --source with an exported BUNDLE and record each decision.
 
     \b
@@ -659,7 +667,8 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
                          save_dir=save_dir, save_when=save_when, save_max_files=save_max_files,
                          save_max_mb=save_max_mb, max_frames=max_frames, seconds=seconds,
                          source_timeout=source_timeout, mqtt=mqtt, mqtt_ca=mqtt_ca, mqtt_queue=mqtt_queue,
-                         station=station, display=display, status=not quiet and not as_json)
+                         station=station, trigger=trigger, trigger_timeout_ms=trigger_timeout_ms, display=display,
+                         status=not quiet and not as_json)
     model = _open_runtime_model(bundle, backend, precision, device, threads)
     summary = run_app(model, options)
     if as_json:
@@ -691,6 +700,8 @@ def _print_run_summary(summary: dict, vote) -> None:
         click.echo("verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["verdicts"].items())))
     if summary["flags"]:
         click.echo("flagged frames: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["flags"].items())))
+    if summary.get("answers"):
+        click.echo("triggered parts answered: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["answers"].items())))
     faults = {k: summary.get(k) for k in ("decode_errors", "save_failed", "not_logged", "log_recreated",
                                           "mqtt_dropped", "output_errors")}
     if any(faults.values()):

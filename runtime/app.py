@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import socket
@@ -42,6 +44,8 @@ class RunOptions:
     mqtt_ca: str | None = None
     mqtt_queue: int = 10_000
     station: str | None = None
+    trigger: str | None = None
+    trigger_timeout_ms: float = 1000.0
     display: bool = False
     status: bool = False
 
@@ -166,8 +170,9 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
         _check_save_outside_source(Path(options.save_dir), info)
         save = SavePolicy(Path(options.save_dir), tuple(w.strip() for w in options.save_when.split(",") if w.strip()),
                           options.save_max_files, options.save_max_mb)
-    status = StatusLine(options.status, options.display)
+    status = StatusLine(options.status and not options.trigger == "stdin", options.display)
     station = options.station or socket.gethostname()
+    triggers, answer_to = _triggers(options, decider)
     peers = []
     if options.mqtt:
         from .mqtt import MqttOutput
@@ -175,26 +180,68 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
         if options.mqtt_queue < 1:
             raise LinesideError("--mqtt-queue: must be positive")
         peers.append(MqttOutput(options.mqtt, station, model.checksum, model.labels, options.mqtt_ca,
-                                options.mqtt_queue, source=info.text))
+                                options.mqtt_queue, source=info.text,
+                                on_trigger=triggers.request if options.trigger == "mqtt" else None))
+        if triggers:
+            answer_to.append(peers[-1].answer)
     try:
         recorder = _recorder(options, model, info, save, station, peers)
     except BaseException:
         for peer in peers:
             peer.close(None)
+        if triggers:
+            triggers.close()
         raise
+    if triggers:
+        answer_to.append(lambda a: recorder.event("part_answer", json.dumps(a.as_dict())))
+        if options.trigger == "stdin":
+            from .trigger import StdinTrigger, print_answer
+
+            answer_to.append(print_answer)
+            StdinTrigger(triggers).start()
     stop = threading.Event()
     summary = None
     try:
         with StopOnSignal(stop) as signals:
-            summary = run_loop(model, info, settings, decider, recorder, stop, on_decision=status, opener=opener)
+            summary = run_loop(model, info, settings, decider, recorder, stop, on_decision=status, opener=opener,
+                               triggers=triggers)
         summary["stopped_by"] = signals.received
     finally:
+        if triggers:
+            triggers.close()          # parts still waiting get the fail-safe answer
         status.close()
         recorder.close(summary)   # everything handed to the recorder is written before we return
     summary.update(log=options.log, **recorder.counts(), model=str(model.path), backend=model.backend,
                    source=info.text)
+    if triggers:
+        summary["answers"] = dict(triggers.answered)
     summary["exit_code"] = exit_code(summary)
     return summary
+
+
+def _triggers(options: RunOptions, decider: Decider):
+    """The trigger requests (None when free-running) and the list of places each answer goes."""
+    if not options.trigger:
+        return None, []
+    from .trigger import TRIGGERS, Triggers
+
+    if options.trigger not in TRIGGERS:
+        raise LinesideError(f"--trigger: '{options.trigger}' is not one of {', '.join(TRIGGERS)}")
+    if options.trigger == "mqtt" and not options.mqtt:
+        raise LinesideError("--trigger mqtt: needs --mqtt (the broker to listen on)")
+    if decider.ok_classes is None:
+        raise LinesideError("--trigger: needs --ok-classes, so that every answer is OK or NG")
+    answer_to: list = []
+
+    def deliver(answer):
+        for send in list(answer_to):
+            try:
+                send(answer)
+            except Exception as exc:  # noqa: BLE001 - one output failing never stops the others
+                logging.getLogger(__name__).error("answer for %s not delivered: %s", answer.part_id, exc)
+
+    n, m = decider.vote or (1, 1)
+    return Triggers(options.trigger_timeout_ms / 1000.0, frames=m, votes=n, on_answer=deliver), answer_to
 
 
 def _recorder(options: RunOptions, model: RuntimeModel, info, save, station: str, peers) -> Recorder:

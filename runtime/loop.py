@@ -166,7 +166,7 @@ class _InFlight:
 
 def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, decider: Decider,
              recorder: Recorder, stop: threading.Event, on_decision: Callable | None = None,
-             opener: Callable | None = None) -> dict:
+             opener: Callable | None = None, triggers=None) -> dict:
     """Classify frames from `info` until the source ends, `stop` is set, the frame/time
     limit is reached, or no frame came for `settings.source_timeout` seconds. Returns the
     summary (also written to the log)."""
@@ -187,10 +187,12 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
 
     def record(frame: Frame, decision, probabilities: dict, flags: list, t_submit: float, t_decided: float):
         nonlocal last_voted
+        part = None if triggers is None else triggers.offer(frame.t_capture, decision.label, decision.verdict,
+                                                            decision.confidence)
         row = DecisionRow(time.time(), frame.index, info.text, frame.origin, decision.label,
                           round(decision.confidence, 6), decision.top, decision.verdict, decision.decision,
                           probabilities, flags, round((t_decided - t_submit) * 1000, 3),
-                          round((t_decided - frame.t_capture) * 1000, 3), model.checksum)
+                          round((t_decided - frame.t_capture) * 1000, 3), model.checksum, part)
         recorder.decision(row, frame.image)
         stats.capture_to_decision.add((t_decided - frame.t_capture) * 1000)
         stats.frames += 1

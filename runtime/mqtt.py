@@ -4,6 +4,9 @@ Topics under PREFIX (an ISA-95 style path such as `acme/plant1/paint/line3/stati
 
     PREFIX/decision   every decision, one JSON object, QoS 1
     PREFIX/event      every event (reconnects, faults), QoS 1
+    PREFIX/answer     with --trigger: the answer for each triggered part (QoS 1)
+    PREFIX/trigger    with --trigger mqtt: lineside listens here (a part id, or
+                      {"part_id": ...}, or nothing)
     PREFIX/status     retained: online/offline (offline is also the last will, so a
                       killed process or a lost connection reads offline), source
                       state, FPS, OK/NG/unknown counts, dropped frames, last error;
@@ -72,7 +75,7 @@ class MqttOutput:
     are called from the camera loop and never block it."""
 
     def __init__(self, url: str, station: str, model_sha256: str, labels: list[str], ca_file: str | None = None,
-                 queue: int = DEFAULT_QUEUE, source: str = ""):
+                 queue: int = DEFAULT_QUEUE, source: str = "", on_trigger=None):
         mqtt = require("paho.mqtt.client", None)
         self.cfg = parse_mqtt_url(url)
         self.url_shown = f"{'mqtts' if self.cfg['tls'] else 'mqtt'}://{self.cfg['host']}:{self.cfg['port']}/" \
@@ -107,6 +110,9 @@ class MqttOutput:
         client.will_set(self.topic("status"), json.dumps(self._status("offline")), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        self.on_trigger = on_trigger
+        if on_trigger is not None:
+            client.on_message = self._on_message
         self.client = client
         try:
             client.connect_async(self.cfg["host"], self.cfg["port"], keepalive=30)
@@ -126,6 +132,8 @@ class MqttOutput:
             return
         self.connected.set()
         log.info("mqtt: connected to %s", self.url_shown)
+        if self.on_trigger is not None:
+            client.subscribe(self.topic("trigger"), qos=1)
         self._publish_status(force=True)
 
     def _on_disconnect(self, client, userdata, flags, reason, properties):
@@ -134,7 +142,26 @@ class MqttOutput:
             self.last_error = f"connection to the broker lost ({reason}); reconnecting"
             log.warning("mqtt: %s", self.last_error)
 
+    def _on_message(self, client, userdata, msg):
+        """PREFIX/trigger: a JSON object with a part_id, a bare part id, or nothing."""
+        try:     # an exception here would end paho's network thread: never let one out
+            text = msg.payload.decode("utf-8", "replace").strip()
+            part = text or None
+            if text.startswith("{"):
+                try:
+                    part = json.loads(text).get("part_id")
+                except (ValueError, AttributeError):
+                    part = None
+            self.on_trigger(part)
+        except Exception as exc:  # noqa: BLE001
+            log.error("mqtt: trigger message not understood (%s)", exc)
+
     # -- called by the loop --------------------------------------------------------------
+
+    def answer(self, answer):
+        """A triggered part's answer (see trigger.py) on PREFIX/answer."""
+        self._publish(self.topic("answer"), dict(answer.as_dict(), station=self.station,
+                                                 model_sha256=self.model_sha256))
 
     def decision(self, row: DecisionRow):
         self.decisions += 1

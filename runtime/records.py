@@ -67,6 +67,7 @@ class DecisionRow:
     latency_ms: float
     capture_to_decision_ms: float
     model_sha256: str
+    part_id: str | None = None     # the part a trigger asked about, when this frame answers it
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in ROW_FIELDS}
@@ -90,7 +91,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY, run INTEGER, ts REAL, frame INTEGER, source TEXT, origin TEXT,
     label TEXT, confidence REAL, top TEXT, verdict TEXT, decision TEXT, probabilities TEXT,
-    flags TEXT, latency_ms REAL, capture_to_decision_ms REAL, model_sha256 TEXT);
+    flags TEXT, latency_ms REAL, capture_to_decision_ms REAL, model_sha256 TEXT, part_id TEXT);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, run INTEGER, ts REAL, kind TEXT, detail TEXT);
 """
 
@@ -218,6 +219,9 @@ class SqliteLog(LogFile):
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(decisions)")}
+            if "part_id" not in columns:      # a log started by an older lineside
+                self.db.execute("ALTER TABLE decisions ADD COLUMN part_id TEXT")
             info = self.run_info
             cur = self.db.execute(
                 "INSERT INTO runs (started, source, model, model_sha256, labels, settings) VALUES (?,?,?,?,?,?)",
@@ -237,7 +241,7 @@ class SqliteLog(LogFile):
                 f"INSERT INTO decisions ({','.join(DECISION_COLUMNS)}) VALUES ({','.join('?' * len(DECISION_COLUMNS))})",
                 [(run, r.ts, r.frame, r.source, r.origin, r.label, r.confidence, r.top, r.verdict, r.decision,
                   json.dumps(r.probabilities), json.dumps(r.flags), r.latency_ms, r.capture_to_decision_ms,
-                  r.model_sha256) for r in decisions])
+                  r.model_sha256, r.part_id) for r in decisions])
             self.db.executemany("INSERT INTO events (run, ts, kind, detail) VALUES (?,?,?,?)",
                                 [(run, e.ts, e.kind, e.detail) for e in events])
             self.db.commit()

@@ -115,3 +115,26 @@ def test_export_replaces_an_existing_bundle_only_with_force(tiny_run, tmp_path):
     export_bundle(run, out, int8=False, formats=["onnx"], force=True)
     assert not stale.exists() and not (out / "model_fp32.xml").exists() and operator_note.exists()
     assert set(json.loads((out / "bundle.json").read_text())["models"]) == {"onnx_fp32"}
+
+
+def test_openvino_model_api_loads_a_lineside_ir_as_it_is(tiny_bundle, synth_test_dir):
+    """The IR carries Model API's model_info: its ClassificationModel loads it with no
+    configuration and gives lineside's label on BGR frames from OpenCV."""
+    import cv2
+    from model_api.models import ClassificationModel
+
+    from lineside.runtime.model import open_model
+    from lineside.spec import resize_to_spec
+
+    bundle, _ = tiny_bundle
+    ours = open_model(bundle, backend="openvino")
+    theirs = ClassificationModel.create_model(str(bundle / "model_fp32.xml"), preload=True)
+    files = sorted(synth_test_dir.rglob("*.png"))[:12]
+    agree = 0
+    for f in files:
+        frame = cv2.imread(str(f))
+        label = theirs(frame).top_labels[0].name
+        p = ours.predict_proba(resize_to_spec(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), ours.spec)[None])[0]
+        agree += label == ours.labels[int(p.argmax())]
+    assert agree == len(files)
+    assert theirs.params.labels == [label.replace(" ", "_") for label in ours.labels]

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -91,7 +92,11 @@ class Subscriber:
         time.sleep(0.3)
 
     def _message(self, client, userdata, msg):
-        self.messages.setdefault(msg.topic.rsplit("/", 1)[-1], []).append((json.loads(msg.payload), msg.retain))
+        try:
+            payload = json.loads(msg.payload)
+        except ValueError:
+            payload = msg.payload.decode()          # a bare trigger
+        self.messages.setdefault(msg.topic.rsplit("/", 1)[-1], []).append((payload, msg.retain))
 
     def close(self):
         self.client.disconnect()
@@ -212,3 +217,67 @@ def test_a_broker_away_for_a_few_seconds_loses_no_decision(model, video, broker,
     assert result["frames"] == 300 and frames == set(range(1, 301))
     assert result["mqtt_dropped"] == 0
     assert result["dropped"] < 5          # paced at 30 FPS: the broker's absence never held the loop back
+
+
+def _publish(port: int, topic: str, payload: str):
+    import paho.mqtt.publish as publish
+
+    publish.single(topic, payload, qos=1, hostname="127.0.0.1", port=port)
+
+
+def _wait_for(sub: Subscriber, topic: str, pred, timeout: float = 20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = [m for m, _ in list(sub.messages.get(topic, [])) if isinstance(m, dict) and pred(m)]
+        if found:
+            return found[0]
+        time.sleep(0.02)
+    return None
+
+
+def test_an_mqtt_trigger_is_answered_and_its_part_id_is_everywhere(model, video, broker, tmp_path):
+    path, _ = video
+    db = tmp_path / "log.sqlite"
+    sub = Subscriber(broker.port, "test-trigger-subscriber")
+    result = {}
+    run = threading.Thread(target=lambda: result.update(run_app(model, RunOptions(
+        source=str(path), log=str(db), mqtt=broker.url, pace=30, loop=True, seconds=6, trigger="mqtt",
+        ok_classes=model.labels[0], vote="2/3"))))
+    try:
+        run.start()
+        assert _wait_for(sub, "status", lambda m: m["state"] == "online")
+        _publish(broker.port, f"{PREFIX}/trigger", json.dumps({"part_id": "A-1"}))
+        answer = _wait_for(sub, "answer", lambda m: m["part_id"] == "A-1")
+        run.join(60)
+    finally:
+        sub.close()
+    assert answer and answer["reason"] == "decided" and answer["frames"] == 3 and answer["verdict"] in ("OK", "NG")
+    tagged = [m for m, _ in sub.messages["decision"] if m["part_id"] == "A-1"]
+    assert len(tagged) == 3
+    rows = sqlite3.connect(db).execute("SELECT frame FROM decisions WHERE part_id = 'A-1'").fetchall()
+    assert sorted(r[0] for r in rows) == sorted(m["frame"] for m in tagged)
+    assert result["answers"] == {"decided": 1}
+
+
+def test_a_trigger_while_the_source_is_gone_is_answered_ng_in_time(model, broker, tmp_path):
+    """Fail safe: the camera is gone (a stream nobody serves); a trigger gets NG with the
+    reason no_frame within the timeout and a small margin, never silence."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"rtsp://127.0.0.1:{s.getsockname()[1]}/x"
+    sub = Subscriber(broker.port, "test-failsafe-subscriber")
+    run = threading.Thread(target=lambda: run_app(model, RunOptions(
+        source=dead, log=None, mqtt=broker.url, seconds=6, trigger="mqtt", trigger_timeout_ms=500,
+        ok_classes=model.labels[0])))
+    try:
+        run.start()
+        assert _wait_for(sub, "status", lambda m: m["state"] == "online")
+        t0 = time.time()
+        _publish(broker.port, f"{PREFIX}/trigger", "B-7")
+        answer = _wait_for(sub, "answer", lambda m: m["part_id"] == "B-7", timeout=5)
+        waited = time.time() - t0
+        run.join(60)
+    finally:
+        sub.close()
+    assert answer and (answer["verdict"], answer["reason"], answer["label"]) == ("NG", "no_frame", "unknown")
+    assert 0.5 <= answer["latency_ms"] / 1000 < 0.5 + 0.2 and waited < 0.5 + 1.0
