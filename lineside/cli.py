@@ -615,11 +615,19 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 @click.option("--mqtt-queue", default=10_000, show_default=True,
               help="Messages kept while the broker is away; beyond that they are dropped and counted.")
 @click.option("--station", default=None, help="Station name in published messages. [this host's name]")
-@click.option("--trigger", type=click.Choice(["stdin", "mqtt"]), default=None,
-              help="Answer triggered parts: each line on stdin (its text, if any, is the part id) or each "
-                   "message on PREFIX/trigger asks for the decision on the next frame (with --vote N/M, the "
-                   "next M frames). The answer (part id, label, OK/NG, reason) goes to stdout as a JSON line "
-                   "(stdin), PREFIX/answer (MQTT) and the log. Needs --ok-classes. [free-running]")
+@click.option("--opcua", default=None, metavar="ENDPOINT",
+              help="Serve an OPC UA object for the station (e.g. opc.tcp://127.0.0.1:4840; 0.0.0.0 to reach "
+                   "it from the plant network): last label, class index, confidence, OK/NG, part id, counters, "
+                   "status. Anonymous clients read and subscribe only; no encryption (see README).")
+@click.option("--opcua-user", default=None,
+              help="The user who may call Trigger(PartId) over OPC UA; the password comes from "
+                   "LINESIDE_OPCUA_PASSWORD. Without it, nobody may write or call.")
+@click.option("--trigger", type=click.Choice(["stdin", "mqtt", "opcua"]), default=None,
+              help="Answer triggered parts: each line on stdin (its text, if any, is the part id), each "
+                   "message on PREFIX/trigger, or each OPC UA Trigger(PartId) call asks for the decision on "
+                   "the next frame (with --vote N/M, the next M frames). The answer (part id, label, OK/NG, "
+                   "reason) goes to stdout as a JSON line (stdin), PREFIX/answer (MQTT), LastAnswer (OPC UA) "
+                   "and the log. Needs --ok-classes. [free-running]")
 @click.option("--trigger-timeout", "trigger_timeout_ms", default=1000.0, show_default=True,
               help="Milliseconds within which a triggered part gets its answer; when none is ready, the "
                    "answer is NG with reason no_frame (no frame came) or timeout (fail safe).")
@@ -628,7 +636,8 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loop, roi, reject_below, ok_classes,
             vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
-            mqtt, mqtt_ca, mqtt_queue, station, trigger, trigger_timeout_ms, display, quiet, as_json):
+            mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, trigger, trigger_timeout_ms, display, quiet,
+            as_json):
     """Classify every frame from --source with an exported BUNDLE and record each decision.
 
     \b
@@ -667,7 +676,8 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
                          save_dir=save_dir, save_when=save_when, save_max_files=save_max_files,
                          save_max_mb=save_max_mb, max_frames=max_frames, seconds=seconds,
                          source_timeout=source_timeout, mqtt=mqtt, mqtt_ca=mqtt_ca, mqtt_queue=mqtt_queue,
-                         station=station, trigger=trigger, trigger_timeout_ms=trigger_timeout_ms, display=display,
+                         station=station, trigger=trigger, trigger_timeout_ms=trigger_timeout_ms, opcua=opcua,
+                         opcua_user=opcua_user, display=display,
                          status=not quiet and not as_json)
     model = _open_runtime_model(bundle, backend, precision, device, threads)
     summary = run_app(model, options)

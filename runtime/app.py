@@ -46,6 +46,8 @@ class RunOptions:
     station: str | None = None
     trigger: str | None = None
     trigger_timeout_ms: float = 1000.0
+    opcua: str | None = None
+    opcua_user: str | None = None
     display: bool = False
     status: bool = False
 
@@ -184,6 +186,18 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
                                 on_trigger=triggers.request if options.trigger == "mqtt" else None))
         if triggers:
             answer_to.append(peers[-1].answer)
+    if options.opcua:
+        from .opcua import OpcUaOutput
+
+        try:
+            peers.append(OpcUaOutput(options.opcua, station, model.checksum, model.labels, user=options.opcua_user,
+                                     on_trigger=triggers.request if options.trigger == "opcua" else None))
+        except BaseException:
+            for peer in peers:
+                peer.close(None)
+            raise
+        if triggers:
+            answer_to.append(peers[-1].answer)
     try:
         recorder = _recorder(options, model, info, save, station, peers)
     except BaseException:
@@ -229,6 +243,8 @@ def _triggers(options: RunOptions, decider: Decider):
         raise LinesideError(f"--trigger: '{options.trigger}' is not one of {', '.join(TRIGGERS)}")
     if options.trigger == "mqtt" and not options.mqtt:
         raise LinesideError("--trigger mqtt: needs --mqtt (the broker to listen on)")
+    if options.trigger == "opcua" and not options.opcua:
+        raise LinesideError("--trigger opcua: needs --opcua (the server the PLC calls Trigger on)")
     if decider.ok_classes is None:
         raise LinesideError("--trigger: needs --ok-classes, so that every answer is OK or NG")
     answer_to: list = []

@@ -30,7 +30,7 @@ from lineside.errors import LinesideError
 
 log = logging.getLogger(__name__)
 
-TRIGGERS = ("stdin", "mqtt")
+TRIGGERS = ("stdin", "mqtt", "opcua")
 MAX_PENDING = 1000
 
 
