@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lineside.metadata import ModelMetadata
+
 
 def throughput(xml: Path, shape: str, seconds: int, extra=()) -> float:
     exe = shutil.which("benchmark_app") or str(Path(sys.executable).with_name("benchmark_app"))
@@ -35,8 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--seconds", type=int, default=15)
     args = ap.parse_args(argv)
-    meta = json.loads((args.bundle / "bundle.json").read_text())["metadata"]["input"]
-    shape = f"{meta['name']}[1,{meta['height']},{meta['width']},3]"
+    meta = ModelMetadata.from_dict(json.loads((args.bundle / "bundle.json").read_text())["metadata"])
+    shape = f"{meta.input_name}[1,{meta.spec.height},{meta.spec.width},3]"
     rows = {"fp32 (f32)": throughput(args.bundle / "model_fp32.xml", shape, args.seconds, ["-infer_precision", "f32"]),
             "fp32 (OpenVINO default)": throughput(args.bundle / "model_fp32.xml", shape, args.seconds)}
     if (args.bundle / "model_int8.xml").is_file():

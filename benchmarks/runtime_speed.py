@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lineside.metadata import ModelMetadata
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from openvino_speed import throughput  # noqa: E402
 
@@ -55,8 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", default="fp32,int8")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    meta = json.loads((args.bundle / "bundle.json").read_text())["metadata"]["input"]
-    shape = f"{meta['name']}[1,{meta['height']},{meta['width']},3]"
+    meta = ModelMetadata.from_dict(json.loads((args.bundle / "bundle.json").read_text())["metadata"])
+    shape = f"{meta.input_name}[1,{meta.spec.height},{meta.spec.width},3]"
     roi = ["--roi", args.roi] if args.roi else []
     results = {}
     for precision in args.precisions.split(","):

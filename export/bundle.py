@@ -21,7 +21,8 @@ import lineside
 from lineside.dataset import load_image_set
 from lineside.errors import LinesideError
 from lineside.images import read_image
-from lineside.runtime.model import BUNDLE_SCHEMA, MODEL_SCHEMA, open_model, sha256
+from lineside.metadata import BUNDLE_SCHEMA, ModelMetadata
+from lineside.runtime.model import open_model, sha256
 from lineside.spec import resize_to_spec
 
 from .onnx_export import INPUT_NAME, export_onnx
@@ -59,23 +60,14 @@ def clear_old_bundle(out: Path, force: bool) -> None:
             (out / name).unlink(missing_ok=True)
 
 
-def model_metadata(loaded, run_dir: Path, precision: str) -> dict:
-    spec = loaded.spec
-    return {
-        "schema": MODEL_SCHEMA,
-        "labels": list(loaded.labels),
-        "input": {"name": INPUT_NAME, "layout": "NHWC", "dtype": "uint8", "color": "RGB",
-                  "height": spec.height, "width": spec.width, "resize": spec.resize,
-                  "interpolation": spec.interpolation},
-        "input_spec": spec.to_dict(),
-        "output": {"name": "probabilities", "kind": "softmax"},
-        "thresholds": {"reject_below": None},
-        "test_views": list(loaded.model.views) if loaded.model.views else None,
-        "provenance": {"source_run": str(run_dir), "backbone": loaded.backbone,
-                       "strategy": loaded.info.get("strategy"),
-                       "data_fingerprint": loaded.info.get("data_fingerprint"),
-                       "lineside_version": lineside.__version__, "precision": precision},
-    }
+def model_metadata(loaded, run_dir: Path, precision: str) -> ModelMetadata:
+    return ModelMetadata(
+        labels=tuple(loaded.labels), spec=loaded.spec, input_name=INPUT_NAME,
+        test_views=tuple(loaded.model.views) if loaded.model.views else None,
+        provenance={"source_run": str(run_dir), "backbone": loaded.backbone,
+                    "strategy": loaded.info.get("strategy"),
+                    "data_fingerprint": loaded.info.get("data_fingerprint"),
+                    "lineside_version": lineside.__version__, "precision": precision})
 
 
 def parity_images(loaded, data, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -151,7 +143,7 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
     (out / "export_report.md").write_text(report_markdown(report, out))
     bundle = {
         "bundle_schema": BUNDLE_SCHEMA,
-        "metadata": meta,
+        "metadata": meta.to_dict(),
         "models": {key: {"files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in paths}}
                    for key, paths in files.items()},
         "parity_passed": parity_ok,
@@ -281,7 +273,7 @@ JUDGE_IMAGES = 960
 MAX_JUDGE_VIEWS = 32
 
 
-def _int8_models(loaded, files, out: Path, meta: dict, calib, eval_data, limits: tuple[float, float],
+def _int8_models(loaded, files, out: Path, meta: ModelMetadata, calib, eval_data, limits: tuple[float, float],
                  progress: bool, run_dir: Path | None = None) -> dict:
     """Quantize for each runtime, gate against its FP32 model, keep only what passes."""
     targets = _int8_targets(files)
@@ -296,7 +288,7 @@ def _int8_models(loaded, files, out: Path, meta: dict, calib, eval_data, limits:
     else:
         x_cal, (x_eval, y_eval, eval_paths), judged = held_out_judgement(x_cal, y_cal, cal_paths, augment)
     x_cal = with_augmented_copies(x_cal, augment)
-    int8_meta = {**meta, "provenance": {**meta["provenance"], "precision": "int8"}}
+    int8_meta = meta.with_precision("int8")
     return {t["runtime"]: _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_paths,
                                       judged, limits) for t in targets}
 

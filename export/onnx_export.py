@@ -7,7 +7,6 @@ ends with softmax. The runtime only resizes a frame to the spec's size.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from lineside.errors import require
-from lineside.runtime.model import METADATA_KEY
+from lineside.metadata import METADATA_KEY, ModelMetadata
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 OPSET = 17
@@ -49,14 +48,14 @@ def export_onnx(classifier: nn.Module, height: int, width: int, path: Path, meta
     return write_metadata(path, metadata)
 
 
-def write_metadata(path: Path, metadata: dict) -> Path:
+def write_metadata(path: Path, metadata: ModelMetadata) -> Path:
     """Store `metadata` as one JSON string under metadata_props['lineside'], replacing any."""
     onnx = require("onnx", "export")
     model = onnx.load(str(path))
     del model.metadata_props[:]
     entry = model.metadata_props.add()
     entry.key = METADATA_KEY
-    entry.value = json.dumps(metadata, sort_keys=True)
+    entry.value = metadata.to_json()
     onnx.save(model, str(path))
     return path
 

@@ -4,15 +4,14 @@ OpenVINO Model Server with it) loads a lineside IR as it is."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lineside.errors import require
 
-from .onnx_export import METADATA_KEY
+from lineside.metadata import METADATA_KEY, ModelMetadata
 
 
-def export_openvino(onnx_path: Path, xml_path: Path, metadata: dict) -> Path:
+def export_openvino(onnx_path: Path, xml_path: Path, metadata: ModelMetadata) -> Path:
     ov = require("openvino", "export")
     model = ov.convert_model(str(onnx_path))
     set_metadata(model, metadata)
@@ -20,7 +19,7 @@ def export_openvino(onnx_path: Path, xml_path: Path, metadata: dict) -> Path:
     return xml_path
 
 
-def model_api_info(metadata: dict) -> dict[str, str]:
+def model_api_info(metadata: ModelMetadata) -> dict[str, str]:
     """rt_info `model_info` for OpenVINO Model API's ClassificationModel. The graph takes
     uint8 RGB (N, H, W, 3) and does its own normalisation (empty mean and scale); Model API
     hands it BGR frames from OpenCV, hence reverse_input_channels; its outputs are already
@@ -28,20 +27,20 @@ def model_api_info(metadata: dict) -> dict[str, str]:
     space-separated there, so spaces inside a label become underscores."""
     return {
         "model_type": "Classification",
-        "labels": " ".join(str(label).replace(" ", "_") for label in metadata["labels"]),
+        "labels": " ".join(str(label).replace(" ", "_") for label in metadata.labels),
         "layout": "image:NHWC",
         "reverse_input_channels": "True",
         "mean_values": "",
         "scale_values": "",
         "resize_type": "standard",
         "output_raw_scores": "True",
-        "confidence_threshold": str((metadata.get("thresholds") or {}).get("reject_below") or 0.0),
+        "confidence_threshold": str(metadata.reject_below or 0.0),
     }
 
 
-def set_metadata(model, metadata: dict) -> None:
+def set_metadata(model, metadata: ModelMetadata) -> None:
     """lineside's own metadata (one JSON string) and Model API's model_info, on an IR."""
-    model.set_rt_info(json.dumps(metadata, sort_keys=True), [METADATA_KEY])
+    model.set_rt_info(metadata.to_json(), [METADATA_KEY])
     for key, value in model_api_info(metadata).items():
         model.set_rt_info(value, ["model_info", key])
 

@@ -95,7 +95,7 @@ def float_nodes(model, ends: bool = False, linear_convs: bool = False) -> list[s
     return names
 
 
-def quantize_onnxruntime(fp32_onnx: Path, out_onnx: Path, calib: np.ndarray, metadata: dict, recipe: dict) -> Path:
+def quantize_onnxruntime(fp32_onnx: Path, out_onnx: Path, calib: np.ndarray, metadata, recipe: dict) -> Path:
     """Quantize an FP32 ONNX model with ONNX Runtime's static quantizer on calibration images."""
     onnx = require("onnx", "export")
     q = require("onnxruntime.quantization", None)
@@ -193,7 +193,7 @@ def correct_conv_biases(fp32, quantized, calib: np.ndarray, batch: int = 8) -> i
     return len(layers)
 
 
-def quantize_openvino(fp32_xml: Path, out_xml: Path, calib: np.ndarray, metadata: dict, recipe: dict) -> Path:
+def quantize_openvino(fp32_xml: Path, out_xml: Path, calib: np.ndarray, metadata, recipe: dict) -> Path:
     """Quantize an FP32 IR with NNCF on calibration images (N, H, W, 3) uint8."""
     ov = require("openvino", "export")
     nncf = require("nncf", "export")

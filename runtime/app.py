@@ -63,7 +63,7 @@ class RunOptions:
 def make_decider(model: RuntimeModel, options: RunOptions) -> Decider:
     reject = options.reject_below
     if reject is None:   # the bundle's threshold, if its exporter set one
-        reject = (model.metadata.get("thresholds") or {}).get("reject_below")
+        reject = model.metadata.reject_below
     return Decider(model.labels, reject_below=reject,
                    ok_classes=parse_classes(options.ok_classes, model.labels, "--ok-classes"),
                    vote=parse_vote(options.vote))

@@ -16,11 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from lineside.errors import LinesideError, require
+from lineside.metadata import BUNDLE_SCHEMA, METADATA_KEY, ModelMetadata
 from lineside.spec import InputSpec
 
-METADATA_KEY = "lineside"
-BUNDLE_SCHEMA = 1
-MODEL_SCHEMA = "lineside.model/1"
 BACKENDS = ("auto", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "int8")
 HINTS = ("latency", "throughput")
@@ -32,7 +30,7 @@ OPENVINO_FP32 = {"INFERENCE_PRECISION_HINT": "f32"}
 class RuntimeModel:
     path: Path
     backend: str
-    metadata: dict
+    metadata: ModelMetadata
     labels: list[str]
     spec: InputSpec
     checksum: str
@@ -197,20 +195,9 @@ def _bundle_model_file(folder: Path, backend: str, precision: str) -> Path:
     return model_file
 
 
-def _checked_metadata(path: Path, text: str | None) -> tuple[dict, list[str], InputSpec]:
-    if not text:
-        raise LinesideError(f"{path}: model has no lineside metadata (was it exported by lineside export?)")
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LinesideError(f"{path}: lineside metadata is not valid JSON") from exc
-    if not isinstance(meta, dict) or meta.get("schema") != MODEL_SCHEMA:
-        raise LinesideError(f"{path}: metadata schema {meta.get('schema') if isinstance(meta, dict) else None!r} "
-                            f"is not supported (this lineside reads {MODEL_SCHEMA})")
-    labels = meta.get("labels")
-    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
-        raise LinesideError(f"{path}: metadata has no valid label list")
-    return meta, labels, InputSpec.from_dict(meta.get("input_spec"))
+def _checked_metadata(path: Path, text: str | None) -> tuple[ModelMetadata, list[str], InputSpec]:
+    meta = ModelMetadata.from_json(text, str(path))
+    return meta, list(meta.labels), meta.spec
 
 
 def _open_onnxruntime(path: Path, threads: int | None) -> RuntimeModel:

@@ -10,6 +10,7 @@ from lineside.cli import main
 from lineside.errors import LinesideError
 from lineside.export import bundle as bundle_mod
 from lineside.export.bundle import export_bundle, model_metadata
+from lineside.metadata import ModelMetadata
 from lineside.runtime.model import sha256
 from lineside.runtime.model import open_model
 from lineside.train.checkpoint import load_checkpoint
@@ -36,15 +37,35 @@ def test_bundle_files_and_checksums(bundle):
 def test_metadata_round_trips_through_both_model_files(bundle, tiny_run):
     out, result = bundle
     run, _ = tiny_run
-    expected = json.loads(json.dumps(model_metadata(load_checkpoint(run), run, "fp32")))
+    expected = model_metadata(load_checkpoint(run), run, "fp32")
     from_onnx = open_model(out / "model_fp32.onnx", backend="onnxruntime").metadata
     from_ir = open_model(out / "model_fp32.xml", backend="openvino").metadata
-    from_bundle = json.loads((out / "bundle.json").read_text())["metadata"]
-    for doc in (from_onnx, from_ir, from_bundle):
-        assert doc == expected
-    assert from_onnx["labels"] == ["card", "cube", "hat", "screw", "torch"]
-    assert from_onnx["input"]["dtype"] == "uint8" and from_onnx["input"]["height"] == 64
-    assert from_onnx["provenance"]["precision"] == "fp32"
+    from_bundle = ModelMetadata.from_dict(json.loads((out / "bundle.json").read_text())["metadata"])
+    for meta in (from_onnx, from_ir, from_bundle):
+        assert meta == expected and meta.to_dict() == expected.to_dict()
+    doc = from_onnx.to_dict()
+    assert doc["labels"] == ["card", "cube", "hat", "screw", "torch"] and doc["schema"] == "lineside.model/2"
+    assert doc["input"]["dtype"] == "uint8" and doc["input"]["spec"]["height"] == 64 and "input_spec" not in doc
+    assert from_onnx.precision == "fp32"
+
+
+def test_metadata_is_validated_and_the_first_schema_is_still_read():
+    """The input is described once (schema 2); a schema-1 document (input block and
+    input_spec beside it) still reads; bad labels, views or thresholds are refused."""
+    from lineside.spec import InputSpec
+
+    spec = InputSpec(64, 64)
+    meta = ModelMetadata(("ok", "scratch"), spec, test_views=(0, 1, 2, 3), reject_below=0.5)
+    assert ModelMetadata.from_json(meta.to_json()) == meta
+    old = {"schema": "lineside.model/1", "labels": ["ok", "scratch"], "input_spec": spec.to_dict(),
+           "input": {"name": "image", "height": 64, "width": 64}, "thresholds": {"reject_below": None},
+           "test_views": None, "provenance": {"precision": "int8"}}
+    assert ModelMetadata.from_dict(old).spec == spec and ModelMetadata.from_dict(old).precision == "int8"
+    for bad, needle in ((dict(old, schema="lineside.model/9"), "schema"), (dict(old, labels=["ok", "ok"]), "label"),
+                        (dict(old, test_views=[9]), "test views"),
+                        (dict(old, thresholds={"reject_below": 2}), "reject_below")):
+        with pytest.raises(LinesideError, match=needle):
+            ModelMetadata.from_dict(bad, "x.onnx")
 
 
 def test_parity_with_pytorch_on_real_images(bundle):

@@ -7,7 +7,6 @@ import json
 import socket
 import sqlite3
 import threading
-import time
 
 import pytest
 
@@ -45,7 +44,7 @@ def test_a_plc_reads_subscribes_and_triggers_over_opcua(tiny_bundle, synth_test_
         seen = {}
         for _ in range(100):                       # the server starts with the run
             try:
-                async with Client(endpoint) as c:
+                async with Client(endpoint):
                     break
             except (OSError, asyncio.TimeoutError, ua.UaError):
                 await asyncio.sleep(0.1)

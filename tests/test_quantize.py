@@ -131,7 +131,7 @@ def test_onnxruntime_int8_is_written_checked_and_self_describing(int8_bundle, sy
     from lineside.runtime.model import open_model
 
     m = open_model(out / "model_int8.onnx")
-    assert m.metadata["provenance"]["precision"] == "int8" and m.labels == doc["metadata"]["labels"]
+    assert m.metadata.precision == "int8" and m.labels == doc["metadata"]["labels"]
 
 
 def test_gate_refuses_a_broken_onnxruntime_int8_model(tiny_run, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lineside.errors import LinesideError
+from lineside.metadata import check_labels
 from lineside.spec import InputSpec
 
 from .backbones import BACKBONES
@@ -69,9 +70,7 @@ def load_checkpoint(path) -> LoadedModel:
     if payload.get("format_version") != FORMAT_VERSION:
         raise LinesideError(f"{path}: checkpoint version {payload.get('format_version')} is not supported "
                             f"(this lineside reads version {FORMAT_VERSION})")
-    labels = payload.get("labels")
-    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
-        raise LinesideError(f"{path}: checkpoint has no valid label list")
+    labels = list(check_labels(payload.get("labels"), f"{path}: checkpoint"))
     spec = InputSpec.from_dict(payload.get("input_spec"))
     entry = BACKBONES.get(str(payload.get("backbone")))
     taps = payload.get("taps")
