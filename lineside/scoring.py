@@ -69,3 +69,24 @@ def predict_paths(predict: PredictFn, labels, spec: InputSpec, paths) -> list[di
          "probabilities": {name: float(v) for name, v in zip(labels, row)}}
         for p, row in zip(paths, probs)
     ]
+
+
+def is_exported(path: Path) -> bool:
+    return (path.is_dir() and (path / "bundle.json").is_file()) or path.name == "bundle.json" \
+        or path.suffix in (".onnx", ".xml")
+
+
+def open_scorer(model: Path, backend, precision, device, threads):
+    """(predict_proba, labels, spec, description) for a run folder or an exported model.
+    Exported models never import torch."""
+    if is_exported(model):
+        from lineside.runtime.model import open_model
+
+        m = open_model(model, backend=backend, precision=precision, device=device, threads=threads)
+        return m.predict_proba, m.labels, m.spec, {"model": str(m.path), "backend": m.backend}
+    from lineside.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from lineside.train.evaluate import RunScorer
+
+    loaded = load_checkpoint(model)
+    return (RunScorer(loaded.model), loaded.labels, loaded.spec,
+            {"model": str(resolve_checkpoint(model)), "backend": "pytorch"})

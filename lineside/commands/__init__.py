@@ -1,0 +1,1 @@
+"""The commands of the `lineside` CLI, one module per command or group (see lineside/cli.py)."""

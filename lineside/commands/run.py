@@ -1,0 +1,214 @@
+"""`lineside run`: `run` (the camera loop on the line) and `bench` (its speed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .common import model_options
+
+
+def _runtime_options(f):
+    f = click.option("--hint", type=click.Choice(["auto", "latency", "throughput"]), default=None,
+                     help="Inference mode: latency (one request, a camera at its rate) or throughput "
+                          "(requests in parallel). auto: throughput for a file read unpaced, else "
+                          "latency.  [default: auto]")(f)
+    f = click.option("--pace", type=float, default=None,
+                     help="Replay a file or folder at this many frames per second (camera rate).")(f)
+    f = click.option("--source", "source", default=None,
+                     help="Camera index (0), video file, folder of images, rtsp:// or http:// URL, "
+                          "or a GStreamer pipeline.")(f)
+    return model_options(f)
+
+
+def _open_runtime_model(bundle, backend, precision, device, threads):
+    from lineside.runtime.model import open_model
+
+    return open_model(bundle, backend=backend, precision=precision, device=device, threads=threads)
+
+
+@click.command("run")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@_runtime_options
+@click.option("--loop", is_flag=True, help="Start a file or folder again at its end.")
+@click.option("--roi", default=None, help="x,y,w,h: classify only this region of each frame (pixels).")
+@click.option("--reject-below", type=float, default=None,
+              help="Label frames whose top probability is below this 'unknown'. [the bundle's threshold]")
+@click.option("--ok-classes", default=None, help="Comma-separated labels that mean OK; the rest (and unknown) are NG.")
+@click.option("--vote", default=None,
+              help="N/M: decide a label seen in at least N of the last M frames. The summary counts runs of "
+                   "one voted label: parts of one class that follow each other with no other label between "
+                   "them are one run, so it is a part count only where that cannot happen.")
+@click.option("--log", "log_path", default="decisions.sqlite", show_default=True,
+              help="Decision log: a SQLite file (.sqlite, .sqlite3 or .db), or a .jsonl file for JSON lines "
+                   "(extension in any case); 'none' for no log.")
+@click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the frames worth a look (JPEG, named lineside_*.jpg). Only those files are "
+                   "ever deleted by the caps below; a frame that cannot be saved is a save_failed event, "
+                   "never a lost decision.")
+@click.option("--save-when", default="ng,unknown", show_default=True,
+              help="Which frames to save: comma-separated from ng, unknown, flagged, all.")
+@click.option("--save-max-files", default=1000, show_default=True,
+              help="Keep at most this many saved frames (the oldest lineside_*.jpg go first).")
+@click.option("--save-max-mb", default=500.0, show_default=True, help="Keep at most this much in saved frames.")
+@click.option("--frames", "max_frames", type=int, default=None, help="Stop after this many frames.")
+@click.option("--seconds", type=float, default=None, help="Stop after this many seconds.")
+@click.option("--source-timeout", type=float, default=None,
+              help="End the run (exit status 3) when the source has delivered no frame for this many seconds, "
+                   "at the start or after a loss; for a supervisor that restarts or raises an alarm. "
+                   "[wait and reconnect for ever]")
+@click.option("--mqtt", default=None, metavar="URL",
+              help="Publish every decision to an MQTT broker: mqtt://[user:pass@]HOST[:PORT]/TOPIC/PREFIX "
+                   "(mqtts:// for TLS). Topics PREFIX/decision and PREFIX/event (QoS 1) and PREFIX/status "
+                   "(retained; offline is the last will). The loop never waits on the broker.")
+@click.option("--mqtt-ca", default=None, metavar="FILE", help="CA certificate file for an mqtts:// broker.")
+@click.option("--mqtt-queue", default=10_000, show_default=True,
+              help="Messages kept while the broker is away; beyond that they are dropped and counted.")
+@click.option("--station", default=None, help="Station name in published messages. [this host's name]")
+@click.option("--opcua", default=None, metavar="ENDPOINT",
+              help="Serve an OPC UA object for the station (e.g. opc.tcp://127.0.0.1:4840; 0.0.0.0 to reach "
+                   "it from the plant network): last label, class index, confidence, OK/NG, part id, counters, "
+                   "status. Anonymous clients read and subscribe only; no encryption (see README).")
+@click.option("--opcua-user", default=None,
+              help="The user who may call Trigger(PartId) over OPC UA; the password comes from "
+                   "LINESIDE_OPCUA_PASSWORD. Without it, nobody may write or call.")
+@click.option("--trigger", type=click.Choice(["stdin", "mqtt", "opcua"]), default=None,
+              help="Answer triggered parts: each line on stdin (its text, if any, is the part id), each "
+                   "message on PREFIX/trigger, or each OPC UA Trigger(PartId) call asks for the decision on "
+                   "the next frame (with --vote N/M, the next M frames). The answer (part id, label, OK/NG, "
+                   "reason) goes to stdout as a JSON line (stdin), PREFIX/answer (MQTT), LastAnswer (OPC UA) "
+                   "and the log. Needs --ok-classes. [free-running]")
+@click.option("--trigger-timeout", "trigger_timeout_ms", default=1000.0, show_default=True,
+              help="Milliseconds within which a triggered part gets its answer; when none is ready, the "
+                   "answer is NG with reason no_frame (no frame came) or timeout (fail safe).")
+@click.option("--display", is_flag=True, help="Show frames with label, confidence, OK/NG and FPS (needs a screen).")
+@click.option("--quiet", is_flag=True, help="No live status line.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loop, roi, reject_below, ok_classes,
+            vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
+            mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, trigger, trigger_timeout_ms, display, quiet,
+            as_json):
+    """Classify every frame from --source with an exported BUNDLE and record each decision.
+
+    \b
+    Examples:
+      lineside run bundle --source 0 --ok-classes ok --reject-below 0.8
+      lineside run bundle --source rtsp://10.0.0.7/stream --roi 100,40,400,400
+      lineside run bundle --source parts.mp4 --pace 30 --log shift.sqlite
+
+    The newest frame is always the one classified (a frame the model had no time
+    for is dropped and counted, never queued), a lost camera is reconnected with
+    backoff, and black or frozen frames are flagged. Every decision goes to the
+    log (SQLite, WAL). Ctrl-C or SIGTERM stops capture, finishes the frames in
+    flight, closes the log and exits 0. Never imports torch.
+
+    \b
+    Faults are events in the log, never a stopped line:
+      frame not saved (full disk)    save_failed; the decision is logged
+      log unwritable (disk, lock)    decisions wait in memory, retried; log_unwritable
+      log file deleted               a new one is started; log_recreated
+      damaged video frame            skipped, reading goes on; decode_error
+      frame the --roi does not fit   decided unknown (NG), flag roi_outside
+      camera or stream lost          reconnected with backoff; source_lost, source_back
+
+    \b
+    Exit status:
+      0  the run ended normally (end of source, --frames, --seconds, a signal)
+      2  a setup error: bad option, bundle, --roi, --log or --save path
+      3  the source never delivered a frame, or none for --source-timeout seconds
+      4  decisions were made that are not in the log (the summary's not_logged)"""
+    from lineside.runtime.app import RunOptions, run_app
+
+    if source is None:
+        raise click.UsageError("--source is required (a camera index, file, folder, URL or pipeline)")
+    options = RunOptions(source=source, pace=pace, hint=hint, loop=loop, roi=roi, reject_below=reject_below,
+                         ok_classes=ok_classes, vote=vote, log=None if log_path == "none" else log_path,
+                         save_dir=save_dir, save_when=save_when, save_max_files=save_max_files,
+                         save_max_mb=save_max_mb, max_frames=max_frames, seconds=seconds,
+                         source_timeout=source_timeout, mqtt=mqtt, mqtt_ca=mqtt_ca, mqtt_queue=mqtt_queue,
+                         station=station, trigger=trigger, trigger_timeout_ms=trigger_timeout_ms, opcua=opcua,
+                         opcua_user=opcua_user, display=display,
+                         status=not quiet and not as_json)
+    model = _open_runtime_model(bundle, backend, precision, device, threads)
+    summary = run_app(model, options)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_run_summary(summary, vote)
+    code = summary["exit_code"]
+    if code == 3:
+        click.echo(f"error: --source {source}: " + (
+            f"no frame for {source_timeout:g} s (--source-timeout)" if summary.get("source_timeout")
+            else "no frame was ever received (see the source_unavailable events in the log)"), err=True)
+    elif code == 4:
+        click.echo(f"error: {summary['not_logged']} decisions are not in the log {summary['log']} "
+                   "(it could not be written; see the log_unwritable events)", err=True)
+    if code:
+        sys.exit(code)
+
+
+def _print_run_summary(summary: dict, vote) -> None:
+    lat = summary["latency_ms"]
+    click.echo(f"{summary['frames']} frames in {summary['seconds']:.1f} s ({summary['fps']:.1f} FPS), "
+               f"dropped {summary['dropped']}, capture-to-decision p50 {lat.get('p50', 0):.1f} ms "
+               f"p99 {lat.get('p99', 0):.1f} ms, peak RSS {summary['rss_mb']:.0f} MB")
+    click.echo("frames per label: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["labels"].items())))
+    if vote:
+        click.echo("runs of one voted label (two parts of a class in a row are one run): "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(summary["voted_runs"].items())))
+    if summary["verdicts"]:
+        click.echo("verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["verdicts"].items())))
+    if summary["flags"]:
+        click.echo("flagged frames: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["flags"].items())))
+    if summary.get("answers"):
+        click.echo("triggered parts answered: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["answers"].items())))
+    faults = {k: summary.get(k) for k in ("decode_errors", "save_failed", "not_logged", "log_recreated",
+                                          "mqtt_dropped", "output_errors")}
+    if any(faults.values()):
+        click.echo("faults: " + ", ".join(f"{k} {v}" for k, v in faults.items() if v))
+    if summary.get("log"):
+        click.echo(f"{summary['logged']} decisions logged to {summary['log']}")
+
+
+@click.command("bench")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@_runtime_options
+@click.option("--roi", default=None, help="x,y,w,h: classify only this region of each frame, as `lineside run` does.")
+@click.option("--seconds", default=10.0, show_default=True, help="Seconds for each of the three measurements.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench_cmd(bundle, source, pace, hint, backend, precision, device, threads, roi, seconds, as_json):
+    """Measure the real camera loop on BUNDLE, and in the same run a naive loop and the raw backend.
+
+    Without --source, a short video of drawn parts is made in a temporary folder.
+    Reports end-to-end FPS, per-stage latency (capture, preprocess, infer,
+    postprocess, record) with p50/p95/p99, capture-to-decision latency, dropped
+    frames and peak RSS. With --pace the file is replayed at camera rate, which
+    is how latency on the line is measured."""
+    from lineside.runtime.bench import bench
+
+    model = _open_runtime_model(bundle, backend, precision, device, threads)
+    r = bench(model, source, seconds=seconds, pace=pace, hint=hint, roi=roi)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    lat = r["latency_ms"]
+    click.echo(f"{r['backend']} {Path(r['model']).name} ({r['engine']['hint']}, {r['engine']['requests']} requests), "
+               f"source: {r['source']}" + (f" paced at {r['pace']:g} FPS" if r["pace"] else ""))
+    click.echo(f"pipeline: {r['fps']:.1f} FPS, capture-to-decision p50 {lat.get('p50', 0):.2f} ms "
+               f"p99 {lat.get('p99', 0):.2f} ms, dropped {r['dropped']}, peak RSS {r['rss_mb']:.0f} MB")
+    for name, st in r["stages_ms"].items():
+        if st.get("count"):
+            click.echo(f"  {name:12s} p50 {st['p50']:7.3f}  p95 {st['p95']:7.3f}  p99 {st['p99']:7.3f} ms")
+    if "naive_fps" in r:
+        click.echo(f"naive loop: {r['naive_fps']:.1f} FPS (pipeline {r['fps_vs_naive']:.2f}x)")
+    click.echo(f"raw backend: {r['raw_fps']:.1f} FPS (pipeline {r['fps_vs_raw']:.2f}x)")
+    if "ceiling_fps" in r:
+        click.echo(f"decode + resize alone: {r['decode_fps']:.1f} FPS on one thread; ceiling for this box "
+                   f"(inference + decoding, no overhead): {r['ceiling_fps']:.1f} FPS (pipeline "
+                   f"{r['fps_vs_ceiling']:.2f}x)")
+
+
+# --- devices --------------------------------------------------------------------------

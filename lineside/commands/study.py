@@ -1,0 +1,156 @@
+"""`lineside study`: sample-size, compare and cv studies before a project."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _study_options(f):
+    f = click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")(f)
+    f = click.option("--quiet", is_flag=True, help="No progress bars.")(f)
+    f = click.option("--views", default=2, show_default=True,
+                     help="linear recipe: views per image in the shared feature cache: its allowed flips and turns, "
+                          "then VIEWS-1 randomly augmented copies.")(f)
+    f = click.option("--threads", type=int, default=None, help="CPU threads for torch.")(f)
+    f = click.option("--image-size", type=int, default=None, help="Square input size (default: the backbone's).")(f)
+    f = click.option("--backbone", default=None, help="Backbone name (see lineside train --list-backbones).")(f)
+    f = click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="YAML of training options, as for lineside train.")(f)
+    f = click.option("--skip-bad", is_flag=True, default=None, help="Skip unreadable images with a warning.")(f)
+    return f
+
+
+def _study_config(config_file, **options):
+    from lineside.train.config import TrainConfig
+
+    options = {k: v for k, v in options.items() if v is not None}
+    return TrainConfig.from_yaml(config_file, **options) if config_file else TrainConfig().override(**options)
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is not a comma-separated list of integers", param_hint=option) from None
+
+
+@click.group()
+def study():
+    """Plan a project: how many images per class, which recipe, and cross-validation.
+
+    \b
+      lineside study sample-size DATA --target 0.99     # images per class for a target
+      lineside study compare DATA --shots 10            # linear vs finetune vs full vs scratch
+      lineside study cv DATA --folds 5                  # k-fold scores, confusions, suspicious labels
+    """
+
+
+@study.command("sample-size")
+@click.argument("data_dir", metavar="DATA", type=click.Path(path_type=Path))
+@click.option("--shots", default="1,2,5,10,20,50", show_default=True, help="Training images per class to try.")
+@click.option("--repeats", default=5, show_default=True, help="Random draws per size.")
+@click.option("--strategy", type=click.Choice(["auto", "linear", "finetune", "full", "scratch"]), default="auto",
+              show_default=True, help="Recipe to study (linear is by far the fastest: features are shared).")
+@click.option("--target", default=0.99, show_default=True, help="Balanced accuracy to reach (0..1).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("study-sample-size"),
+              show_default=True)
+@_study_options
+def study_sample_size(data_dir, shots, repeats, strategy, target, out, config_file, as_json, quiet, views,
+                      **options):
+    """How many images per class does DATA need to reach --target?
+
+    For each size, draws that many training images per class (seeded, --repeats
+    times), trains, and scores on every image not drawn. Fits a learning curve
+    (inverse power law), estimates the size for the target with an 80% interval,
+    and says so plainly when the data cannot support an estimate. Writes
+    learning_curve.png, sample_size.json and report.md (with per-class curves)."""
+    from lineside.train.study import sample_size
+
+    if not 0 < target < 1:
+        raise click.BadParameter("must be between 0 and 1 (0.99 means 99%)", param_hint="--target")
+    if repeats < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--repeats")
+    cfg = _study_config(config_file, strategy=strategy, **options)
+    r = sample_size(data_dir, out, cfg, shots=_ints(shots, "--shots"), repeats=repeats, target=target, views=views,
+                    progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    for s in r["sizes"]:
+        click.echo(f"{s['shots']:>4} per class: {s['mean']:.2%} ± {s['std']:.2%}")
+    click.echo(f"estimate for {target:.2%}: {r['estimate']['statement']}")
+    check = r["extrapolation_check"]
+    if check:
+        click.echo("check (fit on " + ",".join(map(str, check["fit_sizes"])) + "): " + "; ".join(
+            f"{p['size']}/class predicted {p['predicted']:.2%}, measured {p['measured']:.2%}" for p in check["predictions"]))
+    click.echo(f"wrote {out}/learning_curve.png, sample_size.json, report.md ({r['seconds']:.0f} s)")
+
+
+@study.command("compare")
+@click.argument("data_dir", metavar="DATA", type=click.Path(path_type=Path))
+@click.option("--strategies", default="linear,finetune,full,scratch", show_default=True)
+@click.option("--shots", default=10, show_default=True, help="Training images per class.")
+@click.option("--repeats", default=3, show_default=True, help="Random draws, shared by every recipe.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("study-compare"),
+              show_default=True)
+@_study_options
+def study_compare(data_dir, strategies, shots, repeats, out, config_file, as_json, quiet, views, **options):
+    """Which recipe suits DATA? Trains each strategy on the same draws (a paired
+    comparison) and reports balanced accuracy and training time, and the time
+    saved against training from scratch. Writes compare.png, compare.json, report.md."""
+    from lineside.train.config import STRATEGIES
+    from lineside.train.study import compare
+
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    bad = [s for s in names if s not in STRATEGIES or s == "auto"]
+    if bad or not names:
+        raise click.BadParameter(f"{', '.join(bad) or 'empty'}: choose from linear, finetune, full, scratch",
+                                 param_hint="--strategies")
+    if repeats < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--repeats")
+    cfg = _study_config(config_file, **options)
+    r = compare(data_dir, out, cfg, strategies=names, shots=shots, repeats=repeats, views=views,
+                progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    for n in names:
+        s = r["summary"][n]
+        click.echo(f"{n:>9}: {s['mean']:.2%} ± {s['std']:.2%} (vs best {s['vs_best_points']:+.2f} points), "
+                   f"{s['train_s_mean']:.0f} s per draw")
+    click.echo(f"best: {r['best']}; wrote {out}/compare.png, compare.json, report.md ({r['seconds']:.0f} s)")
+
+
+@study.command("cv")
+@click.argument("data_dir", metavar="DATA", type=click.Path(path_type=Path))
+@click.option("--folds", default=5, show_default=True)
+@click.option("--strategy", type=click.Choice(["auto", "linear", "finetune", "full", "scratch"]), default="auto",
+              show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Assignment of images to folds.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("study-cv"), show_default=True)
+@_study_options
+def study_cv(data_dir, folds, strategy, seed, out, config_file, as_json, quiet, views, **options):
+    """Stratified k-fold cross-validation on DATA: per-fold and pooled metrics, the
+    pooled confusion matrix, and every image misclassified in its fold, most
+    confident first (the usual way to find mislabelled images in a small set).
+    Writes cv.json, confusion_matrix.png, report.md."""
+    from lineside.train.study import cross_validate
+
+    cfg = _study_config(config_file, strategy=strategy, seed=seed, **options)
+    r = cross_validate(data_dir, out, cfg, folds=folds, views=views, progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(f"{folds} folds ({', '.join(r['strategies_used'])}): balanced accuracy {r['mean']:.2%} ± "
+               f"{r['std']:.2%} per fold, pooled {r['pooled']['balanced_accuracy']:.2%}")
+    for w in r["misclassified"][:10]:
+        click.echo(f"  {w['path']}: labelled {w['true']}, predicted {w['predicted']} ({w['confidence']:.0%})")
+    if len(r["misclassified"]) > 10:
+        click.echo(f"  ... {len(r['misclassified']) - 10} more in {out}/cv.json")
+    click.echo(f"wrote {out}/cv.json, confusion_matrix.png, report.md ({r['seconds']:.0f} s)")
+
+
+# --- export -------------------------------------------------------------------------
