@@ -221,8 +221,8 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
                                triggers=triggers)
         summary["stopped_by"] = signals.received
     finally:
-        if triggers:
-            triggers.close()          # parts still waiting get the fail-safe answer
+        if triggers:     # parts still waiting get the fail-safe answer
+            triggers.close("stopped" if summary is not None else "error")
         status.close()
         recorder.close(summary)   # everything handed to the recorder is written before we return
     summary.update(log=options.log, **recorder.counts(), model=str(model.path), backend=model.backend,

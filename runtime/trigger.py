@@ -5,7 +5,9 @@ the part in front of the camera now, optionally naming its part id. The loop kee
 deciding every frame; the first frame captured after the trigger answers it (with
 --vote N/M, the next M frames, voted). When no answer is ready within
 --trigger-timeout, a watchdog answers for it: NG, with the reason (`no_frame`: not one
-frame came, the source is down; `timeout`: frames came but too few, or too late).
+frame came, the source is down; `timeout`: frames came but too few, or too late); parts
+waiting when the run ends are answered NG `stopped`, or `error` when the loop failed
+(a model or capture error).
 Never silence: a PLC waiting on the answer always gets one in its window.
 
 Each answer goes to every output: a JSON line on stdout (stdin trigger), PREFIX/answer
@@ -49,7 +51,7 @@ class Answer:
     part_id: str
     label: str
     verdict: str                  # OK or NG
-    reason: str                   # decided | no_frame | timeout | stopped
+    reason: str                   # decided | no_frame | timeout | stopped | error
     frames: int
     confidence: float
     latency_ms: float
@@ -114,14 +116,15 @@ class Triggers:
             self._answer(answer)
         return req.part_id
 
-    def close(self):
-        """End of the run: every part still waiting is answered NG (stopped)."""
+    def close(self, reason: str = "stopped"):
+        """End of the run: every part still waiting is answered NG with `reason` (stopped, or
+        error when the loop itself failed)."""
         with self._lock:
             self._closed = True
             left, self._pending = self._pending, []
             self._wake.notify()
         for req in left:
-            self._answer(self._failsafe(req, "stopped"))
+            self._answer(self._failsafe(req, reason))
 
     # -- internals ------------------------------------------------------------------------
 

@@ -53,6 +53,10 @@ def test_no_frame_in_time_is_answered_ng_within_the_timeout():
     votes.request("P-3")
     votes.close()
     assert got[-1].part_id == "P-3" and got[-1].reason == "stopped" and got[-1].verdict == "NG"
+    failed = Triggers(5.0, on_answer=sink)
+    failed.request("P-4")
+    failed.close("error")                                        # the loop itself failed
+    assert got[-1].part_id == "P-4" and got[-1].reason == "error" and got[-1].verdict == "NG"
     t.close()
     with pytest.raises(LinesideError, match="--trigger-timeout"):
         Triggers(0)
