@@ -7,8 +7,6 @@ from pathlib import Path
 
 import click
 
-from lineside.scoring import open_scorer
-
 from .common import model_options
 
 
@@ -26,7 +24,7 @@ def eval_cmd(model, data_dir, backend, precision, device, threads, skip_bad, qui
     or a lone .onnx / .xml file. Reports balanced accuracy (the mean of per-class
     recall, fair when classes are imbalanced), accuracy, per-class
     precision/recall/f1 and the confusion matrix (rows: true class)."""
-    from lineside.scoring import evaluate
+    from lineside.scoring import evaluate, open_scorer
 
     predict_fn, labels, spec, about = open_scorer(model, backend, precision, device, threads)
     r = evaluate(predict_fn, labels, spec, data_dir, skip_bad=skip_bad, progress=not quiet and not as_json)
@@ -54,6 +52,8 @@ def predict(model, images, backend, precision, device, threads, as_json):
     MODEL is a run folder, a bundle folder or a lone .onnx / .xml file. Prints the
     predicted label, its probability and the probability of every class."""
     from lineside.scoring import predict_paths
+
+    from lineside.scoring import open_scorer
 
     predict_fn, labels, spec, _ = open_scorer(model, backend, precision, device, threads)
     results = predict_paths(predict_fn, labels, spec, list(images))
