@@ -51,9 +51,7 @@ def predict(model, images, backend, precision, device, threads, as_json):
 
     MODEL is a run folder, a bundle folder or a lone .onnx / .xml file. Prints the
     predicted label, its probability and the probability of every class."""
-    from lineside.scoring import predict_paths
-
-    from lineside.scoring import open_scorer
+    from lineside.scoring import open_scorer, predict_paths
 
     predict_fn, labels, spec, _ = open_scorer(model, backend, precision, device, threads)
     results = predict_paths(predict_fn, labels, spec, list(images))
