@@ -102,7 +102,8 @@ class Preprocessor:
         self.frozen_run = 0
         self.first_size = None
         self.size = None
-        self.size_changed = False     # set when a frame's size differs from the frame before
+        self.sizes: set = set()
+        self.new_size = False         # this frame has a size no frame before had (the first aside)
 
     def __call__(self, image: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
         """(1, H, W, 3) RGB input and flags. `out`, if given, receives the input (an
@@ -116,7 +117,8 @@ class Preprocessor:
         first = self.first_size is None
         if first:
             self.first_size = size
-        self.size_changed = self.size is not None and size != self.size
+        self.new_size = size not in self.sizes and not first
+        self.sizes.add(size)
         self.size = size
         if self.roi:
             x, y, w, h = self.roi
@@ -183,7 +185,6 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
     last_voted = None
     frozen_reported = False
     roi_outside_run = 0
-    sizes_seen: set = set()
 
     def record(frame: Frame, decision, probabilities: dict, flags: list, t_submit: float, t_decided: float):
         nonlocal last_voted
@@ -268,8 +269,6 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
                     finish(pending.popleft())
                 continue
             last_frame_at = time.monotonic()
-            if not sizes_seen:
-                sizes_seen.add((frame.image.shape[1], frame.image.shape[0]) if frame.image is not None else None)
             if not free:
                 finish(pending.popleft())
             s = free[-1]
@@ -286,8 +285,7 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
                 recorder.event("roi_fits", f"frame {frame.index}: the --roi fits the frames again "
                                            f"({roi_outside_run} frames were not inspected)")
                 roi_outside_run = 0
-            if prep.size_changed and prep.size not in sizes_seen:   # once per size: a mixed folder is no flood
-                sizes_seen.add(prep.size)
+            if prep.new_size:           # once per size: a folder of mixed sizes is no flood of events
                 w, h = prep.size
                 recorder.event("frame_size", f"frame {frame.index} is {w}x{h}, the first frame was "
                                              f"{prep.first_size[0]}x{prep.first_size[1]}")

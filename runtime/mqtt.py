@@ -32,14 +32,12 @@ from urllib.parse import unquote, urlsplit
 
 from lineside.errors import LinesideError, require
 
-from .records import DecisionRow, Event
+from .records import NOT_ERRORS, SOURCE_STATES, DecisionRow, Event, outcome
 
 log = logging.getLogger(__name__)
 
 STATUS_SECONDS = 5.0
 DEFAULT_QUEUE = 10_000
-SOURCE_STATES = {"source_lost": "reconnecting", "source_unavailable": "reconnecting", "source_back": "live",
-                 "source_timeout": "ended"}
 
 
 def parse_mqtt_url(url: str) -> dict:
@@ -166,10 +164,9 @@ class MqttOutput:
     def decision(self, row: DecisionRow):
         self.decisions += 1
         verdict = row.verdict
-        if row.label == "unknown":
-            self.counts["unknown"] += 1
-        elif verdict in ("OK", "NG"):
-            self.counts[verdict] += 1
+        counted = outcome(row)
+        if counted:
+            self.counts[counted] += 1
         if self.source_state == "starting":
             self.source_state = "live"
         payload = {"time": iso_time(row.ts), "ts": row.ts, "station": self.station, "source": row.source,
@@ -186,7 +183,7 @@ class MqttOutput:
         changed = state is not None and state != self.source_state
         if state:
             self.source_state = state
-        if event.kind not in ("source_back", "roi_fits"):
+        if event.kind not in NOT_ERRORS:
             self.last_error = f"{event.kind}: {event.detail}"
         self._publish(self.topic("event"), {"time": iso_time(event.ts), "ts": event.ts, "station": self.station,
                                             "kind": event.kind, "detail": event.detail})

@@ -30,14 +30,12 @@ from urllib.parse import urlsplit
 
 from lineside.errors import LinesideError, require
 
-from .records import DecisionRow, Event
+from .records import NOT_ERRORS, SOURCE_STATES, DecisionRow, Event, outcome
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "urn:lineside:station"
 UPDATE_SECONDS = 0.02
-SOURCE_STATES = {"source_lost": "reconnecting", "source_unavailable": "reconnecting", "source_back": "live",
-                 "source_timeout": "ended"}
 
 
 def check_endpoint(url: str) -> tuple[str, int]:
@@ -160,12 +158,9 @@ class OpcUaOutput:
         v["LastFrame"] = int(row.frame)
         if row.part_id:
             v["LastPartId"] = row.part_id
-        if row.label == "unknown":
-            v["UnknownCount"] += 1
-        elif row.verdict == "OK":
-            v["OkCount"] += 1
-        elif row.verdict == "NG":
-            v["NgCount"] += 1
+        counted = outcome(row)
+        if counted:
+            v[{"unknown": "UnknownCount", "OK": "OkCount", "NG": "NgCount"}[counted]] += 1
         if v["SourceState"] == "starting":
             v["SourceState"] = "live"
         self._dirty.set()
@@ -174,7 +169,7 @@ class OpcUaOutput:
         state = SOURCE_STATES.get(event.kind)
         if state:
             self.values["SourceState"] = state
-        if event.kind not in ("source_back", "roi_fits", "part_answer"):
+        if event.kind not in NOT_ERRORS:
             self.values["LastError"] = f"{event.kind}: {event.detail}"[:500]
         self._dirty.set()
 

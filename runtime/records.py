@@ -84,6 +84,19 @@ class Event:
     detail: str
 
 
+# What the outputs beside the log (MQTT, OPC UA) make of rows and events, in one place.
+SOURCE_STATES = {"source_lost": "reconnecting", "source_unavailable": "reconnecting", "source_back": "live",
+                 "source_timeout": "ended"}
+NOT_ERRORS = ("source_back", "roi_fits", "frame_size", "part_answer")   # events that report no fault
+
+
+def outcome(row: DecisionRow) -> str | None:
+    """The count a decision goes to: unknown, OK or NG (None without --ok-classes)."""
+    if row.label == "unknown":
+        return "unknown"
+    return row.verdict if row.verdict in ("OK", "NG") else None
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY, started REAL, source TEXT, model TEXT, model_sha256 TEXT, labels TEXT,
