@@ -291,8 +291,9 @@ class JsonLinesLog(LogFile):
             while view:
                 view = view[os.write(self.fd, view):]
         except OSError:
-            try:
-                os.ftruncate(self.fd, size)
+            try:   # cut back our partial batch; not when the file grew by more than it (another writer)
+                if 0 < os.fstat(self.fd).st_size - size <= len(data):
+                    os.ftruncate(self.fd, size)
             except OSError:
                 pass
             raise
