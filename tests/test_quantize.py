@@ -199,7 +199,7 @@ def _fingerprints(x):
 def test_default_gate_refuses_int8_that_is_right_only_on_its_calibration_images(tiny_run, tmp_path, monkeypatch):
     """An "INT8 model" that gives FP32's answers on the images it was calibrated on and a
     wrong class on every other image: without --eval the default export must still refuse
-    it, because INT8 is judged on images held out of calibration."""
+    it, because INT8 is judged on the run's validation images, which the quantizer never saw."""
     run, _ = tiny_run
     seen, calibs = set(), []
     real_quantize = bundle_mod._int8_targets
@@ -227,8 +227,15 @@ def test_default_gate_refuses_int8_that_is_right_only_on_its_calibration_images(
     res = export_bundle(run, tmp_path, formats=["openvino"])
     q = res["report"]["int8"]["openvino"]
     assert q["verdict"] == "refused" and q["judged"]["held_out"] is True
-    assert "held out from calibration" in q["eval_images"]
+    assert "validation images of the run" in q["eval_images"]
     assert not (tmp_path / "model_int8.xml").exists()
+    # the validation images were judged and never calibrated on
+    from lineside.dataset import load_arrays, load_image_set
+    from lineside.spec import InputSpec
+
+    spec = InputSpec.from_dict(json.loads((run / "metrics.json").read_text())["input_spec"])
+    x_val, _, _ = load_arrays(load_image_set(run / "validation.csv"), spec, progress=False)
+    assert len(x_val) and not _fingerprints(x_val) & seen
     # judged on its own calibration images (the old default), the same model had passed
     calib = calibs[-1]
     fp32 = bundle_mod._run_openvino(tmp_path / "model_fp32.xml", calib)
@@ -262,4 +269,74 @@ def test_export_says_in_its_int8_line_what_int8_was_judged_on(tiny_run, tmp_path
                                     "--speed-seconds", "0", "--quiet"])
     assert res.exit_code == 0, res.output
     line = next(s for s in res.output.splitlines() if s.startswith("INT8 openvino"))
+    assert "validation images of the run" in line and "WARNING" not in line
+
+
+@pytest.fixture(scope="module")
+def runs_without_validation(synth_dir, tmp_path_factory):
+    """A head on frozen features and a fine-tuned network, both trained on every image."""
+    from lineside.train.config import TrainConfig
+    from lineside.train.run import train_run
+
+    from conftest import TINY
+
+    runs = {}
+    for strategy in ("linear", "finetune"):
+        out = tmp_path_factory.mktemp(strategy)
+        train_run(synth_dir, out, TrainConfig(strategy=strategy, val_fraction=0.0, **TINY), progress=False)
+        runs[strategy] = out
+    return runs
+
+
+def test_a_head_on_frozen_features_without_validation_is_judged_on_training_images_held_out_of_calibration(
+        runs_without_validation, tmp_path):
+    run = runs_without_validation["linear"]
+    assert not (run / "validation.csv").exists()
+    res = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "b"), "--formats", "openvino",
+                                    "--speed-seconds", "0", "--quiet"])
+    assert res.exit_code == 0, res.output
+    line = next(s for s in res.output.splitlines() if s.startswith("INT8 openvino"))
     assert "held out from calibration" in line and "WARNING" not in line
+
+
+def test_a_network_fine_tuned_on_every_image_gets_no_int8_without_held_out_images(
+        runs_without_validation, synth_test_dir, tmp_path, monkeypatch):
+    """Its own training images (and copies of them) cannot show what INT8 does to images it is
+    unsure of, so without --eval INT8 is refused in one line that says what to pass; nothing
+    is even quantized. With --eval the same run is judged and gets its INT8 model."""
+    run = runs_without_validation["finetune"]
+    quantized = []
+    real = bundle_mod._int8_targets
+
+    def targets(files):
+        out = real(files)
+        for t in out:
+            t["quantize"] = (lambda *a, q=t["quantize"]: quantized.append(1) or q(*a))
+        return out
+
+    monkeypatch.setattr(bundle_mod, "_int8_targets", targets)
+    res = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "b"), "--speed-seconds", "0",
+                                    "--quiet"])
+    assert res.exit_code == 0, res.output
+    lines = [s for s in res.output.splitlines() if s.startswith("INT8 ")]
+    assert len(lines) == 2 and all("refused" in s and "--eval DIR" in s and "FP32 kept" in s for s in lines)
+    assert not quantized and not list((tmp_path / "b").glob("model_int8*"))
+    assert "FP32 kept" in (tmp_path / "b" / "export_report.md").read_text()
+    res = export_bundle(run, tmp_path / "c", formats=["openvino"], eval_data=synth_test_dir, max_drop=100,
+                        min_agreement=0)
+    assert quantized and res["report"]["int8"]["openvino"]["verdict"] == "kept"
+
+
+def test_calibration_leaves_out_the_runs_validation_images(tiny_run, tmp_path):
+    from lineside.dataset import load_image_set
+    from lineside.export.bundle import _labelled_arrays
+    from lineside.train.checkpoint import load_checkpoint
+
+    run, metrics = tiny_run
+    loaded = load_checkpoint(run)
+    validation = load_image_set(run / "validation.csv")
+    assert validation.counts() == metrics["val_counts"]
+    _, _, every = _labelled_arrays(loaded, metrics["data"], None, False, "")
+    _, _, calib = _labelled_arrays(loaded, metrics["data"], None, False, "", exclude=run / "validation.csv")
+    assert len(calib) == len(every) - len(validation)
+    assert not {p.resolve() for p in calib} & {p.resolve() for p in validation.paths}

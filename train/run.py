@@ -28,6 +28,9 @@ from .trainer import Trainer
 log = logging.getLogger(__name__)
 
 AUTO_VAL_MIN_PER_CLASS = 25
+# The images held out for validation, as a `path,label` manifest in the run folder: export
+# judges INT8 on them (the network never trained on them) and calibrates on the others.
+VALIDATION_MANIFEST = "validation.csv"
 
 
 def split_data(images: ImageSet, cfg: TrainConfig, val_path=None) -> tuple[ImageSet, ImageSet | None, str]:
@@ -110,6 +113,7 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
         "train_counts": train_set.counts(),
         "val_counts": val_set.counts() if val_set is not None else None,
         "split": split_note,
+        "validation_images": VALIDATION_MANIFEST if val_set is not None else None,
         "data": str(Path(data).resolve()),
         "data_fingerprint": images.fingerprint(),
         "skipped_images": bad,
@@ -123,6 +127,8 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
     info = {k: metrics[k] for k in ("strategy", "weights", "data_fingerprint", "lineside_version")}
     info["val_balanced_accuracy"] = report["balanced_accuracy"] if report else None
     save_checkpoint(out / "model.pt", trainer.model, images.classes, cfg.backbone, spec, info)
+    if val_set is not None:
+        val_set.write_manifest(out / VALIDATION_MANIFEST)
     _write_history(out / "history.csv", result.history.rows)
     plot_confusion(np.asarray(cm_report["confusion_matrix"]), images.classes, out / "confusion_matrix.png", cm_title)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

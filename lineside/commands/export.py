@@ -21,9 +21,10 @@ import click
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration images (default: the run's training data).")
 @click.option("--eval", "eval_dir", type=click.Path(path_type=Path), default=None,
-              help="Labelled held-out images on which FP32 and INT8 are compared. Without it, half of the "
-                   "calibration images (per class) are held out of calibration and INT8 is judged on them "
-                   "and on augmented copies of them.")
+              help="Labelled held-out images on which FP32 and INT8 are compared. Without it, INT8 is "
+                   "judged on the run's validation images (and augmented copies); a run without them that "
+                   "trained only a head on frozen features is judged on half of its training images, held "
+                   "out of calibration (and copies); a fine-tuned run without them gets no INT8.")
 @click.option("--max-drop", type=float, default=0.3, show_default=True,
               help="Largest loss of balanced accuracy (percentage points) an INT8 model may have.")
 @click.option("--min-agreement", type=float, default=99.5, show_default=True,
@@ -66,7 +67,7 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agr
             click.echo(f"INT8 {runtime} kept ({q['recipe']}): balanced accuracy {g['int8_balanced_accuracy']:.2%} vs "
                        f"FP32 {g['fp32_balanced_accuracy']:.2%} (drop {g['drop_points']:.2f} points, limit "
                        f"{g['max_drop_points']}), top-1 agreement {g['top1_agreement']:.1%} on {judged_on(q)}")
-        elif q["verdict"] == "refused":
+        elif q["verdict"] == "refused" and "gate" in q:
             click.echo(f"INT8 {runtime} refused: {q['why']} (judged on {judged_on(q)})")
         else:
             click.echo(f"INT8 {runtime} {q['verdict']}: {q['why']}")
