@@ -97,6 +97,29 @@ def load_image_set(path, classes: list[str] | None = None, min_classes: int = 2)
     return ImageSet(tuple(p for p, _ in pairs), tuple(index[lbl] for _, lbl in pairs), tuple(classes), root)
 
 
+def combine_sources(paths, out_manifest) -> Path:
+    """Several datasets (folders or manifests) as one `path,label` manifest at out_manifest,
+    for training on old data and newly reviewed frames together. An image listed by more
+    than one source takes the label of the last (a correction overrides an old label).
+    Written atomically, so that processes writing the same manifest never see half of one."""
+    import os
+
+    labels: dict[Path, str] = {}
+    for path in paths:
+        images = load_image_set(path, min_classes=1)
+        for p, t in zip(images.paths, images.targets):
+            labels[p.resolve()] = images.classes[t]
+    out_manifest = Path(out_manifest)
+    out_manifest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_manifest.with_name(f".{out_manifest.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows([str(p), label] for p, label in labels.items())
+    os.replace(tmp, out_manifest)
+    return out_manifest
+
+
 def _scan_folders(root: Path) -> list[tuple[Path, str]]:
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:

@@ -18,8 +18,10 @@ from lineside.errors import LinesideError
 from .decide import Decider, parse_classes, parse_vote
 from .loop import LoopSettings, parse_roi, run_loop
 from .model import RuntimeModel
-from .records import Recorder, SavePolicy
+from .records import Recorder, SavePolicy, log_kind
 from .sources import describe_source
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class RunOptions:
     trigger_timeout_ms: float = 1000.0
     opcua: str | None = None
     opcua_user: str | None = None
+    http: str | None = None
+    http_token_file: str | None = None
+    review_out: Path | None = None
     display: bool = False
     status: bool = False
 
@@ -198,14 +203,26 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
             raise
         if triggers:
             answer_to.append(peers[-1].answer)
+    server = None
     try:
+        if options.http:
+            server, page = _status_server(options, model, info, station)
+            peers.append(page)
+            status = _Both(status, page.observe)
         recorder = _recorder(options, model, info, save, station, peers)
     except BaseException:
         for peer in peers:
             peer.close(None)
         if triggers:
             triggers.close()
+        if server:
+            server.close()
         raise
+    if server:
+        server.start()
+        log.info("status page on %s", server.url)
+        if options.status:
+            print(f"status page: {server.url}", file=sys.stderr)
     if triggers:
         answer_to.append(lambda a: recorder.event("part_answer", json.dumps(a.as_dict())))
         if options.trigger == "stdin":
@@ -225,12 +242,44 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
             triggers.close("stopped" if summary is not None else "error")
         status.close()
         recorder.close(summary)   # everything handed to the recorder is written before we return
+        if server:
+            server.close()
     summary.update(log=options.log, **recorder.counts(), model=str(model.path), backend=model.backend,
                    source=info.text)
     if triggers:
         summary["answers"] = dict(triggers.answered)
     summary["exit_code"] = exit_code(summary)
     return summary
+
+
+class _Both:
+    """The loop's per-decision hook: the status line, then the status page's observer."""
+
+    def __init__(self, status, observe):
+        self.status, self.observe = status, observe
+
+    def __call__(self, frame, decision, stats):
+        self.observe(frame, decision, stats)
+        self.status(frame, decision, stats)
+
+    def close(self):
+        self.status.close()
+
+
+def _status_server(options: RunOptions, model: RuntimeModel, info, station: str):
+    """--http: the live page (a peer of the log) and, with a SQLite --log and --save, the review."""
+    from .web import LivePage, StatusServer, read_token
+
+    review = None
+    if options.log and options.save_dir and log_kind(Path(options.log)) == "sqlite":
+        from .review import ReviewStore
+
+        review = ReviewStore(options.log, options.save_dir, options.review_out, model.labels)
+    path = Path(model.path)
+    page = LivePage(station, {"name": f"{path.parent.name}/{path.name}", "labels": list(model.labels),
+                              "precision": model.metadata.precision, "sha256": model.checksum,
+                              "backend": model.backend}, info.text)
+    return StatusServer(options.http, page, review, read_token(options.http_token_file)), page
 
 
 def _triggers(options: RunOptions, decider: Decider):

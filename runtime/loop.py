@@ -80,6 +80,7 @@ class LoopStats:
     started: float = 0.0
     ended: float = 0.0
     source_timeout: bool = False
+    dropped: Callable[[], int] = field(default_factory=lambda: (lambda: 0))   # frames the slot replaced so far
 
 
 class BadFrame(Exception):
@@ -179,6 +180,7 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
     capture = Capture(info, slot, stop, loop=settings.loop, pace=settings.pace, on_event=recorder.event,
                       opener=opener, max_frames=settings.max_frames)
     stats = LoopStats()
+    stats.dropped = lambda: slot.dropped
     pending: deque[_InFlight] = deque()
     free = list(range(engine.depth))[::-1]
     deadline = time.monotonic() + settings.seconds if settings.seconds else None

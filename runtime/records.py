@@ -68,6 +68,7 @@ class DecisionRow:
     capture_to_decision_ms: float
     model_sha256: str
     part_id: str | None = None     # the part a trigger asked about, when this frame answers it
+    saved: str | None = None       # the file name of the frame in the --save folder, when it was saved
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in ROW_FIELDS}
@@ -104,7 +105,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY, run INTEGER, ts REAL, frame INTEGER, source TEXT, origin TEXT,
     label TEXT, confidence REAL, top TEXT, verdict TEXT, decision TEXT, probabilities TEXT,
-    flags TEXT, latency_ms REAL, capture_to_decision_ms REAL, model_sha256 TEXT, part_id TEXT);
+    flags TEXT, latency_ms REAL, capture_to_decision_ms REAL, model_sha256 TEXT, part_id TEXT, saved TEXT);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, run INTEGER, ts REAL, kind TEXT, detail TEXT);
 """
 
@@ -155,10 +156,15 @@ class FrameSaver:
         self.saved = 0
         self.failed = 0
 
-    def save(self, row: DecisionRow, image: np.ndarray):
+    @staticmethod
+    def name(row: DecisionRow) -> str:
+        """The file name a frame is saved under (matches SAVED_NAME)."""
         label = re.sub(r"[^\w.-]", "-", str(row.label))
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(row.ts))
-        path = self.policy.folder / f"{SAVED_PREFIX}{stamp}_{row.frame:09d}_{label}.jpg"
+        return f"{SAVED_PREFIX}{stamp}_{row.frame:09d}_{label}.jpg"
+
+    def save(self, row: DecisionRow, image: np.ndarray):
+        path = self.policy.folder / (row.saved or self.name(row))
         ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
         if not ok:
             raise OSError("the frame could not be encoded as JPEG")
@@ -233,8 +239,9 @@ class SqliteLog(LogFile):
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(decisions)")}
-            if "part_id" not in columns:      # a log started by an older lineside
-                self.db.execute("ALTER TABLE decisions ADD COLUMN part_id TEXT")
+            for column in ("part_id", "saved"):      # a log started by an older lineside
+                if column not in columns:
+                    self.db.execute(f"ALTER TABLE decisions ADD COLUMN {column} TEXT")
             info = self.run_info
             cur = self.db.execute(
                 "INSERT INTO runs (started, source, model, model_sha256, labels, settings) VALUES (?,?,?,?,?,?)",
@@ -254,7 +261,7 @@ class SqliteLog(LogFile):
                 f"INSERT INTO decisions ({','.join(DECISION_COLUMNS)}) VALUES ({','.join('?' * len(DECISION_COLUMNS))})",
                 [(run, r.ts, r.frame, r.source, r.origin, r.label, r.confidence, r.top, r.verdict, r.decision,
                   json.dumps(r.probabilities), json.dumps(r.flags), r.latency_ms, r.capture_to_decision_ms,
-                  r.model_sha256, r.part_id) for r in decisions])
+                  r.model_sha256, r.part_id, r.saved) for r in decisions])
             self.db.executemany("INSERT INTO events (run, ts, kind, detail) VALUES (?,?,?,?)",
                                 [(run, e.ts, e.kind, e.detail) for e in events])
             self.db.commit()
@@ -370,6 +377,7 @@ class Recorder:
             if self._images_queued - self._images_taken < MAX_QUEUED_IMAGES:
                 keep = image
                 self._images_queued += 1
+                row.saved = self.saver.name(row)
             else:
                 self.save_skipped += 1
                 self.event("save_failed", f"frame {row.frame}: not saved, saving is behind "
@@ -446,9 +454,9 @@ class Recorder:
                     item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
-            self._flush()
-            if images:
+            if images:       # first, so that a frame that could not be saved is not named in the log
                 self._save(images)
+            self._flush()
             if closing is not None:
                 self._close(closing)
                 return
@@ -460,13 +468,13 @@ class Recorder:
             try:
                 self.saver.save(row, image)
             except OSError as exc:
+                row.saved = None
                 self.saver.failed += 1
                 failures += 1
                 self._events.append(Event(time.time(), "save_failed",
                                           f"frame {row.frame}: {self.saver.policy.folder}: {_reason(exc)}"))
         if failures:
             log.warning("save_failed: %d frame(s) not saved (%s)", failures, self._events[-1].detail)
-            self._flush()
 
     def _flush(self) -> bool:
         """Write the waiting decisions and events; keep them (bounded) when the log fails."""

@@ -84,13 +84,23 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 @click.option("--trigger-timeout", "trigger_timeout_ms", default=1000.0, show_default=True,
               help="Milliseconds within which a triggered part gets its answer; when none is ready, the "
                    "answer is NG with reason no_frame (no frame came) or timeout (fail safe).")
+@click.option("--http", default=None, metavar="[HOST:]PORT",
+              help="Serve a status page for a box without a screen: live counts, FPS, latency, the last "
+                   "frame and events at /, the same as JSON at /api/status, Prometheus metrics at /metrics; "
+                   "with a SQLite --log and --save, the saved frames to review at /review. Loopback unless "
+                   "HOST is given (0.0.0.0: the plant network).")
+@click.option("--http-token-file", default=None, metavar="FILE",
+              help="A file whose first line is the token that relabelling frames on the review page needs "
+                   "(or LINESIDE_HTTP_TOKEN). Without one the page is read only.")
+@click.option("--review-out", type=click.Path(path_type=Path), default=None,
+              help="Where reviewed frames go: a folder per label and manifest.csv. [SAVE/reviewed]")
 @click.option("--display", is_flag=True, help="Show frames with label, confidence, OK/NG and FPS (needs a screen).")
 @click.option("--quiet", is_flag=True, help="No live status line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loop, roi, reject_below, ok_classes,
             vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
-            mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, trigger, trigger_timeout_ms, display, quiet,
-            as_json):
+            mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, trigger, trigger_timeout_ms, http,
+            http_token_file, review_out, display, quiet, as_json):
     """Classify every frame from --source with an exported BUNDLE and record each decision.
 
     \b
@@ -98,6 +108,7 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
       lineside run bundle --source 0 --ok-classes ok --reject-below 0.8
       lineside run bundle --source rtsp://10.0.0.7/stream --roi 100,40,400,400
       lineside run bundle --source parts.mp4 --pace 30 --log shift.sqlite
+      lineside run bundle --source 0 --save review/ --http 0.0.0.0:8080
 
     The newest frame is always the one classified (a frame the model had no time
     for is dropped and counted, never queued), a lost camera is reconnected with
@@ -130,7 +141,8 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
                          save_max_mb=save_max_mb, max_frames=max_frames, seconds=seconds,
                          source_timeout=source_timeout, mqtt=mqtt, mqtt_ca=mqtt_ca, mqtt_queue=mqtt_queue,
                          station=station, trigger=trigger, trigger_timeout_ms=trigger_timeout_ms, opcua=opcua,
-                         opcua_user=opcua_user, display=display,
+                         opcua_user=opcua_user, http=http, http_token_file=http_token_file,
+                         review_out=review_out, display=display,
                          status=not quiet and not as_json)
     model = _open_runtime_model(bundle, backend, precision, device, threads)
     summary = run_app(model, options)
@@ -212,3 +224,45 @@ def bench_cmd(bundle, source, pace, hint, backend, precision, device, threads, r
 
 
 # --- devices --------------------------------------------------------------------------
+
+
+@click.command("review")
+@click.argument("log_path", metavar="LOG", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--save", "save_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="The --save folder of the run.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Where reviewed frames go: a folder per label (the ROI crop the model saw) and "
+                   "manifest.csv (path,label). [SAVE/reviewed]")
+@click.option("--http", default="127.0.0.1:8080", show_default=True, metavar="[HOST:]PORT",
+              help="Where to serve the review page (0.0.0.0:PORT: the plant network).")
+@click.option("--http-token-file", default=None, metavar="FILE",
+              help="A file whose first line is the token relabelling needs (or LINESIDE_HTTP_TOKEN); "
+                   "without one the page is read only.")
+@click.option("--seconds", type=float, default=None, help="Stop serving after this many seconds. [until Ctrl-C]")
+def review_cmd(log_path, save_dir, out_dir, http, http_token_file, seconds):
+    """Review the frames a run saved: LOG (the run's SQLite --log) and its --save folder.
+
+    \b
+    The page lists the saved NG / unknown / flagged frames with their decision,
+    newest first, filterable by label and verdict. Give each its true label (one
+    of the model's, or a new class name) and it is written, cropped to the run's
+    --roi, into OUT/<label>/ and OUT/manifest.csv, which `lineside train` reads:
+      lineside review decisions.sqlite --save review/ --http-token-file token.txt
+      lineside train data/ review/reviewed/manifest.csv --out run2"""
+    import time
+
+    from lineside.runtime.review import ReviewStore
+    from lineside.runtime.web import StatusServer, read_token
+
+    store = ReviewStore(log_path, save_dir, out_dir)
+    server = StatusServer(http, None, store, read_token(http_token_file)).start()
+    click.echo(f"review page: {server.url}review  (frames from {save_dir}, reviewed frames to {store.out_dir}; "
+               f"{'relabelling needs the token' if server.token else 'read only: no token'}); Ctrl-C to stop")
+    try:
+        deadline = time.monotonic() + seconds if seconds else None
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()

@@ -24,7 +24,7 @@ def _list_backbones(ctx, _param, value):
 
 
 @click.command()
-@click.argument("data_dir", metavar="DATA", type=click.Path(path_type=Path))
+@click.argument("data_dirs", metavar="DATA...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder to write (model.pt, metrics.json, ...).")
 @click.option("--list-backbones", is_flag=True, expose_value=False, is_eager=True, callback=_list_backbones,
@@ -74,8 +74,13 @@ def _list_backbones(ctx, _param, value):
 @click.option("--force", is_flag=True, help="Overwrite a run folder that already holds a model.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def train(data_dir, out, config_file, val_dir, processes, force, quiet, as_json, **options):
+def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json, **options):
     """Train a classifier on DATA (one sub-folder per class, or a path,label CSV).
+
+    Several DATA are trained on together (e.g. the old images and the frames
+    reviewed on the line: `lineside train parts/ review/reviewed/manifest.csv`);
+    an image in more than one takes the label of the last. The run folder keeps
+    the combined list as data.csv.
 
     \b
     Examples:
@@ -102,6 +107,12 @@ def train(data_dir, out, config_file, val_dir, processes, force, quiet, as_json,
             raise LinesideError(f"--gpus {processes}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         argv = distributed.without_option(sys.argv[1:], "--gpus")
         sys.exit(subprocess.run(distributed.torchrun_args(processes, argv)).returncode)
+    if len(data_dirs) > 1:
+        from lineside.dataset import combine_sources
+
+        data_dir = combine_sources(data_dirs, out / "data.csv")
+    else:
+        data_dir = data_dirs[0]
     m = train_run(data_dir, out, cfg, val=val_dir, progress=not quiet)
     if not dist.main:
         return

@@ -1,0 +1,229 @@
+"""Review of saved frames: the decisions behind the frames `--save` kept, and the operator's
+verdict on each, written as the next training set.
+
+The decisions come from the run's SQLite log (`--log *.sqlite`, opened read-only), the
+frames from the `--save` folder. A frame is found by its decision's id in the log and the
+file name the log holds for it (checked against the names lineside gives its frames), never
+by a path from a request. A reviewed frame is written, cropped to the run's --roi (what
+the model saw), as `OUT/<label>/<name>.png`, and `OUT/manifest.csv` lists every reviewed
+frame (`path,label` first, so `lineside train` reads it directly; then what the model said
+and when it was reviewed). Reviewing a frame again moves it to its new label.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import cv2
+
+from lineside.errors import LinesideError
+
+from .loop import parse_roi
+from .records import SAVED_NAME, log_kind
+
+VERDICTS = ("OK", "NG", "unknown", "flagged")
+LABEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$")
+MANIFEST = "manifest.csv"
+MANIFEST_FIELDS = ("path", "label", "model_label", "confidence", "verdict", "decision_id", "frame_time",
+                   "reviewed_at")
+MAX_ITEMS = 500
+
+
+class ReviewStore:
+    """Saved frames of one log and one --save folder, and the reviewed dataset in `out`."""
+
+    def __init__(self, log_path, save_dir, out_dir=None, labels=None):
+        self.log_path = Path(log_path)
+        self.save_dir = Path(save_dir)
+        self.out_dir = Path(out_dir) if out_dir else self.save_dir / "reviewed"
+        if log_kind(self.log_path) != "sqlite":
+            raise LinesideError(f"{self.log_path}: review reads a SQLite log (run with --log FILE.sqlite)")
+        self.labels = list(labels) if labels else None
+        self._lock = threading.Lock()
+
+    # -- reading the log ---------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection | None:
+        if not self.log_path.is_file():
+            return None      # the run has not written its first batch yet
+        db = sqlite3.connect(f"file:{self.log_path}?mode=ro", uri=True, timeout=2.0, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def _query(self, sql: str, args=()) -> list[sqlite3.Row]:
+        db = self._connect()
+        if db is None:
+            return []
+        try:
+            return db.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such column: saved" in str(exc) or "no such table" in str(exc):
+                return []     # a log written before frames were named in it, or still empty
+            raise
+        finally:
+            db.close()
+
+    def known_labels(self) -> list[str]:
+        if self.labels:
+            return self.labels
+        rows = self._query("SELECT labels FROM runs ORDER BY id DESC LIMIT 1")
+        return json.loads(rows[0]["labels"]) if rows and rows[0]["labels"] else []
+
+    def items(self, label: str | None = None, verdict: str | None = None, limit: int = 100,
+              before: int | None = None) -> list[dict]:
+        """Decisions with a saved frame that still exists, newest first (ids below `before`),
+        filtered by the model's label and by verdict (OK, NG, unknown or flagged)."""
+        if verdict is not None and verdict not in VERDICTS:
+            raise LinesideError(f"verdict: '{verdict}' is not one of {', '.join(VERDICTS)}")
+        where, args = ["saved IS NOT NULL"], []
+        if label:
+            where.append("label = ?")
+            args.append(label)
+        if verdict == "unknown":
+            where.append("label = 'unknown'")
+        elif verdict == "flagged":
+            where.append("flags NOT IN ('[]', '')")
+        elif verdict:
+            where.append("verdict = ?")
+            args.append(verdict)
+        if before is not None:
+            where.append("id < ?")
+            args.append(int(before))
+        limit = max(1, min(int(limit), MAX_ITEMS))
+        rows = self._query(f"SELECT id, ts, frame, label, confidence, verdict, flags, part_id, saved, source "
+                           f"FROM decisions WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", (*args, limit * 2))
+        reviewed = self.reviewed()
+        out = []
+        for r in rows:
+            if self._frame_file(r["saved"]) is None:
+                continue     # removed by --save-max-files / --save-max-mb, or never written
+            out.append({"id": r["id"], "time": r["ts"], "frame": r["frame"], "label": r["label"],
+                        "confidence": r["confidence"], "verdict": r["verdict"], "flags": json.loads(r["flags"] or "[]"),
+                        "part_id": r["part_id"], "source": r["source"],
+                        "reviewed": reviewed.get(r["id"])})
+            if len(out) >= limit:
+                break
+        return out
+
+    def _row(self, decision_id: int) -> sqlite3.Row | None:
+        rows = self._query("SELECT d.*, r.settings AS settings FROM decisions d LEFT JOIN runs r ON r.id = d.run "
+                           "WHERE d.id = ?", (int(decision_id),))
+        return rows[0] if rows else None
+
+    def _frame_file(self, name: str | None) -> Path | None:
+        """The saved frame of that name, only when it is a name lineside gives its frames."""
+        if not name or not SAVED_NAME.match(name) or os.sep in name or (os.altsep and os.altsep in name):
+            return None
+        path = self.save_dir / name
+        return path if path.is_file() else None
+
+    def frame_path(self, decision_id: int) -> Path | None:
+        row = self._row(decision_id)
+        return self._frame_file(row["saved"]) if row is not None else None
+
+    # -- the reviewed dataset --------------------------------------------------------------
+
+    def reviewed(self) -> dict[int, dict]:
+        """decision id -> {label, path} of every frame reviewed so far (from the manifest)."""
+        path = self.out_dir / MANIFEST
+        if not path.is_file():
+            return {}
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        return {int(r["decision_id"]): {"label": r["label"], "path": r["path"]}
+                for r in rows if (r.get("decision_id") or "").isdigit()}
+
+    def review(self, decision_id: int, label: str) -> dict:
+        """Record the true label of a saved frame (the model's own label confirms it) and write
+        its ROI crop into the dataset. Returns the manifest entry."""
+        label = str(label).strip()
+        if not LABEL_NAME.match(label) or label in (".", "..") or label.lower() == "unknown":
+            raise LinesideError(f"label '{label[:80]}': use letters, digits, space, '_', '.' or '-' (at most 64), "
+                                "and not 'unknown'")
+        row = self._row(decision_id)
+        if row is None:
+            raise LookupError(f"no decision {decision_id} in {self.log_path}")
+        source = self._frame_file(row["saved"])
+        if source is None:
+            raise LookupError(f"decision {decision_id} has no saved frame in {self.save_dir}")
+        image = cv2.imread(str(source), cv2.IMREAD_COLOR)
+        if image is None:
+            raise LinesideError(f"{source}: cannot be read as an image")
+        crop = roi_crop(image, json.loads(row["settings"] or "{}").get("roi"))
+        name = Path(row["saved"]).with_suffix(".png").name
+        with self._lock:
+            entries = {e["decision_id"]: e for e in self._read_manifest()}
+            old = entries.get(str(decision_id))
+            folder = self.out_dir / label
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / name
+            _write_atomic(target, _png(crop))
+            if old and Path(old["path"]) != Path(label) / name:
+                stale = self.out_dir / old["path"]
+                if stale.parent.parent == self.out_dir and stale.name == name:   # only a file we wrote
+                    stale.unlink(missing_ok=True)
+                    try:
+                        stale.parent.rmdir()      # a label folder we made, now empty
+                    except OSError:
+                        pass
+            entry = {"path": f"{label}/{name}", "label": label, "model_label": row["label"],
+                     "confidence": row["confidence"], "verdict": row["verdict"] or "",
+                     "decision_id": str(decision_id), "frame_time": row["ts"],
+                     "reviewed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            entries[str(decision_id)] = entry
+            self._write_manifest(list(entries.values()))
+        return entry
+
+    def _read_manifest(self) -> list[dict]:
+        path = self.out_dir / MANIFEST
+        if not path.is_file():
+            return []
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+
+    def _write_manifest(self, entries: list[dict]):
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(entries)
+        _write_atomic(self.out_dir / MANIFEST, buf.getvalue().encode("utf-8"))
+
+
+def roi_crop(image, roi_text: str | None):
+    """The part of a saved frame the model saw: the run's --roi when it fits the frame."""
+    roi = parse_roi(roi_text) if roi_text else None
+    if roi is None:
+        return image
+    x, y, w, h = roi
+    if x + w > image.shape[1] or y + h > image.shape[0]:
+        return image      # a frame the ROI did not fit was not classified; kept whole
+    return image[y:y + h, x:x + w]
+
+
+def _png(image) -> bytes:
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise LinesideError("the frame could not be encoded as PNG")
+    return data.tobytes()
+
+
+def _write_atomic(path: Path, data: bytes):
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,411 @@
+"""A status page for the box without a screen: `lineside run ... --http [HOST:]PORT` and
+`lineside review LOG --save DIR`.
+
+    GET  /                   the live page (refreshes itself once a second)
+    GET  /review             the saved NG / unknown / flagged frames, newest first
+    GET  /api/status         the live page's figures as JSON
+    GET  /metrics            the same in Prometheus' text format
+    GET  /frame/last.jpg     the last frame decided
+    GET  /api/review         saved frames with their decisions (?label= &verdict= &before= &limit=)
+    GET  /api/frames/ID.jpg  the saved frame of decision ID in the log
+    POST /api/review/ID      {"label": "..."}: the true label of that frame (needs the token)
+
+The server binds to loopback unless an address is given. Without a token the page is
+read only; with one (`--http-token-file`, or LINESIDE_HTTP_TOKEN) a relabel must send it
+in an `X-Lineside-Token` header. Every script and style is served from here (no CDN). The
+camera loop only hands over references (the last frame, its decision, the loop's
+counters); the server thread does every computation and encoding when a page asks.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import socket
+import threading
+import time
+from collections import Counter, deque
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from urllib.parse import parse_qs, urlsplit
+
+import cv2
+
+from lineside.errors import LinesideError
+
+from .records import NOT_ERRORS, SOURCE_STATES, DecisionRow, Event, outcome
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8080
+EVENTS_KEPT = 50
+MAX_BODY = 4096
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'8080', ':8080', 'HOST:PORT' or '[v6]:PORT' -> (host, port); loopback unless a host is given."""
+    text = str(text).strip()
+    host, port = "127.0.0.1", text
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]")
+        port = port.lstrip(":")
+    elif ":" in text:
+        host, _, port = text.rpartition(":")
+        host = host or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise LinesideError(f"--http {text}: expected [HOST:]PORT, e.g. 127.0.0.1:8080") from None
+    if not 0 <= number <= 65535:
+        raise LinesideError(f"--http {text}: port {number} is out of range")
+    return host, number
+
+
+def read_token(path=None, env=None) -> str | None:
+    """The relabelling token from a file (first line) or the environment; None: read only."""
+    import os
+
+    token = None
+    if path:
+        try:
+            token = open(path, encoding="utf-8").readline().strip()
+        except OSError as exc:
+            raise LinesideError(f"--http-token-file {path}: {exc.strerror or exc}") from None
+        if not token:
+            raise LinesideError(f"--http-token-file {path}: the file is empty")
+    else:
+        token = (env if env is not None else os.environ.get("LINESIDE_HTTP_TOKEN") or "").strip() or None
+    if token is not None and len(token) < 12:
+        raise LinesideError("--http token: use at least 12 characters")
+    return token
+
+
+class LivePage:
+    """What the live page shows. A peer of the log (decision, event, close, called by the
+    recorder) and an observer of the loop (observe, called for every decision); both only
+    store references and counters. snapshot() builds the page's figures in the server thread."""
+
+    def __init__(self, station: str, model: dict, source: str):
+        self.station = station
+        self.model = model
+        self.source = source
+        self.started = time.time()
+        self.state = "starting"
+        self.state_since = self.started
+        self.counts: Counter = Counter()
+        self.labels: Counter = Counter()
+        self.hour: deque = deque()              # (minute, Counter) for the last 60 minutes
+        self.events: deque = deque(maxlen=EVENTS_KEPT)
+        self.event_counts: Counter = Counter()
+        self.last_row: DecisionRow | None = None
+        self.last_error = None
+        self._frame = None                      # (frame index, image) of the last decision
+        self._stats = None
+        self._jpeg = (None, b"")
+        self._rate = deque(maxlen=64)           # (time, frames) samples for a windowed FPS
+        self._lock = threading.Lock()
+
+    # -- the loop's thread ----------------------------------------------------------------
+
+    def observe(self, frame, decision, stats):
+        self._frame = (frame.index, frame.image)
+        self._stats = stats
+
+    def decision(self, row: DecisionRow):
+        self.last_row = row
+        counted = outcome(row) or "no verdict"
+        self.counts[counted] += 1
+        self.labels[row.label] += 1
+        minute = int(row.ts // 60)
+        if not self.hour or self.hour[-1][0] != minute:
+            self.hour.append((minute, Counter()))
+            while self.hour and self.hour[0][0] <= minute - 60:
+                self.hour.popleft()
+        self.hour[-1][1][counted] += 1
+        if self.state == "starting":
+            self._set_state("live")
+
+    def event(self, event: Event):
+        self.events.append(event)
+        self.event_counts[event.kind] += 1
+        state = SOURCE_STATES.get(event.kind)
+        if state:
+            self._set_state(state)
+        if event.kind not in NOT_ERRORS:
+            self.last_error = f"{event.kind}: {event.detail}"
+
+    def close(self, summary=None):
+        self._set_state("ended")
+
+    def counters(self) -> dict:
+        return {}
+
+    def _set_state(self, state: str):
+        if state != self.state:
+            self.state, self.state_since = state, time.time()
+
+    # -- the server's thread --------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        now = time.time()
+        stats = self._stats
+        frames = stats.frames if stats else 0
+        with self._lock:
+            self._rate.append((now, frames))
+            while len(self._rate) > 2 and now - self._rate[1][0] >= 5.0:
+                self._rate.popleft()
+            t0, f0 = self._rate[0]
+        fps = (frames - f0) / (now - t0) if now - t0 >= 0.5 else (frames / max(now - self.started, 1e-9))
+        latency = {}
+        if stats and stats.capture_to_decision.count:
+            s = stats.capture_to_decision.summary()
+            latency = {"p50": s["p50"], "p99": s["p99"]}
+        hour_ago = int(now // 60) - 60
+        last_hour = Counter()
+        for minute, c in list(self.hour):
+            if minute > hour_ago:
+                last_hour.update(c)
+        row = self.last_row
+        return {
+            "station": self.station, "host": socket.gethostname(), "time": now, "started": self.started,
+            "uptime_s": round(now - self.started, 1), "model": self.model,
+            "source": {"text": self.source, "state": self.state, "since": self.state_since},
+            "frames": frames, "fps": round(fps, 2), "capture_to_decision_ms": latency,
+            "dropped_frames": stats.dropped() if stats else 0,
+            "counts": {"since_start": dict(self.counts), "last_hour": dict(last_hour), "labels": dict(self.labels)},
+            "last": None if row is None else {
+                "frame": row.frame, "time": row.ts, "label": row.label, "confidence": row.confidence,
+                "verdict": row.verdict, "decision": row.decision, "part_id": row.part_id, "flags": row.flags},
+            "events": [{"time": e.ts, "kind": e.kind, "detail": e.detail} for e in reversed(list(self.events))][:20],
+            "event_counts": dict(self.event_counts), "last_error": self.last_error,
+        }
+
+    def last_jpeg(self) -> bytes | None:
+        frame = self._frame
+        if frame is None:
+            return None
+        index, image = frame
+        cached_index, data = self._jpeg
+        if cached_index != index:
+            ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])
+            if not ok:
+                return None
+            data = buf.tobytes()
+            self._jpeg = (index, data)
+        return data
+
+
+def prometheus(s: dict) -> str:
+    """The live figures in Prometheus' text exposition format (version 0.0.4)."""
+    def esc(v) -> str:
+        return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+    station = f'station="{esc(s["station"])}"'
+    lines = []
+
+    def metric(name, kind, help_, samples):
+        lines.append(f"# HELP lineside_{name} {help_}")
+        lines.append(f"# TYPE lineside_{name} {kind}")
+        for labels, value in samples:
+            lines.append(f"lineside_{name}{{{','.join([station, *labels])}}} {value}")
+
+    m = s["model"]
+    metric("info", "gauge", "The model and source of this station (value 1).",
+           [([f'model="{esc(m.get("name"))}"', f'precision="{esc(m.get("precision"))}"',
+              f'model_sha256="{esc(m.get("sha256"))}"', f'source="{esc(s["source"]["text"])}"'], 1)])
+    metric("up", "gauge", "1 while the source delivers frames, 0 while it is reconnecting or has ended.",
+           [([], int(s["source"]["state"] == "live"))])
+    metric("frames_total", "counter", "Frames decided since start.", [([], s["frames"])])
+    metric("decisions_total", "counter", "Decisions since start by outcome (OK, NG, unknown, no verdict).",
+           [([f'outcome="{esc(k)}"'], v) for k, v in sorted(s["counts"]["since_start"].items())])
+    metric("labels_total", "counter", "Decisions since start by label.",
+           [([f'label="{esc(k)}"'], v) for k, v in sorted(s["counts"]["labels"].items())])
+    metric("dropped_frames_total", "counter", "Frames the camera delivered that were replaced by a newer one "
+                                              "before they could be decided.", [([], s["dropped_frames"])])
+    metric("events_total", "counter", "Events since start by kind.",
+           [([f'kind="{esc(k)}"'], v) for k, v in sorted(s["event_counts"].items())])
+    metric("fps", "gauge", "Frames decided per second (last 5 s).", [([], s["fps"])])
+    lat = s["capture_to_decision_ms"]
+    metric("capture_to_decision_ms", "gauge", "Capture-to-decision time percentiles in milliseconds.",
+           [([f'quantile="{q}"'], lat[k]) for q, k in (("0.5", "p50"), ("0.99", "p99")) if k in lat])
+    metric("uptime_seconds", "gauge", "Seconds since the run started.", [([], s["uptime_s"])])
+    return "\n".join(lines) + "\n"
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("lineside.runtime").joinpath("web", name).read_bytes()
+
+
+ASSETS = {"/style.css": ("style.css", "text/css; charset=utf-8"),
+          "/live.js": ("live.js", "text/javascript; charset=utf-8"),
+          "/review.js": ("review.js", "text/javascript; charset=utf-8"),
+          "/": ("live.html", "text/html; charset=utf-8"),
+          "/review": ("review.html", "text/html; charset=utf-8")}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+class StatusServer:
+    """The HTTP server, in its own daemon threads. `page` (live) and `review` may each be None."""
+
+    def __init__(self, address: str, page: LivePage | None = None, review=None, token: str | None = None):
+        self.host, port = parse_address(address)
+        self.page, self.review, self.token = page, review, token
+        handler = type("Handler", (_Handler,), {"app": self})
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True})
+        try:
+            self.httpd = server_class((self.host, port), handler)
+        except OSError as exc:
+            raise LinesideError(f"--http {address}: cannot listen there ({exc.strerror or exc})") from None
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="lineside-http", daemon=True)
+        if self.host not in LOOPBACK:
+            log.warning("--http: the page is reachable from the network on %s:%d (%s)", self.host, self.port,
+                        "relabelling needs the token" if token else "read only: no token")
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def start(self) -> "StatusServer":
+        self._thread.start()
+        return self
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    app: StatusServer
+    server_version = "lineside"
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):     # requests are not news; errors are logged where they happen
+        log.debug("http %s " + fmt, self.client_address[0], *args)
+
+    def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in {**SECURITY_HEADERS, **(extra or {})}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, obj, status: int = 200):
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def _error(self, status: int, message: str):
+        self._json({"error": message}, status)
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        try:
+            self._get(urlsplit(self.path))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as exc:  # noqa: BLE001 - a page error never reaches the loop
+            log.error("http: GET %s failed: %s", self.path[:200], exc)
+            self._error(500, "internal error")
+
+    def _get(self, url):
+        app, path = self.app, url.path
+        if path in ASSETS:
+            if path == "/" and app.page is None:
+                self._send(302, b"", "text/plain", {"Location": "/review"})
+                return
+            name, ctype = ASSETS[path]
+            self._send(200, _asset(name), ctype)
+        elif path == "/api/status" and app.page is not None:
+            status = app.page.snapshot()
+            status["review"] = {"available": app.review is not None, "token_required": True,
+                                "writable": app.token is not None}
+            self._json(status)
+        elif path == "/metrics" and app.page is not None:
+            self._send(200, prometheus(app.page.snapshot()).encode(), "text/plain; version=0.0.4; charset=utf-8")
+        elif path == "/frame/last.jpg" and app.page is not None:
+            data = app.page.last_jpeg()
+            if data is None:
+                self._error(404, "no frame decided yet")
+            else:
+                self._send(200, data, "image/jpeg")
+        elif path == "/api/review" and app.review is not None:
+            q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            try:
+                items = app.review.items(q.get("label") or None, q.get("verdict") or None,
+                                         int(q.get("limit", 100)), int(q["before"]) if q.get("before") else None)
+            except (ValueError, LinesideError) as exc:
+                self._error(400, str(exc))
+                return
+            self._json({"items": items, "labels": app.review.known_labels(), "writable": app.token is not None,
+                        "dataset": str(app.review.out_dir)})
+        elif path.startswith("/api/frames/") and app.review is not None:
+            ident = path[len("/api/frames/"):].removesuffix(".jpg")
+            frame = app.review.frame_path(int(ident)) if ident.isdigit() else None
+            if frame is None:
+                self._error(404, "no saved frame for that decision")
+            else:
+                self._send(200, frame.read_bytes(), "image/jpeg")
+        else:
+            self._error(404, "not found")
+
+    def do_POST(self):
+        try:
+            self._post(urlsplit(self.path).path)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as exc:  # noqa: BLE001
+            log.error("http: POST %s failed: %s", self.path[:200], exc)
+            self._error(500, "internal error")
+
+    def _post(self, path: str):
+        app = self.app
+        ident = path[len("/api/review/"):] if path.startswith("/api/review/") else ""
+        if app.review is None or not ident.isdigit():
+            self._error(404, "not found")
+            return
+        if app.token is None:
+            self._error(403, "read only: start with --http-token-file (or LINESIDE_HTTP_TOKEN) to relabel")
+            return
+        sent = self.headers.get("X-Lineside-Token", "")
+        if not hmac.compare_digest(sent.encode(), app.token.encode()):
+            self._error(401, "a valid X-Lineside-Token header is needed to relabel")
+            return
+        if self.headers.get_content_type() != "application/json":
+            self._error(415, "send the label as JSON: {\"label\": \"...\"}")
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if not 0 < length <= MAX_BODY:
+            self._error(413 if length else 400, f"the body must be 1..{MAX_BODY} bytes")
+            return
+        try:
+            label = json.loads(self.rfile.read(length)).get("label")
+        except (ValueError, AttributeError):
+            self._error(400, "the body is not a JSON object")
+            return
+        if not isinstance(label, str):
+            self._error(400, "the body needs a \"label\"")
+            return
+        try:
+            entry = app.review.review(int(ident), label)
+        except LookupError as exc:
+            self._error(404, str(exc))
+            return
+        except LinesideError as exc:
+            self._error(400, str(exc))
+            return
+        log.info("review: decision %s labelled %s", ident, entry["label"])
+        self._json(entry, HTTPStatus.OK)

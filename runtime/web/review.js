@@ -1,0 +1,87 @@
+// lineside review page: the saved frames, newest first; confirm or correct each label.
+"use strict";
+const $ = (id) => document.getElementById(id);
+let writable = false, oldest = null;
+
+function message(text) { const m = $("message"); m.textContent = text; m.hidden = !text; }
+
+function card(item) {
+  const div = document.createElement("div");
+  div.className = "card" + (item.reviewed ? " done" : "");
+  div.dataset.id = item.id;
+  const img = document.createElement("img");
+  img.loading = "lazy";
+  img.alt = `frame ${item.frame}`;
+  img.src = `/api/frames/${item.id}.jpg`;
+  const info = document.createElement("div");
+  const verdict = item.label === "unknown" ? "unknown" : (item.verdict || "");
+  const title = document.createElement("strong");
+  title.textContent = `${item.label} ${(100 * item.confidence).toFixed(1)}% ${item.verdict || ""}`;
+  if (verdict) title.className = `${verdict}-text`;
+  const meta = document.createElement("div");
+  meta.className = "muted";
+  meta.textContent = `${new Date(item.time * 1000).toLocaleString()} · frame ${item.frame}` +
+    (item.part_id ? ` · part ${item.part_id}` : "") + (item.flags.length ? ` · ${item.flags.join(", ")}` : "");
+  const state = document.createElement("div");
+  state.className = "reviewed";
+  state.textContent = item.reviewed ? `reviewed: ${item.reviewed.label}` : "";
+  info.append(title, meta, state);
+  div.append(img, info);
+  if (writable) {
+    const form = document.createElement("form");
+    const input = document.createElement("input");
+    input.name = "label";
+    input.setAttribute("list", "labels");
+    input.value = item.reviewed ? item.reviewed.label : (item.label === "unknown" ? "" : item.label);
+    input.placeholder = "true label";
+    const ok = document.createElement("button");
+    ok.type = "submit";
+    ok.textContent = "save label";
+    form.append(input, ok);
+    form.addEventListener("submit", (ev) => { ev.preventDefault(); relabel(item, input.value, div, state); });
+    div.append(form);
+  }
+  return div;
+}
+
+async function relabel(item, label, div, state) {
+  const r = await fetch(`/api/review/${item.id}`, {
+    method: "POST", headers: { "Content-Type": "application/json", "X-Lineside-Token": $("token").value },
+    body: JSON.stringify({ label: label.trim() }),
+  });
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) { message(`not saved: ${body.error || r.status}`); return; }
+  message("");
+  sessionStorage.setItem("lineside-token", $("token").value);
+  item.reviewed = { label: body.label, path: body.path };
+  state.textContent = `reviewed: ${body.label} (${body.path})`;
+  div.classList.add("done");
+}
+
+async function load(append) {
+  const q = new URLSearchParams({ verdict: $("verdict").value, label: $("label").value, limit: 60 });
+  if (append && oldest !== null) q.set("before", oldest);
+  const r = await fetch(`/api/review?${q}`, { cache: "no-store" });
+  const body = await r.json();
+  if (!r.ok) { message(body.error || r.status); return; }
+  writable = body.writable;
+  $("readonly").hidden = writable;
+  const list = $("labels"), filter = $("label");
+  if (!list.children.length) {
+    for (const l of body.labels) {
+      const o = document.createElement("option"); o.value = l; list.append(o);
+      const f = document.createElement("option"); f.textContent = l; filter.append(f);
+    }
+  }
+  const cards = body.items.map(card);
+  if (append) $("items").append(...cards); else $("items").replaceChildren(...cards);
+  if (body.items.length) oldest = body.items[body.items.length - 1].id;
+  $("more").hidden = body.items.length < 60;
+  $("summary").textContent = `${$("items").children.length} frame(s); reviewed frames go to ${body.dataset}`;
+}
+
+$("token").value = sessionStorage.getItem("lineside-token") || "";
+$("verdict").addEventListener("change", () => load(false));
+$("label").addEventListener("change", () => load(false));
+$("more").addEventListener("click", () => load(true));
+load(false);
