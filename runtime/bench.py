@@ -113,20 +113,65 @@ def raw_fps(model: RuntimeModel, seconds: float, hint: str = "throughput") -> fl
     return n / (time.perf_counter() - t0)
 
 
+class _PageReader:
+    """The status page served, and read as an open browser reads it: /api/status and the
+    last frame once a second, /metrics every 5 s (a Prometheus scrape)."""
+
+    def __init__(self, server):
+        self.server, self.url, self.reads = server, server.url, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        import urllib.request
+
+        tick = 0
+        while not self._stop.wait(1.0):
+            paths = ["api/status", "frame/last.jpg"] + (["metrics"] if tick % 5 == 0 else [])
+            for path in paths:
+                try:
+                    with urllib.request.urlopen(self.url + path, timeout=5) as r:
+                        r.read()
+                    self.reads += 1
+                except OSError:
+                    pass
+            tick += 1
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.server.close()
+
+
+def _open_page(model: RuntimeModel, info: SourceInfo, address: str):
+    from .web import LivePage, StatusServer
+
+    page = LivePage("bench", {"name": Path(model.path).name, "labels": list(model.labels),
+                              "precision": model.metadata.precision, "sha256": model.checksum}, info.text)
+    return page, _PageReader(StatusServer(address, page).start())
+
+
 def bench(model: RuntimeModel, source: str | None, seconds: float = 10.0, pace: float | None = None,
-          hint: str = "auto", log: bool = True, roi: str | None = None) -> dict:
+          hint: str = "auto", log: bool = True, roi: str | None = None, http: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="lineside-bench-") as tmp:
         tmp = Path(tmp)
         info = describe_source(source) if source else SourceInfo(str(synthetic_video(tmp)), "file", False)
         settings = LoopSettings(roi=parse_roi(roi), loop=not info.live, pace=pace, hint=hint, seconds=seconds)
+        page = reader = None
+        if http:
+            page, reader = _open_page(model, info, http)
         recorder = Recorder(tmp / "bench.sqlite" if log else None,
                             {"source": info.text, "model": str(model.path), "model_sha256": model.checksum,
-                             "labels": model.labels, "settings": {"bench": True}})
+                             "labels": model.labels, "settings": {"bench": True}}, peers=(page,) if page else ())
         stop = threading.Event()
         try:
-            summary = run_loop(model, info, settings, Decider(model.labels), recorder, stop)
+            summary = run_loop(model, info, settings, Decider(model.labels), recorder, stop,
+                               on_decision=page.observe if page else None)
         finally:
             recorder.close()
+            if reader:
+                reader.close()
         rss = peak_rss_mb()
         result = {
             "model": str(model.path), "backend": model.backend, "source": source or "synthetic video",
@@ -135,6 +180,8 @@ def bench(model: RuntimeModel, source: str | None, seconds: float = 10.0, pace: 
             "dropped": summary["dropped"], "frames": summary["frames"], "rss_mb": round(rss, 1),
             "engine": summary["engine"], "logged": recorder.written,
         }
+        if reader:
+            result["http"] = {"url": reader.url, "page_reads": reader.reads}
         if info.kind == "file":
             result["naive_fps"] = round(naive_fps(model, info, seconds, settings.roi), 2)
             result["decode_fps"] = round(decode_fps(model, info, seconds / 2, settings.roi), 2)

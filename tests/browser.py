@@ -23,10 +23,16 @@ def find_chromium() -> str | None:
 
 class Browser:
     def __init__(self, executable: str, profile_dir, width: int = 1280, height: int = 900):
-        to_browser_r, self._to_browser = os.pipe()
-        self._from_browser, from_browser_w = os.pipe()
+        import fcntl
 
-        def fds():
+        pipe_r, self._to_browser = os.pipe()
+        self._from_browser, pipe_w = os.pipe()
+        # copies above 3 and 4, so that putting them at 3 and 4 in the child never overwrites one
+        to_browser_r, from_browser_w = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (pipe_r, pipe_w))
+        os.close(pipe_r)
+        os.close(pipe_w)
+
+        def fds():     # dup2 leaves the new descriptors inheritable
             os.dup2(to_browser_r, 3)
             os.dup2(from_browser_w, 4)
 

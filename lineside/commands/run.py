@@ -190,8 +190,11 @@ def _print_run_summary(summary: dict, vote) -> None:
 @_runtime_options
 @click.option("--roi", default=None, help="x,y,w,h: classify only this region of each frame, as `lineside run` does.")
 @click.option("--seconds", default=10.0, show_default=True, help="Seconds for each of the three measurements.")
+@click.option("--http", default=None, metavar="[HOST:]PORT",
+              help="Also serve the status page (as `lineside run --http`) and read it as an open browser "
+                   "does (status and last frame every second, /metrics every 5 s): its cost on the loop.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench_cmd(bundle, source, pace, hint, backend, precision, device, threads, roi, seconds, as_json):
+def bench_cmd(bundle, source, pace, hint, backend, precision, device, threads, roi, seconds, http, as_json):
     """Measure the real camera loop on BUNDLE, and in the same run a naive loop and the raw backend.
 
     Without --source, a short video of drawn parts is made in a temporary folder.
@@ -202,7 +205,7 @@ def bench_cmd(bundle, source, pace, hint, backend, precision, device, threads, r
     from lineside.runtime.bench import bench
 
     model = _open_runtime_model(bundle, backend, precision, device, threads)
-    r = bench(model, source, seconds=seconds, pace=pace, hint=hint, roi=roi)
+    r = bench(model, source, seconds=seconds, pace=pace, hint=hint, roi=roi, http=http)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
@@ -211,6 +214,8 @@ def bench_cmd(bundle, source, pace, hint, backend, precision, device, threads, r
                f"source: {r['source']}" + (f" paced at {r['pace']:g} FPS" if r["pace"] else ""))
     click.echo(f"pipeline: {r['fps']:.1f} FPS, capture-to-decision p50 {lat.get('p50', 0):.2f} ms "
                f"p99 {lat.get('p99', 0):.2f} ms, dropped {r['dropped']}, peak RSS {r['rss_mb']:.0f} MB")
+    if "http" in r:
+        click.echo(f"status page served on {r['http']['url']}, read {r['http']['page_reads']} times meanwhile")
     for name, st in r["stages_ms"].items():
         if st.get("count"):
             click.echo(f"  {name:12s} p50 {st['p50']:7.3f}  p95 {st['p95']:7.3f}  p99 {st['p99']:7.3f} ms")
@@ -221,9 +226,6 @@ def bench_cmd(bundle, source, pace, hint, backend, precision, device, threads, r
         click.echo(f"decode + resize alone: {r['decode_fps']:.1f} FPS on one thread; ceiling for this box "
                    f"(inference + decoding, no overhead): {r['ceiling_fps']:.1f} FPS (pipeline "
                    f"{r['fps_vs_ceiling']:.2f}x)")
-
-
-# --- devices --------------------------------------------------------------------------
 
 
 @click.command("review")

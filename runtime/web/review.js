@@ -72,6 +72,10 @@ async function load(append) {
       const o = document.createElement("option"); o.value = l; list.append(o);
       const f = document.createElement("option"); f.textContent = l; filter.append(f);
     }
+    if (asked.get("label") && !append && !filter.value) {
+      filter.value = asked.get("label");
+      if (filter.value) { load(false); return; }
+    }
   }
   const cards = body.items.map(card);
   if (append) $("items").append(...cards); else $("items").replaceChildren(...cards);
@@ -81,6 +85,8 @@ async function load(append) {
 }
 
 $("token").value = sessionStorage.getItem("lineside-token") || "";
+const asked = new URLSearchParams(location.search);      // /review?verdict=NG&label=scratch
+if (asked.get("verdict")) $("verdict").value = asked.get("verdict");
 $("verdict").addEventListener("change", () => load(false));
 $("label").addEventListener("change", () => load(false));
 $("more").addEventListener("click", () => load(true));
