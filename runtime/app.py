@@ -50,6 +50,8 @@ class RunOptions:
     trigger_timeout_ms: float = 1000.0
     opcua: str | None = None
     opcua_user: str | None = None
+    opcua_cert: str | None = None
+    opcua_key: str | None = None
     http: str | None = None
     http_token_file: str | None = None
     review_out: Path | None = None
@@ -196,7 +198,8 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
 
         try:
             peers.append(OpcUaOutput(options.opcua, station, model.checksum, model.labels, user=options.opcua_user,
-                                     on_trigger=triggers.request if options.trigger == "opcua" else None))
+                                     on_trigger=triggers.request if options.trigger == "opcua" else None,
+                                     cert=options.opcua_cert, key=options.opcua_key))
         except BaseException:
             for peer in peers:
                 peer.close(None)
@@ -208,7 +211,9 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
         if options.http:
             server, page = _status_server(options, model, info, station)
             peers.append(page)
-            status = _Both(status, page.observe)
+        observers = [peer.observe for peer in peers if hasattr(peer, "observe")]
+        if observers:
+            status = _Observed(status, observers)
         recorder = _recorder(options, model, info, save, station, peers)
     except BaseException:
         for peer in peers:
@@ -252,14 +257,16 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
     return summary
 
 
-class _Both:
-    """The loop's per-decision hook: the status line, then the status page's observer."""
+class _Observed:
+    """The loop's per-decision hook: the outputs that watch the loop itself (the status
+    page, MQTT's status: frames dropped, FPS), then the status line."""
 
-    def __init__(self, status, observe):
-        self.status, self.observe = status, observe
+    def __init__(self, status, observers):
+        self.status, self.observers = status, observers
 
     def __call__(self, frame, decision, stats):
-        self.observe(frame, decision, stats)
+        for observe in self.observers:
+            observe(frame, decision, stats)
         self.status(frame, decision, stats)
 
     def close(self):

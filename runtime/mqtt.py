@@ -91,6 +91,7 @@ class MqttOutput:
         self.last_error = None
         self.connected = threading.Event()
         self._last_status = 0.0
+        self._stats = None
         self._t0 = time.monotonic()
         self._lock = threading.Lock()
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
@@ -161,6 +162,10 @@ class MqttOutput:
         self._publish(self.topic("answer"), dict(answer.as_dict(), station=self.station,
                                                  model_sha256=self.model_sha256))
 
+    def observe(self, frame, decision, stats):
+        """Called by the loop for every decision: the loop's counters, for the status."""
+        self._stats = stats
+
     def decision(self, row: DecisionRow):
         self.decisions += 1
         verdict = row.verdict
@@ -227,6 +232,8 @@ class MqttOutput:
                   "model_sha256": self.model_sha256}
         if summary:
             status["dropped_frames"] = summary.get("dropped")
+        elif self._stats is not None:
+            status["dropped_frames"] = self._stats.dropped()
         return status
 
     def _publish_status(self, force: bool = False):

@@ -14,9 +14,11 @@ or subscribes to (names after OPC 40100, Machine Vision, where that is simple):
 Anonymous clients may read and subscribe, never write or call. With --opcua-user and
 a password (LINESIDE_OPCUA_PASSWORD), the object also has a method
 Trigger(PartId) for part-triggered inspection (--trigger opcua), which only that user
-may call. The endpoint has no encryption (SecurityPolicy None): on a plant network,
-keep it on a segment the PLC alone reaches, or put the certificate-based policies of
-asyncua in front (README). Updates never block the loop: the latest values are handed
+may call. Without a certificate the endpoint has no encryption (SecurityPolicy None):
+keep it on a segment the PLC alone reaches. With --opcua-cert and --opcua-key (the
+server's X.509 certificate, DER or PEM, and its RSA private key, PEM) it offers only
+Basic256Sha256, signed and encrypted or signed: clients must connect with that policy
+and the password travels encrypted. Updates never block the loop: the latest values are handed
 to the server's own thread, which writes them at most every 20 ms.
 """
 
@@ -52,7 +54,7 @@ class OpcUaOutput:
     """A peer of the decision log (see Recorder's `peers`)."""
 
     def __init__(self, endpoint: str, station: str, model_sha256: str, labels: list[str], user: str | None = None,
-                 password: str | None = None, on_trigger=None):
+                 password: str | None = None, on_trigger=None, cert: str | None = None, key: str | None = None):
         require("asyncua", "opcua")
         logging.getLogger("asyncua").setLevel(logging.ERROR)    # it reports each refused request as a warning
         self.host, self.port = check_endpoint(endpoint)
@@ -65,6 +67,12 @@ class OpcUaOutput:
             raise LinesideError("--trigger opcua: needs --opcua-user and a password (LINESIDE_OPCUA_PASSWORD): "
                                 "anonymous clients may not trigger")
         self.on_trigger = on_trigger
+        if bool(cert) != bool(key):
+            raise LinesideError("--opcua-cert and --opcua-key: give both (the server's certificate and its key)")
+        for option, path in (("--opcua-cert", cert), ("--opcua-key", key)):
+            if path and not os.path.isfile(path):
+                raise LinesideError(f"{option} {path}: no such file")
+        self.cert, self.key = cert, key
         self.values = {"State": "online", "SourceState": "starting", "ResultCounter": 0, "LastLabel": "",
                        "LastClassIndex": -1, "LastConfidence": 0.0, "LastVerdict": "", "LastResultOK": False,
                        "LastFrame": 0, "LastPartId": "", "LastAnswer": "", "OkCount": 0, "NgCount": 0,
@@ -77,6 +85,8 @@ class OpcUaOutput:
             asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
         except Exception as exc:  # noqa: BLE001 - port in use, bad address...
             self._loop.call_soon_threadsafe(self._loop.stop)
+            if isinstance(exc, LinesideError):
+                raise
             raise LinesideError(f"--opcua {self.endpoint}: the server could not start ({exc})") from exc
         log.info("OPC UA server on %s, object %s", self.endpoint, station)
 
@@ -111,7 +121,17 @@ class OpcUaOutput:
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name(f"lineside {self.station}")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity], permission_ruleset=ReadOnlyForAnonymous())
+        if self.cert:
+            try:
+                await server.load_certificate(self.cert)
+                await server.load_private_key(self.key)
+            except Exception as exc:  # noqa: BLE001 - wrong format, wrong password, not a key
+                raise LinesideError(f"--opcua-cert {self.cert} / --opcua-key {self.key}: cannot be loaded "
+                                    f"({exc.__class__.__name__}: {exc})") from None
+            policies = [ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt, ua.SecurityPolicyType.Basic256Sha256_Sign]
+        else:
+            policies = [ua.SecurityPolicyType.NoSecurity]
+        server.set_security_policy(policies, permission_ruleset=ReadOnlyForAnonymous())
         idx = await server.register_namespace(NAMESPACE)
         station = await server.nodes.objects.add_object(idx, self.station)
         kinds = {int: ua.VariantType.Int64, float: ua.VariantType.Double, bool: ua.VariantType.Boolean,

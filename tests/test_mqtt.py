@@ -281,3 +281,28 @@ def test_a_trigger_while_the_source_is_gone_is_answered_ng_in_time(model, broker
         sub.close()
     assert answer and (answer["verdict"], answer["reason"], answer["label"]) == ("NG", "no_frame", "unknown")
     assert 0.5 <= answer["latency_ms"] / 1000 < 0.5 + 0.2 and waited < 0.5 + 1.0
+
+
+def test_the_online_status_counts_the_frames_dropped_so_far(broker):
+    """The loop's own counters reach the retained status while the run goes on, not only
+    in the final (offline) message."""
+    from types import SimpleNamespace
+
+    from lineside.runtime.mqtt import MqttOutput
+
+    out = MqttOutput(broker.url, "station7", "sha", ["a", "b"])
+    try:
+        assert out.connected.wait(10)
+        assert "dropped_frames" not in out._status("online")
+        dropped = [3]
+        out.observe(None, None, SimpleNamespace(dropped=lambda: dropped[0]))
+        assert out._status("online")["dropped_frames"] == 3
+        dropped[0] = 11
+        out._publish_status(force=True)
+        deadline = time.time() + 10
+        while time.time() < deadline and retained_status(broker.port)["status"].get("dropped_frames") != 11:
+            time.sleep(0.2)
+        assert retained_status(broker.port)["status"]["dropped_frames"] == 11
+    finally:
+        out.close({"dropped": 12})
+    assert retained_status(broker.port)["status"]["dropped_frames"] == 12

@@ -101,3 +101,69 @@ def test_an_opcua_trigger_needs_a_user():
 
     with pytest.raises(LinesideError, match="--trigger opcua: needs --opcua-user"):
         OpcUaOutput("opc.tcp://127.0.0.1:1", "s", "x", ["a"], on_trigger=lambda p: p)
+
+
+def _certificate(folder, name: str):
+    """A self-signed application certificate (DER) and its key (PEM), as asyncua makes them."""
+    from asyncua.crypto import cert_gen
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key = cert_gen.generate_private_key()
+    cert = cert_gen.generate_self_signed_app_certificate(
+        key, name, {"commonName": name}, [x509.UniformResourceIdentifier(f"urn:lineside:test:{name}"),
+                                          x509.DNSName("localhost")],
+        extended=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    cert_path, key_path = folder / f"{name}.der", folder / f"{name}.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    key_path.write_bytes(cert_gen.dump_private_key_as_pem(key))
+    return cert_path, key_path
+
+
+def test_with_a_certificate_the_endpoint_is_encrypted_only(tmp_path, monkeypatch):
+    """--opcua-cert/--opcua-key: only Basic256Sha256 is offered; a client without it is
+    refused, one with it reads the station and its user logs in (the password encrypted)."""
+    from asyncua import Client, ua
+    from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+
+    from lineside.runtime.opcua import OpcUaOutput
+
+    server_cert, server_key = _certificate(tmp_path, "station")
+    client_cert, client_key = _certificate(tmp_path, "plc")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"opc.tcp://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(LinesideError, match="give both"):
+        OpcUaOutput(endpoint, "s", "x", ["a"], cert=str(server_cert))
+    with pytest.raises(LinesideError, match="--opcua-key .*no such file"):
+        OpcUaOutput(endpoint, "s", "x", ["a"], cert=str(server_cert), key=str(tmp_path / "missing.pem"))
+    out = OpcUaOutput(endpoint, "station7", "abc123", ["a", "b"], user="plc", password="s3cret",
+                      cert=str(server_cert), key=str(server_key))
+
+    async def clients():
+        plain = Client(endpoint)
+        with pytest.raises(Exception):      # no endpoint without security: the session is refused
+            await plain.connect()
+            await plain.disconnect()
+        endpoints = await Client(endpoint).connect_and_get_server_endpoints()
+        assert {e.SecurityPolicyUri.rsplit("#", 1)[-1] for e in endpoints} == {"Basic256Sha256"}
+        assert {e.SecurityMode for e in endpoints} == {ua.MessageSecurityMode.SignAndEncrypt,
+                                                       ua.MessageSecurityMode.Sign}
+        for user in (None, "plc"):
+            client = Client(endpoint)
+            if user:
+                client.set_user(user)
+                client.set_password("s3cret")
+            await client.set_security(SecurityPolicyBasic256Sha256, certificate=str(client_cert),
+                                      private_key=str(client_key), server_certificate=str(server_cert),
+                                      mode=ua.MessageSecurityMode.SignAndEncrypt)
+            async with client:
+                idx = await client.get_namespace_index(NAMESPACE)
+                station = await client.nodes.objects.get_child([f"{idx}:station7"])
+                assert await (await station.get_child([f"{idx}:ModelSha256"])).read_value() == "abc123"
+
+    try:
+        asyncio.run(clients())
+    finally:
+        out.close(None)

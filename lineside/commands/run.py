@@ -71,10 +71,14 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 @click.option("--opcua", default=None, metavar="ENDPOINT",
               help="Serve an OPC UA object for the station (e.g. opc.tcp://127.0.0.1:4840; 0.0.0.0 to reach "
                    "it from the plant network): last label, class index, confidence, OK/NG, part id, counters, "
-                   "status. Anonymous clients read and subscribe only; no encryption (see README).")
+                   "status. Anonymous clients read and subscribe only; no encryption unless --opcua-cert.")
 @click.option("--opcua-user", default=None,
               help="The user who may call Trigger(PartId) over OPC UA; the password comes from "
                    "LINESIDE_OPCUA_PASSWORD. Without it, nobody may write or call.")
+@click.option("--opcua-cert", default=None, metavar="FILE",
+              help="The OPC UA server's certificate (DER or PEM): the endpoint then offers only Basic256Sha256 "
+                   "(sign and encrypt, or sign); needs --opcua-key.")
+@click.option("--opcua-key", default=None, metavar="FILE", help="The private key (PEM) of --opcua-cert.")
 @click.option("--trigger", type=click.Choice(["stdin", "mqtt", "opcua"]), default=None,
               help="Answer triggered parts: each line on stdin (its text, if any, is the part id), each "
                    "message on PREFIX/trigger, or each OPC UA Trigger(PartId) call asks for the decision on "
@@ -99,8 +103,8 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loop, roi, reject_below, ok_classes,
             vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
-            mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, trigger, trigger_timeout_ms, http,
-            http_token_file, review_out, display, quiet, as_json):
+            mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, opcua_cert, opcua_key, trigger, trigger_timeout_ms,
+            http, http_token_file, review_out, display, quiet, as_json):
     """Classify every frame from --source with an exported BUNDLE and record each decision.
 
     \b
@@ -141,8 +145,8 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
                          save_max_mb=save_max_mb, max_frames=max_frames, seconds=seconds,
                          source_timeout=source_timeout, mqtt=mqtt, mqtt_ca=mqtt_ca, mqtt_queue=mqtt_queue,
                          station=station, trigger=trigger, trigger_timeout_ms=trigger_timeout_ms, opcua=opcua,
-                         opcua_user=opcua_user, http=http, http_token_file=http_token_file,
-                         review_out=review_out, display=display,
+                         opcua_user=opcua_user, opcua_cert=opcua_cert, opcua_key=opcua_key, http=http,
+                         http_token_file=http_token_file, review_out=review_out, display=display,
                          status=not quiet and not as_json)
     model = _open_runtime_model(bundle, backend, precision, device, threads)
     summary = run_app(model, options)
