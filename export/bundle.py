@@ -67,6 +67,7 @@ def model_metadata(loaded, run_dir: Path, precision: str) -> ModelMetadata:
     return ModelMetadata(
         labels=tuple(loaded.labels), spec=loaded.spec, input_name=INPUT_NAME,
         test_views=tuple(loaded.model.views) if loaded.model.views else None,
+        reject_below=loaded.info.get("reject_below"),
         provenance={"source_run": str(run_dir), "backbone": loaded.backbone,
                     "strategy": loaded.info.get("strategy"),
                     "data_fingerprint": loaded.info.get("data_fingerprint"),

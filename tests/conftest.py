@@ -7,7 +7,7 @@ NEU = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "neu-det"
 NEU = Path(os.environ.get("LINESIDE_NEU", NEU))
 
 # Small and fast: the whole suite runs on two CPU cores in a few minutes.
-TINY = dict(image_size=64, views=2, epochs=3, batch_size=16)
+TINY = dict(image_size=64, views=2, epochs=3, batch_size=16, calibrate="off")   # calibration: its own tests
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,7 @@ class TrainConfig:
     threads: int | None = None
     device: str = "auto"
     skip_bad: bool = False
+    calibrate: str = "auto"  # auto: a temperature and a default --reject-below from held-out predictions; off
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -66,6 +67,8 @@ class TrainConfig:
             bad("label_smoothing", "must be in [0, 1)")
         if not 0 <= self.dropout < 1:
             bad("dropout", "must be in [0, 1)")
+        if self.calibrate not in ("auto", "off"):
+            bad("calibrate", f"'{self.calibrate}' is not auto or off")
         if self.tta not in ("auto", "on", "off"):
             bad("tta", f"'{self.tta}' is not auto, on or off")
         if self.views is not None and not 1 <= self.views <= 64:

@@ -112,20 +112,27 @@ class FrozenForward:
         bs = self.batch_size
         starts = range(0, len(x), bs)
         if self.backend == "openvino":
-            import openvino as ov
-
+            # Requests of our own, waited on in this thread: no Python callback runs in
+            # OpenVINO's threads. With AsyncInferQueue's callback, releasing the compiled
+            # model could hang for ever: its destructor (holding the GIL) joined a stream
+            # thread that was waiting for the GIL to finish a callback.
+            n = max(1, int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+            requests = [self._compiled.create_infer_request() for _ in range(min(n, len(starts)))]
             out: list = [None] * len(starts)
-            queue = ov.AsyncInferQueue(self._compiled)
 
-            def done(request, i):
+            def collect(i):
+                request = requests[i % len(requests)]
+                request.wait()
                 out[i] = request.get_output_tensor(0).data.copy()
                 if progress is not None:
                     progress(len(x[starts[i]:starts[i] + bs]))
 
-            queue.set_callback(done)
             for i, s in enumerate(starts):
-                queue.start_async({0: np.ascontiguousarray(x[s:s + bs])}, i)
-            queue.wait_all()
+                if i >= len(requests):
+                    collect(i - len(requests))      # the request this batch takes is free again
+                requests[i % len(requests)].start_async({0: np.ascontiguousarray(x[s:s + bs])})
+            for i in range(max(0, len(starts) - len(requests)), len(starts)):
+                collect(i)
             return torch.from_numpy(np.concatenate(out))
         out = []
         for s in starts:

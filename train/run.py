@@ -81,6 +81,11 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
     trainer = Trainer(cfg, images.classes, spec, progress, dist=dist, device=device)
     result = trainer.fit(x_train, y_train, x_val, y_val)
     plan = result.plan
+    calibration = None
+    if cfg.calibrate == "auto" and dist.main:
+        t0 = time.perf_counter()
+        calibration = trainer.calibrate(x_train, y_train, plan, x_val, y_val)
+        result.timings["calibrate_s"] = time.perf_counter() - t0
     train_seconds = time.perf_counter() - t_start
 
     if x_val is not None:
@@ -118,6 +123,7 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
         "data_fingerprint": images.fingerprint(),
         "skipped_images": bad,
         "validation": report,
+        "calibration": {k: v for k, v in calibration.items() if not k.startswith("_")} if calibration else None,
         "training_set": None if report else cm_report,
         "seconds": {"total": round(train_seconds, 2), **{k: round(v, 2) for k, v in result.timings.items()}},
         "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
@@ -126,11 +132,17 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
         return metrics
     info = {k: metrics[k] for k in ("strategy", "weights", "data_fingerprint", "lineside_version")}
     info["val_balanced_accuracy"] = report["balanced_accuracy"] if report else None
+    info["reject_below"] = calibration["reject_below"] if calibration else None
     save_checkpoint(out / "model.pt", trainer.model, images.classes, cfg.backbone, spec, info)
     if val_set is not None:
         val_set.write_manifest(out / VALIDATION_MANIFEST)
     _write_history(out / "history.csv", result.history.rows)
     plot_confusion(np.asarray(cm_report["confusion_matrix"]), images.classes, out / "confusion_matrix.png", cm_title)
+    if calibration:
+        from .calibrate import reliability_diagram
+
+        reliability_diagram(*calibration["_probs"], calibration["_y"], out / "calibration.png",
+                            f"{calibration['source']}; temperature {calibration['temperature']:.2f}")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

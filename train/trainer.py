@@ -49,6 +49,7 @@ INFER_BATCH = 32
 BANK_CHUNK = 256  # images augmented and handed to the frozen network at once
 HEAD_L2 = 1e-3  # linear recipe: L2 penalty of the head on standardised features
 AUTO_TAPS_MARGIN = 0.02  # auto picks middle-stage taps when they beat the last stage by 2 points in CV
+CALIBRATE_OOF_BELOW = 25  # out-of-fold calibration below this many images in the smallest class (see calibrate)
 
 
 @dataclass
@@ -312,6 +313,41 @@ class Trainer:
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return score(self.model, x, self.device)
+
+    def calibrate(self, x_train, y_train, plan: Plan, x_val=None, y_val=None) -> dict | None:
+        """Fit a temperature (train/calibrate.py) and fold it into the head: on the
+        validation images when there are some, else on out-of-fold predictions of the
+        training images (the recipe of `plan` trained again on all folds but one), in the
+        few-shot case only (smallest class under CALIBRATE_OOF_BELOW images): beyond that,
+        k more trainings cost more than a validation split would. Returns the report (the
+        probabilities before and after under "_probs"), or None when there is nothing to
+        fit it on."""
+        from .calibrate import calibration_report, stratified_folds
+
+        if x_val is not None and len(y_val):
+            logits = score(self.model, x_val, self.device, logits=True)
+            y, source = np.asarray(y_val), f"the {len(y_val)} validation images"
+        else:
+            counts = np.bincount(y_train)
+            fold, k = stratified_folds(y_train, self.cfg.seed)
+            if k < 2 or counts[counts > 0].min() >= CALIBRATE_OOF_BELOW:
+                return None
+            taps = ",".join(str(t) for t in self.model.taps) if self.model.taps else "last"
+            cfg = self.cfg.override(strategy=plan.strategy, taps=taps)
+            logits = np.zeros((len(y_train), len(self.classes)), np.float32)
+            for f in tqdm(range(k), desc="calibrating (out-of-fold)", unit="fold", disable=not self.progress,
+                          leave=False):
+                tr, te = fold != f, fold == f
+                t = Trainer(cfg, self.classes, self.spec, progress=False, device=self.device)
+                t.fit(x_train[tr], y_train[tr])
+                logits[te] = score(t.model, x_train[te], self.device, logits=True)
+            torch.manual_seed(self.cfg.seed)
+            y, source = np.asarray(y_train), f"out-of-fold predictions of the {len(y_train)} training images ({k} folds)"
+        report = calibration_report(logits, y, source)
+        with torch.no_grad():
+            self.model.head.weight.div_(report["temperature"])
+            self.model.head.bias.div_(report["temperature"])
+        return report
 
     # -- frozen trunk: cache activations of augmented views once ----------------
 
@@ -645,13 +681,15 @@ def predict_proba(model: Classifier, x: np.ndarray, device=None, progress: bool 
     return np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
 
 
-def score(model: Classifier, x: np.ndarray, device=None, progress=None) -> np.ndarray:
-    """Class probabilities of a finished model for uint8 images (N x H x W x 3), as fast as
-    the device allows (FrozenForward: on the CPU, OpenVINO for large jobs). Identical to
-    predict_proba within 1e-5; predict_proba stays for a model that is still training."""
+def score(model: Classifier, x: np.ndarray, device=None, progress=None, logits: bool = False) -> np.ndarray:
+    """Class probabilities (or with `logits`, the logits) of a finished model for uint8
+    images (N x H x W x 3), as fast as the device allows (FrozenForward: on the CPU,
+    OpenVINO for large jobs). Identical to predict_proba within 1e-5; predict_proba stays
+    for a model that is still training."""
     device = device or next(model.parameters()).device
     if len(x) == 0:
         return np.zeros((0, model.head.out_features), np.float32)
     views = len(model.views or (0,))
-    run = FrozenForward(model, lambda t: torch.softmax(model(t).float(), 1), x[:1], device, len(x) * views)
+    out = (lambda t: model(t).float()) if logits else (lambda t: torch.softmax(model(t).float(), 1))
+    run = FrozenForward(model, out, x[:1], device, len(x) * views)
     return run.map(x, progress).numpy()

@@ -56,6 +56,10 @@ def _list_backbones(ctx, _param, value):
               help="Test-time views: average the model over the flips/turns it was trained with "
                    "(4 passes per image; +0.3 points at 10 NEU images per class). auto: for the linear "
                    "recipe. `lineside export --tta off` drops them from an exported model. [auto]")
+@click.option("--calibrate", type=click.Choice(["auto", "off"]), default=None,
+              help="auto: fit a temperature so that confidence means a probability, on the validation images "
+                   "or (few images) on out-of-fold predictions of the training images, and choose the "
+                   "bundle's default --reject-below from them (calibration.png, metrics.json). [auto]")
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
               help="Validation folder (instead of a split of DATA).")
 @click.option("--val-fraction", type=float, default=None,
@@ -130,4 +134,11 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
         v = m["validation"]
         click.echo(f"validation: balanced accuracy {v['balanced_accuracy']:.1%}, accuracy {v['accuracy']:.1%} "
                    f"on {v['n']} images")
-    click.echo(f"wrote {out}/model.pt, metrics.json, history.csv, confusion_matrix.png, config.yaml")
+    c = m.get("calibration")
+    if c:
+        click.echo(f"calibrated on {c['source']}: temperature {c['temperature']:.2f}, expected calibration error "
+                   f"{c['ece_before']:.3f} -> {c['ece_after']:.3f}"
+                   + (f"; default --reject-below {c['reject_below']:.2f} (keeps 99% of the right answers)"
+                      if c["reject_below"] is not None else ""))
+    click.echo(f"wrote {out}/model.pt, metrics.json, history.csv, confusion_matrix.png, "
+               + ("calibration.png, " if c else "") + "config.yaml")

@@ -1,0 +1,103 @@
+"""Confidence that means a probability: a temperature fitted on held-out predictions and
+folded into the head, and the default --reject-below chosen from the same predictions."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY
+from lineside.train.calibrate import (calibration_report, expected_calibration_error, fit_temperature,
+                                      reject_threshold, softmax, stratified_folds)
+from lineside.train.config import TrainConfig
+
+
+def _calibrated_logits(n: int, classes: int, seed: int):
+    """Logits whose softmax is calibrated by construction: labels drawn from it."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 2.5, (n, classes))
+    p = softmax(z)
+    y = np.array([rng.choice(classes, p=row) for row in p])
+    return z, y
+
+
+def test_the_temperature_undoes_a_known_overconfidence_and_the_ece_shows_it():
+    z, y = _calibrated_logits(4000, 3, 0)
+    assert expected_calibration_error(softmax(z), y) < 0.03
+    overconfident = z * 3.0          # what an overfitted model says
+    assert expected_calibration_error(softmax(overconfident), y) > 0.1
+    assert fit_temperature(overconfident, y) == pytest.approx(3.0, rel=0.1)
+    r = calibration_report(overconfident, y, "test")
+    assert r["ece_after"] < 0.03 < r["ece_before"] and r["nll_after"] < r["nll_before"]
+    assert fit_temperature(z / 2.0, y) == pytest.approx(0.5, rel=0.1)     # and an underconfident one
+
+
+def test_when_every_held_out_answer_is_right_the_temperature_does_not_run_to_zero():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 40)
+    z = rng.normal(0, 1, (40, 3))
+    z[np.arange(40), y] += 4
+    r = calibration_report(z, y, "test")
+    mean_conf = softmax(z / r["temperature"]).max(1).mean()
+    assert mean_conf <= 41 / 42 + 1e-6      # no surer than (right + 1) / (n + 2)
+    assert r["reject_below"] < 0.99
+
+
+def test_the_reject_threshold_keeps_99_percent_of_the_right_answers():
+    z, y = _calibrated_logits(3000, 4, 2)
+    p = softmax(z)
+    t = reject_threshold(p, y)
+    right = p.argmax(1) == y
+    kept = np.mean(p.max(1)[right] >= t)
+    assert 0.985 <= kept <= 1.0
+    assert np.mean(p.max(1)[~right] < t) > 0.03      # and it turns more wrong answers into unknown
+    assert reject_threshold(p, (p.argmax(1) + 1) % 4) is None
+
+
+def test_folds_spread_every_class():
+    y = np.repeat([0, 1, 2], [5, 7, 3])
+    fold, k = stratified_folds(y, 0)
+    assert k == 3
+    for c in range(3):
+        assert sorted(set(fold[y == c])) == [0, 1, 2]
+    assert stratified_folds(np.array([0, 0, 1]), 0)[1] == 0
+
+
+def test_a_default_run_is_calibrated_out_of_fold_and_the_bundle_carries_its_reject_threshold(synth_dir, tmp_path):
+    from lineside.export.bundle import export_bundle
+    from lineside.runtime.model import open_model
+    from lineside.train.checkpoint import load_checkpoint
+    from lineside.train.run import train_run
+
+    cfg = TrainConfig(strategy="linear", **dict(TINY, calibrate="auto"))
+    m = train_run(synth_dir, tmp_path / "run", cfg, progress=False)
+    c = m["calibration"]
+    assert c["source"].startswith("out-of-fold predictions of the 60 training images (5 folds)")
+    assert c["temperature"] > 0 and 0 <= c["ece_after"] <= 1 and 0 < c["reject_below"] <= 1
+    assert (tmp_path / "run" / "calibration.png").stat().st_size > 5000
+    assert load_checkpoint(tmp_path / "run").info["reject_below"] == c["reject_below"]
+    export_bundle(tmp_path / "run", tmp_path / "b", formats=["onnx"], int8=False)
+    assert open_model(tmp_path / "b", backend="onnxruntime").metadata.reject_below == c["reject_below"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["calibration"] == c
+
+
+def test_the_temperature_is_folded_into_the_head_and_changes_no_label(synth_dir, synth_test_dir):
+    from lineside.dataset import load_arrays, load_image_set
+    from lineside.train.backbones import BACKBONES
+    from lineside.train.trainer import Trainer, score
+
+    cfg = TrainConfig(strategy="linear", **TINY)
+    train = load_image_set(synth_dir)
+    trainer = Trainer(cfg, train.classes, BACKBONES.get(cfg.backbone).input_spec.with_size(64), progress=False)
+    x, train, _ = load_arrays(train, trainer.spec, progress=False)
+    y = np.asarray(train.targets)
+    plan = trainer.fit(x, y).plan
+    x_val, val, _ = load_arrays(load_image_set(synth_test_dir), trainer.spec, progress=False)
+    before = score(trainer.model, x_val, logits=True)
+    report = trainer.calibrate(x, y, plan, x_val, np.asarray(val.targets))
+    assert report["source"] == f"the {len(x_val)} validation images"
+    after = score(trainer.model, x_val, logits=True)
+    assert np.allclose(after, before / report["temperature"], atol=1e-4)
+    assert (after.argmax(1) == before.argmax(1)).all()
+    assert isinstance(trainer.model.head, torch.nn.Linear)
