@@ -40,3 +40,40 @@ def classification_report(y_true, y_pred, labels) -> dict:
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
     }
+
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(probs, y_true, bins: int = ECE_BINS) -> float:
+    """Top-label expected calibration error: the gap between confidence and accuracy over
+    equal-width confidence bins, weighted by the images in each (0: confidence means the
+    probability of being right)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    conf = probs.max(1)
+    correct = probs.argmax(1) == np.asarray(y_true)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            ece += m.mean() * abs(conf[m].mean() - correct[m].mean())
+    return float(ece)
+
+
+def confidence_report(probs, y_true, reject_below: float | None = None) -> dict:
+    """Expected calibration error and mean confidence; with a reject threshold, the share
+    of images it would call unknown, how many of those were wrong, and the accuracy of the rest."""
+    probs = np.asarray(probs, dtype=np.float64)
+    y_true = np.asarray(y_true)
+    conf = probs.max(1)
+    correct = probs.argmax(1) == y_true
+    out = {"expected_calibration_error": round(expected_calibration_error(probs, y_true), 4),
+           "mean_confidence": round(float(conf.mean()), 4) if len(conf) else None}
+    if reject_below is not None and len(conf):
+        unknown = conf < reject_below
+        out.update(reject_below=reject_below, unknown_share=round(float(unknown.mean()), 4),
+                   wrong_among_unknown=round(float(1 - correct[unknown].mean()), 4) if unknown.any() else None,
+                   accuracy_of_the_rest=round(float(correct[~unknown].mean()), 4) if (~unknown).any() else None)
+    return out

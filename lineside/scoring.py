@@ -11,7 +11,7 @@ import numpy as np
 from .dataset import load_arrays, load_image_set
 from .errors import LinesideError
 from .images import is_image_file, read_image
-from .metrics import classification_report
+from .metrics import classification_report, confidence_report
 from .spec import InputSpec, resize_to_spec
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
@@ -31,7 +31,8 @@ def predict_batched(predict: PredictFn, x: np.ndarray, progress: bool = False) -
     return np.concatenate(out)
 
 
-def evaluate(predict: PredictFn, labels, spec: InputSpec, data, skip_bad=False, progress=True) -> dict:
+def evaluate(predict: PredictFn, labels, spec: InputSpec, data, skip_bad=False, progress=True,
+             reject_below: float | None = None) -> dict:
     images = load_image_set(data, classes=list(labels))
     x, images, bad = load_arrays(images, spec, skip_bad, progress, "reading images")
     probs = predict_batched(predict, x, progress)
@@ -41,6 +42,7 @@ def evaluate(predict: PredictFn, labels, spec: InputSpec, data, skip_bad=False, 
         {"path": str(p), "true": labels[t], "predicted": labels[int(q)], "confidence": float(c)}
         for p, t, q, c in zip(images.paths, images.targets, pred, probs.max(1)) if t != q
     ]
+    report["confidence"] = confidence_report(probs, images.targets, reject_below)
     report.update(data=str(data), skipped_images=bad)
     return report
 
@@ -83,10 +85,12 @@ def open_scorer(model: Path, backend, precision, device, threads):
         from lineside.runtime.model import open_model
 
         m = open_model(model, backend=backend, precision=precision, device=device, threads=threads)
-        return m.predict_proba, m.labels, m.spec, {"model": str(m.path), "backend": m.backend}
+        return m.predict_proba, m.labels, m.spec, {"model": str(m.path), "backend": m.backend,
+                                                   "reject_below": m.metadata.reject_below}
     from lineside.train.checkpoint import load_checkpoint, resolve_checkpoint
     from lineside.train.evaluate import RunScorer
 
     loaded = load_checkpoint(model)
     return (RunScorer(loaded.model), loaded.labels, loaded.spec,
-            {"model": str(resolve_checkpoint(model)), "backend": "pytorch"})
+            {"model": str(resolve_checkpoint(model)), "backend": "pytorch",
+             "reject_below": loaded.info.get("reject_below")})

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-ECE_BINS = 15
+from lineside.metrics import ECE_BINS, expected_calibration_error
 KEEP_CORRECT = 0.99
 MAX_FOLDS = 5
 
@@ -81,20 +81,6 @@ def cap_temperature(logits: np.ndarray, y: np.ndarray, t: float) -> float:
     return float(hi)
 
 
-def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Top-label ECE over equal-width confidence bins."""
-    conf = probs.max(1)
-    correct = probs.argmax(1) == np.asarray(y)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            ece += m.mean() * abs(conf[m].mean() - correct[m].mean())
-    return float(ece)
-
-
 def reject_threshold(probs: np.ndarray, y: np.ndarray, keep: float = KEEP_CORRECT) -> float | None:
     """The confidence below which (1 - keep) of the correct answers lie; None when none is correct."""
     conf = probs.max(1)
@@ -123,7 +109,7 @@ def calibration_report(logits: np.ndarray, y: np.ndarray, source: str) -> dict:
         if threshold is not None else None,
         "rejected_wrong": round(float(np.mean(after.max(1)[after.argmax(1) != y] < threshold)), 4)
         if threshold is not None and np.any(after.argmax(1) != y) else None,
-        "_probs": (before, after), "_y": y,
+        "_probs": (before, after), "_y": y, "_logits": logits / t,
     }
 
 

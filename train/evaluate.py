@@ -28,7 +28,8 @@ class RunScorer:
 
 def evaluate_run(model_path, data, skip_bad: bool = False, progress: bool = True) -> dict:
     loaded = load_checkpoint(model_path)
-    report = evaluate(RunScorer(loaded.model), loaded.labels, loaded.spec, data, skip_bad, progress)
+    report = evaluate(RunScorer(loaded.model), loaded.labels, loaded.spec, data, skip_bad, progress,
+                      reject_below=loaded.info.get("reject_below"))
     report["model"] = str(resolve_checkpoint(model_path))
     return report
 

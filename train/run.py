@@ -31,6 +31,7 @@ AUTO_VAL_MIN_PER_CLASS = 25
 # The images held out for validation, as a `path,label` manifest in the run folder: export
 # judges INT8 on them (the network never trained on them) and calibrates on the others.
 VALIDATION_MANIFEST = "validation.csv"
+OUT_OF_FOLD = "out_of_fold.npz"   # calibrated out-of-fold logits and labels of the training images
 
 
 def split_data(images: ImageSet, cfg: TrainConfig, val_path=None) -> tuple[ImageSet, ImageSet | None, str]:
@@ -140,6 +141,12 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
     plot_confusion(np.asarray(cm_report["confusion_matrix"]), images.classes, out / "confusion_matrix.png", cm_title)
     if calibration:
         from .calibrate import reliability_diagram
+
+        if calibration["source"].startswith("out-of-fold"):
+            # what the model says of images it did not train on (calibrated): the INT8 gate's
+            # picture of unseen images when nothing else is held out (export/bundle.py)
+            np.savez(out / OUT_OF_FOLD, logits=calibration["_logits"].astype(np.float32),
+                     labels=np.asarray(calibration["_y"], np.int64))
 
         reliability_diagram(*calibration["_probs"], calibration["_y"], out / "calibration.png",
                             f"{calibration['source']}; temperature {calibration['temperature']:.2f}")

@@ -27,7 +27,8 @@ def eval_cmd(model, data_dir, backend, precision, device, threads, skip_bad, qui
     from lineside.scoring import evaluate, open_scorer
 
     predict_fn, labels, spec, about = open_scorer(model, backend, precision, device, threads)
-    r = evaluate(predict_fn, labels, spec, data_dir, skip_bad=skip_bad, progress=not quiet and not as_json)
+    r = evaluate(predict_fn, labels, spec, data_dir, skip_bad=skip_bad, progress=not quiet and not as_json,
+                 reject_below=about.get("reject_below"))
     r.update(about)
     if as_json:
         click.echo(json.dumps(r, indent=2))
@@ -37,6 +38,14 @@ def eval_cmd(model, data_dir, backend, precision, device, threads, skip_bad, qui
     click.echo(f"{'class':24s} {'precision':>9s} {'recall':>7s} {'f1':>6s} {'n':>5s}")
     for name, c in r["per_class"].items():
         click.echo(f"{name:24s} {c['precision']:9.3f} {c['recall']:7.3f} {c['f1']:6.3f} {c['support']:5d}")
+    c = r["confidence"]
+    line = f"confidence: expected calibration error {c['expected_calibration_error']:.3f}"
+    if "unknown_share" in c:
+        line += (f"; the model's --reject-below {c['reject_below']:.2f} would call {c['unknown_share']:.1%} unknown"
+                 + (f" ({c['wrong_among_unknown']:.0%} of them wrong)" if c["wrong_among_unknown"] is not None else "")
+                 + (f", accuracy of the rest {c['accuracy_of_the_rest']:.2%}" if c["accuracy_of_the_rest"] is not None
+                    else ""))
+    click.echo(line)
     if r["misclassified"]:
         click.echo(f"{len(r['misclassified'])} misclassified (see --json for the list)")
 
