@@ -77,8 +77,14 @@ def test_a_default_run_is_calibrated_out_of_fold_and_the_bundle_carries_its_reje
     assert c["temperature"] > 0 and 0 <= c["ece_after"] <= 1 and 0 < c["reject_below"] <= 1
     assert (tmp_path / "run" / "calibration.png").stat().st_size > 5000
     assert load_checkpoint(tmp_path / "run").info["reject_below"] == c["reject_below"]
-    export_bundle(tmp_path / "run", tmp_path / "b", formats=["onnx"], int8=False)
-    assert open_model(tmp_path / "b", backend="onnxruntime").metadata.reject_below == c["reject_below"]
+    assert (tmp_path / "run" / "out_of_fold.npz").is_file()
+    res = export_bundle(tmp_path / "run", tmp_path / "b", formats=["openvino"])
+    assert open_model(tmp_path / "b", backend="openvino").metadata.reject_below == c["reject_below"]
+    # INT8 is judged on what it is estimated to do to unseen images: the out-of-fold margins
+    q = res["report"]["int8"]["openvino"]
+    assert q["judged"]["estimated"] is True and "out-of-fold predictions" in q["eval_images"]
+    assert q["gate"]["estimated"]["oof_images"] == 60 and "judged_views" in q["gate"]
+    assert q["gate"]["passed"] == (q["gate"]["drop_points"] <= 0.3 and q["gate"]["top1_agreement"] >= 0.995)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["calibration"] == c
 
 

@@ -340,3 +340,34 @@ def test_calibration_leaves_out_the_runs_validation_images(tiny_run, tmp_path):
     _, _, calib = _labelled_arrays(loaded, metrics["data"], None, False, "", exclude=run / "validation.csv")
     assert len(calib) == len(every) - len(validation)
     assert not {p.resolve() for p in calib} & {p.resolve() for p in validation.paths}
+
+
+def test_estimated_agreement_on_unseen_images_from_margin_shifts_and_out_of_fold_margins():
+    """INT8 as FP32 plus noise on the logits, the same for every image: the label changes it
+    causes among confident (training) images say little, yet their margin shifts and the
+    margins of unseen images (out-of-fold) predict the changes on unseen images."""
+    from lineside.export.quantize import margin_shifts, predicted_unseen
+    from lineside.train.calibrate import softmax
+
+    rng = np.random.default_rng(0)
+
+    def images(n, spread):
+        y = rng.integers(0, 3, n)
+        z = rng.normal(0, 1, (n, 3))
+        z[np.arange(n), y] += spread
+        return z, y
+
+    noise = 0.6
+    seen, _ = images(300, 8.0)                      # the judged views: far from any boundary
+    unseen, y_unseen = images(4000, 2.0)            # what the line brings
+    oof, y_oof = images(400, 2.0)                   # out-of-fold: like unseen
+    int8_seen = seen + rng.normal(0, noise, seen.shape)
+    int8_unseen = unseen + rng.normal(0, noise, unseen.shape)
+    direct = np.mean(seen.argmax(1) == int8_seen.argmax(1))
+    truth = np.mean(unseen.argmax(1) == int8_unseen.argmax(1))
+    est = predicted_unseen(margin_shifts(softmax(seen), softmax(int8_seen)), oof, y_oof, ["a", "b", "c"])
+    assert direct > 0.99 and truth < 0.95               # judged directly, INT8 looks safe; it is not
+    assert abs(est["agreement"] - truth) < 0.03
+    assert est["drop_points"] > 1.0 and est["shifts"] == 300 and est["oof_images"] == 400
+    same = predicted_unseen(margin_shifts(softmax(seen), softmax(seen)), oof, y_oof, ["a", "b", "c"])
+    assert same["agreement"] == 1.0 and same["drop_points"] == 0.0

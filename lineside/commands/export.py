@@ -62,7 +62,12 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agr
         click.echo(f"parity {name}: max |p - p_torch| = {r['max_abs_diff']:.1e}, "
                    f"top-1 agreement {r['top1_agreement']:.1%} ({parity['images']})")
     for runtime, q in result["report"].get("int8", {}).items():
-        if q["verdict"] == "kept":
+        if q["verdict"] == "kept" and "estimated" in q["gate"]:
+            g = q["gate"]
+            click.echo(f"INT8 {runtime} kept ({q['recipe']}): estimated drop {g['drop_points']:.2f} points of balanced "
+                       f"accuracy (limit {g['max_drop_points']}), top-1 agreement with FP32 {g['top1_agreement']:.1%} "
+                       f"(at least {g['min_agreement']:g}%) on {judged_on(q)}")
+        elif q["verdict"] == "kept":
             g = q["gate"]
             click.echo(f"INT8 {runtime} kept ({q['recipe']}): balanced accuracy {g['int8_balanced_accuracy']:.2%} vs "
                        f"FP32 {g['fp32_balanced_accuracy']:.2%} (drop {g['drop_points']:.2f} points, limit "
