@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,10 @@ def main(argv=None) -> int:
                 drawn, rest = draw_per_class(images.targets, k, seed)
                 train_csv = images.write_manifest(tmp / f"train_{k}_{seed}.csv", drawn)
                 run, bundle = tmp / f"run_{k}_{seed}", tmp / f"bundle_{k}_{seed}"
+                t0 = time.perf_counter()
                 m = train_run(train_csv, run, TrainConfig().override(seed=seed), progress=False)
+                train_s = round(time.perf_counter() - t0, 1)
+                temperature = (m.get("calibration") or {}).get("temperature", 1.0)
                 oof = dict(np.load(run / "out_of_fold.npz")) if (run / "out_of_fold.npz").exists() else {}
                 export_bundle(run, bundle, int8=False, speed_seconds=0)
                 fp = {"openvino": open_model(bundle, backend="openvino"),
@@ -103,8 +107,9 @@ def main(argv=None) -> int:
                         path = quantize_onnxruntime(bundle / "model_fp32.onnx", tmp / "q.onnx", calib, meta, recipe)
                     q = open_model(path, backend=runtime, precision="int8")
                     row = {"data": name, "shots": k, "seed": seed, "strategy": m["strategy"], "runtime": runtime,
-                           "recipe": recipe_name}
+                           "recipe": recipe_name, "train_s": train_s, "temperature": temperature}
                     arrays = {f"oof_{key}": v for key, v in oof.items()}
+                    arrays["temperature"] = np.float64(temperature)
                     for set_name, (xs, ys) in sets.items():
                         p32, p8 = fp[runtime].predict_proba(xs), q.predict_proba(xs)
                         row[set_name] = compare(p32, p8, ys, labels)
