@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         for mode, pace in (("free", None), ("paced", args.pace)):
             order = ("off", "on") if r % 2 == 0 else ("on", "off")
             for http in order:
-                res = bench(model, args.source, seconds=args.seconds, pace=pace, log=True,
+                res = bench(model, args.source, seconds=args.seconds, pace=pace, log=True, compare=False,
                             http=f"127.0.0.1:{args.port}" if http == "on" else None)
                 rows[mode][http].append({"fps": res["fps"], "p50": res["latency_ms"]["p50"],
                                          "p99": res["latency_ms"]["p99"], "dropped": res["dropped"],

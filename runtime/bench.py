@@ -153,7 +153,10 @@ def _open_page(model: RuntimeModel, info: SourceInfo, address: str):
 
 
 def bench(model: RuntimeModel, source: str | None, seconds: float = 10.0, pace: float | None = None,
-          hint: str = "auto", log: bool = True, roi: str | None = None, http: str | None = None) -> dict:
+          hint: str = "auto", log: bool = True, roi: str | None = None, http: str | None = None,
+          compare: bool = True) -> dict:
+    """The camera loop on `model` for `seconds`; with `compare`, also a naive loop, decoding
+    alone and the raw backend, in the same run."""
     with tempfile.TemporaryDirectory(prefix="lineside-bench-") as tmp:
         tmp = Path(tmp)
         info = describe_source(source) if source else SourceInfo(str(synthetic_video(tmp)), "file", False)
@@ -182,6 +185,8 @@ def bench(model: RuntimeModel, source: str | None, seconds: float = 10.0, pace: 
         }
         if reader:
             result["http"] = {"url": reader.url, "page_reads": reader.reads}
+        if not compare:
+            return result
         if info.kind == "file":
             result["naive_fps"] = round(naive_fps(model, info, seconds, settings.roi), 2)
             result["decode_fps"] = round(decode_fps(model, info, seconds / 2, settings.roi), 2)
