@@ -22,9 +22,10 @@ import click
               help="Calibration images (default: the run's training data).")
 @click.option("--eval", "eval_dir", type=click.Path(path_type=Path), default=None,
               help="Labelled held-out images on which FP32 and INT8 are compared. Without it, INT8 is "
-                   "judged on the run's validation images (and augmented copies); a run without them that "
-                   "trained only a head on frozen features is judged on half of its training images, held "
-                   "out of calibration (and copies); a fine-tuned run without them gets no INT8.")
+                   "judged on the run's validation images (and augmented copies); else on what it is "
+                   "estimated to do to unseen images (the run's out-of-fold predictions, and the label "
+                   "margins INT8 moves on training images held out of calibration); else a head on frozen "
+                   "features is judged on those held-out images directly, and a fine-tuned run gets no INT8.")
 @click.option("--max-drop", type=float, default=0.3, show_default=True,
               help="Largest loss of balanced accuracy (percentage points) an INT8 model may have.")
 @click.option("--min-agreement", type=float, default=99.5, show_default=True,
