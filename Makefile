@@ -42,8 +42,8 @@ demo: $(STAMP)
 		MQTT=""; \
 	fi; \
 	$(LS) run $(DEMO)/bundle --profile auto --source $(DEMO)/parts.avi --roi 80,0,480,480 --vote 2/3 --quiet \
-		--log $(DEMO)/decisions.sqlite --save $(DEMO)/review --save-when unknown --reject-below 0.5 $$MQTT
-	@echo "review the frames the run saved (open http://127.0.0.1:8080/review; add --http-token-file FILE to relabel):"
+		--log $(DEMO)/decisions.sqlite --save $(DEMO)/review --save-when all --save-max-files 60 --reject-below 0.5 $$MQTT
+	@echo "review the last 60 frames the run saved (open http://127.0.0.1:8080/review; add --http-token-file FILE to relabel):"
 	@echo "  $(LS) review $(DEMO)/decisions.sqlite --save $(DEMO)/review"
 
 bench: $(STAMP)
