@@ -41,7 +41,7 @@ demo: $(STAMP)
 		echo "no MQTT broker on 127.0.0.1:1883, so the run publishes nothing (start mosquitto to watch the decisions)"; \
 		MQTT=""; \
 	fi; \
-	$(LS) run $(DEMO)/bundle --profile auto --source $(DEMO)/parts.avi --roi 80,0,480,480 --vote 2/3 --quiet \
+	$(LS) run $(DEMO)/bundle --profile auto --source $(DEMO)/parts.avi --pace 30 --roi 80,0,480,480 --vote 2/3 --quiet \
 		--log $(DEMO)/decisions.sqlite --save $(DEMO)/review --save-when all --save-max-files 60 --reject-below 0.5 $$MQTT
 	@echo "review the last 60 frames the run saved (open http://127.0.0.1:8080/review; add --http-token-file FILE to relabel):"
 	@echo "  $(LS) review $(DEMO)/decisions.sqlite --save $(DEMO)/review"
