@@ -167,7 +167,7 @@ class LivePage:
         last_hour = Counter()
         for minute, c in list(self.hour):
             if minute > hour_ago:
-                last_hour.update(c)
+                last_hour.update(dict(c))     # a copy in one step: the loop may add a key meanwhile
         row = self.last_row
         return {
             "station": self.station, "host": socket.gethostname(), "time": now, "started": self.started,
