@@ -102,7 +102,9 @@ def combine_sources(paths, out_manifest) -> Path:
     for training on old data and newly reviewed frames together. An image listed by more
     than one source takes the label of the last (a correction overrides an old label).
     Written atomically, so that processes writing the same manifest never see half of one."""
-    import os
+    import io
+
+    from .files import write_atomic
 
     labels: dict[Path, str] = {}
     for path in paths:
@@ -111,12 +113,11 @@ def combine_sources(paths, out_manifest) -> Path:
             labels[p.resolve()] = images.classes[t]
     out_manifest = Path(out_manifest)
     out_manifest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_manifest.with_name(f".{out_manifest.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label"])
-        w.writerows([str(p), label] for p, label in labels.items())
-    os.replace(tmp, out_manifest)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "label"])
+    w.writerows([str(p), label] for p, label in labels.items())
+    write_atomic(out_manifest, buf.getvalue().encode("utf-8"))
     return out_manifest
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 
 from lineside.errors import LinesideError
+from lineside.files import write_atomic
 
 from .loop import parse_roi
 from .records import SAVED_NAME, log_kind
@@ -164,7 +165,7 @@ class ReviewStore:
             folder = self.out_dir / label
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / name
-            _write_atomic(target, _png(crop))
+            write_atomic(target, _png(crop))
             if old and Path(old["path"]) != Path(label) / name:
                 stale = self.out_dir / old["path"]
                 if stale.parent.parent == self.out_dir and stale.name == name:   # only a file we wrote
@@ -195,7 +196,7 @@ class ReviewStore:
         w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         w.writerows(entries)
-        _write_atomic(self.out_dir / MANIFEST, buf.getvalue().encode("utf-8"))
+        write_atomic(self.out_dir / MANIFEST, buf.getvalue().encode("utf-8"))
 
 
 def roi_crop(image, roi_text: str | None):
@@ -214,16 +215,3 @@ def _png(image) -> bytes:
     if not ok:
         raise LinesideError("the frame could not be encoded as PNG")
     return data.tobytes()
-
-
-def _write_atomic(path: Path, data: bytes):
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
