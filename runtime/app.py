@@ -275,17 +275,14 @@ class _Observed:
 
 def _status_server(options: RunOptions, model: RuntimeModel, info, station: str):
     """--http: the live page (a peer of the log) and, with a SQLite --log and --save, the review."""
-    from .web import LivePage, StatusServer, read_token
+    from .web import LivePage, StatusServer, model_summary, read_token
 
     review = None
     if options.log and options.save_dir and log_kind(Path(options.log)) == "sqlite":
         from .review import ReviewStore
 
         review = ReviewStore(options.log, options.save_dir, options.review_out, model.labels)
-    path = Path(model.path)
-    page = LivePage(station, {"name": f"{path.parent.name}/{path.name}", "labels": list(model.labels),
-                              "precision": model.metadata.precision, "sha256": model.checksum,
-                              "backend": model.backend}, info.text)
+    page = LivePage(station, model_summary(model), info.text)
     return StatusServer(options.http, page, review, read_token(options.http_token_file)), page
 
 

@@ -145,10 +145,9 @@ class _PageReader:
 
 
 def _open_page(model: RuntimeModel, info: SourceInfo, address: str):
-    from .web import LivePage, StatusServer
+    from .web import LivePage, StatusServer, model_summary
 
-    page = LivePage("bench", {"name": Path(model.path).name, "labels": list(model.labels),
-                              "precision": model.metadata.precision, "sha256": model.checksum}, info.text)
+    page = LivePage("bench", model_summary(model), info.text)
     return page, _PageReader(StatusServer(address, page).start())
 
 

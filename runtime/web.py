@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -66,8 +67,6 @@ def parse_address(text: str) -> tuple[str, int]:
 
 def read_token(path=None, env=None) -> str | None:
     """The relabelling token from a file (first line) or the environment; None: read only."""
-    import os
-
     token = None
     if path:
         try:
@@ -81,6 +80,15 @@ def read_token(path=None, env=None) -> str | None:
     if token is not None and len(token) < 12:
         raise LinesideError("--http token: use at least 12 characters")
     return token
+
+
+def model_summary(model) -> dict:
+    """What the page says of a RuntimeModel: file (bundle/name), labels, precision, sha256, backend."""
+    from pathlib import Path
+
+    path = Path(model.path)
+    return {"name": f"{path.parent.name}/{path.name}", "labels": list(model.labels),
+            "precision": model.metadata.precision, "sha256": model.checksum, "backend": model.backend}
 
 
 class LivePage:
