@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 from lineside.errors import LinesideError
 
 from .decide import Decider, parse_classes, parse_vote
-from .loop import LoopSettings, parse_roi, run_loop
+from .loop import LoopSettings, parse_roi, run_loop, settle_heap
 from .model import RuntimeModel
 from .records import Recorder, SavePolicy, log_kind
 from .sources import describe_source
@@ -181,33 +182,28 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
                           options.save_max_files, options.save_max_mb)
     status = StatusLine(options.status and not options.trigger == "stdin", options.display)
     station = options.station or socket.gethostname()
-    triggers, answer_to = _triggers(options, decider)
-    peers = []
-    if options.mqtt:
-        from .mqtt import MqttOutput
+    settle_heap()   # before anything that answers the line starts (see settle_heap)
+    triggers, peers, server = None, [], None
+    try:
+        triggers, answer_to = _triggers(options, decider)
+        if options.mqtt:
+            from .mqtt import MqttOutput
 
-        if options.mqtt_queue < 1:
-            raise LinesideError("--mqtt-queue: must be positive")
-        peers.append(MqttOutput(options.mqtt, station, model.checksum, model.labels, options.mqtt_ca,
-                                options.mqtt_queue, source=info.text,
-                                on_trigger=triggers.request if options.trigger == "mqtt" else None))
-        if triggers:
-            answer_to.append(peers[-1].answer)
-    if options.opcua:
-        from .opcua import OpcUaOutput
+            if options.mqtt_queue < 1:
+                raise LinesideError("--mqtt-queue: must be positive")
+            peers.append(MqttOutput(options.mqtt, station, model.checksum, model.labels, options.mqtt_ca,
+                                    options.mqtt_queue, source=info.text,
+                                    on_trigger=triggers.request if options.trigger == "mqtt" else None))
+            if triggers:
+                answer_to.append(peers[-1].answer)
+        if options.opcua:
+            from .opcua import OpcUaOutput
 
-        try:
             peers.append(OpcUaOutput(options.opcua, station, model.checksum, model.labels, user=options.opcua_user,
                                      on_trigger=triggers.request if options.trigger == "opcua" else None,
                                      cert=options.opcua_cert, key=options.opcua_key))
-        except BaseException:
-            for peer in peers:
-                peer.close(None)
-            raise
-        if triggers:
-            answer_to.append(peers[-1].answer)
-    server = None
-    try:
+            if triggers:
+                answer_to.append(peers[-1].answer)
         if options.http:
             server, page = _status_server(options, model, info, station)
             peers.append(page)
@@ -222,6 +218,7 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
             triggers.close()
         if server:
             server.close()
+        gc.unfreeze()
         raise
     if server:
         server.start()
@@ -249,6 +246,7 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
         recorder.close(summary)   # everything handed to the recorder is written before we return
         if server:
             server.close()
+        gc.unfreeze()   # the loop does too; not when it failed before it started
     summary.update(log=options.log, **recorder.counts(), model=str(model.path), backend=model.backend,
                    source=info.text)
     if triggers:

@@ -167,6 +167,21 @@ class _InFlight:
     t_submit: float
 
 
+def settle_heap():
+    """Everything loaded so far (the runtimes' Python objects, OpenCV, the model) lives as
+    long as the loop: keep it out of the garbage collector's full passes, which would
+    otherwise hold the GIL for 5-9 ms each (measured) in the middle of a frame. Garbage
+    left from before is collected first, so that none of it is kept for good.
+
+    That first pass holds the GIL too, for as long as the heap is big (0.6 s measured in
+    the test process, which has torch loaded): run_app settles the heap before the
+    trigger watchdog and the outputs start, so that the pass never delays a fail-safe
+    answer; the loop's own call then only sees what was made since. Undone by
+    gc.unfreeze() when the loop ends."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, decider: Decider,
              recorder: Recorder, stop: threading.Event, on_decision: Callable | None = None,
              opener: Callable | None = None, triggers=None) -> dict:
@@ -243,12 +258,7 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
         after_gap(frame)
         record(frame, decider.not_inspected(), {}, ["roi_outside"], t0, time.perf_counter())
 
-    # Everything loaded so far (the runtimes' Python objects, OpenCV, the model) lives as
-    # long as the loop: keep it out of the garbage collector's full passes, which would
-    # otherwise hold the GIL for 5-9 ms each (measured) in the middle of a frame.
-    # Garbage left from before is collected first, so that none of it is kept for good.
-    gc.collect()
-    gc.freeze()
+    settle_heap()
     capture.start()
     stats.started = time.perf_counter()
     last_frame_at = time.monotonic()
