@@ -8,6 +8,7 @@ time per k.
 
     python benchmarks/fewshot.py ../shared/datasets/neu-det --shots 5,10,20 --repeats 3
     python benchmarks/fewshot.py elpv --shots 10,20 --repeats 3        # pip install elpv-dataset
+    python benchmarks/fewshot.py elpv --shots 10 --majority functional=4   # imbalanced: 40 OK, 10 defective
 
 Besides balanced accuracy, each row has the expected calibration error (ECE) of the
 model's confidence on the held-out images and, with the run's default --reject-below,
@@ -42,9 +43,19 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--config", type=Path, help="YAML of training options (default: lineside's defaults)")
     ap.add_argument("--json", type=Path, help="also write all results to this file")
+    ap.add_argument("--majority", metavar="CLASS=FACTOR",
+                    help="an imbalanced draw: FACTOR times k images of CLASS (e.g. functional=4: the OK "
+                         "class is most of what a line photographs)")
     args = ap.parse_args(argv)
 
     images = open_benchmark_data(args.data)
+    factors = None
+    if args.majority:
+        name, _, factor = args.majority.partition("=")
+        if name not in images.classes or not factor.isdigit() or int(factor) < 1:
+            raise SystemExit(f"--majority {args.majority}: expected CLASS=FACTOR with CLASS one of "
+                             f"{', '.join(images.classes)} and a whole FACTOR of at least 1")
+        factors = {images.classes.index(name): int(factor)}
     cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     shots = [int(s) for s in args.shots.split(",")]
     results = []
@@ -52,7 +63,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         for k in shots:
             for seed in range(args.repeats):
-                drawn, rest = draw_per_class(images.targets, k, seed)
+                drawn, rest = draw_per_class(images.targets, k, seed, factors)
                 train_csv = images.write_manifest(tmp / f"train_{k}_{seed}.csv", drawn)
                 test_csv = images.write_manifest(tmp / f"test_{k}_{seed}.csv", rest)
                 run = tmp / f"run_{k}_{seed}"

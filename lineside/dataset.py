@@ -176,16 +176,18 @@ def stratified_split(targets, fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(np.array(train, dtype=int)), np.sort(np.array(val, dtype=int))
 
 
-def draw_per_class(targets, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (drawn, rest): k images of every class drawn at random, the rest held out."""
+def draw_per_class(targets, k: int, seed: int, factors: dict[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (drawn, rest): k images of every class drawn at random (k * factors[c] of
+    class c, for an imbalanced draw), the rest held out."""
     targets = np.asarray(targets, dtype=int)
     rng = np.random.default_rng(seed)
     drawn = []
     for c in np.unique(targets):
         idx = np.flatnonzero(targets == c)
-        if len(idx) <= k:
-            raise LinesideError(f"class {c} has {len(idx)} images; cannot draw {k} and keep some for evaluation")
-        drawn += rng.choice(idx, size=k, replace=False).tolist()
+        n = k * (factors or {}).get(int(c), 1)
+        if len(idx) <= n:
+            raise LinesideError(f"class {c} has {len(idx)} images; cannot draw {n} and keep some for evaluation")
+        drawn += rng.choice(idx, size=n, replace=False).tolist()
     drawn = np.sort(np.array(drawn, dtype=int))
     rest = np.setdiff1d(np.arange(len(targets)), drawn)
     return drawn, rest
