@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sets", default=None,
                     help="Stage sets to probe, e.g. '8;7;6;5,6,7;4,5,6,7' (default: each of the last four "
                          "stages, then growing sets ending at the second-to-last stage).")
+    ap.add_argument("--pool", choices=("avg", "avgmax"), default="avg",
+                    help="each stage's average, or its average and maximum (what a head on taps reads)")
     ap.add_argument("--l2", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     x, images, _ = load_arrays(images, entry.input_spec, progress=False)
     y = np.array(images.targets)
-    feats = pooled_stage_features(model, x, torch.device("cpu"))
+    feats = pooled_stage_features(model, x, torch.device("cpu"), pool=args.pool)
     print(f"{len(y)} images, {len(feats)} stages (widths {[f.shape[1] for f in feats]}), "
           f"features in {time.perf_counter() - t0:.0f} s", flush=True)
     n = len(feats)

@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("data", help="a dataset folder or manifest, or 'elpv'")
     ap.add_argument("--shots", default="5,10,20")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seeds", help="the draws to run, e.g. 1,2 (default: 0 to --repeats - 1)")
     ap.add_argument("--config", type=Path, help="YAML of training options (default: lineside's defaults)")
     ap.add_argument("--json", type=Path, help="also write all results to this file")
     ap.add_argument("--majority", metavar="CLASS=FACTOR",
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for k in shots:
-            for seed in range(args.repeats):
+            for seed in ([int(s) for s in args.seeds.split(",")] if args.seeds else range(args.repeats)):
                 drawn, rest = draw_per_class(images.targets, k, seed, factors)
                 train_csv = images.write_manifest(tmp / f"train_{k}_{seed}.csv", drawn)
                 test_csv = images.write_manifest(tmp / f"test_{k}_{seed}.csv", rest)

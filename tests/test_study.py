@@ -134,8 +134,8 @@ def test_a_study_of_auto_measures_what_lineside_train_would_choose(synth_dir, mo
 
     real = trainer_mod.pooled_stage_features
 
-    def last_stage_is_noise(model, x, device):
-        feats = real(model, x, device)
+    def last_stage_is_noise(model, x, device, **kw):
+        feats = real(model, x, device, **kw)
         feats[-1] = np.random.default_rng(0).normal(0, 1, feats[-1].shape).astype(np.float32)
         return feats
 

@@ -175,7 +175,8 @@ def test_ctrl_c_during_training_still_saves_a_model(synth_dir, tmp_path, monkeyp
 
 
 def test_linear_head_on_middle_stages_learns_reloads_and_exports(synth_dir, synth_test_dir, tmp_path):
-    """--taps mid: the head reads the pooled outputs of the middle stages; the checkpoint
+    """--taps mid: the head reads the pooled outputs of the middle stages (average and
+    maximum); the checkpoint
     keeps them, a reload predicts the same, and the exported graph matches PyTorch."""
     from lineside.export.bundle import export_bundle
     from lineside.train.model import resolve_taps, stage_widths
@@ -187,7 +188,9 @@ def test_linear_head_on_middle_stages_learns_reloads_and_exports(synth_dir, synt
     n = len(loaded.model.stages)
     assert loaded.model.taps == resolve_taps("mid", n) == tuple(range(n // 2, n - 1))
     widths = stage_widths(loaded.model.backbone)
-    assert loaded.model.head.in_features == sum(widths[t] for t in loaded.model.taps) != widths[-1]
+    # each tapped stage's average and maximum
+    assert loaded.model.pool == "avgmax"
+    assert loaded.model.head.in_features == 2 * sum(widths[t] for t in loaded.model.taps) != widths[-1]
     assert evaluate_run(run, synth_test_dir, progress=False)["balanced_accuracy"] >= 0.6
     files = sorted((synth_test_dir / "hat").glob("*.png"))[:2]
     assert [p["probabilities"] for p in predict_files(run, files)] == \
@@ -313,8 +316,8 @@ def test_auto_picks_a_middle_stage_head_only_when_it_wins_in_cross_validation(sy
     real = trainer_mod.pooled_stage_features
 
     def noise_in(which):
-        def features(model, x, device):
-            feats = real(model, x, device)
+        def features(model, x, device, **kw):
+            feats = real(model, x, device, **kw)
             n = len(feats)
             rng = np.random.default_rng(1)
             for k in ([n - 1] if which == "last" else resolve_taps("mid", n)):

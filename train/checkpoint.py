@@ -42,6 +42,7 @@ def save_checkpoint(path: Path, model: Classifier, labels, backbone: str, spec: 
         "dropout": float(model.dropout.p),
         "taps": list(model.taps) if model.taps else None,
         "views": list(model.views) if model.views else None,
+        "pool": model.pool,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "info": info,
     }
@@ -81,7 +82,8 @@ def load_checkpoint(path) -> LoadedModel:
         raise LinesideError(f"{path}: checkpoint has an invalid 'views' entry")
     try:
         model = Classifier(entry.build(), entry.feature_dim, len(labels), spec,
-                           dropout=float(payload.get("dropout", 0.0)), taps=taps, views=views)
+                           dropout=float(payload.get("dropout", 0.0)), taps=taps, views=views,
+                           pool=str(payload.get("pool", "avg")))
     except ValueError as exc:
         raise LinesideError(f"{path}: {exc}") from exc
     try:

@@ -12,6 +12,12 @@ from torch import nn
 from lineside.spec import InputSpec
 
 
+# How a head on tapped stages pools each stage: the average, or the average and the maximum
+# (the default for taps: see README "Recipes").
+POOLS = ("avg", "avgmax")
+TAPS_POOL = "avgmax"
+
+
 class Classifier(nn.Module):
     """`taps`: the stages whose pooled outputs, concatenated, feed the head. None is the
     last stage only (every recipe); middle stages describe textures better (see
@@ -24,8 +30,12 @@ class Classifier(nn.Module):
     a part. Training reads single views through `embed`."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, spec: InputSpec,
-                 dropout: float = 0.2, taps: tuple[int, ...] | None = None, views: tuple[int, ...] | None = None):
+                 dropout: float = 0.2, taps: tuple[int, ...] | None = None, views: tuple[int, ...] | None = None,
+                 pool: str = "avg"):
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pooling {pool!r}: expected one of {', '.join(POOLS)}")
+        self.pool = pool
         self.views = tuple(int(k) for k in views) if views else None
         if self.views:
             if len(set(self.views)) != len(self.views) or not all(0 <= k < 8 for k in self.views):
@@ -39,7 +49,7 @@ class Classifier(nn.Module):
         if self.taps:
             if self.taps[0] < 0 or self.taps[-1] >= len(self.stages):
                 raise ValueError(f"taps {list(self.taps)} outside stages 0..{len(self.stages) - 1}")
-            feature_dim = sum(stage_widths(backbone)[t] for t in self.taps)
+            feature_dim = sum(stage_widths(backbone)[t] for t in self.taps) * (2 if pool == "avgmax" else 1)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(feature_dim, num_classes)
 
@@ -75,7 +85,7 @@ class Classifier(nn.Module):
         for i, stage in enumerate(self.stages[:self.taps[-1] + 1]):
             h = stage(h)
             if i in self.taps:
-                pooled.append(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1))
+                pooled.append(pool_map(h, self.pool))
         return torch.cat(pooled, 1)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +104,16 @@ class Classifier(nn.Module):
         # 2-core CPU than one batch four times larger.
         feats = sum(self.embed(orient_tensor(x, k)) for k in self.views) / len(self.views)
         return self.head(self.dropout(feats))
+
+
+def pool_map(h: torch.Tensor, pool: str) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C) average, or (N, 2C) average then maximum ("avgmax"): the
+    maximum keeps the strongest local response, which an average over the whole image
+    dilutes when a defect is a small part of it."""
+    avg = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1)
+    if pool == "avgmax":
+        return torch.cat([avg, torch.amax(h, (2, 3))], 1)
+    return avg
 
 
 def orient_tensor(x: torch.Tensor, k: int) -> torch.Tensor:

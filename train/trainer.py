@@ -37,7 +37,7 @@ from . import distributed
 from .data import to_tensor
 from .distributed import Dist
 from .infer import FrozenForward
-from .model import Classifier, resolve_taps
+from .model import TAPS_POOL, Classifier, pool_map, resolve_taps, stage_widths
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ INFER_BATCH = 32
 BANK_CHUNK = 256  # images augmented and handed to the frozen network at once
 HEAD_L2 = 1e-3  # linear recipe: L2 penalty of the head on standardised features
 AUTO_TAPS_MARGIN = 0.02  # auto picks middle-stage taps when they beat the last stage by 2 points in CV
+AUTO_CV_REPEATS = 3  # auto's cross-validation: mean over this many splits into folds
 CALIBRATE_OOF_BELOW = 25  # out-of-fold calibration below this many images in the smallest class (see calibrate)
 
 
@@ -103,15 +104,17 @@ def resolve_strategy(cfg: TrainConfig, per_class_min: int) -> tuple[str, str]:
 
 
 @torch.inference_mode()
-def pooled_stage_features(model: Classifier, x: np.ndarray, device) -> list[np.ndarray]:
-    """Every stage's output, average-pooled, for images x (N, H, W, 3) uint8: one pass."""
+def pooled_stage_features(model: Classifier, x: np.ndarray, device, pool: str = "avg") -> list[np.ndarray]:
+    """Every stage's output, pooled as a head on taps pools it (model.pool_map), for
+    images x (N, H, W, 3) uint8: one pass."""
     model.eval()
     out = [[] for _ in model.stages]
-    for s in range(0, len(x), INFER_BATCH):
-        h = model.normalize(to_tensor(x[s:s + INFER_BATCH], device))
-        for k, stage in enumerate(model.stages):
-            h = stage(h)
-            out[k].append(h.float().mean((2, 3)).cpu().numpy())
+    with torch.no_grad():
+        for s in range(0, len(x), INFER_BATCH):
+            h = model.normalize(to_tensor(x[s:s + INFER_BATCH], device))
+            for k, stage in enumerate(model.stages):
+                h = stage(h)
+                out[k].append(pool_map(h.float(), pool).cpu().numpy())
     return [np.concatenate(f) for f in out]
 
 
@@ -175,24 +178,29 @@ def view_bank(run: FrozenForward, x: np.ndarray, group: tuple[int, ...], aug: Au
     return torch.cat(outputs)
 
 
-def cross_validated_probe(feats: np.ndarray, y: np.ndarray, seed: int, folds: int = 5) -> float:
+def cross_validated_probe(feats: np.ndarray, y: np.ndarray, seed: int, folds: int = 5, repeats: int = 1) -> float:
     """Balanced accuracy of a linear probe (fit_probe) over stratified folds (at most
-    `folds`, and no more than the smallest class has images)."""
-    rng = np.random.default_rng(seed)
+    `folds`, and no more than the smallest class has images), averaged over `repeats`
+    different splits into folds: with a few images per class one split's score moves
+    by points with the split alone."""
     counts = np.bincount(y)
     k = int(max(2, min(folds, counts[counts > 0].min())))
-    fold = np.empty(len(y), int)
-    for c in np.flatnonzero(counts):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        fold[idx] = np.arange(len(idx)) % k
-    recalls = np.zeros(len(counts))
-    for f in range(k):
-        tr, te = fold != f, fold == f
-        pred = fit_probe(feats[tr], y[tr], len(counts))(feats[te])
-        for c in np.flatnonzero(counts):
-            recalls[c] += np.sum((pred == c) & (y[te] == c))
     present = counts > 0
-    return float(np.mean(recalls[present] / counts[present]))
+    scores = []
+    for r in range(repeats):
+        rng = np.random.default_rng([seed, r])
+        fold = np.empty(len(y), int)
+        for c in np.flatnonzero(counts):
+            idx = rng.permutation(np.flatnonzero(y == c))
+            fold[idx] = np.arange(len(idx)) % k
+        recalls = np.zeros(len(counts))
+        for f in range(k):
+            tr, te = fold != f, fold == f
+            pred = fit_probe(feats[tr], y[tr], len(counts))(feats[te])
+            for c in np.flatnonzero(counts):
+                recalls[c] += np.sum((pred == c) & (y[te] == c))
+        scores.append(float(np.mean(recalls[present] / counts[present])))
+    return float(np.mean(scores))
 
 
 def auto_views(cfg: TrainConfig, n_train: int, linear: bool = False, group: int = 8) -> int:
@@ -243,7 +251,8 @@ class Trainer:
         if taps and cfg.strategy != "linear":
             raise LinesideError(f"--taps {cfg.taps}: only with --strategy linear (the other recipes train the "
                                 f"deepest stages, which a head on middle stages does not use)")
-        self.model = Classifier(backbone, self.entry.feature_dim, len(self.classes), spec, cfg.dropout, taps=taps)
+        self.model = Classifier(backbone, self.entry.feature_dim, len(self.classes), spec, cfg.dropout, taps=taps,
+                                pool=TAPS_POOL)
         self.model.to(self.device).to(memory_format=torch.channels_last)
         self.pretrained = weights != "none"
 
@@ -298,18 +307,22 @@ class Trainer:
         the fine-tuning recipe stands."""
         n = len(self.model.stages)
         mid = resolve_taps("mid", n)
-        feats = pooled_stage_features(self.model, x_train, self.device)
-        last_acc = cross_validated_probe(feats[n - 1], y_train, self.cfg.seed)
-        mid_acc = cross_validated_probe(np.concatenate([feats[t] for t in mid], 1), y_train, self.cfg.seed)
+        feats = pooled_stage_features(self.model, x_train, self.device, pool=TAPS_POOL)
+        last_width = stage_widths(self.model.backbone)[n - 1]   # the last stage as fine-tuning reads it: averaged
+        last_acc = cross_validated_probe(feats[n - 1][:, :last_width], y_train, self.cfg.seed,
+                                         repeats=AUTO_CV_REPEATS)
+        mid_acc = cross_validated_probe(np.concatenate([feats[t] for t in mid], 1), y_train, self.cfg.seed,
+                                        repeats=AUTO_CV_REPEATS)
         cv = {"last_stage": round(last_acc, 4), "middle_stages": round(mid_acc, 4)}
         if mid_acc < last_acc + AUTO_TAPS_MARGIN:
             return strategy, reason + (f" (cross-validated linear heads: last stage {last_acc:.1%}, middle stages "
                                        f"{mid_acc:.1%})"), cv
         self.model = Classifier(self.model.backbone, self.entry.feature_dim, len(self.classes), self.spec,
-                                self.cfg.dropout, taps=mid).to(self.device).to(memory_format=torch.channels_last)
+                                self.cfg.dropout, taps=mid, pool=TAPS_POOL).to(self.device).to(
+                                    memory_format=torch.channels_last)
         return "linear", (f"auto: middle-stage features separate the training images better than the last stage "
-                          f"in cross-validation ({mid_acc:.1%} vs {last_acc:.1%}): a linear head on stages "
-                          f"{mid[0]}-{mid[-1]}"), cv
+                          f"in cross-validation ({mid_acc:.1%} vs {last_acc:.1%}): a linear head on the average and the "
+                          f"maximum of stages {mid[0]}-{mid[-1]}"), cv
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return score(self.model, x, self.device)
