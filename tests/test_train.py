@@ -442,3 +442,31 @@ def test_full_training_with_batch_augmentation_learns(synth_dir, synth_test_dir,
     train_run(synth_dir, out, TrainConfig(strategy="full", image_size=64, epochs=5, batch_size=16, device="cpu"),
               progress=False)
     assert evaluate_run(out, synth_test_dir, progress=False)["balanced_accuracy"] > 0.6
+
+
+def test_class_weights_keep_a_rare_class_from_being_swallowed_by_the_common_one():
+    """Imbalance (--balance loss, the default): with 20 times more images of one class
+    (an OK class is most of what a line photographs) and classes that overlap, an
+    unweighted head calls nearly everything the common class; the weighted head finds
+    the rare class far more often and scores a better balanced accuracy on balanced
+    held-out data."""
+    from lineside.train.trainer import class_weights, fit_linear_head
+
+    rng = np.random.default_rng(0)
+
+    def draw(n_common, n_rare):
+        x = np.concatenate([rng.normal(0, 1, (n_common, 8)), rng.normal(0.8, 1, (n_rare, 8))]).astype(np.float32)
+        return torch.from_numpy(x), torch.from_numpy(np.array([0] * n_common + [1] * n_rare))
+
+    x, y = draw(400, 20)
+    x_test, y_test = draw(500, 500)
+    recalls = {}
+    for name, weight in (("none", None), ("loss", class_weights(np.bincount(y.numpy())))):
+        head = torch.nn.Linear(8, 2)
+        fit_linear_head(head, x, y, 1e-3, True, weight=weight)
+        with torch.no_grad():
+            pred = head(x_test).argmax(1)
+        recalls[name] = [float((pred[y_test == c] == c).float().mean()) for c in (0, 1)]
+    # measured: rare-class recall 0.44 unweighted, 0.81 weighted; balanced 0.72 against 0.85
+    assert recalls["loss"][1] > recalls["none"][1] + 0.25 and recalls["loss"][0] > 0.75
+    assert np.mean(recalls["loss"]) > np.mean(recalls["none"]) + 0.05
