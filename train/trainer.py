@@ -105,7 +105,7 @@ def resolve_strategy(cfg: TrainConfig, per_class_min: int) -> tuple[str, str]:
 
 @torch.inference_mode()
 def pooled_stage_features(model: Classifier, x: np.ndarray, device, pool: str = "avg") -> list[np.ndarray]:
-    """Every stage's output, pooled as a head on taps pools it (model.pool_map), for
+    """Every stage's output, pooled as a head on taps pools it (model.pool_map with `pool`), for
     images x (N, H, W, 3) uint8: one pass."""
     model.eval()
     out = [[] for _ in model.stages]
