@@ -113,12 +113,13 @@ def calibration_report(logits: np.ndarray, y: np.ndarray, source: str) -> dict:
     }
 
 
-def stratified_folds(y: np.ndarray, seed: int, max_folds: int = MAX_FOLDS) -> tuple[np.ndarray, int]:
+def stratified_folds(y: np.ndarray, seed, max_folds: int = MAX_FOLDS, min_folds: int = 0) -> tuple[np.ndarray, int]:
     """A fold number for every image, each class spread over the folds; the number of folds
-    (at most max_folds, at most the smallest class's count; 0 when a class has one image)."""
+    (at most max_folds, at most the smallest class's count unless min_folds asks for more;
+    0 when that leaves fewer than 2). `seed`: anything numpy's default_rng takes."""
     y = np.asarray(y)
     counts = np.bincount(y)
-    k = int(min(max_folds, counts[counts > 0].min()))
+    k = int(max(min_folds, min(max_folds, counts[counts > 0].min())))
     fold = np.zeros(len(y), int)
     if k < 2:
         return fold, 0

@@ -183,16 +183,13 @@ def cross_validated_probe(feats: np.ndarray, y: np.ndarray, seed: int, folds: in
     `folds`, and no more than the smallest class has images), averaged over `repeats`
     different splits into folds: with a few images per class one split's score moves
     by points with the split alone."""
+    from .calibrate import stratified_folds
+
     counts = np.bincount(y)
-    k = int(max(2, min(folds, counts[counts > 0].min())))
     present = counts > 0
     scores = []
     for r in range(repeats):
-        rng = np.random.default_rng([seed, r])
-        fold = np.empty(len(y), int)
-        for c in np.flatnonzero(counts):
-            idx = rng.permutation(np.flatnonzero(y == c))
-            fold[idx] = np.arange(len(idx)) % k
+        fold, k = stratified_folds(y, [seed, r], folds, min_folds=2)
         recalls = np.zeros(len(counts))
         for f in range(k):
             tr, te = fold != f, fold == f
