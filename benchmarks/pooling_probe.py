@@ -77,6 +77,15 @@ def extract(name, size, out):
     np.savez(out, y=y, avg=np.stack(avg), mx=np.stack(mx), patches=np.stack(patches), classes=np.array(images.classes))
 
 
+def cached_features(data, size: int, cache_dir: Path):
+    """The arrays extract() writes for `data` at `size` px, from the cache (made on first use)."""
+    torch.set_num_threads(2)
+    cache = cache_dir / f"pooling_{Path(str(data)).name}_{size}.npz"
+    if not cache.exists():
+        extract(data, size, cache)
+    return np.load(cache)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", help="a dataset folder or manifest, or 'elpv'")
@@ -86,11 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="avg,max,avgmax,mil0.1,mil0.03,pc")
     ap.add_argument("--cache", type=Path, default=Path("/tmp"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
-    cache = args.cache / f"pooling_{Path(str(args.data)).name}_{args.size}.npz"
-    if not cache.exists():
-        extract(args.data, args.size, cache)
-    d = np.load(cache)
+    d = cached_features(args.data, args.size, args.cache)
     y = d["y"]
     C = int(y.max()) + 1
     avg, mx, P = d["avg"], d["mx"], d["patches"]   # (V,N,D) (V,N,D) (V,N,D,g,g)

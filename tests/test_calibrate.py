@@ -107,3 +107,31 @@ def test_the_temperature_is_folded_into_the_head_and_changes_no_label(synth_dir,
     assert np.allclose(after, before / report["temperature"], atol=1e-4)
     assert (after.argmax(1) == before.argmax(1)).all()
     assert isinstance(trainer.model.head, torch.nn.Linear)
+
+
+def test_out_of_fold_logits_of_a_linear_head_from_the_runs_bank_match_a_training_per_fold(synth_dir):
+    """A linear head's out-of-fold predictions come from the training run's own bank of
+    pooled features (no pass through the network); they must be what training the recipe
+    again on each fold's other images gives."""
+    from lineside.dataset import load_arrays, load_image_set
+    from lineside.train.backbones import BACKBONES
+    from lineside.train.trainer import Trainer, score
+
+    cfg = TrainConfig(strategy="linear", **dict(TINY, views=8, taps="mid"))
+    train = load_image_set(synth_dir)
+    trainer = Trainer(cfg, train.classes, BACKBONES.get(cfg.backbone).input_spec.with_size(64), progress=False)
+    x, train, _ = load_arrays(train, trainer.spec, progress=False)
+    y = np.asarray(train.targets)
+    plan = trainer.fit(x, y).plan
+    assert trainer.model.views == (0, 1, 2, 3)
+    fold, k = stratified_folds(y, cfg.seed, 5)
+    per_fold = np.zeros((len(y), len(train.classes)), np.float32)
+    for f in range(k):
+        t = Trainer(cfg, train.classes, trainer.spec, progress=False)
+        t.fit(x[fold != f], y[fold != f])
+        per_fold[fold == f] = score(t.model, x[fold == f], logits=True)
+    report = trainer.calibrate(x, y, plan)
+    assert report["source"] == "out-of-fold predictions of the 60 training images (5 folds)"
+    from_bank = report["_logits"] * report["temperature"]
+    assert np.abs(from_bank - per_fold).max() < 1e-3 * np.abs(per_fold).max()
+    assert trainer._linear_bank is None          # the bank is freed once used

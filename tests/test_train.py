@@ -337,6 +337,19 @@ def test_auto_picks_a_middle_stage_head_only_when_it_wins_in_cross_validation(sy
     cv = metrics["auto_cross_validation"]
     assert metrics["strategy"] == "finetune" and cv["middle_stages"] < cv["last_stage"]
     assert load_checkpoint(tmp_path / "obj").model.taps is None
+    # the fine-tuning it chose was estimated (one batch timed) before it ran; calibration off: no folds
+    took = sum(metrics["seconds"][k] for k in ("bank_s", "head_s", "finetune_s"))
+    assert 0.25 < cv["finetune_estimate_s"] / took < 4
+    assert "within --time-budget 150 s" in metrics["strategy_reason"]
+
+    # ... and when that estimate is over the time budget, the head on the middle stages is trained
+    metrics = train_run(synth_dir, tmp_path / "slow", TrainConfig(**TINY, time_budget=1e-3), progress=False)
+    assert metrics["strategy"] == "linear" and "over --time-budget" in metrics["strategy_reason"]
+    assert metrics["auto_cross_validation"]["finetune_estimate_s"] > 1e-3
+    assert load_checkpoint(tmp_path / "slow").model.taps is not None
+    # 0: no limit, nothing estimated
+    metrics = train_run(synth_dir, tmp_path / "free", TrainConfig(**TINY, time_budget=0), progress=False)
+    assert metrics["strategy"] == "finetune" and "finetune_estimate_s" not in metrics["auto_cross_validation"]
 
 
 # --- frozen forward passes: PyTorch, or OpenVINO converted in memory on the CPU -----------

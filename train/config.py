@@ -41,6 +41,7 @@ class TrainConfig:
     device: str = "auto"
     skip_bad: bool = False
     calibrate: str = "auto"  # auto: a temperature and a default --reject-below from held-out predictions; off
+    time_budget: float = 150.0  # auto: fine-tune only if its estimated time here (with calibration) fits; 0: no limit
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -69,6 +70,8 @@ class TrainConfig:
             bad("dropout", "must be in [0, 1)")
         if self.calibrate not in ("auto", "off"):
             bad("calibrate", f"'{self.calibrate}' is not auto or off")
+        if not 0 <= self.time_budget <= 1e6:
+            bad("time_budget", "must be a number of seconds, 0 (no limit) or more")
         if self.tta not in ("auto", "on", "off"):
             bad("tta", f"'{self.tta}' is not auto, on or off")
         if self.views is not None and not 1 <= self.views <= 64:

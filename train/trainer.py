@@ -50,6 +50,7 @@ BANK_CHUNK = 256  # images augmented and handed to the frozen network at once
 HEAD_L2 = 1e-3  # linear recipe: L2 penalty of the head on standardised features
 AUTO_TAPS_MARGIN = 0.02  # auto picks middle-stage taps when they beat the last stage by 2 points in CV
 AUTO_CV_REPEATS = 3  # auto's cross-validation: mean over this many splits into folds
+FINETUNE_CALIBRATION_FOLDS = 3  # a fine-tuned network's out-of-fold calibration: each fold a whole training
 CALIBRATE_OOF_BELOW = 25  # out-of-fold calibration below this many images in the smallest class (see calibrate)
 
 
@@ -238,6 +239,7 @@ class Trainer:
         self.progress = progress and self.dist.main
         self.device = device or pick_device(cfg.device)
         self._result: TrainResult | None = None   # filled in during fit() and returned by it
+        self._linear_bank = None   # (bank, labels, images) of the last linear fit, for calibrate()
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         if cfg.threads:
@@ -264,10 +266,11 @@ class Trainer:
         strategy, reason = resolve_strategy(self.cfg, int(counts.min()))
         auto_cv = None
         if self.cfg.strategy == "auto" and strategy == "finetune" and self.cfg.taps == "last":
-            strategy, reason, auto_cv = self._auto_taps(x_train, y_train, strategy, reason)
+            strategy, reason, auto_cv = self._auto_taps(x_train, y_train, strategy, reason, x_val is None)
         plan = make_plan(self.cfg, strategy, reason, len(self.model.stages), self.entry.default_unfreeze,
                          len(y_train), len(self.orientations()))
         result = self._result = TrainResult(plan, History(), {}, auto_cv=auto_cv)
+        self._linear_bank = None
         log.info("%s", reason)
         if plan.frozen > 0:
             self._fit_on_bank(plan, x_train, y_train, x_val, y_val)
@@ -295,7 +298,8 @@ class Trainer:
             return None
         return views or None
 
-    def _auto_taps(self, x_train, y_train, strategy: str, reason: str) -> tuple[str, str, dict]:
+    def _auto_taps(self, x_train, y_train, strategy: str, reason: str,
+                   calibrate_out_of_fold: bool = True) -> tuple[str, str, dict]:
         """auto, with enough images to fine-tune: compare a linear head on the middle stages
         with one on the last stage by cross-validation on the training images (one plain
         pass through the frozen network, then a few logistic regressions: seconds). Middle
@@ -311,15 +315,65 @@ class Trainer:
         mid_acc = cross_validated_probe(np.concatenate([feats[t] for t in mid], 1), y_train, self.cfg.seed,
                                         repeats=AUTO_CV_REPEATS)
         cv = {"last_stage": round(last_acc, 4), "middle_stages": round(mid_acc, 4)}
+        mid_head = f"a linear head on the average and the maximum of stages {mid[0]}-{mid[-1]}"
         if mid_acc < last_acc + AUTO_TAPS_MARGIN:
-            return strategy, reason + (f" (cross-validated linear heads: last stage {last_acc:.1%}, middle stages "
-                                       f"{mid_acc:.1%})"), cv
+            scores = f"cross-validated linear heads: last stage {last_acc:.1%}, middle stages {mid_acc:.1%}"
+            budget = self.cfg.time_budget
+            if not budget or self.dist.active:
+                return strategy, reason + f" ({scores})", cv
+            estimate = self._estimate_finetune_s(x_train, y_train, calibrate_out_of_fold)
+            cv["finetune_estimate_s"] = round(estimate, 1)
+            if estimate <= budget:
+                return strategy, reason + (f" ({scores}; estimated {estimate:.0f} s on this machine with its "
+                                           f"calibration, within --time-budget {budget:.0f} s)"), cv
+            reason = (f"auto: fine-tuning would take about {estimate:.0f} s on this machine with its calibration, "
+                      f"over --time-budget {budget:.0f} s ({scores}): {mid_head} instead")
+        else:
+            reason = (f"auto: middle-stage features separate the training images better than the last stage "
+                      f"in cross-validation ({mid_acc:.1%} vs {last_acc:.1%}): {mid_head}")
         self.model = Classifier(self.model.backbone, self.entry.feature_dim, len(self.classes), self.spec,
                                 self.cfg.dropout, taps=mid, pool=TAPS_POOL).to(self.device).to(
                                     memory_format=torch.channels_last)
-        return "linear", (f"auto: middle-stage features separate the training images better than the last stage "
-                          f"in cross-validation ({mid_acc:.1%} vs {last_acc:.1%}): a linear head on the average and the "
-                          f"maximum of stages {mid[0]}-{mid[-1]}"), cv
+        return "linear", reason, cv
+
+    def _estimate_finetune_s(self, x_train, y_train, calibrate_out_of_fold: bool) -> float:
+        """Seconds the fine-tuning recipe would take on this machine: its bank (views x
+        images through the frozen stages), the head's fit and its epochs of steps through the
+        trained stages, from one batch timed through each; times the out-of-fold
+        calibration's trainings when it will run (k folds, each on (k - 1)/k of the images:
+        k - 1 more). One step is timed after a first one, which warms the kernels."""
+        n = len(y_train)
+        plan = make_plan(self.cfg, "finetune", "", len(self.model.stages), self.entry.default_unfreeze, n,
+                         len(self.orientations()))
+        rows = plan.views * n
+        batch = min(self.cfg.batch_size, rows)
+        x = to_tensor(x_train[np.arange(batch) % n], self.device)
+        target = torch.from_numpy(np.asarray(y_train)[np.arange(batch) % n]).to(self.device)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        self.model.eval()
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            h = self.model.trunk(x, plan.frozen)
+            sync()
+            trunk_s = time.perf_counter() - t0
+        step_s = 0.0
+        for _ in range(2):
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(self.model.head(self.model.features(h, plan.frozen)), target)
+            loss.backward()
+            sync()
+            step_s = time.perf_counter() - t0
+        for p in self.model.parameters():
+            p.grad = None
+        steps = math.ceil(rows / batch)
+        fit_s = steps * trunk_s + steps * step_s * (plan.epochs + 0.5)   # bank, head (a forward pass), epochs
+        folds = 0
+        counts = np.bincount(y_train)
+        if calibrate_out_of_fold and self.cfg.calibrate == "auto" and counts[counts > 0].min() < CALIBRATE_OOF_BELOW:
+            from .calibrate import stratified_folds
+
+            folds = stratified_folds(y_train, self.cfg.seed, FINETUNE_CALIBRATION_FOLDS)[1]
+        return fit_s * max(1, folds)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return score(self.model, x, self.device)
@@ -342,18 +396,21 @@ class Trainer:
             # a head on frozen features refits in seconds: 5 folds; a network trained end to
             # end costs a whole training per fold: 3 (elpv, 20 cells per class: with 5
             # fine-tuned folds `lineside train` took 350 s in all)
-            fold, k = stratified_folds(y_train, self.cfg.seed, 5 if plan.frozen >= len(self.model.stages) else 3)
+            fold, k = stratified_folds(y_train, self.cfg.seed, 5 if plan.frozen >= len(self.model.stages)
+                                       else FINETUNE_CALIBRATION_FOLDS)
             if k < 2 or counts[counts > 0].min() >= CALIBRATE_OOF_BELOW:
                 return None
-            taps = ",".join(str(t) for t in self.model.taps) if self.model.taps else "last"
-            cfg = self.cfg.override(strategy=plan.strategy, taps=taps)
-            logits = np.zeros((len(y_train), len(self.classes)), np.float32)
-            for f in tqdm(range(k), desc="calibrating (out-of-fold)", unit="fold", disable=not self.progress,
-                          leave=False):
-                tr, te = fold != f, fold == f
-                t = Trainer(cfg, self.classes, self.spec, progress=False, device=self.device)
-                t.fit(x_train[tr], y_train[tr])
-                logits[te] = score(t.model, x_train[te], self.device, logits=True)
+            logits = self._out_of_fold_on_bank(fold, k)
+            if logits is None:
+                taps = ",".join(str(t) for t in self.model.taps) if self.model.taps else "last"
+                cfg = self.cfg.override(strategy=plan.strategy, taps=taps)
+                logits = np.zeros((len(y_train), len(self.classes)), np.float32)
+                for f in tqdm(range(k), desc="calibrating (out-of-fold)", unit="fold", disable=not self.progress,
+                              leave=False):
+                    tr, te = fold != f, fold == f
+                    t = Trainer(cfg, self.classes, self.spec, progress=False, device=self.device)
+                    t.fit(x_train[tr], y_train[tr])
+                    logits[te] = score(t.model, x_train[te], self.device, logits=True)
             torch.manual_seed(self.cfg.seed)
             y, source = np.asarray(y_train), f"out-of-fold predictions of the {len(y_train)} training images ({k} folds)"
         report = calibration_report(logits, y, source)
@@ -361,6 +418,35 @@ class Trainer:
             self.model.head.weight.div_(report["temperature"])
             self.model.head.bias.div_(report["temperature"])
         return report
+
+    def _out_of_fold_on_bank(self, fold: np.ndarray, k: int) -> np.ndarray | None:
+        """Out-of-fold logits of a linear head without a pass through the network: the
+        training run's bank already holds every training image's pooled features for its
+        flips and turns, so each fold's head is fitted on the other images' rows (as a
+        run on those images alone would fit it) and predicts its images from the rows of
+        the views the model averages. None when the bank lacks one of those views (the
+        caller then trains the recipe again per fold)."""
+        saved, self._linear_bank = self._linear_bank, None   # used once, then freed
+        if saved is None:
+            return None
+        bank, bank_y, n = saved
+        group = self.orientations()
+        views = self.model.views or (0,)
+        rows = [group.index(v) for v in views if v in group]
+        if len(rows) != len(views) or max(rows) * n >= len(bank) or len(bank) % n:
+            return None
+        frozen = len(self.model.stages)
+        tiled = np.tile(np.arange(n), len(bank) // n)
+        logits = np.zeros((n, len(self.classes)), np.float32)
+        for f in range(k):
+            held = np.flatnonzero(fold == f)
+            head = torch.nn.Linear(bank.shape[1], len(self.classes)).to(self.device)
+            keep = torch.from_numpy(np.flatnonzero(fold[tiled] != f))
+            self._fit_head_on(head, bank[keep].to(self.device).float(), bank_y[keep.numpy()], frozen)
+            with torch.no_grad():
+                feats = torch.stack([bank[torch.from_numpy(r * n + held)] for r in rows]).float().mean(0)
+                logits[held] = head(feats.to(self.device)).cpu().numpy()
+        return logits
 
     # -- frozen trunk: cache activations of augmented views once ----------------
 
@@ -373,6 +459,8 @@ class Trainer:
         t0 = time.perf_counter()
         self.fit_head(bank, bank_y, plan.frozen)
         self._result.timings["head_s"] = time.perf_counter() - t0
+        # a linear head: calibrate() refits it on this bank's rows, fold by fold
+        self._linear_bank = (bank, bank_y, len(y_train)) if plan.frozen >= len(self.model.stages) else None
         val = self._evaluate_bank(val_bank, y_val, plan.frozen)
         self._result.history.add(stage="head", epoch=0, train_loss=float("nan"), lr=0.0, **val,
                                  seconds=round(self._result.timings["head_s"], 2))
@@ -439,11 +527,14 @@ class Trainer:
                 self.model.features(bank[s:s + INFER_BATCH].to(self.device).float(), frozen).float()
                 for s in range(0, len(bank), INFER_BATCH)
             ])
-        feats = feats.clone()
+        self._fit_head_on(self.model.head, feats.clone(), y, frozen)
+
+    def _fit_head_on(self, head: torch.nn.Linear, feats: torch.Tensor, y: np.ndarray, frozen: int) -> None:
+        """fit_head's regression of `head` on pooled features `feats` (rows labelled y)."""
         standardise = frozen >= len(self.model.stages) and bool(self.model.taps)
         counts = np.bincount(y, minlength=len(self.classes))
         weight = class_weights(counts).to(self.device) if self.cfg.balance == "loss" else None
-        fit_linear_head(self.model.head, feats, torch.from_numpy(y).to(self.device),
+        fit_linear_head(head, feats, torch.from_numpy(y).to(self.device),
                         HEAD_L2 if standardise else 0.5 / len(y), standardise, weight,
                         max_iter=500 if standardise else 300)
 

@@ -60,6 +60,10 @@ def _list_backbones(ctx, _param, value):
               help="auto: fit a temperature so that confidence means a probability, on the validation images "
                    "or (few images) on out-of-fold predictions of the training images, and choose the "
                    "bundle's default --reject-below from them (calibration.png, metrics.json). [auto]")
+@click.option("--time-budget", type=float, default=None,
+              help="auto: fine-tune only when its estimated time on this machine (timed on one batch, with its "
+                   "out-of-fold calibration) is at most this many seconds; else a linear head on the middle "
+                   "stages. 0: no limit. --strategy finetune always fine-tunes. [150]")
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
               help="Validation folder (instead of a split of DATA).")
 @click.option("--val-fraction", type=float, default=None,
