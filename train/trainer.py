@@ -321,13 +321,13 @@ class Trainer:
             budget = self.cfg.time_budget
             if not budget or self.dist.active:
                 return strategy, reason + f" ({scores})", cv
-            estimate = self._estimate_finetune_s(x_train, y_train, calibrate_out_of_fold)
+            estimate, folds = self._estimate_finetune_s(x_train, y_train, calibrate_out_of_fold)
             cv["finetune_estimate_s"] = round(estimate, 1)
+            cost = f"{estimate:.0f} s on this machine" + (f" with its {folds} calibration trainings" if folds else "")
             if estimate <= budget:
-                return strategy, reason + (f" ({scores}; estimated {estimate:.0f} s on this machine with its "
-                                           f"calibration, within --time-budget {budget:.0f} s)"), cv
-            reason = (f"auto: fine-tuning would take about {estimate:.0f} s on this machine with its calibration, "
-                      f"over --time-budget {budget:.0f} s ({scores}): {mid_head} instead")
+                return strategy, reason + f" ({scores}; estimated {cost}, within --time-budget {budget:.0f} s)", cv
+            reason = (f"auto: fine-tuning would take about {cost}, over --time-budget {budget:.0f} s ({scores}): "
+                      f"{mid_head} instead")
         else:
             reason = (f"auto: middle-stage features separate the training images better than the last stage "
                       f"in cross-validation ({mid_acc:.1%} vs {last_acc:.1%}): {mid_head}")
@@ -336,12 +336,13 @@ class Trainer:
                                     memory_format=torch.channels_last)
         return "linear", reason, cv
 
-    def _estimate_finetune_s(self, x_train, y_train, calibrate_out_of_fold: bool) -> float:
+    def _estimate_finetune_s(self, x_train, y_train, calibrate_out_of_fold: bool) -> tuple[float, int]:
         """Seconds the fine-tuning recipe would take on this machine: its bank (views x
         images through the frozen stages), the head's fit and its epochs of steps through the
-        trained stages, from one batch timed through each; times the out-of-fold
-        calibration's trainings when it will run (k folds, each on (k - 1)/k of the images:
-        k - 1 more). One step is timed after a first one, which warms the kernels."""
+        trained stages, from one batch timed through each (the fastest of three passes, after
+        one that warms the kernels); times the out-of-fold calibration's trainings when they
+        will run (k folds, each on (k - 1)/k of the images: k - 1 more). Returns the seconds
+        and k (0 without them)."""
         n = len(y_train)
         plan = make_plan(self.cfg, "finetune", "", len(self.model.stages), self.entry.default_unfreeze, n,
                          len(self.orientations()))
@@ -351,20 +352,21 @@ class Trainer:
         target = torch.from_numpy(np.asarray(y_train)[np.arange(batch) % n]).to(self.device)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         self.model.eval()
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            h = self.model.trunk(x, plan.frozen)
-            sync()
-            trunk_s = time.perf_counter() - t0
-        step_s = 0.0
-        for _ in range(2):
+        trunk_s, step_s = [], []
+        for _ in range(4):
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                h = self.model.trunk(x, plan.frozen)
+                sync()
+                trunk_s.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             loss = F.cross_entropy(self.model.head(self.model.features(h, plan.frozen)), target)
             loss.backward()
             sync()
-            step_s = time.perf_counter() - t0
+            step_s.append(time.perf_counter() - t0)
         for p in self.model.parameters():
             p.grad = None
+        trunk_s, step_s = min(trunk_s[1:]), min(step_s[1:])
         steps = math.ceil(rows / batch)
         fit_s = steps * trunk_s + steps * step_s * (plan.epochs + 0.5)   # bank, head (a forward pass), epochs
         folds = 0
@@ -373,7 +375,7 @@ class Trainer:
             from .calibrate import stratified_folds
 
             folds = stratified_folds(y_train, self.cfg.seed, FINETUNE_CALIBRATION_FOLDS)[1]
-        return fit_s * max(1, folds)
+        return fit_s * max(1, folds), folds
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return score(self.model, x, self.device)
