@@ -117,7 +117,7 @@ def test_out_of_fold_logits_of_a_linear_head_from_the_runs_bank_match_a_training
     from lineside.train.backbones import BACKBONES
     from lineside.train.trainer import Trainer, score
 
-    cfg = TrainConfig(strategy="linear", **dict(TINY, views=8, taps="mid"))
+    cfg = TrainConfig(strategy="linear", **dict(TINY, views=8, taps="mid", calibrate="auto"))
     train = load_image_set(synth_dir)
     trainer = Trainer(cfg, train.classes, BACKBONES.get(cfg.backbone).input_spec.with_size(64), progress=False)
     x, train, _ = load_arrays(train, trainer.spec, progress=False)
@@ -130,6 +130,7 @@ def test_out_of_fold_logits_of_a_linear_head_from_the_runs_bank_match_a_training
         t = Trainer(cfg, train.classes, trainer.spec, progress=False)
         t.fit(x[fold != f], y[fold != f])
         per_fold[fold == f] = score(t.model, x[fold == f], logits=True)
+    assert trainer._linear_bank is not None      # kept by fit for calibrate
     report = trainer.calibrate(x, y, plan)
     assert report["source"] == "out-of-fold predictions of the 60 training images (5 folds)"
     from_bank = report["_logits"] * report["temperature"]

@@ -461,8 +461,9 @@ class Trainer:
         t0 = time.perf_counter()
         self.fit_head(bank, bank_y, plan.frozen)
         self._result.timings["head_s"] = time.perf_counter() - t0
-        # a linear head: calibrate() refits it on this bank's rows, fold by fold
-        self._linear_bank = (bank, bank_y, len(y_train)) if plan.frozen >= len(self.model.stages) else None
+        # a linear head without validation images: calibrate() refits it on this bank's rows, fold by fold
+        if plan.frozen >= len(self.model.stages) and x_val is None and self.cfg.calibrate == "auto":
+            self._linear_bank = (bank, bank_y, len(y_train))
         val = self._evaluate_bank(val_bank, y_val, plan.frozen)
         self._result.history.add(stage="head", epoch=0, train_loss=float("nan"), lr=0.0, **val,
                                  seconds=round(self._result.timings["head_s"], 2))
