@@ -342,14 +342,23 @@ def test_auto_picks_a_middle_stage_head_only_when_it_wins_in_cross_validation(sy
     assert 0.25 < cv["finetune_estimate_s"] / took < 4
     assert "within --time-budget 150 s" in metrics["strategy_reason"]
 
-    # ... and when that estimate is over the time budget, the head on the middle stages is trained
+    # ... and when that estimate is over the time budget, the better cross-validated linear head is
+    # trained: here the last stage's
     metrics = train_run(synth_dir, tmp_path / "slow", TrainConfig(**TINY, time_budget=1e-3), progress=False)
     assert metrics["strategy"] == "linear" and "over --time-budget" in metrics["strategy_reason"]
+    assert "on the last stage instead" in metrics["strategy_reason"]
     assert metrics["auto_cross_validation"]["finetune_estimate_s"] > 1e-3
-    assert load_checkpoint(tmp_path / "slow").model.taps is not None
+    assert load_checkpoint(tmp_path / "slow").model.taps is None
     # 0: no limit, nothing estimated
     metrics = train_run(synth_dir, tmp_path / "free", TrainConfig(**TINY, time_budget=0), progress=False)
     assert metrics["strategy"] == "finetune" and "finetune_estimate_s" not in metrics["auto_cross_validation"]
+    # over the budget, the middle stages' head when they scored better (by less than the margin that
+    # picks them outright)
+    scores = iter([0.80, 0.81])   # last stage, middle stages
+    monkeypatch.setattr(trainer_mod, "cross_validated_probe", lambda *a, **k: next(scores))
+    metrics = train_run(synth_dir, tmp_path / "slow_mid", TrainConfig(**TINY, time_budget=1e-3), progress=False)
+    assert metrics["strategy"] == "linear" and "maximum of stages" in metrics["strategy_reason"]
+    assert load_checkpoint(tmp_path / "slow_mid").model.taps is not None
 
 
 # --- frozen forward passes: PyTorch, or OpenVINO converted in memory on the CPU -----------

@@ -305,7 +305,8 @@ class Trainer:
         pass through the frozen network, then a few logistic regressions: seconds). Middle
         stages describe textures (scratches, pits, scale) better than the last, ImageNet-
         object stage; when they win clearly, a linear head on them is the recipe. Otherwise
-        the fine-tuning recipe stands."""
+        the fine-tuning recipe stands, unless its estimated time is over --time-budget: then
+        the linear head that scored better (last or middle stages)."""
         n = len(self.model.stages)
         mid = resolve_taps("mid", n)
         feats = pooled_stage_features(self.model, x_train, self.device, pool=TAPS_POOL)
@@ -326,8 +327,10 @@ class Trainer:
             cost = f"{estimate:.0f} s on this machine" + (f" with its {folds} calibration trainings" if folds else "")
             if estimate <= budget:
                 return strategy, reason + f" ({scores}; estimated {cost}, within --time-budget {budget:.0f} s)", cv
-            reason = (f"auto: fine-tuning would take about {cost}, over --time-budget {budget:.0f} s ({scores}): "
-                      f"{mid_head} instead")
+            over = f"auto: fine-tuning would take about {cost}, over --time-budget {budget:.0f} s ({scores})"
+            if last_acc > mid_acc:   # the better of the two cross-validated heads, the model as it is
+                return "linear", f"{over}: a linear head on the last stage instead", cv
+            reason = f"{over}: {mid_head} instead"
         else:
             reason = (f"auto: middle-stage features separate the training images better than the last stage "
                       f"in cross-validation ({mid_acc:.1%} vs {last_acc:.1%}): {mid_head}")
