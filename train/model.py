@@ -78,7 +78,7 @@ class Classifier(nn.Module):
             return self._tapped(h)
         for stage in self.stages[start:]:
             h = stage(h)
-        return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1)
+        return pool_map(h, "avg")
 
     def _tapped(self, h: torch.Tensor) -> torch.Tensor:
         pooled = []
