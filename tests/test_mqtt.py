@@ -306,3 +306,42 @@ def test_the_online_status_counts_the_frames_dropped_so_far(broker):
     finally:
         out.close({"dropped": 12})
     assert retained_status(broker.port)["status"]["dropped_frames"] == 12
+
+
+def test_an_opcua_trigger_is_answered_with_its_part_id_in_opcua_mqtt_and_the_log(model, video, broker, tmp_path,
+                                                                                  monkeypatch):
+    """A PLC triggers over OPC UA while the decisions go to MQTT as well: the part id it gave
+    comes back in OPC UA's LastAnswer, on PREFIX/answer and PREFIX/decision, and in SQLite."""
+    import asyncio
+
+    from opcua_client import free_endpoint, trigger_and_wait, wait_for_server
+
+    path, _ = video
+    db = tmp_path / "log.sqlite"
+    endpoint = free_endpoint()
+    monkeypatch.setenv("LINESIDE_OPCUA_PASSWORD", "s3cret")
+    sub = Subscriber(broker.port, "test-opcua-trigger-subscriber")
+    result = {}
+    run = threading.Thread(target=lambda: result.update(run_app(model, RunOptions(
+        source=str(path), log=str(db), mqtt=broker.url, opcua=endpoint, opcua_user="plc", trigger="opcua",
+        station="station7", pace=30, loop=True, seconds=8, ok_classes=model.labels[0], vote="2/3"))))
+
+    async def plc():
+        await wait_for_server(endpoint)
+        return (await trigger_and_wait(endpoint, "station7", "P-77", "plc", "s3cret"))[1]
+
+    try:
+        run.start()
+        assert _wait_for(sub, "status", lambda m: m["state"] == "online")
+        opcua_answer = asyncio.run(plc())
+        mqtt_answer = _wait_for(sub, "answer", lambda m: m["part_id"] == "P-77")
+        run.join(60)
+    finally:
+        sub.close()
+    assert opcua_answer and opcua_answer["reason"] == "decided" and opcua_answer["frames"] == 3
+    assert mqtt_answer and {k: mqtt_answer[k] for k in ("label", "verdict", "frames")} == \
+        {k: opcua_answer[k] for k in ("label", "verdict", "frames")}
+    tagged = sorted(m["frame"] for m, _ in sub.messages["decision"] if m["part_id"] == "P-77")
+    rows = sqlite3.connect(db).execute("SELECT frame FROM decisions WHERE part_id = 'P-77'").fetchall()
+    assert len(tagged) == 3 and sorted(r[0] for r in rows) == tagged
+    assert result["answers"] == {"decided": 1}

@@ -3,8 +3,6 @@ goes on, anonymous clients cannot write or trigger, and the user's Trigger(PartI
 answered with that part id in OPC UA and in the log."""
 
 import asyncio
-import json
-import socket
 import sqlite3
 import threading
 
@@ -15,6 +13,7 @@ from lineside.runtime.app import RunOptions, run_app
 from lineside.runtime.model import open_model
 from lineside.runtime.opcua import NAMESPACE, check_endpoint
 from lineside.video import write_video
+from opcua_client import free_endpoint, trigger_and_wait, wait_for_server
 
 
 def test_opcua_endpoints_are_checked():
@@ -29,9 +28,7 @@ def test_a_plc_reads_subscribes_and_triggers_over_opcua(tiny_bundle, synth_test_
     video = tmp_path / "parts.avi"
     write_video(synth_test_dir, video, size=(160, 120), hold=2)
     model = open_model(tiny_bundle[0], backend="openvino")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        endpoint = f"opc.tcp://127.0.0.1:{s.getsockname()[1]}"
+    endpoint = free_endpoint()
     monkeypatch.setenv("LINESIDE_OPCUA_PASSWORD", "s3cret")
     db = tmp_path / "log.sqlite"
     result = {}
@@ -42,12 +39,7 @@ def test_a_plc_reads_subscribes_and_triggers_over_opcua(tiny_bundle, synth_test_
 
     async def plc():
         seen = {}
-        for _ in range(100):                       # the server starts with the run
-            try:
-                async with Client(endpoint):
-                    break
-            except (OSError, asyncio.TimeoutError, ua.UaError):
-                await asyncio.sleep(0.1)
+        await wait_for_server(endpoint)
         async with Client(endpoint) as anon:
             idx = await anon.get_namespace_index(NAMESPACE)
             station = await anon.nodes.objects.get_child([f"{idx}:station7"])
@@ -68,21 +60,7 @@ def test_a_plc_reads_subscribes_and_triggers_over_opcua(tiny_bundle, synth_test_
                 await station.call_method(trigger, "X-0")            # anonymous: refused
             with pytest.raises(ua.UaStatusCodeError):
                 await (await station.get_child([f"{idx}:LastLabel"])).write_value("forged")
-        user = Client(endpoint)
-        user.set_user("plc")
-        user.set_password("s3cret")
-        async with user:
-            idx = await user.get_namespace_index(NAMESPACE)
-            station = await user.nodes.objects.get_child([f"{idx}:station7"])
-            trigger = await station.get_child([f"{idx}:Trigger"])
-            seen["returned"] = await station.call_method(trigger, "C-5")
-            answer = await station.get_child([f"{idx}:LastAnswer"])
-            for _ in range(50):
-                text = await answer.read_value()
-                if text and json.loads(text)["part_id"] == "C-5":
-                    seen["answer"] = json.loads(text)
-                    break
-                await asyncio.sleep(0.1)
+        seen["returned"], seen["answer"] = await trigger_and_wait(endpoint, "station7", "C-5", "plc", "s3cret")
         return seen
 
     seen = asyncio.run(plc())
@@ -131,9 +109,7 @@ def test_with_a_certificate_the_endpoint_is_encrypted_only(tmp_path, monkeypatch
 
     server_cert, server_key = _certificate(tmp_path, "station")
     client_cert, client_key = _certificate(tmp_path, "plc")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        endpoint = f"opc.tcp://127.0.0.1:{s.getsockname()[1]}"
+    endpoint = free_endpoint()
     with pytest.raises(LinesideError, match="give both"):
         OpcUaOutput(endpoint, "s", "x", ["a"], cert=str(server_cert))
     with pytest.raises(LinesideError, match="--opcua-key .*no such file"):
