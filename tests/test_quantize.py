@@ -88,7 +88,8 @@ def test_int8_model_is_written_checked_and_usable(int8_bundle, synth_test_dir):
     doc = json.loads((out / "bundle.json").read_text())
     assert q["verdict"] == "kept" and q["gate"]["n"] == 50
     fp32_bytes = doc["models"]["openvino_fp32"]["files"]["model_fp32.bin"]["bytes"]
-    assert doc["models"]["openvino_int8"]["files"]["model_int8.bin"]["bytes"] < 0.35 * fp32_bytes
+    # the linear convolutions stay in float (RECIPES): their weights are most of what is left
+    assert doc["models"]["openvino_int8"]["files"]["model_int8.bin"]["bytes"] < 0.7 * fp32_bytes
     res = CliRunner().invoke(main, ["eval", str(out), str(synth_test_dir), "--precision", "int8", "--json"])
     assert res.exit_code == 0, res.output
     r = json.loads(res.output)
