@@ -422,3 +422,36 @@ def test_estimated_agreement_on_unseen_images_from_margin_shifts_and_out_of_fold
     assert est["drop_points"] > 1.0 and est["shifts"] == 300 and est["oof_images"] == 400
     same = predicted_unseen(margin_shifts(softmax(seen), softmax(seen)), oof, y_oof, ["a", "b", "c"])
     assert same["agreement"] == 1.0 and same["drop_points"] == 0.0
+
+
+def test_an_estimate_of_unseen_images_does_not_keep_int8_that_changes_the_judged_views(tmp_path):
+    """With out-of-fold predictions the gate estimates what INT8 does to unseen images, but
+    the held-out views it measured must pass the same limits: views near the boundary that
+    INT8 moves by very little still change label, and with few out-of-fold margins (all
+    far from it) the estimate alone would say 100% agreement."""
+    from types import SimpleNamespace
+
+    n = 200
+    y = np.repeat([0, 1], n // 2)
+    p32 = np.where(y[:, None] == 0, [0.9, 0.1], [0.1, 0.9])
+    close = np.arange(n) % 20 == 0                        # 5% of the views sit on the boundary
+    p32[close] = np.where(y[close, None] == 0, [0.505, 0.495], [0.495, 0.505])
+    oof = (np.where(np.repeat([0, 1], 10)[:, None] == 0, [4.0, 0.0], [0.0, 4.0]), np.repeat([0, 1], 10))
+
+    def gated(p8):
+        path = tmp_path / "model_int8.xml"
+        t = {"runtime": "openvino", "src": "openvino_fp32", "key": "openvino_int8", "out": path.name,
+             "recipes": RECIPES, "quantize": lambda src, dst, *a: dst.write_text("int8"),
+             "run_fp32": lambda f, x: p32, "run_int8": lambda f, x: p8, "files": lambda p: [p]}
+        return bundle_mod._gated_int8(t, SimpleNamespace(labels=["a", "b"]), {"openvino_fp32": [tmp_path / "f"]},
+                                      tmp_path, None, None, np.zeros(n), y, None, {"source": "test"},
+                                      (0.3, 99.5), oof)
+
+    steady = gated(p32.copy())
+    assert steady["verdict"] == "kept" and steady["gate"]["estimated"]["agreement"] == 1.0
+    nudged = p32.copy()
+    nudged[close] = nudged[close][:, ::-1]                # a shift of 0.04 in log-odds flips them
+    moved = gated(nudged)
+    assert moved["gate"]["estimated"]["agreement"] == 1.0        # the estimate alone would keep it
+    assert moved["verdict"] == "refused" and "judged views" in moved["why"]
+    assert not (tmp_path / "model_int8.xml").exists()
