@@ -493,8 +493,8 @@ def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_pa
                        f"{gate['top1_agreement']:.2%} of images (at least {min_agreement:g}% needed)")
     if oof is not None and not gate["judged_views"]["passed"]:
         v = gate["judged_views"]
-        reasons.append(f"on the judged views themselves lost {v['drop_points']:.2f} points and gave FP32's label "
-                       f"on {v['top1_agreement']:.2%}")
+        reasons.append(f"gave FP32's label on {v['top1_agreement']:.2%} of the judged views themselves "
+                       f"({v['drop_points']:+.2f} points of balanced accuracy lost there)")
     return {"verdict": "refused", "eval_images": judged["source"], "judged": judged, "gate": gate,
             "attempts": attempts,
             "why": f"INT8 {' and '.join(reasons)} with every recipe tried; FP32 kept"}
