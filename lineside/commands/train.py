@@ -62,8 +62,8 @@ def _list_backbones(ctx, _param, value):
                    "bundle's default --reject-below from them (calibration.png, metrics.json). [auto]")
 @click.option("--time-budget", type=float, default=None,
               help="auto: fine-tune only when its estimated time on this machine (timed on one batch, with its "
-                   "out-of-fold calibration) is at most this many seconds; else a linear head on the middle "
-                   "stages. 0: no limit. --strategy finetune always fine-tunes. [150]")
+                   "out-of-fold calibration) is at most this many seconds; else the linear head (last or middle "
+                   "stages) that cross-validated better. 0: no limit. --strategy finetune always fine-tunes. [150]")
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
               help="Validation folder (instead of a split of DATA).")
 @click.option("--val-fraction", type=float, default=None,
