@@ -84,13 +84,14 @@ def open_scorer(model: Path, backend, precision, device, threads):
     if is_exported(model):
         from lineside.runtime.model import open_model
 
-        m = open_model(model, backend=backend, precision=precision, device=device, threads=threads)
+        m = open_model(model, backend=backend, precision=precision, device=device or "CPU", threads=threads)
         return m.predict_proba, m.labels, m.spec, {"model": str(m.path), "backend": m.backend,
                                                    "reject_below": m.metadata.reject_below}
     from lineside.train.checkpoint import load_checkpoint, resolve_checkpoint
-    from lineside.train.evaluate import RunScorer
+    from lineside.train.evaluate import RunScorer, run_device
 
+    where = run_device(device)
     loaded = load_checkpoint(model)
-    return (RunScorer(loaded.model), loaded.labels, loaded.spec,
-            {"model": str(resolve_checkpoint(model)), "backend": "pytorch",
+    return (RunScorer(loaded.model, where), loaded.labels, loaded.spec,
+            {"model": str(resolve_checkpoint(model)), "backend": "pytorch", "device": where.type,
              "reject_below": loaded.info.get("reject_below")})

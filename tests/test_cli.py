@@ -44,6 +44,13 @@ def test_train_eval_predict_json(runner, synth_dir, synth_test_dir, tmp_path):
         assert key in report
     assert set(report["per_class"]["hat"]) == {"precision", "recall", "f1", "support"}
     assert report["n"] == 50
+    from lineside.train import trainer
+    assert report["device"] == trainer.pick_device("auto").type      # a run scores on CUDA when present
+    res = runner.invoke(main, ["eval", str(out), str(synth_test_dir), "--device", "cpu", "--json"])
+    on_cpu = json.loads(res.output)
+    assert on_cpu["device"] == "cpu" and on_cpu["confusion_matrix"] == report["confusion_matrix"]
+    res = runner.invoke(main, ["eval", str(out), str(synth_test_dir), "--device", "NPU"])
+    assert res.exit_code == 2 and res.output.startswith("error: --device NPU: a training run scores in PyTorch")
 
     image = sorted((synth_test_dir / "screw").glob("*.png"))[0]
     res = runner.invoke(main, ["predict", str(out), str(image), "--json"])

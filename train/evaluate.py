@@ -8,15 +8,38 @@ from tqdm import tqdm
 
 from lineside.scoring import evaluate, predict_paths
 
+import torch
+
+from lineside.errors import LinesideError
+
 from .checkpoint import load_checkpoint, resolve_checkpoint
+from . import trainer
 from .trainer import score
 
 
-class RunScorer:
-    """A run's model as a `predict(images) -> probabilities` for lineside.scoring."""
+def run_device(name: str | None) -> torch.device:
+    """Where a training run scores: --device cpu or cuda[:N] (OpenVINO's CPU and GPU are
+    read as these), or by default CUDA when present."""
+    if name is None or name.upper() == "AUTO":
+        return trainer.pick_device("auto")
+    wanted = {"CPU": "cpu", "GPU": "cuda"}.get(name.upper(), name.lower())
+    if wanted != "cpu" and not wanted.startswith("cuda"):
+        raise LinesideError(f"--device {name}: a training run scores in PyTorch, on cpu or cuda; "
+                            f"export it (lineside export) for {name}")
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        raise LinesideError(f"--device {name}: no CUDA device is available (use --device cpu)")
+    try:
+        return trainer.pick_device(wanted)
+    except RuntimeError as exc:
+        raise LinesideError(f"--device {name}: {exc}") from None
 
-    def __init__(self, model):
-        self.model = model
+
+class RunScorer:
+    """A run's model as a `predict(images) -> probabilities` for lineside.scoring, on
+    `device` (by default CUDA when present)."""
+
+    def __init__(self, model, device: torch.device | None = None):
+        self.model = model.to(device or run_device(None))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return score(self.model, x)
@@ -26,14 +49,14 @@ class RunScorer:
             return score(self.model, x, progress=bar.update)
 
 
-def evaluate_run(model_path, data, skip_bad: bool = False, progress: bool = True) -> dict:
+def evaluate_run(model_path, data, skip_bad: bool = False, progress: bool = True, device: str | None = None) -> dict:
     loaded = load_checkpoint(model_path)
-    report = evaluate(RunScorer(loaded.model), loaded.labels, loaded.spec, data, skip_bad, progress,
+    report = evaluate(RunScorer(loaded.model, run_device(device)), loaded.labels, loaded.spec, data, skip_bad, progress,
                       reject_below=loaded.info.get("reject_below"))
     report["model"] = str(resolve_checkpoint(model_path))
     return report
 
 
-def predict_files(model_path, paths) -> list[dict]:
+def predict_files(model_path, paths, device: str | None = None) -> list[dict]:
     loaded = load_checkpoint(model_path)
-    return predict_paths(RunScorer(loaded.model), loaded.labels, loaded.spec, paths)
+    return predict_paths(RunScorer(loaded.model, run_device(device)), loaded.labels, loaded.spec, paths)

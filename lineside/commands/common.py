@@ -32,7 +32,10 @@ def model_options(f):
         if chosen is not None and profile == "auto":
             click.echo(f"--profile auto: {chosen.name} ({', '.join(f'{k} {v}' for k, v in chosen.runtime.items())})",
                        err=True)
+        run_device = kw.get("device") or (chosen.runtime.get("device") if chosen is not None else None)
         settings = resolve_runtime(chosen, **{k: kw[k] for k in keys})
+        if "device" in kw and kw.get("model") is not None and run_device is None:
+            settings["device"] = None      # a training run picks its own: CUDA when present (open_scorer)
         if kw.get("precision") is None and settings["precision"] == "int8":
             settings["precision"] = int8_or_fp32(kw.get("bundle") or kw.get("model"))
         kw.update({k: settings[k] for k in keys})
@@ -41,7 +44,8 @@ def model_options(f):
     f = resolved
     f = click.option("--threads", type=int, default=None, help="CPU threads for an exported model.")(f)
     f = click.option("--device", default=None,
-                     help="OpenVINO device for an exported model (CPU, GPU, NPU, AUTO).  [default: CPU]")(f)
+                     help="OpenVINO device for an exported model (CPU, GPU, NPU, AUTO)  [default: CPU]; "
+                          "for a training run, cpu or cuda (PyTorch)  [default: cuda when present].")(f)
     f = click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None,
                      help="Which model of a bundle.  [default: fp32]")(f)
     f = click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino"]), default=None,

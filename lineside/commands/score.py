@@ -34,7 +34,7 @@ def eval_cmd(model, data_dir, backend, precision, device, threads, skip_bad, qui
         click.echo(json.dumps(r, indent=2))
         return
     click.echo(f"{r['n']} images: balanced accuracy {r['balanced_accuracy']:.2%}, accuracy {r['accuracy']:.2%} "
-               f"({r['backend']})")
+               f"({r['backend']}{' on ' + r['device'] if r.get('device') else ''})")
     click.echo(f"{'class':24s} {'precision':>9s} {'recall':>7s} {'f1':>6s} {'n':>5s}")
     for name, c in r["per_class"].items():
         click.echo(f"{name:24s} {c['precision']:9.3f} {c['recall']:7.3f} {c['f1']:6.3f} {c['support']:5d}")
