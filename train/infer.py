@@ -12,6 +12,7 @@ seconds, so small jobs stay in PyTorch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -27,6 +28,19 @@ log = logging.getLogger(__name__)
 MIN_OPENVINO_IMAGES = 192
 TORCH_CPU_BATCH = 8      # PyTorch on the CPU: small batches stay in cache (1.7x faster than 32, measured)
 OPENVINO_BATCH = 8
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """Float32 products in full float32 on CUDA. cuDNN's default on Ampere and later GPUs is
+    TensorFloat-32 for convolutions (inputs rounded to 10 bits of mantissa), so a run would
+    score differently on the GPU than on the CPU and than its exported model."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 class UInt8Input(nn.Module):
@@ -102,7 +116,7 @@ class FrozenForward:
     def __call__(self, batch: np.ndarray) -> torch.Tensor:
         if self.backend == "openvino":
             return torch.from_numpy(self._compiled(np.ascontiguousarray(batch))[0].copy())
-        with torch.inference_mode():
+        with torch.inference_mode(), exact_fp32():
             t = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
             return self.module(t)
 
@@ -136,7 +150,13 @@ class FrozenForward:
             return torch.from_numpy(np.concatenate(out))
         out = []
         for s in starts:
-            out.append(self(x[s:s + bs]).cpu())
+            batch = x[s:s + bs]
+            real = len(batch)
+            if real < bs <= len(x):
+                # one batch shape for the whole job (on CUDA each new one costs cuDNN new
+                # kernels): the last batch filled up with the first images, their rows dropped
+                batch = np.concatenate([batch, x[:bs - real]])
+            out.append(self(batch)[:real].cpu())
             if progress is not None:
-                progress(len(x[s:s + bs]))
+                progress(real)
         return torch.cat(out)
