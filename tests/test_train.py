@@ -391,7 +391,11 @@ def test_frozen_forward_can_be_kept_in_pytorch(tiny_run, monkeypatch):
 
     model = load_checkpoint(tiny_run[0]).model.eval()
     monkeypatch.setenv("LINESIDE_FAST_INFERENCE", "torch")
-    assert FrozenForward(model, model.embed, _images(1), "cpu", n_images=10_000).backend == "torch"
+    run = FrozenForward(model, model.embed, _images(1), "cpu", n_images=10_000)
+    assert run.backend == "torch"
+    x = _images(2 * run.batch_size + 5, seed=3)     # the last batch is filled up to the batch size
+    whole, one_by_one = run.map(x), torch.cat([run.map(x[i:i + 1]) for i in range(len(x))])
+    assert whole.shape == one_by_one.shape and float((whole - one_by_one).abs().max()) < 1e-4
 
 
 # --- data-parallel training under torchrun (gloo on CPU processes here) --------------------
@@ -454,6 +458,14 @@ def test_batch_augmentation_draws_per_image_and_keeps_flips_and_turns_exact():
     assert full.shape == t.shape and float(full.min()) >= 0 and float(full.max()) <= 255
     diffs = (full - t).abs().mean((1, 2, 3))
     assert float(diffs.std()) > 0                   # images changed by different amounts
+    # the jitter the Augmenter draws: turns of up to 10 degrees, scale 0.9-1.1, shifts up to 5%
+    d = BatchAugmenter(AugmentConfig(flip=False, rot90=False), seed=1).draw(2000, 32, 32)
+    m, shift = d[:, [0, 1, 3, 4]].reshape(-1, 2, 2), d[:, [2, 5]]
+    angle, scale = np.degrees(np.arctan2(m[:, 1, 0], m[:, 0, 0])), 1 / np.sqrt(np.linalg.det(m))
+    jittered = np.abs(scale - 1) + np.abs(angle) > 1e-6
+    assert 0.65 < jittered.mean() < 0.75
+    assert 9 < np.abs(angle).max() <= 10 and 1.09 < scale.max() <= 1.1 and 0.9 <= scale.min() < 0.91
+    assert 0.09 < np.abs(shift).max() <= 0.1        # 5% of a side: 0.1 of the grid's -1..1
 
 
 def test_full_training_with_batch_augmentation_learns(synth_dir, synth_test_dir, tmp_path, monkeypatch):
@@ -461,9 +473,25 @@ def test_full_training_with_batch_augmentation_learns(synth_dir, synth_test_dir,
     once as uint8 and the model still learns the parts."""
     monkeypatch.setenv("LINESIDE_BATCH_AUGMENT", "1")
     out = tmp_path / "run"
-    train_run(synth_dir, out, TrainConfig(strategy="full", image_size=64, epochs=5, batch_size=16, device="cpu"),
-              progress=False)
+    train_run(synth_dir, out, TrainConfig(strategy="full", image_size=64, epochs=5, batch_size=16, device="cpu",
+                                          val_fraction=0.25), progress=False)
     assert evaluate_run(out, synth_test_dir, progress=False)["balanced_accuracy"] > 0.6
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert len(rows) == 5 and all(0 < float(r["train_seconds"]) <= float(r["seconds"]) for r in rows)
+    assert all(r["val_balanced_accuracy"] for r in rows)          # validated on the device each epoch
+
+
+def test_validation_on_the_device_scores_like_predict_proba(tiny_run):
+    """Validation during end-to-end training: images already on the device, every batch of
+    the training's size (the last one filled up and its extra rows dropped)."""
+    from lineside.train.trainer import Amp, device_logits, predict_proba
+
+    model = load_checkpoint(tiny_run[0]).model.eval()
+    model.views = None                      # as during training
+    x = _images(21)
+    logits = device_logits(model, torch.from_numpy(x), 8, Amp(torch.device("cpu")))
+    assert logits.shape == (21, model.head.out_features)
+    assert np.abs(torch.softmax(logits, 1).numpy() - predict_proba(model, x)).max() < 1e-5
 
 
 def test_class_weights_keep_a_rare_class_from_being_swallowed_by_the_common_one():

@@ -155,7 +155,8 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
-    columns = ["stage", "epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "lr", "seconds"]
+    columns = ["stage", "epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "lr", "seconds",
+               "train_seconds"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()

@@ -36,7 +36,7 @@ from .config import TrainConfig
 from . import distributed
 from .data import to_tensor
 from .distributed import Dist
-from .infer import FrozenForward
+from .infer import FrozenForward, exact_fp32
 from .model import TAPS_POOL, Classifier, pool_map, resolve_taps, stage_widths
 
 log = logging.getLogger(__name__)
@@ -564,10 +564,10 @@ class Trainer:
             # Every image decoded once into a uint8 tensor, kept on the device when it fits
             # (pinned on the host otherwise), augmented a whole batch at a time where it lies.
             images_t, targets_t = device_images(x_train, self.device), torch.from_numpy(y_train).to(self.device)
-            batch_aug = BatchAugmenter(self.cfg.augment, self.spec.height == self.spec.width)
+            batch_aug = BatchAugmenter(self.cfg.augment, self.spec.height == self.spec.width, self.cfg.seed + 2)
 
             def batches(rng):
-                for idx in self._epoch_indices(y_train, rng, shard=True):
+                for idx in self._epoch_indices(y_train, rng, shard=True, same_size=True):
                     at = torch.from_numpy(idx).to(images_t.device)
                     xb = images_t[at].to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
                     yield (batch_aug(xb).contiguous(memory_format=torch.channels_last),
@@ -578,12 +578,22 @@ class Trainer:
                     images = np.stack([aug(x_train[i]) for i in idx])
                     yield to_tensor(images, self.device), torch.from_numpy(y_train[idx]).to(self.device)
 
-        def validate():
-            if x_val is None:
-                return {}
-            logits = torch.from_numpy(np.log(np.clip(
-                predict_proba(self.model, x_val, self.device, progress=False), 1e-12, 1)))
-            return _val_metrics(logits, y_val, len(self.classes))
+        if x_val is not None and batch_augment(self.device):
+            # On the device as training runs: the images uploaded once, batches of the
+            # training batch size (the last one filled up), mixed precision, channels_last:
+            # the same convolution kernels as the training steps, no new ones to set up.
+            val_t, amp = device_images(x_val, self.device), Amp(self.device)
+
+            def validate():
+                return _val_metrics(device_logits(self.model, val_t, self.cfg.batch_size, amp), y_val,
+                                    len(self.classes))
+        else:
+            def validate():
+                if x_val is None:
+                    return {}
+                logits = torch.from_numpy(np.log(np.clip(
+                    predict_proba(self.model, x_val, self.device, progress=False), 1e-12, 1)))
+                return _val_metrics(logits, y_val, len(self.classes))
 
         t0 = time.perf_counter()
         forward = distributed.wrap(self.model, self.dist, self.device)   # data-parallel under torchrun
@@ -647,13 +657,14 @@ class Trainer:
                 loss, step = train_one_epoch(forward, opt, batches(rng), lr_scale, step, amp,
                                              weight=weight, label_smoothing=cfg.label_smoothing)
                 loss = distributed.mean(loss, self.dist, self.device)
+                train_s = time.perf_counter() - t0
                 self.model.eval()
                 val = validate()
                 if val and self.dist.active:      # every rank follows rank 0's early stopping
                     val["val_balanced_accuracy"], val["val_loss"] = distributed.from_main(
                         [val["val_balanced_accuracy"], val["val_loss"]], self.dist, self.device)
                 row = dict(stage=stage, epoch=epoch, train_loss=loss, lr=opt.param_groups[-1]["lr"], **val,
-                           seconds=round(time.perf_counter() - t0, 2))
+                           seconds=round(time.perf_counter() - t0, 3), train_seconds=round(train_s, 3))
                 result.history.add(**row)
                 bar.set_postfix(loss=f"{loss:.3f}",
                                 **({"val_bal_acc": f"{val['val_balanced_accuracy']:.3f}"} if val else {}))
@@ -694,9 +705,12 @@ class Trainer:
             p.requires_grad_(True)
         self.model.dropout.train()
 
-    def _epoch_indices(self, y, rng, shard: bool = False):
+    def _epoch_indices(self, y, rng, shard: bool = False, same_size: bool = False):
         """Mini-batch indices for one epoch: a shuffle, or class-balanced draws; with
-        `shard`, this rank's share of them under torchrun (data-parallel training)."""
+        `shard`, this rank's share of them under torchrun (data-parallel training); with
+        `same_size`, a short last batch is filled up from the start of the epoch's order, so
+        that every step has one shape (on CUDA each new shape costs cuDNN a new set of
+        kernels, seconds for a network of depthwise convolutions)."""
         n, bs = len(y), self.cfg.batch_size
         if self.cfg.balance == "sampler":
             counts = np.bincount(y)
@@ -709,6 +723,8 @@ class Trainer:
             n = len(order)
         for s in range(0, n, bs):
             idx = order[s:s + bs]
+            if same_size and len(idx) < bs <= n:
+                idx = np.concatenate([idx, order[:bs - len(idx)]])
             if len(idx) >= 2 or n == 1:  # a batch of one breaks nothing but wastes a step
                 yield idx
 
@@ -764,6 +780,25 @@ def device_images(x: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.to(device) if t.nbytes < free // 2 else t.pin_memory()
 
 
+@torch.inference_mode()
+def device_logits(model: Classifier, images: torch.Tensor, batch_size: int, amp: Amp) -> torch.Tensor:
+    """Logits (on the CPU) of uint8 NHWC images already on the model's device (or pinned),
+    in batches of exactly batch_size (the last one filled up with the first images, its
+    extra rows dropped), under the training's mixed precision: read once, at the end."""
+    device = next(model.parameters()).device
+    n, out = len(images), []
+    for s in range(0, n, batch_size):
+        chunk = images[s:s + batch_size]
+        real = len(chunk)
+        if real < batch_size <= n:
+            chunk = torch.cat([chunk, images[:batch_size - real]])
+        xb = chunk.to(device, non_blocking=True).permute(0, 3, 1, 2).float().contiguous(
+            memory_format=torch.channels_last)
+        with amp.autocast():
+            out.append(model(xb)[:real].float())
+    return torch.cat(out).cpu() if out else torch.zeros(0, model.head.out_features)
+
+
 def class_weights(counts) -> torch.Tensor:
     """Inverse-frequency class weights (1 for balanced classes)."""
     counts = np.asarray(counts, dtype=np.float64)
@@ -786,8 +821,10 @@ def predict_proba(model: Classifier, x: np.ndarray, device=None, progress: bool 
     device = device or next(model.parameters()).device
     model.eval()
     out = []
-    for s in tqdm(range(0, len(x), batch_size), desc="predicting", unit="batch", disable=not progress, leave=False):
-        out.append(torch.softmax(model(to_tensor(x[s:s + batch_size], device)).float(), 1).cpu().numpy())
+    with exact_fp32():
+        for s in tqdm(range(0, len(x), batch_size), desc="predicting", unit="batch", disable=not progress,
+                      leave=False):
+            out.append(torch.softmax(model(to_tensor(x[s:s + batch_size], device)).float(), 1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
 
 
