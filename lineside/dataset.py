@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,18 +213,33 @@ def load_arrays(images: ImageSet, spec: InputSpec, skip_bad: bool = False, progr
     """Read and resize every image -> (uint8 array N x H x W x 3, kept ImageSet, bad paths).
 
     A bad image is an error naming the file unless skip_bad, which warns and counts."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    arrays, keep, bad = [], [], []
-    for i, path in enumerate(tqdm(images.paths, desc=desc, unit="img", disable=not progress, leave=False)):
+    def read(path):
         try:
-            arrays.append(resize_to_spec(read_image(path), spec))
-            keep.append(i)
+            return resize_to_spec(read_image(path), spec), None
         except BadImage as exc:
+            return None, exc
+
+    arrays, keep, bad = [], [], []
+    # OpenCV decodes and resizes without the GIL: a thread per core reads in parallel, in order.
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
+        done = pool.map(read, images.paths)
+        for i, (array, exc) in enumerate(tqdm(done, total=len(images.paths), desc=desc, unit="img",
+                                              disable=not progress, leave=False)):
+            if exc is None:
+                arrays.append(array)
+                keep.append(i)
+                continue
             if not skip_bad:
                 raise LinesideError(f"{exc} (pass --skip-bad to skip unreadable images)") from exc
             log.warning("skipping %s", exc)
-            bad.append(str(path))
+            bad.append(str(images.paths[i]))
+    finally:
+        pool.shutdown(cancel_futures=True)
     if not arrays:
         raise LinesideError(f"{images.root}: no readable images")
     return np.stack(arrays), images.subset(keep), bad
