@@ -75,3 +75,16 @@ def test_device():
     trainer.pick_device = lambda name: original(wanted if name == "auto" else name)
     yield wanted
     trainer.pick_device = original
+
+
+def pytest_runtest_logreport(report):
+    """LINESIDE_TEST_FAILURES=FILE: each failure is appended to FILE as it happens (its test
+    and the error's last line), so a run cut short on a borrowed GPU machine still says what
+    failed. Written once, by the main process under pytest-xdist."""
+    path = os.environ.get("LINESIDE_TEST_FAILURES")
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    crash = getattr(report.longrepr, "reprcrash", None)
+    lines = [ln for ln in (crash.message if crash else str(report.longrepr)).splitlines() if ln.strip()]
+    with open(path, "a") as f:
+        f.write(f"{report.nodeid} [{report.when}]: {lines[0] if lines else 'failed'}\n")
