@@ -1,6 +1,9 @@
 """FP32 export: self-describing ONNX / OpenVINO models whose outputs match PyTorch."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -159,3 +162,16 @@ def test_openvino_model_api_loads_a_lineside_ir_as_it_is(tiny_bundle, synth_test
         agree += label == ours.labels[int(p.argmax())]
     assert agree == len(files)
     assert theirs.params.labels == [label.replace(" ", "_") for label in ours.labels]
+
+
+def test_converting_a_model_sends_no_telemetry(tmp_path):
+    """OpenVINO's converter (export, and scoring a run on the CPU) and NNCF would write a
+    client id under ~/intel and post usage statistics: lineside blocks their telemetry."""
+    code = ("import lineside, torch, openvino as ov, nncf, sys\n"
+            "ov.convert_model(torch.nn.Conv2d(3, 4, 3), example_input=torch.zeros(1, 3, 8, 8))\n"
+            "print(sys.modules.get('openvino_telemetry'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env={**env, "HOME": str(tmp_path)},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "None" and not (tmp_path / "intel").exists()
