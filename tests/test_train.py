@@ -466,6 +466,13 @@ def test_batch_augmentation_draws_per_image_and_keeps_flips_and_turns_exact():
     assert 0.65 < jittered.mean() < 0.75
     assert 9 < np.abs(angle).max() <= 10 and 1.09 < scale.max() <= 1.1 and 0.9 <= scale.min() < 0.91
     assert 0.09 < np.abs(shift).max() <= 0.1        # 5% of a side: 0.1 of the grid's -1..1
+    # on a wide image the grid's coordinates stretch differently across and down: in
+    # pixels the jitter must still be a turn and a scale, not a shear
+    d = BatchAugmenter(AugmentConfig(flip=False, rot90=False), square=False, seed=2).draw(500, 32, 64)
+    half = np.diag([32.0, 16.0])                    # pixels per grid unit across, down
+    pix = half @ d[:, [0, 1, 3, 4]].reshape(-1, 2, 2) @ np.linalg.inv(half)
+    gram = np.transpose(pix, (0, 2, 1)) @ pix
+    assert np.abs(gram[:, 0, 1]).max() < 1e-5 and np.allclose(gram[:, 0, 0], gram[:, 1, 1], rtol=1e-5)
 
 
 def test_full_training_with_batch_augmentation_learns(synth_dir, synth_test_dir, tmp_path, monkeypatch):
