@@ -4,16 +4,14 @@ or on the CPU the same network converted to OpenVINO in memory: see infer.py).""
 from __future__ import annotations
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
+from lineside.errors import LinesideError
 from lineside.scoring import evaluate, predict_paths
 
-import torch
-
-from lineside.errors import LinesideError
-
-from .checkpoint import load_checkpoint, resolve_checkpoint
 from . import trainer
+from .checkpoint import load_checkpoint, resolve_checkpoint
 from .trainer import score
 
 
@@ -49,10 +47,11 @@ class RunScorer:
             return score(self.model, x, progress=bar.update)
 
 
-def evaluate_run(model_path, data, skip_bad: bool = False, progress: bool = True, device: str | None = None) -> dict:
+def evaluate_run(model_path, data, skip_bad: bool = False, progress: bool = True,
+                 device: str | None = None) -> dict:
     loaded = load_checkpoint(model_path)
-    report = evaluate(RunScorer(loaded.model, run_device(device)), loaded.labels, loaded.spec, data, skip_bad, progress,
-                      reject_below=loaded.info.get("reject_below"))
+    report = evaluate(RunScorer(loaded.model, run_device(device)), loaded.labels, loaded.spec, data, skip_bad,
+                      progress, reject_below=loaded.info.get("reject_below"))
     report["model"] = str(resolve_checkpoint(model_path))
     return report
 

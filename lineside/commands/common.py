@@ -32,10 +32,10 @@ def model_options(f):
         if chosen is not None and profile == "auto":
             click.echo(f"--profile auto: {chosen.name} ({', '.join(f'{k} {v}' for k, v in chosen.runtime.items())})",
                        err=True)
-        run_device = kw.get("device") or (chosen.runtime.get("device") if chosen is not None else None)
+        given_device = kw.get("device") or (chosen.runtime.get("device") if chosen is not None else None)
         settings = resolve_runtime(chosen, **{k: kw[k] for k in keys})
-        if "device" in kw and kw.get("model") is not None and run_device is None:
-            settings["device"] = None      # a training run picks its own: CUDA when present (open_scorer)
+        if "device" in kw and kw.get("model") is not None and given_device is None:
+            settings["device"] = None   # open_scorer decides: CPU for an exported model, CUDA when present for a run
         if kw.get("precision") is None and settings["precision"] == "int8":
             settings["precision"] = int8_or_fp32(kw.get("bundle") or kw.get("model"))
         kw.update({k: settings[k] for k in keys})
