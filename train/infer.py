@@ -43,6 +43,16 @@ def exact_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
+def fill_up(batch, whole, size: int):
+    """The last, short batch of a job filled up to `size` with the job's first items, so
+    that every batch has one shape (on CUDA each new shape costs cuDNN new kernels); the
+    caller drops the extra rows. A job smaller than `size` stays as it is."""
+    if len(batch) >= size or len(whole) < size:
+        return batch
+    cat = torch.cat if isinstance(batch, torch.Tensor) else np.concatenate
+    return cat([batch, whole[:size - len(batch)]])
+
+
 class UInt8Input(nn.Module):
     """(N, H, W, 3) uint8 RGB -> fn(N, 3, H, W float 0..255): the one input every caller has.
     `owner`, the module whose weights fn uses, is a submodule, so that tracing finds them."""
@@ -151,12 +161,7 @@ class FrozenForward:
         out = []
         for s in starts:
             batch = x[s:s + bs]
-            real = len(batch)
-            if real < bs <= len(x):
-                # one batch shape for the whole job (on CUDA each new one costs cuDNN new
-                # kernels): the last batch filled up with the first images, their rows dropped
-                batch = np.concatenate([batch, x[:bs - real]])
-            out.append(self(batch)[:real].cpu())
+            out.append(self(fill_up(batch, x, bs))[:len(batch)].cpu())
             if progress is not None:
-                progress(real)
+                progress(len(batch))
         return torch.cat(out)

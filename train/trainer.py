@@ -36,7 +36,7 @@ from .config import TrainConfig
 from . import distributed
 from .data import to_tensor
 from .distributed import Dist
-from .infer import FrozenForward, exact_fp32
+from .infer import FrozenForward, exact_fp32, fill_up
 from .model import TAPS_POOL, Classifier, pool_map, resolve_taps, stage_widths
 
 log = logging.getLogger(__name__)
@@ -578,22 +578,17 @@ class Trainer:
                     images = np.stack([aug(x_train[i]) for i in idx])
                     yield to_tensor(images, self.device), torch.from_numpy(y_train[idx]).to(self.device)
 
-        if x_val is not None and batch_augment(self.device):
-            # On the device as training runs: the images uploaded once, batches of the
-            # training batch size (the last one filled up), mixed precision, channels_last:
-            # the same convolution kernels as the training steps, no new ones to set up.
-            val_t, amp = device_images(x_val, self.device), Amp(self.device)
+        # Validation as training runs: the images on the device once, batches of the training
+        # batch size (the last one filled up), its mixed precision and channels_last: on CUDA
+        # the same convolution kernels as the training steps, no new ones to set up.
+        val_t = device_images(x_val, self.device) if x_val is not None else None
+        val_amp = Amp(self.device)
 
-            def validate():
-                return _val_metrics(device_logits(self.model, val_t, self.cfg.batch_size, amp), y_val,
-                                    len(self.classes))
-        else:
-            def validate():
-                if x_val is None:
-                    return {}
-                logits = torch.from_numpy(np.log(np.clip(
-                    predict_proba(self.model, x_val, self.device, progress=False), 1e-12, 1)))
-                return _val_metrics(logits, y_val, len(self.classes))
+        def validate():
+            if val_t is None:
+                return {}
+            return _val_metrics(device_logits(self.model, val_t, self.cfg.batch_size, val_amp), y_val,
+                                len(self.classes))
 
         t0 = time.perf_counter()
         forward = distributed.wrap(self.model, self.dist, self.device)   # data-parallel under torchrun
@@ -723,8 +718,8 @@ class Trainer:
             n = len(order)
         for s in range(0, n, bs):
             idx = order[s:s + bs]
-            if same_size and len(idx) < bs <= n:
-                idx = np.concatenate([idx, order[:bs - len(idx)]])
+            if same_size:
+                idx = fill_up(idx, order, bs)
             if len(idx) >= 2 or n == 1:  # a batch of one breaks nothing but wastes a step
                 yield idx
 
@@ -789,11 +784,9 @@ def device_logits(model: Classifier, images: torch.Tensor, batch_size: int, amp:
     n, out = len(images), []
     for s in range(0, n, batch_size):
         chunk = images[s:s + batch_size]
+        xb = fill_up(chunk, images, batch_size).to(device, non_blocking=True)
+        xb = xb.permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last)
         real = len(chunk)
-        if real < batch_size <= n:
-            chunk = torch.cat([chunk, images[:batch_size - real]])
-        xb = chunk.to(device, non_blocking=True).permute(0, 3, 1, 2).float().contiguous(
-            memory_format=torch.channels_last)
         with amp.autocast():
             out.append(model(xb)[:real].float())
     return torch.cat(out).cpu() if out else torch.zeros(0, model.head.out_features)
