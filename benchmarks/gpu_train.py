@@ -9,9 +9,13 @@ For each batch size it measures
   same images: steady-state images per second (epochs after the first, from
   history.csv: the training steps alone, and with the epoch's validation), the first
   epoch's time against a later one's, and the whole command's time;
-and prints the ratio of lineside's steady state to the reference.
+and prints the ratio of lineside's steady state to the reference, the first step's
+time (where cuDNN sets up its kernels) and where the rest of the command's time went.
+With --layouts channels_last,nchw the reference loop and `--strategy full` also run
+in NCHW (LINESIDE_CHANNELS_LAST=0; train/data.py says why that can matter).
 
     python benchmarks/gpu_train.py ../shared/datasets/neu-det --batch-sizes 32,128 --epochs 5
+    python benchmarks/gpu_train.py ../shared/datasets/neu-det --layouts channels_last,nchw --json gpu.json
     python benchmarks/gpu_train.py ../shared/datasets/neu-det --device cpu --limit 60 --image-size 64 --epochs 2
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,11 +40,16 @@ from lineside.train.backbones import BACKBONES, build_backbone
 from lineside.train.model import Classifier
 
 
+LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+
+
 def reference_rate(x: np.ndarray, y: np.ndarray, classes: int, spec, batch: int, device: torch.device,
-                   seconds: float) -> float:
-    """Images per second of the plain loop, after two warm-up steps."""
+                   seconds: float, layout: str = "channels_last") -> tuple[float, float]:
+    """Images per second of the plain loop after two warm-up steps, and the first step's
+    seconds (cuDNN setting up its kernels for a shape and layout this process has not run)."""
+    fmt = LAYOUTS[layout]
     entry, backbone = build_backbone("efficientnet_lite0", "imagenet")
-    model = Classifier(backbone, entry.feature_dim, classes, spec).to(device).to(memory_format=torch.channels_last)
+    model = Classifier(backbone, entry.feature_dim, classes, spec).to(device).to(memory_format=fmt)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.from_numpy(x).to(device)
@@ -51,36 +61,40 @@ def reference_rate(x: np.ndarray, y: np.ndarray, classes: int, spec, batch: int,
         idx = torch.randint(0, len(images), (batch,), device=device)
         xb = images[idx].permute(0, 3, 1, 2).float()
         flip = torch.rand(batch, device=device) < 0.5
-        xb = torch.where(flip[:, None, None, None], xb.flip(3), xb).contiguous(memory_format=torch.channels_last)
+        xb = torch.where(flip[:, None, None, None], xb.flip(3), xb).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
             loss = F.cross_entropy(model(xb), targets[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    for _ in range(2):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    step()
+    sync()
+    first = time.perf_counter() - t0
+    step()
+    sync()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         step()
         n += batch
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0)
+    sync()
+    return n / (time.perf_counter() - t0), first
 
 
 def lineside_rate(data: Path, strategy: list[str], batch: int, epochs: int, device: str, image_size: int | None,
-                  work: Path) -> dict:
-    out = work / f"run-{'-'.join(strategy)}-{batch}"
+                  work: Path, layout: str = "channels_last") -> dict:
+    out = work / f"run-{'-'.join(strategy)}-{batch}-{layout}"
     cmd = [sys.executable, "-m", "lineside.cli", "train", str(data), "--out", str(out), *strategy,
            "--batch-size", str(batch), "--epochs", str(epochs), "--device", device, "--val-fraction", "0.2",
            "--patience", str(epochs + 1), "--quiet", "--json", "--force"]
     if image_size:
         cmd += ["--image-size", str(image_size)]
+    env = dict(os.environ, LINESIDE_CHANNELS_LAST="1" if layout == "channels_last" else "0")
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     total = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"lineside train failed:\n{done.stderr[-2000:]}")
@@ -92,9 +106,16 @@ def lineside_rate(data: Path, strategy: list[str], batch: int, epochs: int, devi
     training = [float(r.get("train_seconds") or r["seconds"]) for r in rows]
     steady = float(np.median(seconds[1:])) if len(seconds) > 1 else float("nan")
     steady_train = float(np.median(training[1:])) if len(training) > 1 else float("nan")
+    first_step = [float(r.get("first_step_seconds") or "nan") for r in rows]
+    # where the command's time went: in the process (metrics.json "seconds") and before it (start, imports)
+    parts = {k: v for k, v in metrics["seconds"].items() if k != "total"}
+    parts["start_s"] = total - metrics["seconds"]["total"] - parts.get("score_s", 0) - parts.get("write_s", 0)
+    parts["epochs_s"] = sum(seconds)
     return {"command_s": round(total, 1), "first_epoch_s": round(seconds[0], 2), "steady_epoch_s": round(steady, 2),
+            "first_step_s": round(first_step[0], 2), "later_first_step_s": round(float(np.median(first_step[1:])), 3)
+            if len(first_step) > 1 else float("nan"),
             "img_per_s": round(n_train / steady, 1), "train_img_per_s": round(n_train / steady_train, 1),
-            "train_images": n_train, "device": metrics["device"]}
+            "train_images": n_train, "device": metrics["device"], "parts": {k: round(v, 2) for k, v in parts.items()}}
 
 
 def main():
@@ -106,6 +127,10 @@ def main():
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--limit", type=int, default=None, help="Use only the first N images (a quick check).")
     ap.add_argument("--seconds", type=float, default=10.0, help="Seconds of the reference loop per batch size.")
+    ap.add_argument("--layouts", default="channels_last",
+                    help="Memory layouts to measure, of channels_last,nchw: the reference loop and "
+                         "--strategy full in each (lineside through LINESIDE_CHANNELS_LAST).")
+    ap.add_argument("--json", type=Path, default=None, help="Also write every figure to this JSON file.")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -121,17 +146,31 @@ def main():
         tmp = Path(tmp)
         data = tmp / "data.csv"
         images.write_manifest(data)
+        layouts = [lay.strip() for lay in args.layouts.split(",")]
+        if any(lay not in LAYOUTS for lay in layouts):
+            raise SystemExit(f"--layouts {args.layouts}: each one of {', '.join(LAYOUTS)}")
+        figures = []
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
-            ref = reference_rate(x, y, len(images.classes), spec, batch, device, args.seconds)
-            print(f"batch {batch}: reference loop {ref:.0f} img/s", flush=True)
-            for name, strategy in (("full", ["--strategy", "full"]),
-                                   ("finetune all", ["--strategy", "finetune", "--unfreeze", "all"])):
-                r = lineside_rate(data, strategy, batch, args.epochs, args.device, args.image_size, tmp)
-                print(f"  lineside {name:13s}: steady state {r['train_img_per_s']:.0f} img/s training "
-                      f"({r['train_img_per_s'] / ref:.2f}x the reference), {r['img_per_s']:.0f} img/s with the "
-                      f"epoch's validation ({r['img_per_s'] / ref:.2f}x); first epoch {r['first_epoch_s']} s "
-                      f"({r['first_epoch_s'] / r['steady_epoch_s']:.1f}x a later one, {r['steady_epoch_s']} s); "
-                      f"whole command {r['command_s']} s", flush=True)
+            for layout in layouts:
+                ref, first = reference_rate(x, y, len(images.classes), spec, batch, device, args.seconds, layout)
+                print(f"batch {batch}, {layout}: reference loop {ref:.0f} img/s (its first step {first:.2f} s)",
+                      flush=True)
+                runs = [("full", ["--strategy", "full"])]
+                if layout == layouts[0]:
+                    runs.append(("finetune all", ["--strategy", "finetune", "--unfreeze", "all"]))
+                for name, strategy in runs:
+                    r = lineside_rate(data, strategy, batch, args.epochs, args.device, args.image_size, tmp, layout)
+                    figures.append({"batch": batch, "layout": layout, "recipe": name, "reference_img_per_s": ref,
+                                    "reference_first_step_s": first, **r})
+                    print(f"  lineside {name:13s}: steady state {r['train_img_per_s']:.0f} img/s training "
+                          f"({r['train_img_per_s'] / ref:.2f}x the reference), {r['img_per_s']:.0f} img/s with "
+                          f"the epoch's validation ({r['img_per_s'] / ref:.2f}x); first epoch {r['first_epoch_s']} s "
+                          f"({r['first_epoch_s'] / r['steady_epoch_s']:.1f}x a later one, {r['steady_epoch_s']} s; "
+                          f"its first step {r['first_step_s']} s); whole command {r['command_s']} s", flush=True)
+                    print("    " + ", ".join(f"{k} {v}" for k, v in r["parts"].items()), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "images": len(y),
+                                             "size": spec.width, "figures": figures}, indent=2))
 
 
 if __name__ == "__main__":

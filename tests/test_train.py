@@ -40,6 +40,10 @@ def test_run_folder_has_every_output(tiny_run):
     assert cfg.image_size == TINY["image_size"] and cfg.strategy == "finetune"
     rows = list(csv.DictReader(open(run / "history.csv")))
     assert rows[0]["stage"] == "head" and any(r["stage"] == "finetune" for r in rows)
+    # where the time went: reading, building the model, each phase, the final scoring, writing
+    seconds = saved["seconds"]
+    assert {"total", "read_s", "setup_s", "bank_s", "head_s", "finetune_s", "score_s", "write_s"} <= set(seconds)
+    assert all(v >= 0 for v in seconds.values()) and seconds["bank_s"] + seconds["finetune_s"] <= seconds["total"]
 
 
 def test_checkpoint_reloads_with_weights_only_and_predicts_the_same(tiny_run, synth_test_dir):
@@ -248,6 +252,7 @@ def test_bank_starts_with_the_allowed_flips_and_turns_exactly(synth_dir):
     from lineside.dataset import load_arrays, load_image_set
     from lineside.train.augment import orient, orientations, test_views
     from lineside.train.data import to_tensor
+    from lineside.train.infer import exact_fp32
     from lineside.train.trainer import Trainer
 
     assert orientations(True, True) == (0, 2, 1, 3, 4, 6, 5, 7) and test_views(True, True) == (0, 1, 2, 3)
@@ -264,7 +269,8 @@ def test_bank_starts_with_the_allowed_flips_and_turns_exactly(synth_dir):
     group = trainer.orientations()
     with torch.no_grad():
         for v, k in enumerate(group):
-            expect = trainer.model.embed(to_tensor(np.stack([orient(im, k) for im in x]), trainer.device))
+            with exact_fp32():      # as the bank is computed (on CUDA, not in TensorFloat-32)
+                expect = trainer.model.embed(to_tensor(np.stack([orient(im, k) for im in x]), trainer.device))
             np.testing.assert_allclose(bank[v * 3:(v + 1) * 3].numpy(), expect.cpu().numpy(), atol=1e-4)
     assert not any(torch.allclose(bank[8 * 3 + i], bank[v * 3 + i], atol=1e-3) for i in range(3) for v in range(8))
 
@@ -386,6 +392,33 @@ def test_frozen_forward_in_openvino_matches_pytorch(tiny_run):
     assert np.abs(score(model, big) - predict_proba(model, big)).max() < 1e-5
 
 
+def test_a_conversion_is_reused_until_a_weight_it_reads_changes_and_views_score_as_in_pytorch(tiny_run):
+    """In OpenVINO score() converts the single-view network and averages the test-time views
+    itself: the probabilities of PyTorch's forward with its views. The conversion is reused
+    while the weights it reads are unchanged (a change to the head is not one of them)."""
+    from lineside.train.infer import MIN_OPENVINO_IMAGES, embed_tensors, frozen_forward
+    from lineside.train.trainer import predict_proba, score
+
+    model = load_checkpoint(tiny_run[0]).model.eval()
+    model.views = (0, 1, 2, 3)
+    x = _images(MIN_OPENVINO_IMAGES // 4 + 1, seed=4)
+    assert np.abs(score(model, x) - predict_proba(model, x)).max() < 1e-5
+
+    def convert():
+        return frozen_forward(model, model.embed, "embed", x[:1], "cpu", 10_000, depends=embed_tensors(model))
+
+    first = convert()
+    assert first.backend == "openvino" and convert() is first     # score's own conversion, reused
+    with torch.no_grad():
+        model.head.weight.mul_(2.0)
+    assert convert() is first
+    with torch.no_grad():
+        next(model.backbone.stages[-1].parameters()).mul_(1.5)
+    second = convert()
+    assert second is not first and float((second.map(x[:8]) - first.map(x[:8])).abs().max()) > 1e-4
+    assert np.abs(score(model, x) - predict_proba(model, x)).max() < 1e-5
+
+
 def test_frozen_forward_can_be_kept_in_pytorch(tiny_run, monkeypatch):
     from lineside.train.infer import FrozenForward
 
@@ -484,7 +517,8 @@ def test_full_training_with_batch_augmentation_learns(synth_dir, synth_test_dir,
                                           val_fraction=0.25), progress=False)
     assert evaluate_run(out, synth_test_dir, progress=False)["balanced_accuracy"] > 0.6
     rows = list(csv.DictReader(open(out / "history.csv")))
-    assert len(rows) == 5 and all(0 < float(r["train_seconds"]) <= float(r["seconds"]) for r in rows)
+    assert len(rows) == 5
+    assert all(0 < float(r["first_step_seconds"]) < float(r["train_seconds"]) <= float(r["seconds"]) for r in rows)
     assert all(r["val_balanced_accuracy"] for r in rows)          # validated on the device each epoch
 
 
@@ -527,3 +561,18 @@ def test_class_weights_keep_a_rare_class_from_being_swallowed_by_the_common_one(
     # measured: rare-class recall 0.44 unweighted, 0.81 weighted; balanced 0.72 against 0.85
     assert recalls["loss"][1] > recalls["none"][1] + 0.25 and recalls["loss"][0] > 0.75
     assert np.mean(recalls["loss"]) > np.mean(recalls["none"]) + 0.05
+
+
+def test_layout_is_channels_last_but_on_cuda_nchw_when_asked(monkeypatch):
+    """LINESIDE_CHANNELS_LAST=0 puts images and weights in NCHW on CUDA (where PyTorch then
+    runs its own depthwise kernels instead of cuDNN's); the CPU keeps channels_last."""
+    from lineside.train.data import in_layout, memory_format, to_tensor
+
+    cuda = torch.device("cuda")
+    assert memory_format(cuda) == memory_format("cpu") == torch.channels_last
+    monkeypatch.setenv("LINESIDE_CHANNELS_LAST", "0")
+    assert memory_format(cuda) == torch.contiguous_format and memory_format("cpu") == torch.channels_last
+    t = to_tensor(_images(2), torch.device("cpu"))
+    assert t.is_contiguous(memory_format=torch.channels_last) and t.dtype == torch.float32
+    nchw = in_layout(t.contiguous())
+    assert nchw.is_contiguous(memory_format=torch.channels_last) and torch.equal(nchw, t)

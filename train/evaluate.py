@@ -12,6 +12,7 @@ from lineside.scoring import evaluate, predict_paths
 
 from . import trainer
 from .checkpoint import load_checkpoint, resolve_checkpoint
+from .data import memory_format
 from .trainer import score
 
 
@@ -37,7 +38,8 @@ class RunScorer:
     `device` (by default CUDA when present)."""
 
     def __init__(self, model, device: torch.device | None = None):
-        self.model = model.to(device or run_device(None))
+        device = device or run_device(None)
+        self.model = model.to(device).to(memory_format=memory_format(device))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return score(self.model, x)

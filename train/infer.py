@@ -16,11 +16,14 @@ import contextlib
 import logging
 import os
 import warnings
+import weakref
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
+
+from .data import in_layout
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,8 @@ class UInt8Input(nn.Module):
         self.fn = fn
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.fn(image.permute(0, 3, 1, 2).float())
+        x = image.permute(0, 3, 1, 2).float()       # channels_last in memory, as the CPU wants it
+        return self.fn(in_layout(x) if x.is_cuda else x)
 
 
 def backend_for(device: torch.device, n_images: int) -> str:
@@ -97,7 +101,9 @@ class FrozenForward:
             except Exception as exc:  # noqa: BLE001 - any conversion failure: PyTorch still works
                 log.warning("OpenVINO could not convert the network (%s); scoring in PyTorch", exc)
                 self.backend = "torch"
-        if self.backend == "torch" and self.device.type == "cpu":
+        if self.backend == "openvino":
+            self.owner = self.module = None      # the compiled model holds its own weights
+        elif self.device.type == "cpu":
             self.owner.to(memory_format=torch.channels_last)
 
     @property
@@ -165,3 +171,43 @@ class FrozenForward:
             if progress is not None:
                 progress(len(batch))
         return torch.cat(out)
+
+
+# The last OpenVINO conversion (frozen_forward): (a weak reference to its module, (key, input
+# shape, device), the versions of the tensors it read, the FrozenForward).
+_last_conversion: list = [None]
+
+
+def frozen_forward(owner: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], key: str, example: np.ndarray,
+                   device: torch.device, n_images: int, depends=None) -> FrozenForward:
+    """FrozenForward(owner, fn, ...), reusing the last OpenVINO conversion when it was of the
+    same function (`key`) of the same module for the same input size, and none of the
+    tensors fn depends on (`depends`; by default every parameter and buffer of owner) has
+    been changed in place since (PyTorch counts in-place changes per tensor: an optimiser
+    step, load_state_dict). A run of the linear recipe converts its network once, for the
+    bank of features, and scores with the same conversion. Only one conversion is kept."""
+    depends = list(depends) if depends is not None else [*owner.parameters(), *owner.buffers()]
+    versions = tuple(t._version for t in depends)
+    shape = tuple(example.shape[1:])
+    device = torch.device(device)
+    last = _last_conversion[0]
+    if last is not None and last[0]() is owner and last[1] == (key, shape, device.type) and last[2] == versions:
+        owner.eval()
+        return last[3]
+    run = FrozenForward(owner, fn, example, device, n_images)
+    if run.backend == "openvino":
+        _last_conversion[0] = (weakref.ref(owner), (key, shape, device.type), versions, run)
+    return run
+
+
+def embed_tensors(model) -> list[torch.Tensor]:
+    """What a Classifier's `embed` reads: the normalisation and the backbone."""
+    return [model.mean, model.std, *model.backbone.parameters(), *model.backbone.buffers()]
+
+
+def orient_batch(x: np.ndarray, k: int) -> np.ndarray:
+    """Orientation k of every image of an N x H x W x C batch, as augment.orient turns one."""
+    if k == 0:
+        return x
+    out = np.rot90(x, k % 4, axes=(1, 2))
+    return np.ascontiguousarray(out[:, :, ::-1] if k >= 4 else out)

@@ -78,8 +78,11 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
         y_val = np.asarray(val_set.targets, dtype=np.int64)
         bad += bad_val
     y_train = np.asarray(train_set.targets, dtype=np.int64)
+    read_s = time.perf_counter() - t_start
 
+    t0 = time.perf_counter()
     trainer = Trainer(cfg, images.classes, spec, progress, dist=dist, device=device)
+    setup_s = time.perf_counter() - t0
     result = trainer.fit(x_train, y_train, x_val, y_val)
     plan = result.plan
     calibration = None
@@ -89,6 +92,7 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
         result.timings["calibrate_s"] = time.perf_counter() - t0
     train_seconds = time.perf_counter() - t_start
 
+    t0 = time.perf_counter()
     if x_val is not None:
         probs = trainer.predict_proba(x_val)
         report = classification_report(y_val, probs.argmax(1), images.classes)
@@ -98,6 +102,7 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
         probs = trainer.predict_proba(x_train)
         cm_title = f"training images ({len(y_train)}; no validation split)"
     cm_report = report or classification_report(y_train, probs.argmax(1), images.classes)
+    score_s = time.perf_counter() - t0
 
     metrics = {
         "lineside_version": lineside.__version__,
@@ -126,11 +131,14 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
         "validation": report,
         "calibration": {k: v for k, v in calibration.items() if not k.startswith("_")} if calibration else None,
         "training_set": None if report else cm_report,
-        "seconds": {"total": round(train_seconds, 2), **{k: round(v, 2) for k, v in result.timings.items()}},
+        # total: reading to calibration; then the final scoring and (below) writing the run folder
+        "seconds": {"total": round(train_seconds, 2), "read_s": round(read_s, 2), "setup_s": round(setup_s, 2),
+                    **{k: round(v, 2) for k, v in result.timings.items()}, "score_s": round(score_s, 2)},
         "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
     }
     if not dist.main:
         return metrics
+    t0 = time.perf_counter()
     info = {k: metrics[k] for k in ("strategy", "weights", "data_fingerprint", "lineside_version")}
     info["val_balanced_accuracy"] = report["balanced_accuracy"] if report else None
     info["reject_below"] = calibration["reject_below"] if calibration else None
@@ -150,13 +158,14 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
 
         reliability_diagram(*calibration["_probs"], calibration["_y"], out / "calibration.png",
                             f"{calibration['source']}; temperature {calibration['temperature']:.2f}")
+    metrics["seconds"]["write_s"] = round(time.perf_counter() - t0, 2)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
     columns = ["stage", "epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "lr", "seconds",
-               "train_seconds"]
+               "train_seconds", "first_step_seconds"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()

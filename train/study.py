@@ -31,7 +31,7 @@ from lineside.metrics import classification_report
 from .augment import Augmenter
 from .backbones import BACKBONES
 from .config import TrainConfig
-from .infer import FrozenForward
+from .infer import FrozenForward, embed_tensors, frozen_forward
 from .trainer import BANK_CHUNK, INFER_BATCH, Trainer, resolve_strategy, view_bank
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ class FeatureCache:
         aug = Augmenter(cfg.augment, cfg.seed + 1)
         self.group = trainer.orientations()
         total_views = len(self.group) + max(views - 1, 0)
-        run = FrozenForward(model, model.embed, data.x[:1], trainer.device, len(data.x) * total_views)
+        run = frozen_forward(model, model.embed, "embed", data.x[:1], trainer.device, len(data.x) * total_views,
+                             depends=embed_tensors(model))
         with tqdm(total=len(data.x) * total_views, desc="frozen features", unit="img", disable=not progress,
                   leave=False) as bar:
             bank = view_bank(run, data.x, self.group, aug, total_views, bar.update)

@@ -34,9 +34,9 @@ from .augment import Augmenter, BatchAugmenter, orient, orientations, test_views
 from .backbones import build_backbone
 from .config import TrainConfig
 from . import distributed
-from .data import to_tensor
+from .data import in_layout, memory_format, to_tensor
 from .distributed import Dist
-from .infer import FrozenForward, exact_fp32, fill_up
+from .infer import FrozenForward, backend_for, embed_tensors, exact_fp32, fill_up, frozen_forward, orient_batch
 from .model import TAPS_POOL, Classifier, pool_map, resolve_taps, stage_widths
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ AUTO_LINEAR_BELOW = 3
 VIEWS_BUDGET = 1200  # augmented views cached per training run (before the 16-per-image cap)
 INFER_BATCH = 32
 BANK_CHUNK = 256  # images augmented and handed to the frozen network at once
+SCORE_CHUNK = 128  # images scored at once, every view (OpenVINO; a step of the progress bar)
 HEAD_L2 = 1e-3  # linear recipe: L2 penalty of the head on standardised features
 AUTO_TAPS_MARGIN = 0.02  # auto picks middle-stage taps when they beat the last stage by 2 points in CV
 AUTO_CV_REPEATS = 3  # auto's cross-validation: mean over this many splits into folds
@@ -252,7 +253,7 @@ class Trainer:
                                 f"deepest stages, which a head on middle stages does not use)")
         self.model = Classifier(backbone, self.entry.feature_dim, len(self.classes), spec, cfg.dropout, taps=taps,
                                 pool=TAPS_POOL)
-        self.model.to(self.device).to(memory_format=torch.channels_last)
+        self.model.to(self.device).to(memory_format=memory_format(self.device))
         self.pretrained = weights != "none"
 
     # -- public -------------------------------------------------------------------
@@ -336,7 +337,7 @@ class Trainer:
                       f"in cross-validation ({mid_acc:.1%} vs {last_acc:.1%}): {mid_head}")
         self.model = Classifier(self.model.backbone, self.entry.feature_dim, len(self.classes), self.spec,
                                 self.cfg.dropout, taps=mid, pool=TAPS_POOL).to(self.device).to(
-                                    memory_format=torch.channels_last)
+                                    memory_format=memory_format(self.device))
         return "linear", reason, cv
 
     def _estimate_finetune_s(self, x_train, y_train, calibrate_out_of_fold: bool) -> tuple[float, int]:
@@ -497,8 +498,11 @@ class Trainer:
         self.model.eval()
         model = self.model
         pooled = frozen >= len(model.stages)      # nothing left to train but the head: pool now
-        run = FrozenForward(model, model.embed if pooled else (lambda t: model.trunk(t, frozen)), x[:1], self.device,
-                            len(x) * views)
+        if pooled:
+            run = frozen_forward(model, model.embed, "embed", x[:1], self.device, len(x) * views,
+                                 depends=embed_tensors(model))
+        else:
+            run = FrozenForward(model, lambda t: model.trunk(t, frozen), x[:1], self.device, len(x) * views)
         with tqdm(total=len(x) * views, desc="caching frozen features", unit="img", disable=not self.progress,
                   leave=False) as bar:
             # half precision halves the memory of a feature-map bank; the tail trains in float32
@@ -570,7 +574,7 @@ class Trainer:
                 for idx in self._epoch_indices(y_train, rng, shard=True, same_size=True):
                     at = torch.from_numpy(idx).to(images_t.device)
                     xb = images_t[at].to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-                    yield (batch_aug(xb).contiguous(memory_format=torch.channels_last),
+                    yield (in_layout(batch_aug(xb)),
                            targets_t[at.to(self.device)])
         else:
             def batches(rng):
@@ -579,7 +583,7 @@ class Trainer:
                     yield to_tensor(images, self.device), torch.from_numpy(y_train[idx]).to(self.device)
 
         # Validation as training runs: the images on the device once, batches of the training
-        # batch size (the last one filled up), its mixed precision and channels_last: on CUDA
+        # batch size (the last one filled up), its mixed precision and layout: on CUDA
         # the same convolution kernels as the training steps, no new ones to set up.
         val_t = device_images(x_val, self.device) if x_val is not None else None
         val_amp = Amp(self.device)
@@ -648,9 +652,9 @@ class Trainer:
         try:
             for epoch in bar:
                 self._set_train_mode(plan.frozen)
-                t0 = time.perf_counter()
+                t0, timing = time.perf_counter(), {}
                 loss, step = train_one_epoch(forward, opt, batches(rng), lr_scale, step, amp,
-                                             weight=weight, label_smoothing=cfg.label_smoothing)
+                                             weight=weight, label_smoothing=cfg.label_smoothing, timing=timing)
                 loss = distributed.mean(loss, self.dist, self.device)
                 train_s = time.perf_counter() - t0
                 self.model.eval()
@@ -659,7 +663,8 @@ class Trainer:
                     val["val_balanced_accuracy"], val["val_loss"] = distributed.from_main(
                         [val["val_balanced_accuracy"], val["val_loss"]], self.dist, self.device)
                 row = dict(stage=stage, epoch=epoch, train_loss=loss, lr=opt.param_groups[-1]["lr"], **val,
-                           seconds=round(time.perf_counter() - t0, 3), train_seconds=round(train_s, 3))
+                           seconds=round(time.perf_counter() - t0, 3), train_seconds=round(train_s, 3),
+                           first_step_seconds=round(timing.get("first_step_s", float("nan")), 3))
                 result.history.add(**row)
                 bar.set_postfix(loss=f"{loss:.3f}",
                                 **({"val_bal_acc": f"{val['val_balanced_accuracy']:.3f}"} if val else {}))
@@ -739,11 +744,13 @@ class Amp:
 
 
 def train_one_epoch(forward, optimizer, batches, lr_scale, step: int, amp: Amp, weight=None,
-                    label_smoothing: float = 0.0) -> tuple[float, int]:
+                    label_smoothing: float = 0.0, timing: dict | None = None) -> tuple[float, int]:
     """One pass over `batches` ((inputs, targets) on the model's device): returns the mean
     training loss and the step count after it. The losses are summed on the device and read
-    once at the end, so no step waits for the GPU."""
+    once at the end, so no step waits for the GPU. With `timing`, the first step alone is
+    waited for and timed (timing["first_step_s"]): where the kernels are set up."""
     total, n = None, 0
+    t0 = time.perf_counter()
     for xb, yb in batches:
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_scale(step)
@@ -754,6 +761,10 @@ def train_one_epoch(forward, optimizer, batches, lr_scale, step: int, amp: Amp, 
         amp.scaler.step(optimizer)
         amp.scaler.update()
         total = loss.detach().float() if total is None else total + loss.detach().float()
+        if timing is not None and n == 0:
+            if total.is_cuda:
+                torch.cuda.synchronize(total.device)
+            timing["first_step_s"] = time.perf_counter() - t0
         n += 1
         step += 1
     return (float(total) / n if n else float("nan")), step
@@ -785,7 +796,7 @@ def device_logits(model: Classifier, images: torch.Tensor, batch_size: int, amp:
     for s in range(0, n, batch_size):
         chunk = images[s:s + batch_size]
         xb = fill_up(chunk, images, batch_size).to(device, non_blocking=True)
-        xb = xb.permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last)
+        xb = in_layout(xb.permute(0, 3, 1, 2).float())
         real = len(chunk)
         with amp.autocast():
             out.append(model(xb)[:real].float())
@@ -826,10 +837,25 @@ def score(model: Classifier, x: np.ndarray, device=None, progress=None, logits: 
     images (N x H x W x 3), as fast as the device allows (FrozenForward: on the CPU,
     OpenVINO for large jobs). Identical to predict_proba within 1e-5; predict_proba stays
     for a model that is still training."""
-    device = device or next(model.parameters()).device
+    device = torch.device(device or next(model.parameters()).device)
     if len(x) == 0:
         return np.zeros((0, model.head.out_features), np.float32)
-    views = len(model.views or (0,))
-    out = (lambda t: model(t).float()) if logits else (lambda t: torch.softmax(model(t).float(), 1))
-    run = FrozenForward(model, out, x[:1], device, len(x) * views)
-    return run.map(x, progress).numpy()
+    views = model.views or (0,)
+    if backend_for(device, len(x) * len(views)) != "openvino":
+        out = (lambda t: model(t).float()) if logits else (lambda t: torch.softmax(model(t).float(), 1))
+        return FrozenForward(model, out, x[:1], device, len(x) * len(views)).map(x, progress).numpy()
+    # In OpenVINO the single-view network is converted, once (with four views in its graph
+    # converting took 8.5 s on a 2-core CPU, without 3.4 s; the bank of a linear run already
+    # converted it): the views are turned here and their features averaged as
+    # Classifier.forward averages them, then the head runs in PyTorch.
+    run = frozen_forward(model, model.embed, "embed", x[:1], device, len(x) * len(views),
+                         depends=embed_tensors(model))
+    feats = []
+    for s in range(0, len(x), SCORE_CHUNK):
+        chunk = x[s:s + SCORE_CHUNK]
+        feats.append(sum(run.map(orient_batch(chunk, k)) for k in views) / len(views))
+        if progress is not None:
+            progress(len(chunk))
+    with torch.inference_mode():
+        z = model.head(torch.cat(feats).to(next(model.head.parameters()).device)).float()
+    return (z if logits else torch.softmax(z, 1)).cpu().numpy()
