@@ -395,7 +395,8 @@ def test_frozen_forward_in_openvino_matches_pytorch(tiny_run):
 def test_a_conversion_is_reused_until_a_weight_it_reads_changes_and_views_score_as_in_pytorch(tiny_run):
     """In OpenVINO score() converts the single-view network and averages the test-time views
     itself: the probabilities of PyTorch's forward with its views. The conversion is reused
-    while the weights it reads are unchanged (a change to the head is not one of them)."""
+    while the weights and statistics it reads hold the same values (the head is not one of
+    them; BatchNorm statistics are, even changed where PyTorch does not count the change)."""
     from lineside.train.infer import MIN_OPENVINO_IMAGES, embed_tensors, frozen_forward
     from lineside.train.trainer import predict_proba, score
 
@@ -416,6 +417,11 @@ def test_a_conversion_is_reused_until_a_weight_it_reads_changes_and_views_score_
         next(model.backbone.stages[-1].parameters()).mul_(1.5)
     second = convert()
     assert second is not first and float((second.map(x[:8]) - first.map(x[:8])).abs().max()) > 1e-4
+    assert convert() is second
+    bn = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_mean.data.add_(0.5)           # no in-place version counted
+    third = convert()
+    assert third is not second and float((third.map(x[:8]) - second.map(x[:8])).abs().max()) > 1e-4
     assert np.abs(score(model, x) - predict_proba(model, x)).max() < 1e-5
 
 

@@ -13,6 +13,7 @@ seconds, so small jobs stay in PyTorch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import warnings
@@ -174,30 +175,45 @@ class FrozenForward:
 
 
 # The last OpenVINO conversion (frozen_forward): (a weak reference to its module, (key, input
-# shape, device), the versions of the tensors it read, the FrozenForward).
+# shape, device), a digest of the tensors it read, the FrozenForward).
 _last_conversion: list = [None]
+
+
+def weights_digest(tensors) -> bytes:
+    """A digest of the values of `tensors` (the weights and statistics a conversion read).
+    Values, not PyTorch's in-place version counters: those miss BatchNorm's running
+    statistics updated by a forward pass and writes through `.data`. About 15 ms for Lite0."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        h.update(t.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy())
+    return h.digest()
 
 
 def frozen_forward(owner: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], key: str, example: np.ndarray,
                    device: torch.device, n_images: int, depends=None) -> FrozenForward:
     """FrozenForward(owner, fn, ...), reusing the last OpenVINO conversion when it was of the
-    same function (`key`) of the same module for the same input size, and none of the
-    tensors fn depends on (`depends`; by default every parameter and buffer of owner) has
-    been changed in place since (PyTorch counts in-place changes per tensor: an optimiser
-    step, load_state_dict). A run of the linear recipe converts its network once, for the
-    bank of features, and scores with the same conversion. Only one conversion is kept."""
+    same function (`key`) of the same module for the same input size, and the tensors fn
+    depends on (`depends`; by default every parameter and buffer of owner) hold the same
+    values. A run of the linear recipe converts its network once, for the bank of
+    features, and scores with the same conversion. Only one conversion is kept."""
     depends = list(depends) if depends is not None else [*owner.parameters(), *owner.buffers()]
-    versions = tuple(t._version for t in depends)
-    shape = tuple(example.shape[1:])
-    device = torch.device(device)
+    where = (key, tuple(example.shape[1:]), torch.device(device).type)
+    if backend_for(device, n_images) != "openvino" and not _kept(owner, where):
+        return FrozenForward(owner, fn, example, device, n_images)
+    digest = weights_digest(depends)
     last = _last_conversion[0]
-    if last is not None and last[0]() is owner and last[1] == (key, shape, device.type) and last[2] == versions:
+    if _kept(owner, where) and last[2] == digest:
         owner.eval()
         return last[3]
     run = FrozenForward(owner, fn, example, device, n_images)
     if run.backend == "openvino":
-        _last_conversion[0] = (weakref.ref(owner), (key, shape, device.type), versions, run)
+        _last_conversion[0] = (weakref.ref(owner), where, digest, run)
     return run
+
+
+def _kept(owner: nn.Module, where: tuple) -> bool:
+    last = _last_conversion[0]
+    return last is not None and last[0]() is owner and last[1] == where
 
 
 def embed_tensors(model) -> list[torch.Tensor]:
