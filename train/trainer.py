@@ -355,16 +355,18 @@ class Trainer:
         x = to_tensor(x_train[np.arange(batch) % n], self.device)
         target = torch.from_numpy(np.asarray(y_train)[np.arange(batch) % n]).to(self.device)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        amp = Amp(self.device)      # the steps in the training's precision (bfloat16 on CUDA)
         self.model.eval()
         trunk_s, step_s = [], []
         for _ in range(4):
-            with torch.no_grad():
+            with torch.no_grad(), exact_fp32():     # as the bank is computed
                 t0 = time.perf_counter()
                 h = self.model.trunk(x, plan.frozen)
                 sync()
                 trunk_s.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            loss = F.cross_entropy(self.model.head(self.model.features(h, plan.frozen)), target)
+            with amp.autocast():
+                loss = F.cross_entropy(self.model.head(self.model.features(h, plan.frozen)), target)
             loss.backward()
             sync()
             step_s.append(time.perf_counter() - t0)
