@@ -518,13 +518,34 @@ def test_batch_augmentation_draws_per_image_and_keeps_flips_and_turns_exact():
     assert np.abs(gram[:, 0, 1]).max() < 1e-5 and np.allclose(gram[:, 0, 0], gram[:, 1, 1], rtol=1e-5)
 
 
-def test_full_training_with_batch_augmentation_learns(synth_dir, synth_test_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_full_training_with_batch_augmentation_learns(synth_dir, synth_test_dir, tmp_path, monkeypatch, layout):
     """The batched (CUDA) augmentation path, forced on the CPU: the images go to the device
-    once as uint8 and the model still learns the parts."""
+    once as uint8 and the model still learns the parts, in either memory layout (the
+    batches and the weights are in the one asked for)."""
+    from lineside.train import trainer as trainer_mod
+
     monkeypatch.setenv("LINESIDE_BATCH_AUGMENT", "1")
+    monkeypatch.setenv("LINESIDE_CHANNELS_LAST", "1" if layout == "channels_last" else "0")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    seen = []
+    real = trainer_mod.train_one_epoch
+
+    def watched(forward, optimizer, batches, *args, **kw):
+        stem = next(p for p in forward.parameters() if p.dim() == 4)
+
+        def checked():
+            for xb, yb in batches:
+                seen.append((xb.is_contiguous(memory_format=fmt), stem.is_contiguous(memory_format=fmt)))
+                yield xb, yb
+
+        return real(forward, optimizer, checked(), *args, **kw)
+
+    monkeypatch.setattr(trainer_mod, "train_one_epoch", watched)
     out = tmp_path / "run"
     train_run(synth_dir, out, TrainConfig(strategy="full", image_size=64, epochs=5, batch_size=16, device="cpu",
                                           val_fraction=0.25), progress=False)
+    assert seen and all(batch and weights for batch, weights in seen)
     assert evaluate_run(out, synth_test_dir, progress=False)["balanced_accuracy"] > 0.6
     rows = list(csv.DictReader(open(out / "history.csv")))
     assert len(rows) == 5
@@ -573,16 +594,17 @@ def test_class_weights_keep_a_rare_class_from_being_swallowed_by_the_common_one(
     assert np.mean(recalls["loss"]) > np.mean(recalls["none"]) + 0.05
 
 
-def test_layout_is_channels_last_but_on_cuda_nchw_when_asked(monkeypatch):
-    """LINESIDE_CHANNELS_LAST=0 puts images and weights in NCHW on CUDA (where PyTorch then
-    runs its own depthwise kernels instead of cuDNN's); the CPU keeps channels_last."""
+def test_layout_is_channels_last_unless_asked_for_nchw(monkeypatch):
+    """LINESIDE_CHANNELS_LAST=0 puts images and weights in NCHW (on CUDA PyTorch then runs
+    its own depthwise kernels instead of cuDNN's); channels_last otherwise."""
     from lineside.train.data import in_layout, memory_format, to_tensor
 
-    cuda = torch.device("cuda")
-    assert memory_format(cuda) == memory_format("cpu") == torch.channels_last
-    monkeypatch.setenv("LINESIDE_CHANNELS_LAST", "0")
-    assert memory_format(cuda) == torch.contiguous_format and memory_format("cpu") == torch.channels_last
     t = to_tensor(_images(2), torch.device("cpu"))
+    assert memory_format("cuda") == memory_format("cpu") == torch.channels_last
     assert t.is_contiguous(memory_format=torch.channels_last) and t.dtype == torch.float32
-    nchw = in_layout(t.contiguous())
-    assert nchw.is_contiguous(memory_format=torch.channels_last) and torch.equal(nchw, t)
+    assert in_layout(t) is t                     # already in the layout: no copy
+    monkeypatch.setenv("LINESIDE_CHANNELS_LAST", "0")
+    assert memory_format("cuda") == memory_format("cpu") == torch.contiguous_format
+    nchw = to_tensor(_images(2), torch.device("cpu"))
+    assert nchw.is_contiguous() and not nchw.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(nchw, t)

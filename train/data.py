@@ -9,21 +9,21 @@ import torch
 
 
 def memory_format(device) -> torch.memory_format:
-    """The layout of images and weights on `device`: channels_last (NHWC in memory), except
-    on CUDA with LINESIDE_CHANNELS_LAST=0, where it is NCHW. The two run different
-    depthwise kernels there: PyTorch hands every channels_last depthwise convolution to
-    cuDNN, whose recent versions build its kernels at first use of each shape (reported
-    as a cold start of about a second per plan from cuDNN 9.10), while NCHW float32 and
-    bfloat16 depthwise convolutions run PyTorch's own kernels. benchmarks/gpu_train.py
-    measures both; on the CPU the layout is always channels_last."""
-    if torch.device(device).type == "cuda" and os.environ.get("LINESIDE_CHANNELS_LAST", "1") == "0":
+    """The layout of images and weights on `device`: channels_last (NHWC in memory), or NCHW
+    with LINESIDE_CHANNELS_LAST=0. On CUDA the two run different depthwise kernels:
+    PyTorch hands every channels_last depthwise convolution to cuDNN, whose recent versions
+    build its kernels at first use of each shape (reported as a cold start of about a
+    second per plan from cuDNN 9.10), while NCHW float32 and bfloat16 depthwise
+    convolutions run PyTorch's own kernels. benchmarks/gpu_train.py measures both."""
+    if os.environ.get("LINESIDE_CHANNELS_LAST", "1") == "0":
         return torch.contiguous_format
     return torch.channels_last
 
 
 def in_layout(t: torch.Tensor) -> torch.Tensor:
-    """An N x 3 x H x W tensor in memory_format(its device) (no copy when it already is)."""
-    return t.contiguous(memory_format=memory_format(t.device))
+    """An N x 3 x H x W tensor in memory_format(its device); itself when it already is."""
+    fmt = memory_format(t.device)
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
 def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import in_layout
+from .data import in_layout, memory_format
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ class UInt8Input(nn.Module):
         self.fn = fn
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.permute(0, 3, 1, 2).float()       # channels_last in memory, as the CPU wants it
-        return self.fn(in_layout(x) if x.is_cuda else x)
+        return self.fn(in_layout(image.permute(0, 3, 1, 2).float()))   # a permuted NHWC tensor: channels_last
 
 
 def backend_for(device: torch.device, n_images: int) -> str:
@@ -105,7 +104,7 @@ class FrozenForward:
         if self.backend == "openvino":
             self.owner = self.module = None      # the compiled model holds its own weights
         elif self.device.type == "cpu":
-            self.owner.to(memory_format=torch.channels_last)
+            self.owner.to(memory_format=memory_format(self.device))
 
     @property
     def batch_size(self) -> int:
