@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 
-def memory_format(device) -> torch.memory_format:
-    """The layout of images and weights on `device`: channels_last (NHWC in memory), or NCHW
-    with LINESIDE_CHANNELS_LAST=0. On CUDA the two run different depthwise kernels:
+def memory_format() -> torch.memory_format:
+    """The layout of images and weights: channels_last (NHWC in memory), or NCHW with
+    LINESIDE_CHANNELS_LAST=0. On CUDA the two run different depthwise kernels:
     PyTorch hands every channels_last depthwise convolution to cuDNN, whose recent versions
     build its kernels at first use of each shape (reported as a cold start of about a
     second per plan from cuDNN 9.10), while NCHW float32 and bfloat16 depthwise
@@ -21,12 +21,12 @@ def memory_format(device) -> torch.memory_format:
 
 
 def in_layout(t: torch.Tensor) -> torch.Tensor:
-    """An N x 3 x H x W tensor in memory_format(its device); itself when it already is."""
-    fmt = memory_format(t.device)
+    """An N x 3 x H x W tensor in memory_format(); itself when it already is."""
+    fmt = memory_format()
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
 def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    """N x H x W x 3 uint8 -> N x 3 x H x W float32 (0..255), in memory_format(device)."""
+    """N x H x W x 3 uint8 -> N x 3 x H x W float32 (0..255), in memory_format()."""
     t = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True)
     return in_layout(t.permute(0, 3, 1, 2).float())  # a permuted NHWC tensor is already channels_last

@@ -39,7 +39,7 @@ class RunScorer:
 
     def __init__(self, model, device: torch.device | None = None):
         device = device or run_device(None)
-        self.model = model.to(device).to(memory_format=memory_format(device))
+        self.model = model.to(device).to(memory_format=memory_format())
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return score(self.model, x)

@@ -104,7 +104,7 @@ class FrozenForward:
         if self.backend == "openvino":
             self.owner = self.module = None      # the compiled model holds its own weights
         elif self.device.type == "cpu":
-            self.owner.to(memory_format=memory_format(self.device))
+            self.owner.to(memory_format=memory_format())
 
     @property
     def batch_size(self) -> int:
@@ -195,24 +195,19 @@ def frozen_forward(owner: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
     depends on (`depends`; by default every parameter and buffer of owner) hold the same
     values. A run of the linear recipe converts its network once, for the bank of
     features, and scores with the same conversion. Only one conversion is kept."""
-    depends = list(depends) if depends is not None else [*owner.parameters(), *owner.buffers()]
     where = (key, tuple(example.shape[1:]), torch.device(device).type)
-    if backend_for(device, n_images) != "openvino" and not _kept(owner, where):
-        return FrozenForward(owner, fn, example, device, n_images)
-    digest = weights_digest(depends)
     last = _last_conversion[0]
-    if _kept(owner, where) and last[2] == digest:
+    kept = last is not None and last[0]() is owner and last[1] == where
+    if not kept and backend_for(device, n_images) != "openvino":
+        return FrozenForward(owner, fn, example, device, n_images)
+    digest = weights_digest(depends if depends is not None else [*owner.parameters(), *owner.buffers()])
+    if kept and last[2] == digest:
         owner.eval()
         return last[3]
     run = FrozenForward(owner, fn, example, device, n_images)
     if run.backend == "openvino":
         _last_conversion[0] = (weakref.ref(owner), where, digest, run)
     return run
-
-
-def _kept(owner: nn.Module, where: tuple) -> bool:
-    last = _last_conversion[0]
-    return last is not None and last[0]() is owner and last[1] == where
 
 
 def embed_tensors(model) -> list[torch.Tensor]:

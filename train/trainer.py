@@ -253,7 +253,7 @@ class Trainer:
                                 f"deepest stages, which a head on middle stages does not use)")
         self.model = Classifier(backbone, self.entry.feature_dim, len(self.classes), spec, cfg.dropout, taps=taps,
                                 pool=TAPS_POOL)
-        self.model.to(self.device).to(memory_format=memory_format(self.device))
+        self.model.to(self.device).to(memory_format=memory_format())
         self.pretrained = weights != "none"
 
     # -- public -------------------------------------------------------------------
@@ -337,7 +337,7 @@ class Trainer:
                       f"in cross-validation ({mid_acc:.1%} vs {last_acc:.1%}): {mid_head}")
         self.model = Classifier(self.model.backbone, self.entry.feature_dim, len(self.classes), self.spec,
                                 self.cfg.dropout, taps=mid, pool=TAPS_POOL).to(self.device).to(
-                                    memory_format=memory_format(self.device))
+                                    memory_format=memory_format())
         return "linear", reason, cv
 
     def _estimate_finetune_s(self, x_train, y_train, calibrate_out_of_fold: bool) -> tuple[float, int]:
