@@ -377,10 +377,12 @@ def _images(n, size=64, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def test_frozen_forward_in_openvino_matches_pytorch(tiny_run):
+def test_frozen_forward_in_openvino_matches_pytorch(tiny_run, monkeypatch):
     """Scores, pooled features and trunk activations are the same whichever runs them, and a
-    large job on the CPU really runs in OpenVINO (small ones stay in PyTorch)."""
-    from lineside.train.infer import MIN_OPENVINO_IMAGES, FrozenForward
+    large job on the CPU really runs in OpenVINO (small ones stay in PyTorch; how large
+    counts pixels: 192 images of 224 px are worth a conversion, of 64 px not)."""
+    from lineside.train import infer
+    from lineside.train.infer import FrozenForward
     from lineside.train.trainer import predict_proba, score
 
     model = load_checkpoint(tiny_run[0]).model.eval()
@@ -391,29 +393,36 @@ def test_frozen_forward_in_openvino_matches_pytorch(tiny_run):
         assert (fast.backend, slow.backend) == ("openvino", "torch")
         a, b = fast.map(x), slow.map(x)
         assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4 * max(1.0, float(b.abs().max()))
-    views = len(model.views or (0,))
-    big = _images(MIN_OPENVINO_IMAGES // views + 1, seed=1)
+    assert infer.backend_for("cpu", 192) == "openvino" and infer.backend_for("cpu", 192, (64, 64)) == "torch"
+    assert infer.backend_for("cpu", 2400, (64, 64)) == "openvino" and infer.backend_for("cuda", 10**6) == "torch"
+    monkeypatch.setattr(infer, "MIN_OPENVINO_IMAGES", 2)      # this small job in OpenVINO too
+    big = _images(40, seed=1)
     assert np.abs(score(model, big) - predict_proba(model, big)).max() < 1e-5
 
 
-def test_a_conversion_is_reused_until_a_weight_it_reads_changes_and_views_score_as_in_pytorch(tiny_run):
+def test_a_conversion_is_reused_until_a_weight_it_reads_changes_and_views_score_as_in_pytorch(tiny_run,
+                                                                                           monkeypatch):
     """In OpenVINO score() converts the single-view network and averages the test-time views
     itself: the probabilities of PyTorch's forward with its views. The conversion is reused
     while the weights and statistics it reads hold the same values (the head is not one of
     them; BatchNorm statistics are, even changed where PyTorch does not count the change)."""
-    from lineside.train.infer import MIN_OPENVINO_IMAGES, embed_tensors, frozen_forward
+    from lineside.train import infer
+    from lineside.train.infer import embed_tensors, frozen_forward
     from lineside.train.trainer import predict_proba, score
 
     model = load_checkpoint(tiny_run[0]).model.eval()
     model.views = (0, 1, 2, 3)
-    x = _images(MIN_OPENVINO_IMAGES // 4 + 1, seed=4)
+    monkeypatch.setattr(infer, "MIN_OPENVINO_IMAGES", 4)      # score these few images in OpenVINO
+    x = _images(24, seed=4)
     assert np.abs(score(model, x) - predict_proba(model, x)).max() < 1e-5
 
     def convert():
         return frozen_forward(model, model.embed, "embed", x[:1], "cpu", 10_000, depends=embed_tensors(model))
 
+    kept = infer._last_conversion[0]
     first = convert()
-    assert first.backend == "openvino" and convert() is first     # score's own conversion, reused
+    assert first.backend == "openvino" and kept is not None and first is kept[3]   # score's own conversion
+    assert convert() is first
     with torch.no_grad():
         model.head.weight.mul_(2.0)
     assert convert() is first

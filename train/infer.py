@@ -28,7 +28,9 @@ from .data import in_layout, memory_format
 
 log = logging.getLogger(__name__)
 
-# Below this many images (times views) conversion costs more than it saves.
+# Below this many images (times views) of 224 x 224 px, proportionally more of smaller ones,
+# conversion costs more than it saves. Measured break-even on a 2-core CPU (Lite0, one
+# conversion of about 1.5 s): 82 images at 224 px, 254 at 128 px, about 700-1300 at 64 px.
 MIN_OPENVINO_IMAGES = 192
 TORCH_CPU_BATCH = 8      # PyTorch on the CPU: small batches stay in cache (1.7x faster than 32, measured)
 OPENVINO_BATCH = 8
@@ -70,12 +72,13 @@ class UInt8Input(nn.Module):
         return self.fn(in_layout(image.permute(0, 3, 1, 2).float()))   # a permuted NHWC tensor: channels_last
 
 
-def backend_for(device: torch.device, n_images: int) -> str:
-    """"openvino" or "torch" for a job of n_images on `device` (LINESIDE_FAST_INFERENCE=torch
-    keeps every job in PyTorch)."""
+def backend_for(device: torch.device, n_images: int, shape=(224, 224)) -> str:
+    """"openvino" or "torch" for a job of n_images of `shape` (H, W) on `device`
+    (LINESIDE_FAST_INFERENCE=torch keeps every job in PyTorch)."""
     if os.environ.get("LINESIDE_FAST_INFERENCE", "").lower() == "torch":
         return "torch"
-    if torch.device(device).type != "cpu" or n_images < MIN_OPENVINO_IMAGES:
+    work = n_images * shape[0] * shape[1] / (224 * 224)
+    if torch.device(device).type != "cpu" or work < MIN_OPENVINO_IMAGES:
         return "torch"
     try:
         import openvino  # noqa: F401 - part of the base install; absent only in odd environments
@@ -94,7 +97,7 @@ class FrozenForward:
         self.device = torch.device(device)
         self.owner = owner.eval()
         self.module = UInt8Input(owner, fn).eval()
-        self.backend = backend_for(self.device, n_images)
+        self.backend = backend_for(self.device, n_images, example.shape[1:3])
         if self.backend == "openvino":
             try:
                 self._compiled = self._convert(example)
@@ -198,7 +201,7 @@ def frozen_forward(owner: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
     where = (key, tuple(example.shape[1:]), torch.device(device).type)
     last = _last_conversion[0]
     kept = last is not None and last[0]() is owner and last[1] == where
-    if not kept and backend_for(device, n_images) != "openvino":
+    if not kept and backend_for(device, n_images, example.shape[1:3]) != "openvino":
         return FrozenForward(owner, fn, example, device, n_images)
     digest = weights_digest(depends if depends is not None else [*owner.parameters(), *owner.buffers()])
     if kept and last[2] == digest:

@@ -843,7 +843,7 @@ def score(model: Classifier, x: np.ndarray, device=None, progress=None, logits: 
     if len(x) == 0:
         return np.zeros((0, model.head.out_features), np.float32)
     views = model.views or (0,)
-    if backend_for(device, len(x) * len(views)) != "openvino":
+    if backend_for(device, len(x) * len(views), x.shape[1:3]) != "openvino":
         out = (lambda t: model(t).float()) if logits else (lambda t: torch.softmax(model(t).float(), 1))
         return FrozenForward(model, out, x[:1], device, len(x) * len(views)).map(x, progress).numpy()
     # In OpenVINO the single-view network is converted, once (with four views in its graph
