@@ -91,8 +91,15 @@ def test_views(flip: bool, rot90: bool, square: bool = True) -> tuple[int, ...]:
 
 def orient(image: np.ndarray, k: int) -> np.ndarray:
     """Orientation k of an H x W x C image (see orientations)."""
-    out = np.rot90(image, k % 4)
-    return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
+    return orient_batch(image[None], k)[0]
+
+
+def orient_batch(x: np.ndarray, k: int) -> np.ndarray:
+    """Orientation k of every image of an N x H x W x C batch (x itself for k = 0)."""
+    if k == 0:
+        return x
+    out = np.rot90(x, k % 4, axes=(1, 2))
+    return np.ascontiguousarray(out[:, :, ::-1] if k >= 4 else out)
 
 
 class BatchAugmenter:

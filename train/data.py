@@ -26,6 +26,11 @@ def in_layout(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
+def place(module: torch.nn.Module, device) -> torch.nn.Module:
+    """`module` on `device`, its weights in memory_format()."""
+    return module.to(device).to(memory_format=memory_format())
+
+
 def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
     """N x H x W x 3 uint8 -> N x 3 x H x W float32 (0..255), in memory_format()."""
     t = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True)

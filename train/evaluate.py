@@ -12,7 +12,7 @@ from lineside.scoring import evaluate, predict_paths
 
 from . import trainer
 from .checkpoint import load_checkpoint, resolve_checkpoint
-from .data import memory_format
+from .data import place
 from .trainer import score
 
 
@@ -39,7 +39,7 @@ class RunScorer:
 
     def __init__(self, model, device: torch.device | None = None):
         device = device or run_device(None)
-        self.model = model.to(device).to(memory_format=memory_format())
+        self.model = place(model, device)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return score(self.model, x)

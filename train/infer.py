@@ -216,11 +216,3 @@ def frozen_forward(owner: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
 def embed_tensors(model) -> list[torch.Tensor]:
     """What a Classifier's `embed` reads: the normalisation and the backbone."""
     return [model.mean, model.std, *model.backbone.parameters(), *model.backbone.buffers()]
-
-
-def orient_batch(x: np.ndarray, k: int) -> np.ndarray:
-    """Orientation k of every image of an N x H x W x C batch, as augment.orient turns one."""
-    if k == 0:
-        return x
-    out = np.rot90(x, k % 4, axes=(1, 2))
-    return np.ascontiguousarray(out[:, :, ::-1] if k >= 4 else out)

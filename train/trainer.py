@@ -30,13 +30,13 @@ from tqdm import tqdm
 
 from lineside.errors import LinesideError
 
-from .augment import Augmenter, BatchAugmenter, orient, orientations, test_views
+from .augment import Augmenter, BatchAugmenter, orient_batch, orientations, test_views
 from .backbones import build_backbone
 from .config import TrainConfig
 from . import distributed
-from .data import in_layout, memory_format, to_tensor
+from .data import in_layout, place, to_tensor
 from .distributed import Dist
-from .infer import FrozenForward, backend_for, embed_tensors, exact_fp32, fill_up, frozen_forward, orient_batch
+from .infer import FrozenForward, backend_for, embed_tensors, exact_fp32, fill_up, frozen_forward
 from .model import TAPS_POOL, Classifier, pool_map, resolve_taps, stage_widths
 
 log = logging.getLogger(__name__)
@@ -172,8 +172,7 @@ def view_bank(run: FrozenForward, x: np.ndarray, group: tuple[int, ...], aug: Au
         for s in range(0, len(x), BANK_CHUNK):
             batch = x[s:s + BANK_CHUNK]
             if v < len(group):
-                if group[v]:
-                    batch = np.stack([orient(im, group[v]) for im in batch])
+                batch = orient_batch(batch, group[v])
             else:
                 batch = np.stack([aug(im) for im in batch])
             outputs.append(run.map(batch, progress=progress).to("cpu", dtype))
@@ -253,7 +252,7 @@ class Trainer:
                                 f"deepest stages, which a head on middle stages does not use)")
         self.model = Classifier(backbone, self.entry.feature_dim, len(self.classes), spec, cfg.dropout, taps=taps,
                                 pool=TAPS_POOL)
-        self.model.to(self.device).to(memory_format=memory_format())
+        place(self.model, self.device)
         self.pretrained = weights != "none"
 
     # -- public -------------------------------------------------------------------
@@ -335,9 +334,8 @@ class Trainer:
         else:
             reason = (f"auto: middle-stage features separate the training images better than the last stage "
                       f"in cross-validation ({mid_acc:.1%} vs {last_acc:.1%}): {mid_head}")
-        self.model = Classifier(self.model.backbone, self.entry.feature_dim, len(self.classes), self.spec,
-                                self.cfg.dropout, taps=mid, pool=TAPS_POOL).to(self.device).to(
-                                    memory_format=memory_format())
+        self.model = place(Classifier(self.model.backbone, self.entry.feature_dim, len(self.classes), self.spec,
+                                      self.cfg.dropout, taps=mid, pool=TAPS_POOL), self.device)
         return "linear", reason, cv
 
     def _estimate_finetune_s(self, x_train, y_train, calibrate_out_of_fold: bool) -> tuple[float, int]:
