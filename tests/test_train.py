@@ -575,6 +575,21 @@ def test_validation_on_the_device_scores_like_predict_proba(tiny_run):
     assert np.abs(torch.softmax(logits, 1).numpy() - predict_proba(model, x)).max() < 1e-5
 
 
+def test_take_gathers_rows_and_keeps_pinned_images_pinned(test_device):
+    """A batch of host images for a GPU run (a set too large for its memory) is gathered
+    into pinned memory, so its copy to the GPU does not wait; plain indexing would give
+    pageable memory. Pinning needs a CUDA driver: with LINESIDE_TEST_DEVICE=cuda the
+    pinned case is checked, on the CPU the rows alone."""
+    from lineside.train.trainer import take
+
+    images = torch.arange(5 * 2 * 2 * 3, dtype=torch.uint8).reshape(5, 2, 2, 3)
+    at = torch.tensor([4, 0, 4, 2])
+    pinned = test_device == "cuda"
+    got = take(images.pin_memory() if pinned else images, at)
+    assert torch.equal(got, images[at])
+    assert got.is_pinned() == pinned
+
+
 def test_class_weights_keep_a_rare_class_from_being_swallowed_by_the_common_one():
     """Imbalance (--balance loss, the default): with 20 times more images of one class
     (an OK class is most of what a line photographs) and classes that overlap, an

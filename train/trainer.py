@@ -573,7 +573,7 @@ class Trainer:
             def batches(rng):
                 for idx in self._epoch_indices(y_train, rng, shard=True, same_size=True):
                     at = torch.from_numpy(idx).to(images_t.device)
-                    xb = images_t[at].to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+                    xb = take(images_t, at).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
                     yield (in_layout(batch_aug(xb)),
                            targets_t[at.to(self.device)])
         else:
@@ -778,12 +778,25 @@ def batch_augment(device: torch.device) -> bool:
 
 def device_images(x: np.ndarray, device: torch.device) -> torch.Tensor:
     """The uint8 images as one tensor on the device when they take under half of its free
-    memory, else in pinned host memory (copied batch by batch without blocking)."""
+    memory, else in pinned host memory (each batch gathered by `take` and copied without
+    blocking)."""
     t = torch.from_numpy(np.ascontiguousarray(x))
     if device.type != "cuda":
         return t.to(device)
     free, _ = torch.cuda.mem_get_info(device)
     return t.to(device) if t.nbytes < free // 2 else t.pin_memory()
+
+
+def take(images: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """images[at] (rows `at`, on images' device). From pinned host images (device_images of
+    a set too large for the GPU) the rows are gathered into pinned memory too: indexing a
+    pinned tensor gives ordinary pageable memory, from which a copy to the GPU waits for
+    the host instead of overlapping the steps. PyTorch's pinned-memory cache keeps each
+    buffer until its copy has finished."""
+    if not images.is_pinned():
+        return images[at]
+    out = torch.empty((len(at), *images.shape[1:]), dtype=images.dtype, pin_memory=True)
+    return torch.index_select(images, 0, at, out=out)
 
 
 @torch.inference_mode()
@@ -794,10 +807,10 @@ def device_logits(model: Classifier, images: torch.Tensor, batch_size: int, amp:
     device = next(model.parameters()).device
     n, out = len(images), []
     for s in range(0, n, batch_size):
-        chunk = images[s:s + batch_size]
-        xb = fill_up(chunk, images, batch_size).to(device, non_blocking=True)
+        real = min(batch_size, n - s)
+        at = torch.arange(s, s + (batch_size if n >= batch_size else real)) % n   # fill_up's rows
+        xb = take(images, at.to(images.device)).to(device, non_blocking=True)
         xb = in_layout(xb.permute(0, 3, 1, 2).float())
-        real = len(chunk)
         with amp.autocast():
             out.append(model(xb)[:real].float())
     return torch.cat(out).cpu() if out else torch.zeros(0, model.head.out_features)
