@@ -30,7 +30,9 @@ from lineside.dataset import load_arrays, load_image_set, scores_over_draws
 from lineside.train.augment import AugmentConfig, orient
 from lineside.train.backbones import BACKBONES
 from lineside.train.config import TrainConfig
-from lineside.train.trainer import INFER_BATCH, Trainer, auto_views, to_tensor
+from lineside.train.data import to_tensor
+from lineside.train.heads import INFER_BATCH
+from lineside.train.trainer import Trainer, auto_views
 
 # name: (augmentation, views per image; None = what lineside train picks)
 POLICIES = {

@@ -39,7 +39,8 @@ from pooling_probe import cached_features  # noqa: E402
 from lineside.dataset import draw_per_class  # noqa: E402
 from lineside.metrics import expected_calibration_error  # noqa: E402
 from lineside.train.calibrate import cap_temperature, fit_temperature, softmax, stratified_folds  # noqa: E402
-from lineside.train.trainer import HEAD_L2, fit_linear_head  # noqa: E402
+from lineside.train.heads import fit_linear_head  # noqa: E402
+from lineside.train.trainer import HEAD_L2  # noqa: E402
 
 METHODS = ("none", "one", "repeated", "loo", "oracle")
 

@@ -26,7 +26,7 @@ import torch
 from lineside.dataset import load_arrays, load_image_set, scores_over_draws
 from lineside.train.backbones import build_backbone
 from lineside.train.model import Classifier
-from lineside.train.trainer import fit_probe, pooled_stage_features
+from lineside.train.heads import fit_probe, pooled_stage_features
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,7 @@ from lineside.dataset import draw_per_class, load_arrays  # noqa: E402
 from lineside.metrics import classification_report  # noqa: E402
 from lineside.train.backbones import build_backbone  # noqa: E402
 from lineside.train.model import Classifier  # noqa: E402
-from lineside.train.trainer import fit_probe  # noqa: E402
+from lineside.train.heads import fit_probe  # noqa: E402
 
 
 def extract(name, size, out):

@@ -129,17 +129,17 @@ def test_shared_frozen_layers_predict_like_the_whole_network(synth_dir):
 def test_a_study_of_auto_measures_what_lineside_train_would_choose(synth_dir, monkeypatch):
     """auto in a study is auto as in `lineside train`: when the middle stages win the
     cross-validation, the row is a linear head on them, scored through the whole model."""
-    from lineside.train import trainer as trainer_mod
+    from lineside.train import auto
     from lineside.train.study import Study
 
-    real = trainer_mod.pooled_stage_features
+    real = auto.pooled_stage_features
 
     def last_stage_is_noise(model, x, device, **kw):
         feats = real(model, x, device, **kw)
         feats[-1] = np.random.default_rng(0).normal(0, 1, feats[-1].shape).astype(np.float32)
         return feats
 
-    monkeypatch.setattr(trainer_mod, "pooled_stage_features", last_stage_is_noise)
+    monkeypatch.setattr(auto, "pooled_stage_features", last_stage_is_noise)
     study = Study(synth_dir, TrainConfig(**TINY), views=1, progress=False)
     drawn, rest = draw_per_class(study.data.y, 6, 0)
     row = study.run_one("auto", drawn, rest, 0)

@@ -159,18 +159,18 @@ def test_finetune_all_fits_the_head_first_then_trains_every_stage(synth_dir, tmp
 
 
 def test_ctrl_c_during_training_still_saves_a_model(synth_dir, tmp_path, monkeypatch):
-    from lineside.train.trainer import Trainer
+    from lineside.train import loop
 
     calls = {"n": 0}
-    original = Trainer._set_train_mode
+    original = loop.set_train_mode
 
-    def interrupt_on_second_epoch(self, frozen):
+    def interrupt_on_second_epoch(*args):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return original(self, frozen)
+        return original(*args)
 
-    monkeypatch.setattr(Trainer, "_set_train_mode", interrupt_on_second_epoch)
+    monkeypatch.setattr(loop, "set_train_mode", interrupt_on_second_epoch)
     metrics = train_run(synth_dir, tmp_path, TrainConfig(strategy="finetune", **TINY), progress=False)
     assert metrics["interrupted"] is True
     rows = list(csv.DictReader(open(tmp_path / "history.csv")))
@@ -302,7 +302,7 @@ def test_taps_are_checked():
 
 
 def test_cross_validated_probe_tells_informative_features_from_noise():
-    from lineside.train.trainer import cross_validated_probe
+    from lineside.train.heads import cross_validated_probe
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 8)
@@ -316,10 +316,10 @@ def test_auto_picks_a_middle_stage_head_only_when_it_wins_in_cross_validation(sy
     """auto compares linear heads on the last and on the middle stages over the training
     images: middle stages that separate the classes clearly better make it choose a
     linear head on them; otherwise fine-tuning stays the recipe."""
-    from lineside.train import trainer as trainer_mod
+    from lineside.train import auto
     from lineside.train.model import resolve_taps
 
-    real = trainer_mod.pooled_stage_features
+    real = auto.pooled_stage_features
 
     def noise_in(which):
         def features(model, x, device, **kw):
@@ -331,14 +331,14 @@ def test_auto_picks_a_middle_stage_head_only_when_it_wins_in_cross_validation(sy
             return feats
         return features
 
-    monkeypatch.setattr(trainer_mod, "pooled_stage_features", noise_in("last"))
+    monkeypatch.setattr(auto, "pooled_stage_features", noise_in("last"))
     metrics = train_run(synth_dir, tmp_path / "tex", TrainConfig(**TINY), progress=False)
     assert metrics["strategy"] == "linear" and "middle-stage" in metrics["strategy_reason"]
     cv = metrics["auto_cross_validation"]
-    assert cv["middle_stages"] >= cv["last_stage"] + trainer_mod.AUTO_TAPS_MARGIN
+    assert cv["middle_stages"] >= cv["last_stage"] + auto.AUTO_TAPS_MARGIN
     assert load_checkpoint(tmp_path / "tex").model.taps is not None
 
-    monkeypatch.setattr(trainer_mod, "pooled_stage_features", noise_in("mid"))
+    monkeypatch.setattr(auto, "pooled_stage_features", noise_in("mid"))
     metrics = train_run(synth_dir, tmp_path / "obj", TrainConfig(**TINY), progress=False)
     cv = metrics["auto_cross_validation"]
     assert metrics["strategy"] == "finetune" and cv["middle_stages"] < cv["last_stage"]
@@ -365,7 +365,7 @@ def test_auto_picks_a_middle_stage_head_only_when_it_wins_in_cross_validation(sy
     # over the budget, the middle stages' head when they scored better (by less than the margin that
     # picks them outright)
     scores = iter([0.80, 0.81])   # last stage, middle stages
-    monkeypatch.setattr(trainer_mod, "cross_validated_probe", lambda *a, **k: next(scores))
+    monkeypatch.setattr(auto, "cross_validated_probe", lambda *a, **k: next(scores))
     metrics = train_run(synth_dir, tmp_path / "slow_mid", TrainConfig(**TINY, time_budget=1e-3), progress=False)
     assert metrics["strategy"] == "linear" and "maximum of stages" in metrics["strategy_reason"]
     assert load_checkpoint(tmp_path / "slow_mid").model.taps is not None
@@ -532,13 +532,13 @@ def test_full_training_with_batch_augmentation_learns(synth_dir, synth_test_dir,
     """The batched (CUDA) augmentation path, forced on the CPU: the images go to the device
     once as uint8 and the model still learns the parts, in either memory layout (the
     batches and the weights are in the one asked for)."""
-    from lineside.train import trainer as trainer_mod
+    from lineside.train import loop
 
     monkeypatch.setenv("LINESIDE_BATCH_AUGMENT", "1")
     monkeypatch.setenv("LINESIDE_CHANNELS_LAST", "1" if layout == "channels_last" else "0")
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     seen = []
-    real = trainer_mod.train_one_epoch
+    real = loop.train_one_epoch
 
     def watched(forward, optimizer, batches, *args, **kw):
         stem = next(p for p in forward.parameters() if p.dim() == 4)
@@ -550,7 +550,7 @@ def test_full_training_with_batch_augmentation_learns(synth_dir, synth_test_dir,
 
         return real(forward, optimizer, checked(), *args, **kw)
 
-    monkeypatch.setattr(trainer_mod, "train_one_epoch", watched)
+    monkeypatch.setattr(loop, "train_one_epoch", watched)
     out = tmp_path / "run"
     train_run(synth_dir, out, TrainConfig(strategy="full", image_size=64, epochs=5, batch_size=16, device="cpu",
                                           val_fraction=0.25), progress=False)
@@ -565,7 +565,8 @@ def test_full_training_with_batch_augmentation_learns(synth_dir, synth_test_dir,
 def test_validation_on_the_device_scores_like_predict_proba(tiny_run):
     """Validation during end-to-end training: images already on the device, every batch of
     the training's size (the last one filled up and its extra rows dropped)."""
-    from lineside.train.trainer import Amp, device_logits, predict_proba
+    from lineside.train.loop import Amp, device_logits
+    from lineside.train.trainer import predict_proba
 
     model = load_checkpoint(tiny_run[0]).model.eval()
     model.views = None                      # as during training
@@ -580,7 +581,7 @@ def test_take_gathers_rows_and_keeps_pinned_images_pinned(test_device):
     into pinned memory, so its copy to the GPU does not wait; plain indexing would give
     pageable memory. Pinning needs a CUDA driver: with LINESIDE_TEST_DEVICE=cuda the
     pinned case is checked, on the CPU the rows alone."""
-    from lineside.train.trainer import take
+    from lineside.train.loop import take
 
     images = torch.arange(5 * 2 * 2 * 3, dtype=torch.uint8).reshape(5, 2, 2, 3)
     at = torch.tensor([4, 0, 4, 2])
@@ -596,7 +597,8 @@ def test_class_weights_keep_a_rare_class_from_being_swallowed_by_the_common_one(
     unweighted head calls nearly everything the common class; the weighted head finds
     the rare class far more often and scores a better balanced accuracy on balanced
     held-out data."""
-    from lineside.train.trainer import class_weights, fit_linear_head
+    from lineside.train.heads import fit_linear_head
+    from lineside.train.loop import class_weights
 
     rng = np.random.default_rng(0)
 

@@ -32,7 +32,8 @@ from .augment import Augmenter
 from .backbones import BACKBONES
 from .config import TrainConfig
 from .infer import FrozenForward, embed_tensors, frozen_forward
-from .trainer import BANK_CHUNK, INFER_BATCH, Trainer, resolve_strategy, view_bank
+from .heads import INFER_BATCH
+from .trainer import BANK_CHUNK, Trainer, resolve_strategy, view_bank
 
 log = logging.getLogger(__name__)
 

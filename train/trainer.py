@@ -12,32 +12,36 @@ flips and quarter turns the augmentation allows, exactly, then random augmented
 copies) and reused every epoch: the costly high-resolution layers run once, and only the
 deep, low-resolution stages are trained. That is what makes few-shot
 fine-tuning take a minute or two on a two-core CPU.
+
+The Trainer follows a recipe; the epoch loop it shares between recipes is loop.py, the
+linear heads' fit heads.py, and auto's choice between heads auto.py.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from lineside.errors import LinesideError
 
 from .augment import Augmenter, BatchAugmenter, orient_batch, orientations, test_views
+from .auto import choose_head, estimate_finetune_s
 from .backbones import build_backbone
 from .config import TrainConfig
 from . import distributed
 from .data import in_layout, place, to_tensor
 from .distributed import Dist
-from .infer import FrozenForward, backend_for, embed_tensors, exact_fp32, fill_up, frozen_forward
-from .model import TAPS_POOL, Classifier, pool_map, resolve_taps, stage_widths
+from .heads import INFER_BATCH, fit_linear_head
+from .infer import FrozenForward, backend_for, embed_tensors, exact_fp32, frozen_forward
+from .loop import (Amp, batch_augment, class_weights, device_images, device_logits, epoch_indices, fit_epochs,
+                   take, val_metrics)
+from .model import TAPS_POOL, Classifier, resolve_taps
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +49,9 @@ log = logging.getLogger(__name__)
 # validated or trusted more than its frozen features; see README "Choosing a recipe".
 AUTO_LINEAR_BELOW = 3
 VIEWS_BUDGET = 1200  # augmented views cached per training run (before the 16-per-image cap)
-INFER_BATCH = 32
 BANK_CHUNK = 256  # images augmented and handed to the frozen network at once
 SCORE_CHUNK = 128  # images scored at once, every view (OpenVINO; a step of the progress bar)
 HEAD_L2 = 1e-3  # linear recipe: L2 penalty of the head on standardised features
-AUTO_TAPS_MARGIN = 0.02  # auto picks middle-stage taps when they beat the last stage by 2 points in CV
-AUTO_CV_REPEATS = 3  # auto's cross-validation: mean over this many splits into folds
 FINETUNE_CALIBRATION_FOLDS = 3  # a fine-tuned network's out-of-fold calibration: each fold a whole training
 CALIBRATE_OOF_BELOW = 25  # out-of-fold calibration below this many images in the smallest class (see calibrate)
 
@@ -105,62 +106,6 @@ def resolve_strategy(cfg: TrainConfig, per_class_min: int) -> tuple[str, str]:
                         "fine-tune the deepest stages at a 10x smaller learning rate")
 
 
-@torch.inference_mode()
-def pooled_stage_features(model: Classifier, x: np.ndarray, device, pool: str = "avg") -> list[np.ndarray]:
-    """Every stage's output, pooled as a head on taps pools it (model.pool_map with `pool`), for
-    images x (N, H, W, 3) uint8: one pass."""
-    model.eval()
-    out = [[] for _ in model.stages]
-    with torch.no_grad():
-        for s in range(0, len(x), INFER_BATCH):
-            h = model.normalize(to_tensor(x[s:s + INFER_BATCH], device))
-            for k, stage in enumerate(model.stages):
-                h = stage(h)
-                out[k].append(pool_map(h.float(), pool).cpu().numpy())
-    return [np.concatenate(f) for f in out]
-
-
-def fit_linear_head(head: torch.nn.Linear, feats: torch.Tensor, target: torch.Tensor, l2: float,
-                    standardise: bool, weight: torch.Tensor | None = None, max_iter: int = 300) -> None:
-    """Multinomial logistic regression (L-BFGS, L2 on the weights) of `head` on pooled
-    features, in place, from zero weights. With `standardise` the features are fitted on
-    one scale and the scaling is folded back into the head, which stays a plain linear
-    layer on the raw features."""
-    if standardise:
-        mu, sd = feats.mean(0), feats.std(0) + 1e-6
-        feats = (feats - mu) / sd
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-6)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(head(feats), target, weight=weight) + l2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    if standardise:
-        with torch.no_grad():
-            head.weight.div_(sd)
-            head.bias.sub_(head.weight @ mu)
-
-
-def fit_probe(x_train: np.ndarray, y_train: np.ndarray, classes: int, l2: float = 1e-3, max_iter: int = 200):
-    """A quick linear probe on standardised features (fit_linear_head). Returns
-    predict(x) -> labels."""
-    head = torch.nn.Linear(x_train.shape[1], classes)
-    fit_linear_head(head, torch.from_numpy(x_train).float(), torch.from_numpy(y_train).long(), l2, True,
-                    max_iter=max_iter)
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return head(torch.from_numpy(x).float()).argmax(1).numpy()
-
-    return predict
-
-
 def view_bank(run: FrozenForward, x: np.ndarray, group: tuple[int, ...], aug: Augmenter, views: int,
               progress=None, dtype=torch.float32) -> torch.Tensor:
     """The frozen network's outputs for `views` versions of every image, view by view
@@ -177,28 +122,6 @@ def view_bank(run: FrozenForward, x: np.ndarray, group: tuple[int, ...], aug: Au
                 batch = np.stack([aug(im) for im in batch])
             outputs.append(run.map(batch, progress=progress).to("cpu", dtype))
     return torch.cat(outputs)
-
-
-def cross_validated_probe(feats: np.ndarray, y: np.ndarray, seed: int, folds: int = 5, repeats: int = 1) -> float:
-    """Balanced accuracy of a linear probe (fit_probe) over stratified folds (at most
-    `folds`, and no more than the smallest class has images), averaged over `repeats`
-    different splits into folds: with a few images per class one split's score moves
-    by points with the split alone."""
-    from .calibrate import stratified_folds
-
-    counts = np.bincount(y)
-    present = counts > 0
-    scores = []
-    for r in range(repeats):
-        fold, k = stratified_folds(y, [seed, r], folds, min_folds=2)
-        recalls = np.zeros(len(counts))
-        for f in range(k):
-            tr, te = fold != f, fold == f
-            pred = fit_probe(feats[tr], y[tr], len(counts))(feats[te])
-            for c in np.flatnonzero(counts):
-                recalls[c] += np.sum((pred == c) & (y[te] == c))
-        scores.append(float(np.mean(recalls[present] / counts[present])))
-    return float(np.mean(scores))
 
 
 def auto_views(cfg: TrainConfig, n_train: int, linear: bool = False, group: int = 8) -> int:
@@ -266,7 +189,7 @@ class Trainer:
         strategy, reason = resolve_strategy(self.cfg, int(counts.min()))
         auto_cv = None
         if self.cfg.strategy == "auto" and strategy == "finetune" and self.cfg.taps == "last":
-            strategy, reason, auto_cv = self._auto_taps(x_train, y_train, strategy, reason, x_val is None)
+            strategy, reason, auto_cv = self._choose_head(x_train, y_train, strategy, reason, x_val is None)
         plan = make_plan(self.cfg, strategy, reason, len(self.model.stages), self.entry.default_unfreeze,
                          len(y_train), len(self.orientations()))
         result = self._result = TrainResult(plan, History(), {}, auto_cv=auto_cv)
@@ -298,88 +221,35 @@ class Trainer:
             return None
         return views or None
 
-    def _auto_taps(self, x_train, y_train, strategy: str, reason: str,
-                   calibrate_out_of_fold: bool = True) -> tuple[str, str, dict]:
-        """auto, with enough images to fine-tune: compare a linear head on the middle stages
-        with one on the last stage by cross-validation on the training images (one plain
-        pass through the frozen network, then a few logistic regressions: seconds). Middle
-        stages describe textures (scratches, pits, scale) better than the last, ImageNet-
-        object stage; when they win clearly, a linear head on them is the recipe. Otherwise
-        the fine-tuning recipe stands, unless its estimated time is over --time-budget: then
-        the linear head that scored better (last or middle stages)."""
-        n = len(self.model.stages)
-        mid = resolve_taps("mid", n)
-        feats = pooled_stage_features(self.model, x_train, self.device, pool=TAPS_POOL)
-        last_width = stage_widths(self.model.backbone)[n - 1]   # the last stage as fine-tuning reads it: averaged
-        last_acc = cross_validated_probe(feats[n - 1][:, :last_width], y_train, self.cfg.seed,
-                                         repeats=AUTO_CV_REPEATS)
-        mid_acc = cross_validated_probe(np.concatenate([feats[t] for t in mid], 1), y_train, self.cfg.seed,
-                                        repeats=AUTO_CV_REPEATS)
-        cv = {"last_stage": round(last_acc, 4), "middle_stages": round(mid_acc, 4)}
-        mid_head = f"a linear head on the average and the maximum of stages {mid[0]}-{mid[-1]}"
-        if mid_acc < last_acc + AUTO_TAPS_MARGIN:
-            scores = f"cross-validated linear heads: last stage {last_acc:.1%}, middle stages {mid_acc:.1%}"
-            budget = self.cfg.time_budget
-            if not budget or self.dist.active:
-                return strategy, reason + f" ({scores})", cv
-            estimate, folds = self._estimate_finetune_s(x_train, y_train, calibrate_out_of_fold)
-            cv["finetune_estimate_s"] = round(estimate, 1)
-            cost = f"{estimate:.0f} s on this machine" + (f" with its {folds} calibration trainings" if folds else "")
-            if estimate <= budget:
-                return strategy, reason + f" ({scores}; estimated {cost}, within --time-budget {budget:.0f} s)", cv
-            over = f"auto: fine-tuning would take about {cost}, over --time-budget {budget:.0f} s ({scores})"
-            if last_acc > mid_acc:   # the better of the two cross-validated heads, the model as it is
-                return "linear", f"{over}: a linear head on the last stage instead", cv
-            reason = f"{over}: {mid_head} instead"
-        else:
-            reason = (f"auto: middle-stage features separate the training images better than the last stage "
-                      f"in cross-validation ({mid_acc:.1%} vs {last_acc:.1%}): {mid_head}")
-        self.model = place(Classifier(self.model.backbone, self.entry.feature_dim, len(self.classes), self.spec,
-                                      self.cfg.dropout, taps=mid, pool=TAPS_POOL), self.device)
-        return "linear", reason, cv
+    def _choose_head(self, x_train, y_train, strategy: str, reason: str,
+                     calibrate_out_of_fold: bool) -> tuple[str, str, dict]:
+        """auto, with enough images to fine-tune: auto.choose_head, the fine-tuning estimated
+        when --time-budget applies (not under torchrun); a head on the middle stages when chosen."""
+        budget = self.cfg.time_budget
+        estimate = None if not budget or self.dist.active else (
+            lambda: self._finetune_estimate(x_train, y_train, calibrate_out_of_fold))
+        strategy, reason, cv, taps = choose_head(self.model, x_train, y_train, self.device, self.cfg.seed, budget,
+                                                 estimate, strategy, reason)
+        if taps is not None:
+            self.model = place(Classifier(self.model.backbone, self.entry.feature_dim, len(self.classes),
+                                          self.spec, self.cfg.dropout, taps=taps, pool=TAPS_POOL), self.device)
+        return strategy, reason, cv
 
-    def _estimate_finetune_s(self, x_train, y_train, calibrate_out_of_fold: bool) -> tuple[float, int]:
-        """Seconds the fine-tuning recipe would take on this machine: its bank (views x
-        images through the frozen stages), the head's fit and its epochs of steps through the
-        trained stages, from one batch timed through each (the fastest of three passes, after
-        one that warms the kernels); times the out-of-fold calibration's trainings when they
-        will run (k folds, each on (k - 1)/k of the images: k - 1 more). Returns the seconds
-        and k (0 without them)."""
-        n = len(y_train)
-        plan = make_plan(self.cfg, "finetune", "", len(self.model.stages), self.entry.default_unfreeze, n,
-                         len(self.orientations()))
-        rows = plan.views * n
-        batch = min(self.cfg.batch_size, rows)
-        x = to_tensor(x_train[np.arange(batch) % n], self.device)
-        target = torch.from_numpy(np.asarray(y_train)[np.arange(batch) % n]).to(self.device)
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        amp = Amp(self.device)      # the steps in the training's precision (bfloat16 on CUDA)
-        self.model.eval()
-        trunk_s, step_s = [], []
-        for _ in range(4):
-            with torch.no_grad(), exact_fp32():     # as the bank is computed
-                t0 = time.perf_counter()
-                h = self.model.trunk(x, plan.frozen)
-                sync()
-                trunk_s.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            with amp.autocast():
-                loss = F.cross_entropy(self.model.head(self.model.features(h, plan.frozen)), target)
-            loss.backward()
-            sync()
-            step_s.append(time.perf_counter() - t0)
-        for p in self.model.parameters():
-            p.grad = None
-        trunk_s, step_s = min(trunk_s[1:]), min(step_s[1:])
-        steps = math.ceil(rows / batch)
-        fit_s = steps * trunk_s + steps * step_s * (plan.epochs + 0.5)   # bank, head (a forward pass), epochs
+    def _finetune_estimate(self, x_train, y_train, calibrate_out_of_fold: bool) -> tuple[float, int]:
+        """auto.estimate_finetune_s of the fine-tuning recipe this run would follow, times the
+        out-of-fold calibration's trainings when they will run (k folds, each on (k - 1)/k of
+        the images: k - 1 more). Returns the seconds and k (0 without them)."""
+        plan = make_plan(self.cfg, "finetune", "", len(self.model.stages), self.entry.default_unfreeze,
+                         len(y_train), len(self.orientations()))
+        seconds = estimate_finetune_s(self.model, x_train, y_train, plan.frozen, plan.views, plan.epochs,
+                                      self.cfg.batch_size, self.device)
         folds = 0
         counts = np.bincount(y_train)
         if calibrate_out_of_fold and self.cfg.calibrate == "auto" and counts[counts > 0].min() < CALIBRATE_OOF_BELOW:
             from .calibrate import stratified_folds
 
             folds = stratified_folds(y_train, self.cfg.seed, FINETUNE_CALIBRATION_FOLDS)[1]
-        return fit_s * max(1, folds), folds
+        return seconds * max(1, folds), folds
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return score(self.model, x, self.device)
@@ -478,14 +348,15 @@ class Trainer:
         n = len(bank_y)
 
         def batches(rng):
-            for idx in self._epoch_indices(bank_y, rng):
+            for idx in epoch_indices(bank_y, rng, self.cfg.batch_size, self.cfg.balance):
                 yield bank[idx].to(self.device).float(), torch.from_numpy(bank_y[idx]).to(self.device)
 
         def forward(h):
             return self.model.head(self.model.dropout(self.model.features(h, plan.frozen)))
 
         t0 = time.perf_counter()
-        self._train_loop(plan, trainable, lr=self.cfg.lr / 10, steps_per_epoch=math.ceil(n / self.cfg.batch_size),
+        self._fit_epochs(plan, [{"params": trainable, "lr": self.cfg.lr / 10}],
+                         steps_per_epoch=math.ceil(n / self.cfg.batch_size),
                          batches=batches, forward=forward,
                          validate=lambda: self._evaluate_bank(val_bank, y_val, plan.frozen), stage="finetune",
                          y=y_train)
@@ -519,7 +390,7 @@ class Trainer:
                 self.model.head(self.model.features(bank[s:s + INFER_BATCH].to(self.device).float(), frozen))
                 for s in range(0, len(bank), INFER_BATCH)
             ]).float().cpu()
-        return _val_metrics(logits, y, len(self.classes))
+        return val_metrics(logits, y, len(self.classes))
 
     def fit_head(self, bank, y, frozen: int):
         """The head as a multinomial logistic regression on pooled features (fit_linear_head).
@@ -571,14 +442,15 @@ class Trainer:
             batch_aug = BatchAugmenter(self.cfg.augment, self.spec.height == self.spec.width, self.cfg.seed + 2)
 
             def batches(rng):
-                for idx in self._epoch_indices(y_train, rng, shard=True, same_size=True):
+                for idx in epoch_indices(y_train, rng, self.cfg.batch_size, self.cfg.balance, self.dist,
+                                         same_size=True):
                     at = torch.from_numpy(idx).to(images_t.device)
                     xb = take(images_t, at).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
                     yield (in_layout(batch_aug(xb)),
                            targets_t[at.to(self.device)])
         else:
             def batches(rng):
-                for idx in self._epoch_indices(y_train, rng, shard=True):
+                for idx in epoch_indices(y_train, rng, self.cfg.batch_size, self.cfg.balance, self.dist):
                     images = np.stack([aug(x_train[i]) for i in idx])
                     yield to_tensor(images, self.device), torch.from_numpy(y_train[idx]).to(self.device)
 
@@ -591,13 +463,13 @@ class Trainer:
         def validate():
             if val_t is None:
                 return {}
-            return _val_metrics(device_logits(self.model, val_t, self.cfg.batch_size, val_amp), y_val,
+            return val_metrics(device_logits(self.model, val_t, self.cfg.batch_size, val_amp), y_val,
                                 len(self.classes))
 
         t0 = time.perf_counter()
         forward = distributed.wrap(self.model, self.dist, self.device)   # data-parallel under torchrun
         steps = math.ceil(math.ceil(len(y_train) / self.dist.world) / self.cfg.batch_size)
-        self._train_loop(plan, groups, lr=None, steps_per_epoch=steps, batches=batches, forward=forward,
+        self._fit_epochs(plan, groups, steps_per_epoch=steps, batches=batches, forward=forward,
                          validate=validate, stage=plan.strategy, y=y_train)
         if not self.pretrained or self.cfg.bn_stats == "adapt":
             self._recompute_bn_stats(x_train, aug)
@@ -626,209 +498,21 @@ class Trainer:
             m.momentum = 0.1
         self.model.eval()
 
-    # -- the shared loop -------------------------------------------------------------
-
-    def _train_loop(self, plan, params, lr, steps_per_epoch, batches, forward, validate, stage, y):
-        """Epochs of train_one_epoch with a warm-up + cosine schedule, validation after
-        each, early stopping on it, and the best epoch's weights kept. Ctrl-C ends training
-        early but keeps the best model so far."""
+    def _fit_epochs(self, plan: Plan, groups: list[dict], steps_per_epoch: int, batches, forward, validate,
+                    stage: str, y) -> None:
+        """loop.fit_epochs with this run's options; its best epoch and interruption go to the result."""
         cfg, result = self.cfg, self._result
-        groups = params if lr is None else [{"params": params, "lr": lr}]
-        for g in groups:
-            g["initial_lr"] = g["lr"]
-        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        total = plan.epochs * steps_per_epoch
-        warmup = max(1, int(0.05 * total))
-
-        def lr_scale(step: int) -> float:
-            return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
-
         weight = class_weights(np.bincount(y, minlength=len(self.classes))).to(self.device) \
             if cfg.balance == "loss" else None
-        amp = Amp(self.device)
-        rng = np.random.default_rng(cfg.seed + 3)
-        best_key, best_state, bad_epochs, step = None, None, 0, 0
-        bar = tqdm(range(1, plan.epochs + 1), desc=stage, unit="epoch", disable=not self.progress)
-        try:
-            for epoch in bar:
-                self._set_train_mode(plan.frozen)
-                t0, timing = time.perf_counter(), {}
-                loss, step = train_one_epoch(forward, opt, batches(rng), lr_scale, step, amp,
-                                             weight=weight, label_smoothing=cfg.label_smoothing, timing=timing)
-                loss = distributed.mean(loss, self.dist, self.device)
-                train_s = time.perf_counter() - t0
-                self.model.eval()
-                val = validate()
-                if val and self.dist.active:      # every rank follows rank 0's early stopping
-                    val["val_balanced_accuracy"], val["val_loss"] = distributed.from_main(
-                        [val["val_balanced_accuracy"], val["val_loss"]], self.dist, self.device)
-                row = dict(stage=stage, epoch=epoch, train_loss=loss, lr=opt.param_groups[-1]["lr"], **val,
-                           seconds=round(time.perf_counter() - t0, 3), train_seconds=round(train_s, 3),
-                           first_step_seconds=round(timing.get("first_step_s", float("nan")), 3))
-                result.history.add(**row)
-                bar.set_postfix(loss=f"{loss:.3f}",
-                                **({"val_bal_acc": f"{val['val_balanced_accuracy']:.3f}"} if val else {}))
-                if not val:
-                    continue
-                key = (val["val_balanced_accuracy"], -val["val_loss"])
-                if best_key is None or key > best_key:
-                    best_key, bad_epochs = key, 0
-                    best_state = copy.deepcopy(self.model.state_dict())
-                    result.best_epoch = epoch
-                else:
-                    bad_epochs += 1
-                    if bad_epochs >= cfg.patience:
-                        log.info("early stop after epoch %d: no validation gain for %d epochs", epoch, bad_epochs)
-                        break
-        except KeyboardInterrupt:
-            log.warning("interrupted: keeping the best model so far (press Ctrl-C again to abort)")
-            result.interrupted = True
-        bar.close()
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
-
-    def _set_train_mode(self, frozen: int):
-        """Frozen stages stay in eval mode. Pretrained BatchNorm statistics are kept
-        (few images estimate them badly); from scratch they must be learned."""
-        self.model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for stage in self.model.stages[frozen:]:
-            for p in stage.parameters():
-                p.requires_grad_(True)
-            stage.train()
-            if self.pretrained and self.cfg.bn_stats == "freeze":
-                for m in stage.modules():
-                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                        m.eval()
-        for p in self.model.head.parameters():
-            p.requires_grad_(True)
-        self.model.dropout.train()
-
-    def _epoch_indices(self, y, rng, shard: bool = False, same_size: bool = False):
-        """Mini-batch indices for one epoch: a shuffle, or class-balanced draws; with
-        `shard`, this rank's share of them under torchrun (data-parallel training); with
-        `same_size`, a short last batch is filled up from the start of the epoch's order, so
-        that every step has one shape (on CUDA each new shape costs cuDNN a new set of
-        kernels, seconds for a network of depthwise convolutions)."""
-        n, bs = len(y), self.cfg.batch_size
-        if self.cfg.balance == "sampler":
-            counts = np.bincount(y)
-            p = 1.0 / counts[y]
-            order = rng.choice(n, size=n, replace=True, p=p / p.sum())
-        else:
-            order = rng.permutation(n)
-        if shard:
-            order = distributed.shard(order, self.dist)     # the same order on every rank: each takes its share
-            n = len(order)
-        for s in range(0, n, bs):
-            idx = order[s:s + bs]
-            if same_size:
-                idx = fill_up(idx, order, bs)
-            if len(idx) >= 2 or n == 1:  # a batch of one breaks nothing but wastes a step
-                yield idx
-
-
-class Amp:
-    """Mixed precision as the device allows: bfloat16 (or float16 with a gradient scaler)
-    on CUDA, plain float32 on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device_type = device.type
-        self.enabled = device.type == "cuda"
-        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
-
-    def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
-
-
-def train_one_epoch(forward, optimizer, batches, lr_scale, step: int, amp: Amp, weight=None,
-                    label_smoothing: float = 0.0, timing: dict | None = None) -> tuple[float, int]:
-    """One pass over `batches` ((inputs, targets) on the model's device): returns the mean
-    training loss and the step count after it. The losses are summed on the device and read
-    once at the end, so no step waits for the GPU. With `timing`, the first step alone is
-    waited for and timed (timing["first_step_s"]): where the kernels are set up."""
-    total, n = None, 0
-    t0 = time.perf_counter()
-    for xb, yb in batches:
-        for g in optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * lr_scale(step)
-        with amp.autocast():
-            loss = F.cross_entropy(forward(xb), yb, weight=weight, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        amp.scaler.scale(loss).backward()
-        amp.scaler.step(optimizer)
-        amp.scaler.update()
-        total = loss.detach().float() if total is None else total + loss.detach().float()
-        if timing is not None and n == 0:
-            if total.is_cuda:
-                torch.cuda.synchronize(total.device)
-            timing["first_step_s"] = time.perf_counter() - t0
-        n += 1
-        step += 1
-    return (float(total) / n if n else float("nan")), step
-
-
-def batch_augment(device: torch.device) -> bool:
-    """Augment whole batches on the device (CUDA), or each image with OpenCV (the CPU,
-    where that is faster; LINESIDE_BATCH_AUGMENT=1 forces the batched path, for tests)."""
-    return device.type == "cuda" or os.environ.get("LINESIDE_BATCH_AUGMENT") == "1"
-
-
-def device_images(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The uint8 images as one tensor on the device when they take under half of its free
-    memory, else in pinned host memory (each batch gathered by `take` and copied without
-    blocking)."""
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    if device.type != "cuda":
-        return t.to(device)
-    free, _ = torch.cuda.mem_get_info(device)
-    return t.to(device) if t.nbytes < free // 2 else t.pin_memory()
-
-
-def take(images: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """images[at] (rows `at`, on images' device). From pinned host images (device_images of
-    a set too large for the GPU) the rows are gathered into pinned memory too: indexing a
-    pinned tensor gives ordinary pageable memory, from which a copy to the GPU waits for
-    the host instead of overlapping the steps. PyTorch's pinned-memory cache keeps each
-    buffer until its copy has finished."""
-    if not images.is_pinned():
-        return images[at]
-    out = torch.empty((len(at), *images.shape[1:]), dtype=images.dtype, pin_memory=True)
-    return torch.index_select(images, 0, at, out=out)
-
-
-@torch.inference_mode()
-def device_logits(model: Classifier, images: torch.Tensor, batch_size: int, amp: Amp) -> torch.Tensor:
-    """Logits (on the CPU) of uint8 NHWC images already on the model's device (or pinned),
-    in batches of exactly batch_size (the last one filled up with the first images, its
-    extra rows dropped), under the training's mixed precision: read once, at the end."""
-    device = next(model.parameters()).device
-    n, out = len(images), []
-    for s in range(0, n, batch_size):
-        real = min(batch_size, n - s)
-        at = torch.arange(s, s + (batch_size if n >= batch_size else real)) % n   # fill_up's rows
-        xb = take(images, at.to(images.device)).to(device, non_blocking=True)
-        xb = in_layout(xb.permute(0, 3, 1, 2).float())
-        with amp.autocast():
-            out.append(model(xb)[:real].float())
-    return torch.cat(out).cpu() if out else torch.zeros(0, model.head.out_features)
-
-
-def class_weights(counts) -> torch.Tensor:
-    """Inverse-frequency class weights (1 for balanced classes)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    return torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
-
-
-def _val_metrics(logits: torch.Tensor, y, num_classes) -> dict:
-    y_t = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    loss = float(F.cross_entropy(logits, y_t))
-    pred = logits.argmax(1).numpy()
-    recalls = [float(np.mean(pred[y == c] == c)) for c in range(num_classes) if np.any(y == c)]
-    return {"val_loss": loss, "val_balanced_accuracy": float(np.mean(recalls)),
-            "val_accuracy": float(np.mean(pred == y))}
+        best, interrupted = fit_epochs(
+            self.model, groups, epochs=plan.epochs, steps_per_epoch=steps_per_epoch, batches=batches,
+            forward=forward, validate=validate, stage=stage, frozen=plan.frozen, weight=weight,
+            label_smoothing=cfg.label_smoothing, weight_decay=cfg.weight_decay, patience=cfg.patience,
+            seed=cfg.seed, freeze_bn=self.pretrained and cfg.bn_stats == "freeze", device=self.device,
+            dist=self.dist, history=result.history, progress=self.progress)
+        if best is not None:
+            result.best_epoch = best
+        result.interrupted = result.interrupted or interrupted
 
 
 @torch.inference_mode()
