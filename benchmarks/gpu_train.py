@@ -12,11 +12,16 @@ For each batch size it measures
 and prints the ratio of lineside's steady state to the reference, the first step's
 time (where cuDNN sets up its kernels) and where the rest of the command's time went.
 With --layouts channels_last,nchw the reference loop and `--strategy full` also run
-in NCHW (LINESIDE_CHANNELS_LAST=0; train/data.py says why that can matter).
+in NCHW (LINESIDE_CHANNELS_LAST=0; train/data.py says why that can matter). With
+--gpus 1,2,4 it also trains `--strategy full --gpus N` (data-parallel, torchrun) at the
+first batch size (per process) and prints each N's steady-state images per second
+against N times one process's: the scaling figure for a machine with several GPUs
+(without CUDA, N CPU processes on gloo: the same code path, not a speed figure).
 
     python benchmarks/gpu_train.py ../shared/datasets/neu-det --batch-sizes 32,128 --epochs 5
     python benchmarks/gpu_train.py ../shared/datasets/neu-det --layouts channels_last,nchw --json gpu.json
     python benchmarks/gpu_train.py ../shared/datasets/neu-det --device cpu --limit 60 --image-size 64 --epochs 2
+    python benchmarks/gpu_train.py ../shared/datasets/neu-det --batch-sizes 128 --gpus 1,2,4
 """
 
 from __future__ import annotations
@@ -85,11 +90,13 @@ def reference_rate(x: np.ndarray, y: np.ndarray, classes: int, spec, batch: int,
 
 
 def lineside_rate(data: Path, strategy: list[str], batch: int, epochs: int, device: str, image_size: int | None,
-                  work: Path, layout: str = "channels_last") -> dict:
-    out = work / f"run-{'-'.join(strategy)}-{batch}-{layout}"
+                  work: Path, layout: str = "channels_last", processes: int = 1) -> dict:
+    out = work / f"run-{'-'.join(strategy)}-{batch}-{layout}-{processes}"
     cmd = [sys.executable, "-m", "lineside.cli", "train", str(data), "--out", str(out), *strategy,
            "--batch-size", str(batch), "--epochs", str(epochs), "--device", device, "--val-fraction", "0.2",
            "--patience", str(epochs + 1), "--quiet", "--json", "--force"]
+    if processes > 1:
+        cmd += ["--gpus", str(processes)]
     if image_size:
         cmd += ["--image-size", str(image_size)]
     env = dict(os.environ, LINESIDE_CHANNELS_LAST="1" if layout == "channels_last" else "0")
@@ -98,7 +105,7 @@ def lineside_rate(data: Path, strategy: list[str], batch: int, epochs: int, devi
     total = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"lineside train failed:\n{done.stderr[-2000:]}")
-    metrics = json.loads(done.stdout)
+    metrics = json.loads(done.stdout[done.stdout.index("{"):])     # torchrun may print a note first
     n_train = sum(metrics["train_counts"].values())
     with open(out / "history.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["stage"] != "head"]
@@ -130,6 +137,9 @@ def main():
     ap.add_argument("--layouts", default="channels_last",
                     help="Memory layouts to measure, of channels_last,nchw: the reference loop and "
                          "--strategy full in each (lineside through LINESIDE_CHANNELS_LAST).")
+    ap.add_argument("--gpus", default=None,
+                    help="Process counts for data-parallel scaling, e.g. 1,2,4: `--strategy full --gpus N` at the "
+                         "first batch size, against N times one process.")
     ap.add_argument("--json", type=Path, default=None, help="Also write every figure to this JSON file.")
     args = ap.parse_args()
 
@@ -168,9 +178,25 @@ def main():
                           f"({r['first_epoch_s'] / r['steady_epoch_s']:.1f}x a later one, {r['steady_epoch_s']} s; "
                           f"its first step {r['first_step_s']} s); whole command {r['command_s']} s", flush=True)
                     print("    " + ", ".join(f"{k} {v}" for k, v in r["parts"].items()), flush=True)
+        scaling = []
+        if args.gpus:
+            counts = sorted({int(n) for n in args.gpus.split(",")} | {1})
+            present = torch.cuda.device_count() if device.type == "cuda" else None
+            if present is not None and counts[-1] > present:
+                raise SystemExit(f"--gpus {args.gpus}: this machine has {present} CUDA device(s)")
+            batch = int(args.batch_sizes.split(",")[0])
+            for n in counts:
+                r = lineside_rate(data, ["--strategy", "full"], batch, args.epochs, args.device, args.image_size,
+                                  tmp, processes=n)
+                one = scaling[0]["train_img_per_s"] if scaling else r["train_img_per_s"]
+                scaling.append({"processes": n, "batch_per_process": batch, **r,
+                                "speedup": round(r["train_img_per_s"] / one, 2)})
+                target = f" (target {0.8 * n:.1f}x)" if n > 1 else ""
+                print(f"--gpus {n}: steady state {r['train_img_per_s']:.0f} img/s training, "
+                      f"{scaling[-1]['speedup']:.2f}x one process{target}; whole command {r['command_s']} s", flush=True)
         if args.json:
             args.json.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "images": len(y),
-                                             "size": spec.width, "figures": figures}, indent=2))
+                                             "size": spec.width, "figures": figures, "scaling": scaling}, indent=2))
 
 
 if __name__ == "__main__":
