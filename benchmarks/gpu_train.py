@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from lineside.dataset import load_arrays, load_image_set
 from lineside.train.backbones import BACKBONES, build_backbone
+from lineside.train.loop import amp_dtype
 from lineside.train.model import Classifier
 
 
@@ -60,7 +61,7 @@ def reference_rate(x: np.ndarray, y: np.ndarray, classes: int, spec, batch: int,
     images = torch.from_numpy(x).to(device)
     targets = torch.from_numpy(y).to(device)
     amp = device.type == "cuda"
-    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    dtype = amp_dtype(device) if amp else torch.float16     # as lineside's training picks it
 
     def step():
         idx = torch.randint(0, len(images), (batch,), device=device)

@@ -576,6 +576,20 @@ def test_validation_on_the_device_scores_like_predict_proba(tiny_run):
     assert np.abs(torch.softmax(logits, 1).numpy() - predict_proba(model, x)).max() < 1e-5
 
 
+def test_mixed_precision_is_bfloat16_only_where_the_gpu_computes_in_it(monkeypatch):
+    """torch.cuda.is_bf16_supported() also says yes for GPUs that only emulate bfloat16
+    (T4, V100: compute capability 7.x), where float16 is the fast choice; Ampere and later
+    (8.0+) compute in bfloat16. The GPU's properties are stood in for here."""
+    from types import SimpleNamespace
+
+    from lineside.train.loop import amp_dtype
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    for major, dtype in ((6, torch.float16), (7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, m=major: SimpleNamespace(major=m))
+        assert amp_dtype(torch.device("cuda")) == dtype
+
+
 def test_take_gathers_rows_and_keeps_pinned_images_pinned(test_device):
     """A batch of host images for a GPU run (a set too large for its memory) is gathered
     into pinned memory, so its copy to the GPU does not wait; plain indexing would give

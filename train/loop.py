@@ -31,14 +31,24 @@ from .model import Classifier
 log = logging.getLogger(__name__)
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on a GPU that computes in it natively (NVIDIA compute capability 8.0 and
+    later: A100, RTX 30 series on; and ROCm), else float16. PyTorch's is_bf16_supported()
+    also says yes for older GPUs that only emulate bfloat16 (T4, V100, RTX 20 series),
+    where it runs far slower than float16 and cuDNN has no bfloat16 convolutions."""
+    if torch.version.hip:
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.get_device_properties(device).major >= 8 else torch.float16
+
+
 class Amp:
-    """Mixed precision as the device allows: bfloat16 (or float16 with a gradient scaler)
-    on CUDA, plain float32 on the CPU."""
+    """Mixed precision as the device allows: bfloat16, or float16 with a gradient scaler
+    (amp_dtype), on CUDA; plain float32 on the CPU."""
 
     def __init__(self, device: torch.device):
         self.device_type = device.type
         self.enabled = device.type == "cuda"
-        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
+        self.dtype = amp_dtype(device) if self.enabled else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
 
     def autocast(self):
