@@ -590,6 +590,20 @@ def test_mixed_precision_is_bfloat16_only_where_the_gpu_computes_in_it(monkeypat
         assert amp_dtype(torch.device("cuda")) == dtype
 
 
+def test_the_optimizer_is_fused_on_cuda_so_that_no_step_waits_for_the_gpu():
+    """On CUDA, AdamW's fused form: GradScaler (float16 on older GPUs) then hands it the
+    overflow check as a tensor instead of reading it back each step. On the CPU the
+    default form stays (same results as before)."""
+    from lineside.train.loop import optimizer
+
+    def groups():
+        return [{"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 1e-3}]
+
+    cuda = optimizer(groups(), 0.01, torch.device("cuda"))
+    assert cuda.defaults["fused"] is True and getattr(cuda, "_step_supports_amp_scaling", False)
+    assert not optimizer(groups(), 0.01, torch.device("cpu")).defaults["fused"]
+
+
 def test_take_gathers_rows_and_keeps_pinned_images_pinned(test_device):
     """A batch of host images for a GPU run (a set too large for its memory) is gathered
     into pinned memory, so its copy to the GPU does not wait; plain indexing would give
