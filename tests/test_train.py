@@ -604,6 +604,66 @@ def test_the_optimizer_is_fused_on_cuda_so_that_no_step_waits_for_the_gpu():
     assert not optimizer(groups(), 0.01, torch.device("cpu")).defaults["fused"]
 
 
+@pytest.mark.parametrize("strategy", ["full", "finetune"])
+def test_no_training_step_waits_for_the_gpu(synth_dir, tmp_path, monkeypatch, strategy):
+    """Each epoch's batch indices reach the device in one copy (epoch_steps), not one per
+    step: a blocking copy makes the host wait for the GPU. On CUDA (LINESIDE_TEST_DEVICE=cuda)
+    every batch after an epoch's first, and its forward pass, is made under
+    torch.cuda.set_sync_debug_mode("error"), where any copy or read that waits for the GPU
+    raises. `full` makes batches from the images on the device (batch augmentation forced
+    on the CPU), `finetune` from the bank of frozen activations."""
+    import contextlib
+
+    from lineside.train import loop
+    from lineside.train import trainer as trainer_mod
+
+    monkeypatch.setenv("LINESIDE_BATCH_AUGMENT", "1")
+    calls = {"epochs": 0, "copies": 0}
+    real_steps, real_epoch = trainer_mod.epoch_steps, loop.train_one_epoch
+
+    def counted_steps(*args):
+        calls["copies"] += 1
+        return real_steps(*args)
+
+    @contextlib.contextmanager
+    def no_sync(on: bool):
+        if on:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            if on:
+                torch.cuda.set_sync_debug_mode("default")
+
+    def checked_epoch(forward, optimizer, batches, *args, **kw):
+        calls["epochs"] += 1
+        cuda = optimizer.param_groups[0]["params"][0].is_cuda
+        steps = {"n": 0}
+
+        def guarded():
+            it = iter(batches)
+            while True:
+                with no_sync(cuda and steps["n"] > 0):
+                    batch = next(it, None)
+                if batch is None:
+                    return
+                yield batch
+
+        def guarded_forward(x):
+            with no_sync(cuda and steps["n"] > 0):
+                out = forward(x)
+            steps["n"] += 1
+            return out
+
+        return real_epoch(guarded_forward, optimizer, guarded(), *args, **kw)
+
+    monkeypatch.setattr(trainer_mod, "epoch_steps", counted_steps)
+    monkeypatch.setattr(loop, "train_one_epoch", checked_epoch)
+    train_run(synth_dir, tmp_path, TrainConfig(**{**TINY, "strategy": strategy, "epochs": 3, "calibrate": "off"}),
+              progress=False)
+    assert calls["epochs"] == 3 and calls["copies"] == 3
+
+
 def test_take_gathers_rows_and_keeps_pinned_images_pinned(test_device):
     """A batch of host images for a GPU run (a set too large for its memory) is gathered
     into pinned memory, so its copy to the GPU does not wait; plain indexing would give

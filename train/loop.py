@@ -209,15 +209,34 @@ def batch_augment(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("LINESIDE_BATCH_AUGMENT") == "1"
 
 
-def device_images(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The uint8 images as one tensor on the device when they take under half of its free
-    memory, else in pinned host memory (each batch gathered by `take` and copied without
-    blocking)."""
-    t = torch.from_numpy(np.ascontiguousarray(x))
+def resident(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on the device when it takes under half of its free memory, else in pinned host
+    memory (each batch gathered by `take` and copied without blocking); on the CPU, t."""
     if device.type != "cuda":
         return t.to(device)
     free, _ = torch.cuda.mem_get_info(device)
     return t.to(device) if t.nbytes < free // 2 else t.pin_memory()
+
+
+def device_images(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The uint8 images as one tensor where they are kept for training (resident)."""
+    return resident(torch.from_numpy(np.ascontiguousarray(x)), device)
+
+
+def epoch_steps(steps: list[np.ndarray], *devices) -> list[tuple[torch.Tensor, ...]]:
+    """An epoch's step indices (epoch_indices) as tensors on each of `devices`, one tuple
+    per step, copied to each device once per epoch: a copy from ordinary host memory in
+    every step (PyTorch waits for a blocking copy to finish) would make each step wait for
+    the GPU to finish the one before, so the host could not prepare the next batch meanwhile."""
+    if not steps:
+        return []
+    sizes = [len(s) for s in steps]
+    flat = torch.from_numpy(np.concatenate(steps))
+    on = {}
+    for d in map(torch.device, devices):
+        if d not in on:
+            on[d] = flat.to(d).split(sizes)
+    return list(zip(*(on[torch.device(d)] for d in devices)))
 
 
 def take(images: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
@@ -241,8 +260,8 @@ def device_logits(model: Classifier, images: torch.Tensor, batch_size: int, amp:
     n, out = len(images), []
     for s in range(0, n, batch_size):
         real = min(batch_size, n - s)
-        at = torch.arange(s, s + (batch_size if n >= batch_size else real)) % n   # fill_up's rows
-        xb = take(images, at.to(images.device)).to(device, non_blocking=True)
+        at = torch.arange(s, s + (batch_size if n >= batch_size else real), device=images.device) % n  # fill_up's
+        xb = take(images, at).to(device, non_blocking=True)
         xb = in_layout(xb.permute(0, 3, 1, 2).float())
         with amp.autocast():
             out.append(model(xb)[:real].float())

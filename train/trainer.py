@@ -39,8 +39,8 @@ from .data import in_layout, place, to_tensor
 from .distributed import Dist
 from .heads import INFER_BATCH, fit_linear_head
 from .infer import FrozenForward, backend_for, embed_tensors, exact_fp32, frozen_forward
-from .loop import (Amp, batch_augment, class_weights, device_images, device_logits, epoch_indices, fit_epochs,
-                   take, val_metrics)
+from .loop import (Amp, batch_augment, class_weights, device_images, device_logits, epoch_indices, epoch_steps,
+                   fit_epochs, resident, take, val_metrics)
 from .model import TAPS_POOL, Classifier, resolve_taps
 
 log = logging.getLogger(__name__)
@@ -347,9 +347,17 @@ class Trainer:
         trainable = list(self.model.stages[plan.frozen:].parameters()) + list(self.model.head.parameters())
         n = len(bank_y)
 
+        # the bank and its labels where the steps run (pinned host memory for a bank too large
+        # for the GPU), each epoch's order copied there once: no step waits on a copy
+        bank, bank_t = None, resident(bank, self.device)
+        val_bank = resident(val_bank, self.device) if val_bank is not None else None
+        y_t = torch.from_numpy(bank_y).to(self.device)
+
         def batches(rng):
-            for idx in epoch_indices(bank_y, rng, self.cfg.batch_size, self.cfg.balance):
-                yield bank[idx].to(self.device).float(), torch.from_numpy(bank_y[idx]).to(self.device)
+            steps = list(epoch_indices(bank_y, rng, self.cfg.batch_size, self.cfg.balance,
+                                       same_size=self.device.type == "cuda"))   # one shape: one set of kernels
+            for at, at_y in epoch_steps(steps, bank_t.device, self.device):
+                yield take(bank_t, at).to(self.device, non_blocking=True).float(), y_t[at_y]
 
         def forward(h):
             return self.model.head(self.model.dropout(self.model.features(h, plan.frozen)))
@@ -442,12 +450,11 @@ class Trainer:
             batch_aug = BatchAugmenter(self.cfg.augment, self.spec.height == self.spec.width, self.cfg.seed + 2)
 
             def batches(rng):
-                for idx in epoch_indices(y_train, rng, self.cfg.batch_size, self.cfg.balance, self.dist,
-                                         same_size=True):
-                    at = torch.from_numpy(idx).to(images_t.device)
+                steps = list(epoch_indices(y_train, rng, self.cfg.batch_size, self.cfg.balance, self.dist,
+                                           same_size=True))
+                for at, at_y in epoch_steps(steps, images_t.device, self.device):
                     xb = take(images_t, at).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-                    yield (in_layout(batch_aug(xb)),
-                           targets_t[at.to(self.device)])
+                    yield in_layout(batch_aug(xb)), targets_t[at_y]
         else:
             def batches(rng):
                 for idx in epoch_indices(y_train, rng, self.cfg.batch_size, self.cfg.balance, self.dist):
