@@ -170,10 +170,10 @@ class FrozenForward:
         out = []
         for s in starts:
             batch = x[s:s + bs]
-            out.append(self(fill_up(batch, x, bs))[:len(batch)].cpu())
+            out.append(self(fill_up(batch, x, bs))[:len(batch)])   # read back once, at the end: no wait per batch
             if progress is not None:
                 progress(len(batch))
-        return torch.cat(out)
+        return torch.cat(out).cpu()
 
 
 # The last OpenVINO conversion (frozen_forward): (a weak reference to its module, (key, input
