@@ -462,12 +462,19 @@ def test_every_rank_takes_an_equal_share_of_each_epoch():
     assert list(shard(order, Dist())) == list(order)
 
 
-def test_two_processes_train_data_parallel_and_only_rank_0_writes(synth_dir, synth_test_dir, tmp_path):
+@pytest.mark.parametrize("batched", [False, True], ids=["per-image", "batched"])
+def test_two_processes_train_data_parallel_and_only_rank_0_writes(synth_dir, synth_test_dir, tmp_path, monkeypatch,
+                                                                  batched):
     """`lineside train --gpus 2` without CUDA: torchrun starts two CPU processes (gloo),
     DistributedDataParallel trains `full`, rank 0 writes a complete run folder and prints
-    once; the model reloads and scores like a one-process run."""
+    once; the model reloads and scores like a one-process run. `batched`: each process
+    takes its share of every epoch from images kept as one tensor, augmented a batch at a
+    time, as on GPUs (LINESIDE_BATCH_AUGMENT=1)."""
     import subprocess
     import sys
+
+    if batched:
+        monkeypatch.setenv("LINESIDE_BATCH_AUGMENT", "1")
 
     common = ["--strategy", "full", "--image-size", "64", "--epochs", "4", "--batch-size", "8", "--device", "cpu",
               "--quiet", "--json", "--threads", "1"]
