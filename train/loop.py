@@ -260,7 +260,8 @@ def device_logits(model: Classifier, images: torch.Tensor, batch_size: int, amp:
     n, out = len(images), []
     for s in range(0, n, batch_size):
         real = min(batch_size, n - s)
-        at = torch.arange(s, s + (batch_size if n >= batch_size else real), device=images.device) % n  # fill_up's
+        # the rows fill_up would give, made where the images are (no copy of indices)
+        at = torch.arange(s, s + (batch_size if n >= batch_size else real), device=images.device) % n
         xb = take(images, at).to(device, non_blocking=True)
         xb = in_layout(xb.permute(0, 3, 1, 2).float())
         with amp.autocast():
