@@ -622,11 +622,10 @@ def test_no_training_step_waits_for_the_gpu(synth_dir, tmp_path, monkeypatch, st
     import contextlib
 
     from lineside.train import loop
-    from lineside.train import trainer as trainer_mod
 
     monkeypatch.setenv("LINESIDE_BATCH_AUGMENT", "1")
     calls = {"epochs": 0, "copies": 0}
-    real_steps, real_epoch = trainer_mod.epoch_steps, loop.train_one_epoch
+    real_steps, real_epoch = loop.epoch_steps, loop.train_one_epoch
 
     def counted_steps(*args):
         calls["copies"] += 1
@@ -664,7 +663,7 @@ def test_no_training_step_waits_for_the_gpu(synth_dir, tmp_path, monkeypatch, st
 
         return real_epoch(guarded_forward, optimizer, guarded(), *args, **kw)
 
-    monkeypatch.setattr(trainer_mod, "epoch_steps", counted_steps)
+    monkeypatch.setattr(loop, "epoch_steps", counted_steps)
     monkeypatch.setattr(loop, "train_one_epoch", checked_epoch)
     train_run(synth_dir, tmp_path, TrainConfig(**{**TINY, "strategy": strategy, "epochs": 3, "calibrate": "off"}),
               progress=False)

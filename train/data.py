@@ -31,7 +31,12 @@ def place(module: torch.nn.Module, device) -> torch.nn.Module:
     return module.to(device).to(memory_format=memory_format())
 
 
+def nchw(t: torch.Tensor) -> torch.Tensor:
+    """An N x H x W x 3 uint8 tensor as the network's input: N x 3 x H x W float32
+    (0..255) in memory_format() (a permuted NHWC tensor is already channels_last)."""
+    return in_layout(t.permute(0, 3, 1, 2).float())
+
+
 def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    """N x H x W x 3 uint8 -> N x 3 x H x W float32 (0..255), in memory_format()."""
-    t = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True)
-    return in_layout(t.permute(0, 3, 1, 2).float())  # a permuted NHWC tensor is already channels_last
+    """N x H x W x 3 uint8 numpy -> the network's input on `device` (nchw)."""
+    return nchw(torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True))

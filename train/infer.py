@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import in_layout, memory_format
+from .data import memory_format, nchw
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class UInt8Input(nn.Module):
         self.fn = fn
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.fn(in_layout(image.permute(0, 3, 1, 2).float()))   # a permuted NHWC tensor: channels_last
+        return self.fn(nchw(image))
 
 
 def backend_for(device: torch.device, n_images: int, shape=(224, 224)) -> str:

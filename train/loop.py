@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed
-from .data import in_layout
+from .data import nchw
 from .distributed import Dist
 from .infer import fill_up
 from .model import Classifier
@@ -239,6 +239,14 @@ def epoch_steps(steps: list[np.ndarray], *devices) -> list[tuple[torch.Tensor, .
     return list(zip(*(on[torch.device(d)] for d in devices)))
 
 
+def device_batches(data: torch.Tensor, targets: torch.Tensor, steps: list[np.ndarray], device: torch.device):
+    """(rows of `data`, their targets) on `device` for each step of an epoch (index arrays
+    from epoch_indices): `data` where it is kept (resident), `targets` on the device, the
+    epoch's indices copied once (epoch_steps) and each step's rows gathered by take."""
+    for at, at_y in epoch_steps(steps, data.device, targets.device):
+        yield take(data, at).to(device, non_blocking=True), targets[at_y]
+
+
 def take(images: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """images[at] (rows `at`, on images' device). From pinned host images (device_images of
     a set too large for the GPU) the rows are gathered into pinned memory too: indexing a
@@ -262,8 +270,7 @@ def device_logits(model: Classifier, images: torch.Tensor, batch_size: int, amp:
         real = min(batch_size, n - s)
         # the rows fill_up would give, made where the images are (no copy of indices)
         at = torch.arange(s, s + (batch_size if n >= batch_size else real), device=images.device) % n
-        xb = take(images, at).to(device, non_blocking=True)
-        xb = in_layout(xb.permute(0, 3, 1, 2).float())
+        xb = nchw(take(images, at).to(device, non_blocking=True))
         with amp.autocast():
             out.append(model(xb)[:real].float())
     return torch.cat(out).cpu() if out else torch.zeros(0, model.head.out_features)

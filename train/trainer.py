@@ -39,8 +39,8 @@ from .data import in_layout, place, to_tensor
 from .distributed import Dist
 from .heads import INFER_BATCH, fit_linear_head
 from .infer import FrozenForward, backend_for, embed_tensors, exact_fp32, frozen_forward
-from .loop import (Amp, batch_augment, class_weights, device_images, device_logits, epoch_indices, epoch_steps,
-                   fit_epochs, resident, take, val_metrics)
+from .loop import (Amp, batch_augment, class_weights, device_batches, device_images, device_logits, epoch_indices,
+                   fit_epochs, resident, val_metrics)
 from .model import TAPS_POOL, Classifier, resolve_taps
 
 log = logging.getLogger(__name__)
@@ -356,8 +356,8 @@ class Trainer:
         def batches(rng):
             steps = list(epoch_indices(bank_y, rng, self.cfg.batch_size, self.cfg.balance,
                                        same_size=self.device.type == "cuda"))   # one shape: one set of kernels
-            for at, at_y in epoch_steps(steps, bank_t.device, self.device):
-                yield take(bank_t, at).to(self.device, non_blocking=True).float(), y_t[at_y]
+            for xb, yb in device_batches(bank_t, y_t, steps, self.device):
+                yield xb.float(), yb
 
         def forward(h):
             return self.model.head(self.model.dropout(self.model.features(h, plan.frozen)))
@@ -452,9 +452,8 @@ class Trainer:
             def batches(rng):
                 steps = list(epoch_indices(y_train, rng, self.cfg.batch_size, self.cfg.balance, self.dist,
                                            same_size=True))
-                for at, at_y in epoch_steps(steps, images_t.device, self.device):
-                    xb = take(images_t, at).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-                    yield in_layout(batch_aug(xb)), targets_t[at_y]
+                for xb, yb in device_batches(images_t, targets_t, steps, self.device):
+                    yield in_layout(batch_aug(xb.permute(0, 3, 1, 2).float())), yb
         else:
             def batches(rng):
                 for idx in epoch_indices(y_train, rng, self.cfg.batch_size, self.cfg.balance, self.dist):
