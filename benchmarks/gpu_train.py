@@ -16,12 +16,16 @@ in NCHW (LINESIDE_CHANNELS_LAST=0; train/data.py says why that can matter). With
 --gpus 1,2,4 it also trains `--strategy full --gpus N` (data-parallel, torchrun) at the
 first batch size (per process) and prints each N's steady-state images per second
 against N times one process's: the scaling figure for a machine with several GPUs
-(without CUDA, N CPU processes on gloo: the same code path, not a speed figure).
+(without CUDA, N CPU processes on gloo: the same code path, not a speed figure). With
+--ablate the reference loop also runs with `--strategy full`'s recipe choices added
+(VARIANTS: frozen BatchNorm statistics, the batch augmentation, and all of them), which
+splits a gap to lineside into what the recipe itself costs and what its loop adds.
 
     python benchmarks/gpu_train.py ../shared/datasets/neu-det --batch-sizes 32,128 --epochs 5
     python benchmarks/gpu_train.py ../shared/datasets/neu-det --layouts channels_last,nchw --json gpu.json
     python benchmarks/gpu_train.py ../shared/datasets/neu-det --device cpu --limit 60 --image-size 64 --epochs 2
     python benchmarks/gpu_train.py ../shared/datasets/neu-det --batch-sizes 128 --gpus 1,2,4
+    python benchmarks/gpu_train.py ../shared/datasets/neu-det --ablate --seconds 5
 """
 
 from __future__ import annotations
@@ -42,22 +46,45 @@ import torch.nn.functional as F
 
 from lineside.dataset import load_arrays, load_image_set
 from lineside.train.backbones import BACKBONES, build_backbone
-from lineside.train.loop import amp_dtype
+from lineside.train.augment import AugmentConfig, BatchAugmenter
+from lineside.train.config import TrainConfig
+from lineside.train.loop import amp_dtype, optimizer, set_train_mode
 from lineside.train.model import Classifier
 
 
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 
 
+# The reference loop with one or more of `lineside train --strategy full`'s choices
+# (--ablate): where a gap between the two comes from, the recipe's own work or lineside's loop.
+VARIANTS = {
+    "plain": set(),
+    "frozen BN": {"frozen_bn"},                 # pretrained BatchNorm statistics kept (--bn-stats freeze)
+    "batch augment": {"augment"},               # BatchAugmenter's full draw instead of flips
+    "recipe": {"frozen_bn", "augment", "optim"},  # both, with label smoothing and lineside's AdamW groups
+}
+
+
 def reference_rate(x: np.ndarray, y: np.ndarray, classes: int, spec, batch: int, device: torch.device,
-                   seconds: float, layout: str = "channels_last") -> tuple[float, float]:
+                   seconds: float, layout: str = "channels_last", variant: str = "plain") -> tuple[float, float]:
     """Images per second of the plain loop after two warm-up steps, and the first step's
-    seconds (cuDNN setting up its kernels for a shape and layout this process has not run)."""
-    fmt = LAYOUTS[layout]
+    seconds (cuDNN setting up its kernels for a shape and layout this process has not run).
+    `variant` (VARIANTS) adds lineside's recipe choices to the loop, one at a time or all."""
+    fmt, parts = LAYOUTS[layout], VARIANTS[variant]
     entry, backbone = build_backbone("efficientnet_lite0", "imagenet")
     model = Classifier(backbone, entry.feature_dim, classes, spec).to(device).to(memory_format=fmt)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if "frozen_bn" in parts:
+        set_train_mode(model, 0, freeze_bn=True)
+    else:
+        model.train()
+    if "optim" in parts:
+        cfg = TrainConfig()
+        opt = optimizer([{"params": list(model.backbone.parameters()), "lr": cfg.lr / 10},
+                         {"params": list(model.head.parameters()), "lr": cfg.lr}], cfg.weight_decay, device)
+        smoothing = cfg.label_smoothing
+    else:
+        opt, smoothing = torch.optim.AdamW(model.parameters(), lr=1e-4), 0.0
+    augment = BatchAugmenter(AugmentConfig(), spec.height == spec.width) if "augment" in parts else None
     images = torch.from_numpy(x).to(device)
     targets = torch.from_numpy(y).to(device)
     amp = device.type == "cuda"
@@ -66,10 +93,13 @@ def reference_rate(x: np.ndarray, y: np.ndarray, classes: int, spec, batch: int,
     def step():
         idx = torch.randint(0, len(images), (batch,), device=device)
         xb = images[idx].permute(0, 3, 1, 2).float()
-        flip = torch.rand(batch, device=device) < 0.5
-        xb = torch.where(flip[:, None, None, None], xb.flip(3), xb).contiguous(memory_format=fmt)
+        if augment is not None:
+            xb = augment(xb).contiguous(memory_format=fmt)
+        else:
+            flip = torch.rand(batch, device=device) < 0.5
+            xb = torch.where(flip[:, None, None, None], xb.flip(3), xb).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            loss = F.cross_entropy(model(xb), targets[idx])
+            loss = F.cross_entropy(model(xb), targets[idx], label_smoothing=smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -141,6 +171,10 @@ def main():
     ap.add_argument("--gpus", default=None,
                     help="Process counts for data-parallel scaling, e.g. 1,2,4: `--strategy full --gpus N` at the "
                          "first batch size, against N times one process.")
+    ap.add_argument("--ablate", action="store_true",
+                    help="Also run the reference loop with lineside's recipe choices added (frozen BatchNorm "
+                         "statistics, the batch augmentation, both with label smoothing and lineside's AdamW), "
+                         "in the first layout: what the recipe costs, apart from lineside's loop.")
     ap.add_argument("--json", type=Path, default=None, help="Also write every figure to this JSON file.")
     args = ap.parse_args()
 
@@ -160,12 +194,20 @@ def main():
         layouts = [lay.strip() for lay in args.layouts.split(",")]
         if any(lay not in LAYOUTS for lay in layouts):
             raise SystemExit(f"--layouts {args.layouts}: each one of {', '.join(LAYOUTS)}")
-        figures = []
+        figures, ablation = [], []
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             for layout in layouts:
                 ref, first = reference_rate(x, y, len(images.classes), spec, batch, device, args.seconds, layout)
                 print(f"batch {batch}, {layout}: reference loop {ref:.0f} img/s (its first step {first:.2f} s)",
                       flush=True)
+                if args.ablate and layout == layouts[0]:
+                    for variant in list(VARIANTS)[1:]:
+                        r, f = reference_rate(x, y, len(images.classes), spec, batch, device, args.seconds, layout,
+                                              variant)
+                        ablation.append({"batch": batch, "layout": layout, "variant": variant, "img_per_s": r,
+                                         "first_step_s": f, "of_plain": round(r / ref, 3)})
+                        print(f"  reference + {variant:13s}: {r:.0f} img/s ({r / ref:.2f}x the plain loop; "
+                              f"first step {f:.2f} s)", flush=True)
                 runs = [("full", ["--strategy", "full"])]
                 if layout == layouts[0]:
                     runs.append(("finetune all", ["--strategy", "finetune", "--unfreeze", "all"]))
@@ -197,7 +239,8 @@ def main():
                       f"{scaling[-1]['speedup']:.2f}x one process{target}; whole command {r['command_s']} s", flush=True)
         if args.json:
             args.json.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "images": len(y),
-                                             "size": spec.width, "figures": figures, "scaling": scaling}, indent=2))
+                                             "size": spec.width, "figures": figures, "ablation": ablation,
+                                             "scaling": scaling}, indent=2))
 
 
 if __name__ == "__main__":
