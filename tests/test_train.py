@@ -312,6 +312,24 @@ def test_cross_validated_probe_tells_informative_features_from_noise():
     assert cross_validated_probe(noise, y, 0) <= 0.7
 
 
+def test_a_linear_head_fit_does_not_import_torch_dynamo():
+    """torch.optim would import torch._dynamo (seconds) on an L-BFGS fit's first call; the
+    heads module keeps it out, in a fresh process where nothing else loaded it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from lineside.train.heads import cross_validated_probe\n"
+            "y = np.repeat(np.arange(3), 8)\n"
+            "rng = np.random.default_rng(0)\n"
+            "x = rng.normal(0, 0.3, (24, 10)) + np.eye(3)[y] @ rng.normal(0, 3, (3, 10))\n"
+            "assert cross_validated_probe(x, y, 0) >= 0.9\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
 def test_auto_picks_a_middle_stage_head_only_when_it_wins_in_cross_validation(synth_dir, tmp_path, monkeypatch):
     """auto compares linear heads on the last and on the middle stages over the training
     images: middle stages that separate the classes clearly better make it choose a
