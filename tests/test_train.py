@@ -79,6 +79,30 @@ def test_finetune_keeps_frozen_stages_and_bn_statistics(synth_dir, tmp_path):
     assert changed, "the unfrozen stages did not train"
 
 
+def test_passes_over_a_bank_keep_one_batch_shape(synth_dir, tmp_path, monkeypatch):
+    """The head's fit and validation go over the bank in batches of one size (the last one
+    filled up): on CUDA a short last batch is one more set of kernels to set up."""
+    from lineside.train.heads import INFER_BATCH
+    from lineside.train.infer import TORCH_CPU_BATCH
+    from lineside.train.model import Classifier
+
+    sizes, features = [], Classifier.features
+
+    def recorded(self, h, *args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            sizes.append(len(h))
+        return features(self, h, *args, **kwargs)
+
+    monkeypatch.setattr(Classifier, "features", recorded)
+    cfg = TrainConfig(strategy="finetune", unfreeze="1", val_fraction=0.4, **TINY)
+    metrics = train_run(synth_dir, tmp_path, cfg, progress=False)
+    n_train, n_val = sum(metrics["train_counts"].values()), sum(metrics["val_counts"].values())
+    allowed = {INFER_BATCH, cfg.batch_size, TORCH_CPU_BATCH}       # the last: scoring's, filled up as well
+    short = {(n_train * cfg.views) % INFER_BATCH, n_val % cfg.batch_size}   # the last batches to fill up
+    assert 0 not in short and not short & allowed
+    assert sizes and set(sizes) <= allowed, sizes
+
+
 @pytest.mark.parametrize("strategy", ["linear", "full", "scratch"])
 def test_other_strategies_train_and_beat_chance(synth_dir, synth_test_dir, tmp_path, strategy):
     epochs = {"linear": 1, "full": 2, "scratch": 2}[strategy]

@@ -259,20 +259,28 @@ def take(images: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     return torch.index_select(images, 0, at, out=out)
 
 
+def row_batches(data: torch.Tensor, size: int, device: torch.device):
+    """(rows on `device`, how many of them are real) for the rows of `data` in order, in
+    batches of exactly `size` rows: the last one filled up with the first rows (fill_up),
+    for the caller to drop, so that a whole job has one shape (on CUDA each new shape costs
+    cuDNN new kernels). `data` stays where it is kept (the device, or pinned host memory:
+    take); the indices are made there, so nothing waits on a copy of them."""
+    n = len(data)
+    for s in range(0, n, size):
+        real = min(size, n - s)
+        at = torch.arange(s, s + (size if n >= size else real), device=data.device) % n
+        yield take(data, at).to(device, non_blocking=True), real
+
+
 @torch.inference_mode()
 def device_logits(model: Classifier, images: torch.Tensor, batch_size: int, amp: Amp) -> torch.Tensor:
     """Logits (on the CPU) of uint8 NHWC images already on the model's device (or pinned),
-    in batches of exactly batch_size (the last one filled up with the first images, its
-    extra rows dropped), under the training's mixed precision: read once, at the end."""
-    device = next(model.parameters()).device
-    n, out = len(images), []
-    for s in range(0, n, batch_size):
-        real = min(batch_size, n - s)
-        # the rows fill_up would give, made where the images are (no copy of indices)
-        at = torch.arange(s, s + (batch_size if n >= batch_size else real), device=images.device) % n
-        xb = nchw(take(images, at).to(device, non_blocking=True))
+    in batches of exactly batch_size (row_batches), under the training's mixed precision:
+    read once, at the end."""
+    out = []
+    for xb, real in row_batches(images, batch_size, next(model.parameters()).device):
         with amp.autocast():
-            out.append(model(xb)[:real].float())
+            out.append(model(nchw(xb))[:real].float())
     return torch.cat(out).cpu() if out else torch.zeros(0, model.head.out_features)
 
 

@@ -40,7 +40,7 @@ from .distributed import Dist
 from .heads import INFER_BATCH, fit_linear_head
 from .infer import FrozenForward, backend_for, embed_tensors, exact_fp32, frozen_forward
 from .loop import (Amp, batch_augment, class_weights, device_batches, device_images, device_logits, epoch_indices,
-                   fit_epochs, resident, val_metrics)
+                   fit_epochs, resident, row_batches, val_metrics)
 from .model import TAPS_POOL, Classifier, resolve_taps
 
 log = logging.getLogger(__name__)
@@ -390,15 +390,17 @@ class Trainer:
         return bank, np.tile(np.asarray(y), views).astype(np.int64)
 
     def _evaluate_bank(self, bank, y, frozen) -> dict:
+        """Validation metrics of the model on a bank of trunk activations, in the training's
+        batch size and mixed precision (on CUDA the kernels its steps set up, one shape)."""
         if bank is None:
             return {}
         self.model.eval()
+        amp, out = Amp(self.device), []
         with torch.inference_mode():
-            logits = torch.cat([
-                self.model.head(self.model.features(bank[s:s + INFER_BATCH].to(self.device).float(), frozen))
-                for s in range(0, len(bank), INFER_BATCH)
-            ]).float().cpu()
-        return val_metrics(logits, y, len(self.classes))
+            for hb, real in row_batches(bank, self.cfg.batch_size, self.device):
+                with amp.autocast():
+                    out.append(self.model.head(self.model.features(hb.float(), frozen))[:real].float())
+        return val_metrics(torch.cat(out).cpu(), y, len(self.classes))
 
     def fit_head(self, bank, y, frozen: int):
         """The head as a multinomial logistic regression on pooled features (fit_linear_head).
@@ -411,11 +413,9 @@ class Trainer:
         80% in tests/test_neu.py; that head, and the one fitted before fine-tuning, use the
         raw features (L2 as in C=1). Class weights follow --balance loss."""
         self.model.eval()
-        with torch.inference_mode():
-            feats = torch.cat([
-                self.model.features(bank[s:s + INFER_BATCH].to(self.device).float(), frozen).float()
-                for s in range(0, len(bank), INFER_BATCH)
-            ])
+        with torch.inference_mode():      # batches of one shape (row_batches): one set of kernels on CUDA
+            feats = torch.cat([self.model.features(hb.float(), frozen)[:real].float()
+                               for hb, real in row_batches(bank, INFER_BATCH, self.device)])
         self._fit_head_on(self.model.head, feats.clone(), y, frozen)
 
     def _fit_head_on(self, head: torch.nn.Linear, feats: torch.Tensor, y: np.ndarray, frozen: int) -> None:
