@@ -325,6 +325,27 @@ def test_taps_are_checked():
         Trainer(TrainConfig(strategy="finetune", taps="mid", **TINY), ["a", "b"], None, progress=False)
 
 
+def test_pooled_stage_features_run_in_one_batch_shape_and_match_image_by_image():
+    from lineside.train import heads
+    from lineside.train.backbones import build_backbone
+    from lineside.train.data import place
+    from lineside.train.infer import torch_batch
+    from lineside.train.model import Classifier
+
+    entry, backbone = build_backbone("efficientnet_lite0", "imagenet")
+    model = place(Classifier(backbone, entry.feature_dim, 3, entry.input_spec.with_size(64)), "cpu")
+    x = np.random.default_rng(0).integers(0, 256, (11, 64, 64, 3), dtype=np.uint8)
+    sizes = []
+    hook = model.stages[0].register_forward_hook(lambda m, i, o: sizes.append(len(o)))
+    feats = heads.pooled_stage_features(model, x, torch.device("cpu"), pool="avgmax")
+    hook.remove()
+    assert len(x) % torch_batch("cpu") and set(sizes) == {torch_batch("cpu")}    # the last batch filled up
+    alone = [heads.pooled_stage_features(model, x[i:i + 1], torch.device("cpu"), pool="avgmax") for i in (0, 10)]
+    for k, f in enumerate(feats):
+        assert f.shape[0] == len(x)
+        np.testing.assert_allclose(f[[0, 10]], np.concatenate([a[k] for a in alone]), rtol=1e-4, atol=1e-5)
+
+
 def test_cross_validated_probe_tells_informative_features_from_noise():
     from lineside.train.heads import cross_validated_probe
 

@@ -49,6 +49,11 @@ def exact_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
+def torch_batch(device: torch.device) -> int:
+    """Images per batch of a frozen pass in PyTorch: TORCH_CPU_BATCH on the CPU, 64 on a GPU."""
+    return TORCH_CPU_BATCH if torch.device(device).type == "cpu" else 64
+
+
 def fill_up(batch, whole, size: int):
     """The last, short batch of a job filled up to `size` with the job's first items, so
     that every batch has one shape (on CUDA each new shape costs cuDNN new kernels); the
@@ -111,8 +116,7 @@ class FrozenForward:
 
     @property
     def batch_size(self) -> int:
-        return OPENVINO_BATCH if self.backend == "openvino" else (TORCH_CPU_BATCH if self.device.type == "cpu"
-                                                                  else 64)
+        return OPENVINO_BATCH if self.backend == "openvino" else torch_batch(self.device)
 
     def _convert(self, example: np.ndarray):
         import openvino as ov
