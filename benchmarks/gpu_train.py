@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import os
 import subprocess
@@ -179,6 +180,7 @@ def main():
     args = ap.parse_args()
 
     device = torch.device(args.device)
+    importlib.import_module("torch._dynamo")   # AdamW's first step would, inside the reference's first step
     images = load_image_set(args.data)
     if args.limit:
         images = images.subset(np.random.default_rng(0).permutation(len(images))[:args.limit])
@@ -194,7 +196,14 @@ def main():
         layouts = [lay.strip() for lay in args.layouts.split(",")]
         if any(lay not in LAYOUTS for lay in layouts):
             raise SystemExit(f"--layouts {args.layouts}: each one of {', '.join(LAYOUTS)}")
-        figures, ablation = [], []
+        figures, ablation, scaling = [], [], []
+
+        def save():
+            """Every figure so far to --json: a run cut off by a time limit keeps what it measured."""
+            if args.json:
+                args.json.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "images": len(y),
+                                                 "size": spec.width, "figures": figures, "ablation": ablation,
+                                                 "scaling": scaling}, indent=2))
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             for layout in layouts:
                 ref, first = reference_rate(x, y, len(images.classes), spec, batch, device, args.seconds, layout)
@@ -206,6 +215,7 @@ def main():
                                               variant)
                         ablation.append({"batch": batch, "layout": layout, "variant": variant, "img_per_s": r,
                                          "first_step_s": f, "of_plain": round(r / ref, 3)})
+                        save()
                         print(f"  reference + {variant:13s}: {r:.0f} img/s ({r / ref:.2f}x the plain loop; "
                               f"first step {f:.2f} s)", flush=True)
                 runs = [("full", ["--strategy", "full"])]
@@ -215,13 +225,13 @@ def main():
                     r = lineside_rate(data, strategy, batch, args.epochs, args.device, args.image_size, tmp, layout)
                     figures.append({"batch": batch, "layout": layout, "recipe": name, "reference_img_per_s": ref,
                                     "reference_first_step_s": first, **r})
+                    save()
                     print(f"  lineside {name:13s}: steady state {r['train_img_per_s']:.0f} img/s training "
                           f"({r['train_img_per_s'] / ref:.2f}x the reference), {r['img_per_s']:.0f} img/s with "
                           f"the epoch's validation ({r['img_per_s'] / ref:.2f}x); first epoch {r['first_epoch_s']} s "
                           f"({r['first_epoch_s'] / r['steady_epoch_s']:.1f}x a later one, {r['steady_epoch_s']} s; "
                           f"its first step {r['first_step_s']} s); whole command {r['command_s']} s", flush=True)
                     print("    " + ", ".join(f"{k} {v}" for k, v in r["parts"].items()), flush=True)
-        scaling = []
         if args.gpus:
             counts = sorted({int(n) for n in args.gpus.split(",")} | {1})
             present = torch.cuda.device_count() if device.type == "cuda" else None
@@ -234,13 +244,11 @@ def main():
                 one = scaling[0]["train_img_per_s"] if scaling else r["train_img_per_s"]
                 scaling.append({"processes": n, "batch_per_process": batch, **r,
                                 "speedup": round(r["train_img_per_s"] / one, 2)})
+                save()
                 target = f" (target {0.8 * n:.1f}x)" if n > 1 else ""
                 print(f"--gpus {n}: steady state {r['train_img_per_s']:.0f} img/s training, "
                       f"{scaling[-1]['speedup']:.2f}x one process{target}; whole command {r['command_s']} s", flush=True)
-        if args.json:
-            args.json.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "images": len(y),
-                                             "size": spec.width, "figures": figures, "ablation": ablation,
-                                             "scaling": scaling}, indent=2))
+        save()
 
 
 if __name__ == "__main__":

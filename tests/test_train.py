@@ -114,6 +114,30 @@ def test_other_strategies_train_and_beat_chance(synth_dir, synth_test_dir, tmp_p
         assert evaluate_run(tmp_path, synth_test_dir, progress=False)["balanced_accuracy"] >= 0.6
 
 
+def test_the_first_epoch_does_not_pay_for_importing_torch_dynamo(synth_dir, tmp_path):
+    """AdamW's first step imports torch._dynamo (over a second); fit_epochs loads it before
+    the first epoch, whose time then measures the training alone. A fresh process, where
+    nothing else has loaded it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from lineside.train import loop\n"
+            "from lineside.train.config import TrainConfig\n"
+            "from lineside.train.run import train_run\n"
+            "seen, real = [], loop.train_one_epoch\n"
+            "def first(*a, **k):\n"
+            "    seen.append('torch._dynamo' in sys.modules)\n"
+            "    return real(*a, **k)\n"
+            "loop.train_one_epoch = first\n"
+            f"cfg = TrainConfig(strategy='full', **{dict(TINY, epochs=1)!r})\n"
+            f"train_run({str(synth_dir)!r}, {str(tmp_path / 'run')!r}, cfg, progress=False)\n"
+            "print(seen)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[True]"
+
+
 def test_auto_strategy_follows_images_per_class():
     assert resolve_strategy(TrainConfig(), 2)[0] == "linear"
     assert resolve_strategy(TrainConfig(), 10)[0] == "finetune"

@@ -12,6 +12,7 @@ end-to-end recipes run the same loop.
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import math
 import os
@@ -75,6 +76,10 @@ def fit_epochs(model: Classifier, groups: list[dict], *, epochs: int, steps_per_
     for g in groups:
         g["initial_lr"] = g["lr"]
     opt = optimizer(groups, weight_decay, device)
+    # AdamW's step imports torch._dynamo on its first call (torch.optim's _use_grad: 1.3 s on
+    # 2 cores); loaded here, the first epoch's time and first_step_seconds are the training's
+    # own (kernels set up, the steps), not a one-off import. The command takes as long.
+    importlib.import_module("torch._dynamo")
     total = epochs * steps_per_epoch
     warmup = max(1, int(0.05 * total))
 
