@@ -353,7 +353,7 @@ def test_pooled_stage_features_run_in_one_batch_shape_and_match_image_by_image()
     from lineside.train import heads
     from lineside.train.backbones import build_backbone
     from lineside.train.data import place
-    from lineside.train.infer import torch_batch
+    from lineside.train.infer import TORCH_CPU_BATCH
     from lineside.train.model import Classifier
 
     entry, backbone = build_backbone("efficientnet_lite0", "imagenet")
@@ -363,7 +363,7 @@ def test_pooled_stage_features_run_in_one_batch_shape_and_match_image_by_image()
     hook = model.stages[0].register_forward_hook(lambda m, i, o: sizes.append(len(o)))
     feats = heads.pooled_stage_features(model, x, torch.device("cpu"), pool="avgmax")
     hook.remove()
-    assert len(x) % torch_batch("cpu") and set(sizes) == {torch_batch("cpu")}    # the last batch filled up
+    assert len(x) % TORCH_CPU_BATCH and set(sizes) == {TORCH_CPU_BATCH}    # the last batch filled up
     alone = [heads.pooled_stage_features(model, x[i:i + 1], torch.device("cpu"), pool="avgmax") for i in (0, 10)]
     for k, f in enumerate(feats):
         assert f.shape[0] == len(x)

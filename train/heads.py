@@ -9,8 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import to_tensor
-from .infer import exact_fp32, fill_up, torch_batch
+from .infer import FrozenForward
 from .model import Classifier, pool_map
 
 INFER_BATCH = 32
@@ -38,24 +37,24 @@ def _optimizers_without_dynamo() -> None:
 _optimizers_without_dynamo()
 
 
-@torch.inference_mode()
 def pooled_stage_features(model: Classifier, x: np.ndarray, device, pool: str = "avg") -> list[np.ndarray]:
     """Every stage's output, pooled as a head on taps pools it (model.pool_map with `pool`), for
-    images x (N, H, W, 3) uint8: one pass, as the bank's and scoring's frozen passes run
-    (infer.py): their batch size (8 images on the CPU: 0.93 s against 1.4-1.6 s in batches
-    of 32 for 60 NEU images at 224 px, the same features), the last batch filled up, and
-    full float32 on CUDA, so that on a GPU they share one set of kernels."""
-    model.eval()
-    out = [[] for _ in model.stages]
-    bs = torch_batch(device)
-    with exact_fp32():
-        for s in range(0, len(x), bs):
-            real = len(x[s:s + bs])
-            h = model.normalize(to_tensor(fill_up(x[s:s + bs], x, bs), device))
-            for k, stage in enumerate(model.stages):
-                h = stage(h)
-                out[k].append(pool_map(h[:real].float(), pool))
-    return [torch.cat(f).cpu().numpy() for f in out]     # read back once: no wait per batch on a GPU
+    images x (N, H, W, 3) uint8: one frozen pass in PyTorch (FrozenForward: batches of one
+    shape, full float32 on CUDA, as the bank's and scoring's passes, so that on a GPU they
+    share one set of kernels; 8 images a batch on the CPU: 0.93 s against 1.4-1.6 s in
+    batches of 32 for 60 NEU images at 224 px, the same features)."""
+    widths = []      # of each stage's pooled features, from the first batch
+
+    def pooled(t):
+        h, out = model.normalize(t), []
+        for stage in model.stages:
+            h = stage(h)
+            out.append(pool_map(h.float(), pool))
+        widths[:] = [o.shape[1] for o in out]
+        return torch.cat(out, 1)
+
+    feats = FrozenForward(model, pooled, x[:1], device, len(x), backend="torch").map(x).numpy()
+    return np.split(feats, np.cumsum(widths)[:-1], axis=1)
 
 
 def fit_linear_head(head: torch.nn.Linear, feats: torch.Tensor, target: torch.Tensor, l2: float,

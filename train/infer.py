@@ -49,11 +49,6 @@ def exact_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
-def torch_batch(device: torch.device) -> int:
-    """Images per batch of a frozen pass in PyTorch: TORCH_CPU_BATCH on the CPU, 64 on a GPU."""
-    return TORCH_CPU_BATCH if torch.device(device).type == "cpu" else 64
-
-
 def fill_up(batch, whole, size: int):
     """The last, short batch of a job filled up to `size` with the job's first items, so
     that every batch has one shape (on CUDA each new shape costs cuDNN new kernels); the
@@ -95,14 +90,15 @@ def backend_for(device: torch.device, n_images: int, shape=(224, 224)) -> str:
 class FrozenForward:
     """`fn` (a function of a float NCHW batch, a method of `owner`) over uint8 NHWC
     batches: call it with a numpy batch, get a CPU tensor back. `owner` is the module whose
-    weights fn uses; it is put in eval mode and must not change while this object is used."""
+    weights fn uses; it is put in eval mode and must not change while this object is used.
+    `backend` "torch" keeps the job in PyTorch whatever its size (default: backend_for)."""
 
     def __init__(self, owner: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], example: np.ndarray,
-                 device: torch.device, n_images: int):
+                 device: torch.device, n_images: int, backend: str | None = None):
         self.device = torch.device(device)
         self.owner = owner.eval()
         self.module = UInt8Input(owner, fn).eval()
-        self.backend = backend_for(self.device, n_images, example.shape[1:3])
+        self.backend = backend or backend_for(self.device, n_images, example.shape[1:3])
         if self.backend == "openvino":
             try:
                 self._compiled = self._convert(example)
@@ -116,7 +112,8 @@ class FrozenForward:
 
     @property
     def batch_size(self) -> int:
-        return OPENVINO_BATCH if self.backend == "openvino" else torch_batch(self.device)
+        return OPENVINO_BATCH if self.backend == "openvino" else (TORCH_CPU_BATCH if self.device.type == "cpu"
+                                                                  else 64)
 
     def _convert(self, example: np.ndarray):
         import openvino as ov
