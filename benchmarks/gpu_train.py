@@ -19,7 +19,9 @@ against N times one process's: the scaling figure for a machine with several GPU
 (without CUDA, N CPU processes on gloo: the same code path, not a speed figure). With
 --ablate the reference loop also runs with `--strategy full`'s recipe choices added
 (VARIANTS: frozen BatchNorm statistics, the batch augmentation, and all of them), which
-splits a gap to lineside into what the recipe itself costs and what its loop adds.
+splits a gap to lineside into what the recipe itself costs and what its loop adds, and
+through torch.compile: its first step is the compilation, against which the steady
+state's gain is weighed (lineside trains eagerly).
 
     python benchmarks/gpu_train.py ../shared/datasets/neu-det --batch-sizes 32,128 --epochs 5
     python benchmarks/gpu_train.py ../shared/datasets/neu-det --layouts channels_last,nchw --json gpu.json
@@ -63,6 +65,7 @@ VARIANTS = {
     "frozen BN": {"frozen_bn"},                 # pretrained BatchNorm statistics kept (--bn-stats freeze)
     "batch augment": {"augment"},               # BatchAugmenter's full draw instead of flips
     "recipe": {"frozen_bn", "augment", "optim"},  # both, with label smoothing and lineside's AdamW groups
+    "compiled": {"compile"},                    # the plain loop through torch.compile: its first step compiles
 }
 
 
@@ -78,6 +81,7 @@ def reference_rate(x: np.ndarray, y: np.ndarray, classes: int, spec, batch: int,
         set_train_mode(model, 0, freeze_bn=True)
     else:
         model.train()
+    net = torch.compile(model) if "compile" in parts else model
     if "optim" in parts:
         cfg = TrainConfig()
         opt = optimizer([{"params": list(model.backbone.parameters()), "lr": cfg.lr / 10},
@@ -100,7 +104,7 @@ def reference_rate(x: np.ndarray, y: np.ndarray, classes: int, spec, batch: int,
             flip = torch.rand(batch, device=device) < 0.5
             xb = torch.where(flip[:, None, None, None], xb.flip(3), xb).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            loss = F.cross_entropy(model(xb), targets[idx], label_smoothing=smoothing)
+            loss = F.cross_entropy(net(xb), targets[idx], label_smoothing=smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -175,7 +179,8 @@ def main():
     ap.add_argument("--ablate", action="store_true",
                     help="Also run the reference loop with lineside's recipe choices added (frozen BatchNorm "
                          "statistics, the batch augmentation, both with label smoothing and lineside's AdamW), "
-                         "in the first layout: what the recipe costs, apart from lineside's loop.")
+                         "in the first layout: what the recipe costs, apart from lineside's loop; and the plain "
+                         "loop through torch.compile (its first step is the compilation).")
     ap.add_argument("--json", type=Path, default=None, help="Also write every figure to this JSON file.")
     args = ap.parse_args()
 
