@@ -114,28 +114,65 @@ def test_other_strategies_train_and_beat_chance(synth_dir, synth_test_dir, tmp_p
         assert evaluate_run(tmp_path, synth_test_dir, progress=False)["balanced_accuracy"] >= 0.6
 
 
-def test_the_first_epoch_does_not_pay_for_importing_torch_dynamo(synth_dir, tmp_path):
-    """AdamW's first step imports torch._dynamo (over a second); fit_epochs loads it before
-    the first epoch, whose time then measures the training alone. A fresh process, where
-    nothing else has loaded it."""
+def _in_fresh_process(code: str, timeout: int = 300) -> str:
+    """What `code` prints, run in a new Python process (where nothing has loaded torch._dynamo)."""
     import subprocess
     import sys
 
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_training_end_to_end_does_not_import_torch_dynamo(synth_dir, tmp_path):
+    """torch.optim's AdamW imports torch._dynamo (over a second) on its first step, for graph
+    breaks that only torch.compile needs; lineside's AdamW (optim.py) does without. A whole
+    `full` training in a fresh process, where nothing else has loaded it."""
     code = ("import sys\n"
-            "from lineside.train import loop\n"
             "from lineside.train.config import TrainConfig\n"
             "from lineside.train.run import train_run\n"
-            "seen, real = [], loop.train_one_epoch\n"
-            "def first(*a, **k):\n"
-            "    seen.append('torch._dynamo' in sys.modules)\n"
-            "    return real(*a, **k)\n"
-            "loop.train_one_epoch = first\n"
             f"cfg = TrainConfig(strategy='full', **{dict(TINY, epochs=1)!r})\n"
             f"train_run({str(synth_dir)!r}, {str(tmp_path / 'run')!r}, cfg, progress=False)\n"
-            "print(seen)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "[True]"
+            "print('torch._dynamo' in sys.modules)")
+    assert _in_fresh_process(code, timeout=600).strip() == "False"
+
+
+def test_lineside_adamw_steps_exactly_as_torchs():
+    """optim.AdamW runs torch's own step without its dynamo import: the same weights and
+    optimizer state as torch.optim.AdamW after several steps (two parameter groups, weight
+    decay, a closure), grad mode as it was before each step, and torch._dynamo not loaded
+    until torch's AdamW steps (a fresh process)."""
+    code = ("import sys, torch\n"
+            "from lineside.train.optim import AdamW\n"
+            "def run(cls):\n"
+            "    torch.manual_seed(0)\n"
+            "    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))\n"
+            "    opt = cls([{'params': net[0].parameters(), 'lr': 1e-3}, {'params': net[2].parameters(), 'lr': 1e-2}],\n"
+            "              weight_decay=0.05)\n"
+            "    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))\n"
+            "    modes = []\n"
+            "    for i in range(6):\n"
+            "        def closure():\n"
+            "            opt.zero_grad()\n"
+            "            loss = torch.nn.functional.cross_entropy(net(x), y)\n"
+            "            loss.backward()\n"
+            "            return loss\n"
+            "        if i % 3:\n"
+            "            loss = closure()\n"
+            "        with torch.set_grad_enabled(i % 2 == 0):\n"
+            "            loss = opt.step(closure) if i % 3 == 0 else (opt.step(), loss)[1]\n"
+            "            modes.append(torch.is_grad_enabled())\n"
+            "    return net.state_dict(), opt.state_dict(), modes, float(loss)\n"
+            "mine = run(AdamW)\n"
+            "assert 'torch._dynamo' not in sys.modules\n"
+            "theirs = run(torch.optim.AdamW)\n"
+            "assert 'torch._dynamo' in sys.modules\n"
+            "same = all(torch.equal(mine[0][k], theirs[0][k]) for k in theirs[0])\n"
+            "st = [(a['exp_avg'], b['exp_avg'], a['exp_avg_sq'], b['exp_avg_sq'])\n"
+            "      for a, b in zip(mine[1]['state'].values(), theirs[1]['state'].values())]\n"
+            "same_state = len(st) == 4 and all(torch.equal(p, q) and torch.equal(r, t) for p, q, r, t in st)\n"
+            "print(same, same_state, mine[2], mine[3] == theirs[3])")
+    assert _in_fresh_process(code).split() == ["True", "True", "[True,", "False,", "True,", "False,", "True,", "False]", "True"]
 
 
 def test_auto_strategy_follows_images_per_class():
@@ -384,9 +421,6 @@ def test_cross_validated_probe_tells_informative_features_from_noise():
 def test_a_linear_head_fit_does_not_import_torch_dynamo():
     """torch.optim would import torch._dynamo (seconds) on an L-BFGS fit's first call; the
     heads module keeps it out, in a fresh process where nothing else loaded it."""
-    import subprocess
-    import sys
-
     code = ("import sys, numpy as np\n"
             "from lineside.train.heads import cross_validated_probe\n"
             "y = np.repeat(np.arange(3), 8)\n"
@@ -394,9 +428,7 @@ def test_a_linear_head_fit_does_not_import_torch_dynamo():
             "x = rng.normal(0, 0.3, (24, 10)) + np.eye(3)[y] @ rng.normal(0, 3, (3, 10))\n"
             "assert cross_validated_probe(x, y, 0) >= 0.9\n"
             "print('torch._dynamo' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "False"
+    assert _in_fresh_process(code).strip() == "False"
 
 
 def test_auto_picks_a_middle_stage_head_only_when_it_wins_in_cross_validation(synth_dir, tmp_path, monkeypatch):

@@ -3,38 +3,17 @@ quick probe (with its cross-validation) that auto and the benchmarks compare fea
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .infer import FrozenForward
 from .model import Classifier, pool_map
+from .optim import without_dynamo
 
 INFER_BATCH = 32
 
-
-def _optimizers_without_dynamo() -> None:
-    """Keep torch.optim from importing torch._dynamo where nothing compiles. Optimizer's
-    add_param_group, zero_grad, state_dict and load_state_dict are wrapped by
-    torch._compile._disable_dynamo, which on its first call imports torch._dynamo (1.3 s
-    on 2 cores; a default `lineside train` took 1.7 s longer) only to build a wrapper that
-    matters under torch.compile, and caches it on the function as `__dynamo_disable`. lineside compiles
-    nothing, so the cache is filled with the function itself, unless torch._dynamo is
-    loaded already. The linear heads' L-BFGS then never imports it; AdamW's step still
-    does (the end-to-end recipes). Where torch has no such wrapper, nothing changes."""
-    if "torch._dynamo" in sys.modules:
-        return
-    for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict"):
-        wrapper = vars(torch.optim.Optimizer).get(name)
-        fn = getattr(wrapper, "__wrapped__", None)
-        code = getattr(wrapper, "__code__", None)
-        if fn is not None and code is not None and "__dynamo_disable" in code.co_consts:   # the cache it reads
-            setattr(fn, "__dynamo_disable", fn)
-
-
-_optimizers_without_dynamo()
+without_dynamo()   # the heads' L-BFGS: torch.optim without importing torch._dynamo (optim.py)
 
 
 def pooled_stage_features(model: Classifier, x: np.ndarray, device, pool: str = "avg") -> list[np.ndarray]:

@@ -12,7 +12,6 @@ end-to-end recipes run the same loop.
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ from .data import nchw
 from .distributed import Dist
 from .infer import fill_up
 from .model import Classifier
+from .optim import AdamW
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,6 @@ def fit_epochs(model: Classifier, groups: list[dict], *, epochs: int, steps_per_
     for g in groups:
         g["initial_lr"] = g["lr"]
     opt = optimizer(groups, weight_decay, device)
-    # AdamW's step imports torch._dynamo on its first call (torch.optim's _use_grad: 1.3 s on
-    # 2 cores); loaded here, the first epoch's time and first_step_seconds are the training's
-    # own (kernels set up, the steps), not a one-off import. The command takes as long.
-    importlib.import_module("torch._dynamo")
     total = epochs * steps_per_epoch
     warmup = max(1, int(0.05 * total))
 
@@ -129,10 +125,11 @@ def fit_epochs(model: Classifier, groups: list[dict], *, epochs: int, steps_per_
 
 
 def optimizer(groups: list[dict], weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; on CUDA its fused form: one kernel for every parameter, and with float16's
-    loss scaler (amp_dtype) the check for overflowed gradients stays on the GPU (the
-    unfused optimizer makes GradScaler read it back every step, a wait for the GPU)."""
-    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True if device.type == "cuda" else None)
+    """AdamW (torch's, without importing torch._dynamo: optim.AdamW); on CUDA its fused form:
+    one kernel for every parameter, and with float16's loss scaler (amp_dtype) the check for
+    overflowed gradients stays on the GPU (the unfused optimizer makes GradScaler read it
+    back every step, a wait for the GPU)."""
+    return AdamW(groups, weight_decay=weight_decay, fused=True if device.type == "cuda" else None)
 
 
 def set_train_mode(model: Classifier, frozen: int, freeze_bn: bool) -> None:
