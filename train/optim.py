@@ -1,15 +1,15 @@
 """torch.optim without torch._dynamo, PyTorch's compiler front end, which lineside does not use.
 
-torch.optim imports torch._dynamo (1.3 s on 2 cores, a tenth of a few-shot training) in two
-places that only matter under torch.compile:
+torch.optim imports torch._dynamo (1.3 s on 2 cores) in two places that only matter under
+torch.compile:
 - Optimizer's add_param_group, zero_grad, state_dict and load_state_dict are wrapped by
   torch._compile._disable_dynamo, which on its first call imports it to build a wrapper and
   caches that on the function as `__dynamo_disable`;
 - every step goes through optimizer._use_grad_for_differentiable, whose `_use_grad` imports
   it for two graph breaks (no-ops outside compilation) around setting grad mode.
-`without_dynamo()` fills the first cache with the function itself, and `AdamW.step` does what
-`_use_grad` does, less the graph breaks. Each applies only where torch has exactly that
-wrapper and torch._dynamo is not loaded; otherwise torch's own path runs as it is.
+`without_dynamo()` fills the first cache with the function itself (while torch._dynamo is not
+loaded), and `AdamW.step` does what `_use_grad` does, less the graph breaks. Each applies only
+where torch has exactly that wrapper; otherwise torch's own path runs as it is.
 """
 
 from __future__ import annotations
