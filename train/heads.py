@@ -13,8 +13,6 @@ from .optim import without_dynamo
 
 INFER_BATCH = 32
 
-without_dynamo()   # the heads' L-BFGS: torch.optim without importing torch._dynamo (optim.py)
-
 
 def pooled_stage_features(model: Classifier, x: np.ndarray, device, pool: str = "avg") -> list[np.ndarray]:
     """Every stage's output, pooled as a head on taps pools it (model.pool_map with `pool`), for
@@ -47,6 +45,7 @@ def fit_linear_head(head: torch.nn.Linear, feats: torch.Tensor, target: torch.Te
         feats = (feats - mu) / sd
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
+    without_dynamo()      # torch.optim without importing torch._dynamo (optim.py)
     opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-6)
 

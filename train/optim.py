@@ -8,7 +8,8 @@ torch.compile:
 - every step goes through optimizer._use_grad_for_differentiable, whose `_use_grad` imports
   it for two graph breaks (no-ops outside compilation) around setting grad mode.
 `without_dynamo()` fills the first cache with the function itself (while torch._dynamo is not
-loaded), and `AdamW.step` does what `_use_grad` does, less the graph breaks. Each applies only
+loaded; lineside calls it before making an optimizer), and `AdamW.step` does what `_use_grad`
+does, less the graph breaks. Each applies only
 where torch has exactly that wrapper; otherwise torch's own path runs as it is.
 """
 
@@ -43,7 +44,6 @@ def _plain_step(cls: type):
     return getattr(step, "__wrapped__", None)
 
 
-without_dynamo()
 _ADAMW_STEP = _plain_step(torch.optim.AdamW)
 
 
@@ -64,3 +64,7 @@ class AdamW(torch.optim.AdamW):
 
     if _ADAMW_STEP is not None:
         step = _step
+
+    def __init__(self, *args, **kwargs):
+        without_dynamo()      # the constructor calls add_param_group
+        super().__init__(*args, **kwargs)
