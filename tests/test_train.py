@@ -688,6 +688,49 @@ def test_full_training_with_batch_augmentation_learns(synth_dir, synth_test_dir,
     assert all(r["val_balanced_accuracy"] for r in rows)          # validated on the device each epoch
 
 
+@pytest.mark.parametrize("strategy", ["full", "finetune", "auto"])
+def test_every_recipe_trains_under_mixed_precision_as_on_a_gpu(synth_dir, tmp_path, monkeypatch, strategy):
+    """On CUDA the steps run under bfloat16 autocast (Amp), so what a forward pass returns
+    there is bfloat16: anything that hands it to numpy, or mixes it with float32 tensors
+    where PyTorch does not promote, fails on a GPU only. Amp is forced into bfloat16 on the
+    CPU here (with the batched augmentation the GPU uses), through end-to-end training,
+    fine-tuning on the bank with validation and auto's cost estimate: each run completes,
+    its steps did run in bfloat16, and it saves float32 weights that score finite
+    probabilities."""
+    from lineside.train import loop
+
+    monkeypatch.setenv("LINESIDE_BATCH_AUGMENT", "1")
+
+    def bfloat16(self, device):
+        self.device_type, self.enabled, self.dtype = device.type, True, torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=False)
+
+    monkeypatch.setattr(loop.Amp, "__init__", bfloat16)
+    dtypes = []
+    real = loop.train_one_epoch
+
+    def watched(forward, *args, **kw):
+        def forward_seen(xb):
+            out = forward(xb)
+            dtypes.append(out.dtype)
+            return out
+
+        return real(forward_seen, *args, **kw)
+
+    monkeypatch.setattr(loop, "train_one_epoch", watched)
+    out = tmp_path / "run"
+    metrics = train_run(synth_dir, out, TrainConfig(strategy=strategy, image_size=64, epochs=2, batch_size=16,
+                                                    views=2, device="cpu", val_fraction=0.25), progress=False)
+    if metrics["strategy"] != "linear":     # auto may choose a head on frozen features: no epochs
+        assert dtypes and set(dtypes) == {torch.bfloat16}
+    model = load_checkpoint(out).model.eval()
+    assert all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point())
+    from lineside.train.trainer import predict_proba
+
+    p = predict_proba(model, _images(3))
+    assert np.isfinite(p).all() and np.allclose(p.sum(1), 1, atol=1e-5)
+
+
 def test_validation_on_the_device_scores_like_predict_proba(tiny_run):
     """Validation during end-to-end training: images already on the device, every batch of
     the training's size (the last one filled up and its extra rows dropped)."""
