@@ -10,6 +10,7 @@ tried in order (today one each); if none passes, no INT8 model is written.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,18 @@ def float_nodes(model, ends: bool = False, linear_convs: bool = False) -> list[s
     return names
 
 
+class _IntegerTensorNote(logging.Filter):
+    """Drops ONNX Runtime's quantizer warning about a tensor it will not quantize because it
+    holds integers or booleans (e.g. elem_type 7, int64: the indices that pick the test-time views), which
+    is how it should be: printed on every export, it read as a failure. Its other warnings
+    pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Inference failed or unsupported type to quantize")
+                    and re.search(r"elem_type: (2|3|4|5|6|7|9|12|13)\n", message))
+
+
 def quantize_onnxruntime(fp32_onnx: Path, out_onnx: Path, calib: np.ndarray, metadata, recipe: dict) -> Path:
     """Quantize an FP32 ONNX model with ONNX Runtime's static quantizer on calibration images."""
     onnx = require("onnx", "export")
@@ -117,6 +130,8 @@ def quantize_onnxruntime(fp32_onnx: Path, out_onnx: Path, calib: np.ndarray, met
     if len(calib) > ORT_CALIB_IMAGES:
         calib = calib[np.sort(np.random.default_rng(0).choice(len(calib), ORT_CALIB_IMAGES, replace=False))]
     prepared = out_onnx.with_name(out_onnx.stem + ".prep.onnx")
+    note = _IntegerTensorNote()
+    logging.getLogger().addFilter(note)
     try:
         quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=False)
         model = onnx.load(str(prepared))
@@ -133,6 +148,7 @@ def quantize_onnxruntime(fp32_onnx: Path, out_onnx: Path, calib: np.ndarray, met
             correct_conv_biases(model, quantized, calib)
             onnx.save(quantized, str(out_onnx))
     finally:
+        logging.getLogger().removeFilter(note)
         prepared.unlink(missing_ok=True)
     return write_metadata(out_onnx, metadata)
 

@@ -350,6 +350,33 @@ def test_a_head_on_frozen_features_without_validation_is_judged_on_training_imag
     assert "held out from calibration" in line and "WARNING" not in line
 
 
+def test_onnxruntime_quantization_does_not_warn_about_the_integer_view_indices(runs_without_validation, tmp_path,
+                                                                               caplog):
+    """ONNX Runtime's quantizer warns, on the root logger, about every tensor it leaves alone
+    because it is not float: in a head on several stages with test-time views, the int64
+    size that splits the views apart again. That is as it should be, and printed on every
+    export it read as a failure, so it is dropped; its other warnings still pass."""
+    import logging
+
+    from lineside.export.quantize import _IntegerTensorNote, quantize_onnxruntime
+    from lineside.runtime.model import open_model
+
+    export_bundle(runs_without_validation["linear"], tmp_path / "b", formats=["onnx"], int8=False)
+    fp32 = tmp_path / "b" / "model_fp32.onnx"
+    calib = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    with caplog.at_level(logging.WARNING):
+        quantize_onnxruntime(fp32, tmp_path / "q.onnx", calib, open_model(fp32).metadata, dict(ORT_RECIPES)[
+            ORT_RECIPES[0][0]])
+    assert (tmp_path / "q.onnx").is_file()
+    assert not [r for r in caplog.records if "unsupported type to quantize" in r.getMessage()]
+    note = _IntegerTensorNote()
+    record = lambda msg: logging.LogRecord("root", logging.WARNING, __file__, 1, msg, None, None)   # noqa: E731
+    about = "Inference failed or unsupported type to quantize for tensor 'g', type is tensor_type {\n  elem_type: "
+    assert not note.filter(record(about + "7\n}."))
+    assert note.filter(record(about + "1\n}.")) and note.filter(record("Please consider to run pre-processing"))
+    assert note not in logging.getLogger().filters
+
+
 def test_a_network_fine_tuned_on_every_image_gets_no_int8_without_held_out_images(
         runs_without_validation, synth_test_dir, tmp_path, monkeypatch):
     """Its own training images (and copies of them) cannot show what INT8 does to images it is
