@@ -499,7 +499,8 @@ def _images(n, size=64, seed=0):
 def test_frozen_forward_in_openvino_matches_pytorch(tiny_run, monkeypatch):
     """Scores, pooled features and trunk activations are the same whichever runs them, and a
     large job on the CPU really runs in OpenVINO (small ones stay in PyTorch; how large
-    counts pixels: 192 images of 224 px are worth a conversion, of 64 px not)."""
+    counts pixels: 192 images of 224 px are worth a conversion, of 64 px not), converted
+    from one traced pass of the network."""
     from lineside.train import infer
     from lineside.train.infer import FrozenForward
     from lineside.train.trainer import predict_proba, score
@@ -507,7 +508,14 @@ def test_frozen_forward_in_openvino_matches_pytorch(tiny_run, monkeypatch):
     model = load_checkpoint(tiny_run[0]).model.eval()
     x = _images(40)
     for fn in (model.embed, lambda t: model.trunk(t, 2), lambda t: torch.softmax(model(t), 1)):
-        fast = FrozenForward(model, fn, x[:1], "cpu", n_images=10_000)
+        calls = []
+
+        def counted(t, fn=fn):
+            calls.append(len(t))
+            return fn(t)
+
+        fast = FrozenForward(model, counted, x[:1], "cpu", n_images=10_000)
+        assert calls == [1]      # traced once; torch.jit.trace's check would run it twice more (infer._traced)
         slow = FrozenForward(model, fn, x[:1], "cpu", n_images=1)
         assert (fast.backend, slow.backend) == ("openvino", "torch")
         a, b = fast.map(x), slow.map(x)
