@@ -42,6 +42,11 @@ def test_when_every_held_out_answer_is_right_the_temperature_does_not_run_to_zer
     mean_conf = softmax(z / r["temperature"]).max(1).mean()
     assert mean_conf <= 41 / 42 + 1e-6      # no surer than (right + 1) / (n + 2)
     assert r["reject_below"] < 0.99
+    # the report says so: the ECE it shows afterwards is that ceiling's doing, not a bad fit
+    assert r["right"] == 40 and r["confidence_ceiling"] == pytest.approx(41 / 42, abs=1e-4)
+    overconfident, y = _calibrated_logits(4000, 3, 0)
+    r = calibration_report(overconfident * 3.0, y, "test")      # a fit that needs no ceiling
+    assert r["confidence_ceiling"] is None and r["right"] == int(np.sum(overconfident.argmax(1) == y))
 
 
 def test_the_reject_threshold_keeps_99_percent_of_the_right_answers():
@@ -136,3 +141,17 @@ def test_out_of_fold_logits_of_a_linear_head_from_the_runs_bank_match_a_training
     from_bank = report["_logits"] * report["temperature"]
     assert np.abs(from_bank - per_fold).max() < 1e-3 * np.abs(per_fold).max()
     assert trainer._linear_bank is None          # the bank is freed once used
+
+
+def test_the_train_summary_says_when_the_temperature_was_raised_to_the_ceiling():
+    """An expected calibration error that grows after calibration (0.001 -> 0.024 on 40 of 40
+    right) reads as a bad fit unless the line says the ceiling raised it."""
+    from lineside.commands.train import calibration_line
+
+    c = {"source": "the 40 validation images", "images": 40, "right": 40, "temperature": 1.73,
+         "confidence_ceiling": 41 / 42, "ece_before": 0.001, "ece_after": 0.024, "reject_below": 0.88}
+    line = calibration_line(c)
+    assert "temperature 1.73 (raised: 40 of 40 right answers vouch for a mean confidence of at most 97.6%)" in line
+    assert line.endswith("0.001 -> 0.024; default --reject-below 0.88 (keeps 99% of the right answers)")
+    assert "raised" not in calibration_line(dict(c, confidence_ceiling=None))
+

@@ -62,14 +62,19 @@ def mean_confidence(logits: np.ndarray, t: float) -> float:
     return float(softmax(logits / t).max(1).mean())
 
 
+def confidence_ceiling(logits: np.ndarray, y: np.ndarray) -> float:
+    """The accuracy of `logits` on labels y with one right and one wrong answer added
+    ((correct + 1) / (n + 2), Laplace): the highest mean confidence they can vouch for."""
+    return (float(np.sum(np.asarray(logits).argmax(1) == np.asarray(y))) + 1.0) / (len(y) + 2.0)
+
+
 def cap_temperature(logits: np.ndarray, y: np.ndarray, t: float) -> float:
     """The NLL's T, raised where needed so that the mean confidence is no higher than the
     accuracy with one right and one wrong answer added ((correct + 1) / (n + 2), Laplace).
     When every held-out answer is right, the NLL keeps falling as T goes to 0 (every
     confidence to 1): that says nothing about the next image, and would put the
     reject threshold at 1.0."""
-    correct = float(np.sum(logits.argmax(1) == y))
-    ceiling = (correct + 1.0) / (len(y) + 2.0)
+    ceiling = confidence_ceiling(logits, y)
     if mean_confidence(logits, t) <= ceiling:
         return t
     lo, hi = t, t
@@ -95,11 +100,15 @@ def calibration_report(logits: np.ndarray, y: np.ndarray, source: str) -> dict:
     images the judged model did not train on."""
     logits = np.asarray(logits, np.float64)
     y = np.asarray(y, int)
-    t = cap_temperature(logits, y, fit_temperature(logits, y))
+    t_nll = fit_temperature(logits, y)
+    t = cap_temperature(logits, y, t_nll)
     before, after = softmax(logits), softmax(logits / t)
     threshold = reject_threshold(after, y)
     return {
-        "source": source, "images": int(len(y)), "temperature": round(t, 4),
+        "source": source, "images": int(len(y)), "right": int(np.sum(logits.argmax(1) == y)),
+        "temperature": round(t, 4),
+        # set when cap_temperature raised T: the mean confidence these answers can vouch for
+        "confidence_ceiling": round(confidence_ceiling(logits, y), 4) if t > t_nll else None,
         "ece_before": round(expected_calibration_error(before, y), 4),
         "ece_after": round(expected_calibration_error(after, y), 4),
         "nll_before": round(nll(logits, y, 1.0), 4), "nll_after": round(nll(logits, y, t), 4),

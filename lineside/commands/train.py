@@ -140,9 +140,20 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
                    f"on {v['n']} images")
     c = m.get("calibration")
     if c:
-        click.echo(f"calibrated on {c['source']}: temperature {c['temperature']:.2f}, expected calibration error "
-                   f"{c['ece_before']:.3f} -> {c['ece_after']:.3f}"
-                   + (f"; default --reject-below {c['reject_below']:.2f} (keeps 99% of the right answers)"
-                      if c["reject_below"] is not None else ""))
+        click.echo(calibration_line(c))
     click.echo(f"wrote {out}/model.pt, metrics.json, history.csv, confusion_matrix.png, "
                + ("calibration.png, " if c else "") + "config.yaml")
+
+
+def calibration_line(c: dict) -> str:
+    """The summary's line on a run's calibration (metrics.json "calibration"). Where the
+    fitted temperature left the model surer than its held-out answers vouch for (always so
+    when every one was right), it was raised to that ceiling (cap_temperature), and an
+    expected calibration error that grows is the ceiling's doing: the line says so."""
+    capped = c.get("confidence_ceiling")
+    return (f"calibrated on {c['source']}: temperature {c['temperature']:.2f}"
+            + (f" (raised: {c['right']} of {c['images']} right answers vouch for a mean confidence "
+               f"of at most {capped:.1%})" if capped else "")
+            + f", expected calibration error {c['ece_before']:.3f} -> {c['ece_after']:.3f}"
+            + (f"; default --reject-below {c['reject_below']:.2f} (keeps 99% of the right answers)"
+               if c["reject_below"] is not None else ""))
