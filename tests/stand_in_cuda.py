@@ -1,0 +1,200 @@
+"""A CUDA device that is not there, for the tests on a machine without a GPU
+(tests/test_stand_in_cuda.py runs this file in a fresh process per job):
+
+    python tests/stand_in_cuda.py refuse
+    python tests/stand_in_cuda.py train DATA OUT '{"strategy": "full", ...}'   # TrainConfig options
+    STAND_IN_MUTANT=labels-on-host python tests/stand_in_cuda.py train ...   # a mistake it must catch
+    python tests/stand_in_cuda.py eval RUN DATA
+    python tests/stand_in_cuda.py study sample-size|compare|cv DATA OUT
+
+PyTorch's FakeTensorMode makes tensors that carry a device, a shape and a dtype but no
+data, and refuses, as CUDA does, an operation that mixes tensors of two devices. With
+lineside's device "cuda" made such a device, a CPU tensor meeting the model's weights (the
+crash of the default `lineside train` on a GPU) fails on a machine without a GPU, at the
+line that made it. What the stand-in cannot do, it stands in for: reading a value
+(float(), .item(), bool()) gives a dummy number, while numpy() and tolist() of a tensor
+off the CPU fail, as on CUDA; the backward pass is skipped (PyTorch's autograd engine
+needs a real CUDA context), so no weight changes; pinned memory is ordinary memory;
+torch.save checks that everything it would write is on the CPU. The figures of such a
+run mean nothing: this checks where tensors live, not what they hold. It runs in a process
+of its own because it patches torch for the whole process.
+
+Prints one JSON line; on an error, the error and lineside's frames of its traceback,
+and exits with 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+CUDA = torch.device("cuda")
+NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+         torch.bfloat16: np.float32, torch.int64: np.int64, torch.int32: np.int32, torch.uint8: np.uint8,
+         torch.bool: np.bool_}
+
+
+def _values(name, real):
+    """Tensor.`name` giving a stand-in value for a FakeTensor; numpy() and tolist() of one
+    off the CPU fail, as they do for a CUDA tensor."""
+    def read(self, *args, **kwargs):
+        if not isinstance(self, FakeTensor):
+            return real(self, *args, **kwargs)
+        if name in ("numpy", "tolist") and self.device.type != "cpu":
+            raise TypeError(f"can't convert {self.device} tensor to numpy: use .cpu() first ({name})")
+        if name == "numpy":
+            return np.full(tuple(self.shape), 0.5 if self.is_floating_point() else 0, NUMPY[self.dtype])
+        if name == "tolist":
+            return np.zeros(tuple(self.shape), int).tolist()
+        if name == "__bool__":
+            return True           # ends an optimiser's convergence test (L-BFGS) at once
+        if name in ("__int__", "__index__"):
+            return 0
+        if name == "__float__":
+            return 0.5
+        return 0.5 if self.is_floating_point() else 0     # item()
+    return read
+
+
+def to_device(module: torch.nn.Module, device) -> torch.nn.Module:
+    """data.place for the stand-in (Module.to() cannot swap a FakeTensor parameter): every
+    weight and buffer on `device`, 4-d weights in the layout memory_format() says."""
+    from lineside.train.data import memory_format
+
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                q = p.detach().to(device)
+                q = q.contiguous(memory_format=memory_format()) if q.dim() == 4 else q
+                m._parameters[name] = torch.nn.Parameter(q, requires_grad=p.requires_grad)
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[name] = b.to(device)
+    return module
+
+
+def _save_checked(obj, path, *args, **kwargs):
+    """torch.save for the stand-in: everything it would write must be on the CPU."""
+    def walk(o, where):
+        if isinstance(o, torch.Tensor):
+            if o.device.type != "cpu":
+                raise AssertionError(f"torch.save of a tensor on {o.device} at {where}")
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{where}/{k}")
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, f"{where}/{i}")
+    walk(obj, "")
+    Path(path).write_bytes(b"stand-in")
+
+
+def stand_in() -> FakeTensorMode:
+    """Patch this process so that lineside's "cuda" is the stand-in; enter the returned mode."""
+    from lineside.train import data, evaluate, trainer
+
+    props = types.SimpleNamespace(major=9, minor=0, total_memory=80 << 30, name="stand-in")
+    torch.cuda.get_device_properties = lambda device=None: props
+    torch.cuda.mem_get_info = lambda device=None: (70 << 30, 80 << 30)
+    torch.cuda.synchronize = lambda device=None: None
+    torch.Tensor.pin_memory = lambda self, *a, **k: self
+    torch.Tensor.is_pinned = lambda self, *a, **k: False
+    torch.Tensor.backward = lambda self, *a, **k: None
+    for name in ("item", "__float__", "__int__", "__index__", "__bool__", "numpy", "tolist"):
+        setattr(torch.Tensor, name, _values(name, getattr(torch.Tensor, name)))
+    for module in (data, trainer, evaluate):
+        module.place = to_device
+    real_pick, real_run_device = trainer.pick_device, evaluate.run_device
+    trainer.pick_device = lambda name: CUDA if name in ("auto", "cuda") else real_pick(name)
+    evaluate.run_device = lambda name: CUDA if name in (None, "auto", "cuda") else real_run_device(name)
+    torch.save = _save_checked
+    os.environ["LINESIDE_FAST_INFERENCE"] = "torch"     # OpenVINO is the CPU's; on CUDA runs score in PyTorch
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def job(args: list[str]) -> dict:
+    what = args[0]
+    if what == "refuse":      # the check the rest rests on
+        layer = to_device(torch.nn.Linear(3, 2), CUDA)
+        out = {"weight": str(layer.weight.device), "on_device": str(layer(torch.zeros(4, 3, device=CUDA)).device)}
+        for name, bad in (("cpu_input", lambda: layer(torch.zeros(4, 3))),
+                          ("numpy", lambda: layer(torch.zeros(4, 3, device=CUDA)).numpy())):
+            try:
+                bad()
+                out[name] = "accepted"
+            except Exception as exc:  # noqa: BLE001 - which error is the answer
+                out[name] = type(exc).__name__
+        return out
+    if what == "train":
+        from lineside.train.config import TrainConfig
+        from lineside.train.run import train_run
+
+        if os.environ.get("STAND_IN_MUTANT") == "labels-on-host":    # a mistake to catch: labels left on the CPU
+            from lineside.train import loop, trainer
+
+            def host_labels(*a, real=loop.device_batches, **k):
+                for xb, yb in real(*a, **k):
+                    yield xb, yb.cpu()
+
+            trainer.device_batches = host_labels
+
+        m = train_run(Path(args[1]), Path(args[2]), TrainConfig(**json.loads(args[3])), progress=False)
+        return {"device": m["device"], "strategy": m["strategy"], "reason": m["strategy_reason"],
+                "calibrated": m["calibration"] is not None, "written": sorted(p.name for p in Path(args[2]).iterdir())}
+    if what == "eval":
+        from lineside.train import evaluate
+
+        seen, real_score = set(), evaluate.score
+
+        def score(model, *a, **k):      # where the run's network scores
+            seen.add(str(next(model.parameters()).device))
+            return real_score(model, *a, **k)
+
+        evaluate.score = score
+        report = evaluate.evaluate_run(args[1], args[2], progress=False, device="cuda")
+        first = sorted(Path(args[2]).rglob("*.png"))[0]
+        return {"scored_on": sorted(seen), "n": report["n"],
+                "label": evaluate.predict_files(args[1], [first], device="cuda")[0]["label"]}
+    if what == "study":
+        from lineside.train import study
+        from lineside.train.config import TrainConfig
+
+        cfg = TrainConfig(image_size=64, epochs=1, batch_size=8, views=2, calibrate="off")
+        data, out = Path(args[2]), Path(args[3])
+        if args[1] == "sample-size":
+            r = study.sample_size(data, out, cfg, shots=(2, 4), repeats=1, progress=False)
+        elif args[1] == "compare":
+            r = study.compare(data, out, cfg, strategies=("linear", "finetune", "full"), shots=4, repeats=1,
+                              progress=False)
+        else:
+            r = study.cross_validate(data, out, cfg, folds=2, progress=False)
+        return {"study": r["study"], "written": sorted(p.name for p in out.iterdir())}
+    raise SystemExit(f"unknown job {what!r}")
+
+
+def main(args: list[str]) -> int:
+    with stand_in():
+        try:
+            print(json.dumps(job(args)))
+            return 0
+        except Exception as exc:  # noqa: BLE001 - reported, with where in lineside it happened
+            frames = [f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno} {f.line}"
+                      for f in traceback.extract_tb(exc.__traceback__) if "site-packages" not in f.filename]
+            print(json.dumps({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                              "at": frames}))
+            return 1
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)      # no interpreter teardown: collecting the fake tensors at exit can crash it
