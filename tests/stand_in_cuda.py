@@ -4,6 +4,7 @@
     python tests/stand_in_cuda.py refuse
     python tests/stand_in_cuda.py train DATA OUT '{"strategy": "full", ...}'   # TrainConfig options
     STAND_IN_MUTANT=labels-on-host python tests/stand_in_cuda.py train ...   # a mistake it must catch
+    python tests/stand_in_cuda.py steps DATA OUT '{...}'   # what makes the host wait, step by step
     python tests/stand_in_cuda.py eval RUN DATA
     python tests/stand_in_cuda.py study sample-size|compare|cv DATA OUT
 
@@ -42,12 +43,25 @@ NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np
          torch.bool: np.bool_}
 
 
+# What makes the host wait for a GPU, as it happens: (what, where in lineside).
+WAITS: list[tuple[str, str]] = []
+
+
+def _wait(what: str) -> None:
+    frames = [f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}"
+              for f in traceback.extract_stack()[:-2] if "site-packages" not in f.filename
+              and "stand_in_cuda" not in f.filename]
+    WAITS.append((what, frames[-1] if frames else "?"))
+
+
 def _values(name, real):
     """Tensor.`name` giving a stand-in value for a FakeTensor; numpy() and tolist() of one
-    off the CPU fail, as they do for a CUDA tensor."""
+    off the CPU fail, as they do for a CUDA tensor. Reading a value on the device is a wait."""
     def read(self, *args, **kwargs):
         if not isinstance(self, FakeTensor):
             return real(self, *args, **kwargs)
+        if self.device.type != "cpu":
+            _wait(f"{name}()")
         if name in ("numpy", "tolist") and self.device.type != "cpu":
             raise TypeError(f"can't convert {self.device} tensor to numpy: use .cpu() first ({name})")
         if name == "numpy":
@@ -97,6 +111,12 @@ def _save_checked(obj, path, *args, **kwargs):
     Path(path).write_bytes(b"stand-in")
 
 
+def _pin(self, *args, **kwargs):
+    """pin_memory() for the stand-in: the tensor itself, marked as pinned (is_pinned)."""
+    self._stand_in_pinned = True
+    return self
+
+
 def stand_in() -> FakeTensorMode:
     """Patch this process so that lineside's "cuda" is the stand-in; enter the returned mode."""
     from lineside.train import data, evaluate, trainer
@@ -104,9 +124,26 @@ def stand_in() -> FakeTensorMode:
     props = types.SimpleNamespace(major=9, minor=0, total_memory=80 << 30, name="stand-in")
     torch.cuda.get_device_properties = lambda device=None: props
     torch.cuda.mem_get_info = lambda device=None: (70 << 30, 80 << 30)
-    torch.cuda.synchronize = lambda device=None: None
-    torch.Tensor.pin_memory = lambda self, *a, **k: self
-    torch.Tensor.is_pinned = lambda self, *a, **k: False
+    torch.cuda.synchronize = lambda device=None: _wait("synchronize")
+    torch.Tensor.pin_memory = _pin
+    torch.Tensor.is_pinned = lambda self, *a, **k: getattr(self, "_stand_in_pinned", False)
+    real_to, real_cpu = torch.Tensor.to, torch.Tensor.cpu
+
+    def to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **{k: v for k, v in kwargs.items() if k != "copy"})[0]
+        if device is not None and device.type != self.device.type:
+            if self.device.type == "cuda":
+                _wait("copy to the host")
+            elif not self.is_pinned():
+                _wait("copy from pageable host memory")      # cudaMemcpy from pageable memory blocks
+        return real_to(self, *args, **kwargs)
+
+    def cpu(self, *args, **kwargs):
+        if self.device.type == "cuda":
+            _wait("copy to the host")
+        return real_cpu(self, *args, **kwargs)
+
+    torch.Tensor.to, torch.Tensor.cpu = to, cpu
     torch.Tensor.backward = lambda self, *a, **k: None
     for name in ("item", "__float__", "__int__", "__index__", "__bool__", "numpy", "tolist"):
         setattr(torch.Tensor, name, _values(name, getattr(torch.Tensor, name)))
@@ -149,6 +186,41 @@ def job(args: list[str]) -> dict:
         m = train_run(Path(args[1]), Path(args[2]), TrainConfig(**json.loads(args[3])), progress=False)
         return {"device": m["device"], "strategy": m["strategy"], "reason": m["strategy_reason"],
                 "calibrated": m["calibration"] is not None, "written": sorted(p.name for p in Path(args[2]).iterdir())}
+    if what == "steps":       # the waits within each epoch's steps, step by step
+        from lineside.train import loop
+        from lineside.train.config import TrainConfig
+        from lineside.train.run import train_run
+
+        epochs, real_epoch = [], loop.train_one_epoch
+
+        def counted(forward, *a, **k):
+            marks = []
+
+            def step(x):
+                marks.append(len(WAITS))
+                return forward(x)
+
+            out = real_epoch(step, *a, **k)
+            marks.append(len(WAITS))
+            epochs.append(marks)
+            return out
+
+        loop.train_one_epoch = counted
+        if os.environ.get("STAND_IN_MUTANT") == "loss-read-each-step":     # a wait to catch
+            real_ce = loop.F.cross_entropy
+
+            def read_each(*a, **k):
+                loss = real_ce(*a, **k)
+                float(loss)
+                return loss
+
+            loop.F = types.SimpleNamespace(cross_entropy=read_each)
+        train_run(Path(args[1]), Path(args[2]), TrainConfig(**json.loads(args[3])), progress=False)
+        # between the first and the last step of an epoch (the first waits to be timed; after
+        # the last the epoch's loss is read), no step may make the host wait
+        return {"steps": [len(m) - 1 for m in epochs],
+                "waits_between": [WAITS[a:b] for m in epochs for a, b in zip(m[1:-2], m[2:-1]) if b > a],
+                "waits_in_epochs": [WAITS[m[0]:m[-1]] for m in epochs]}
     if what == "eval":
         from lineside.train import evaluate
 

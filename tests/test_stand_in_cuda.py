@@ -71,3 +71,30 @@ def test_a_run_scores_and_predicts_on_the_device(tiny_run, synth_test_dir):
 def test_every_study_runs_on_the_device(synth_dir, tmp_path, study):
     r = _job("study", study, synth_dir, tmp_path / "study")
     assert r["written"]
+
+
+@pytest.mark.parametrize("strategy", ["full", "finetune"])
+def test_no_training_step_makes_the_host_wait_for_the_device(synth_dir, tmp_path, strategy):
+    """Keep the GPU busy: within an epoch nothing reads a value back from the device, copies
+    to the host or from pageable host memory, or synchronises, but the first step (waited for
+    to be timed: first_step_seconds) and the epoch's summed loss, read once at the end. The
+    stand-in records every such wait where it happens; `full` steps through the images on
+    the device with the batch augmentation, `finetune` through its bank."""
+    cfg = {"strategy": strategy, "image_size": 64, "epochs": 2, "batch_size": 8, "views": 2, "calibrate": "off",
+           "val_fraction": 0.25}
+    r = _job("steps", synth_dir, tmp_path / "run", json.dumps(cfg))
+    assert len(r["steps"]) == 2 and min(r["steps"]) >= 4
+    assert r["waits_between"] == []
+    for waits in r["waits_in_epochs"]:
+        assert [what for what, _ in waits] == ["synchronize", "__float__()"], waits
+
+
+def test_a_value_read_back_in_every_step_is_caught(synth_dir, tmp_path, monkeypatch):
+    """What the test above would see if each step read its loss (float(loss), as lineside's
+    loop once did): a wait in every step."""
+    monkeypatch.setenv("STAND_IN_MUTANT", "loss-read-each-step")
+    cfg = {"strategy": "full", "image_size": 64, "epochs": 1, "batch_size": 8, "calibrate": "off"}
+    r = _job("steps", synth_dir, tmp_path / "run", json.dumps(cfg))
+    assert len(r["waits_between"]) == r["steps"][0] - 2
+    assert all(waits == [["__float__()", waits[0][1]]] for waits in r["waits_between"])
+
