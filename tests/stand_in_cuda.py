@@ -5,6 +5,7 @@
     python tests/stand_in_cuda.py train DATA OUT '{"strategy": "full", ...}'   # TrainConfig options
     STAND_IN_MUTANT=labels-on-host python tests/stand_in_cuda.py train ...   # a mistake it must catch
     python tests/stand_in_cuda.py steps DATA OUT '{...}'   # what makes the host wait, step by step
+    python tests/stand_in_cuda.py kernels DATA OUT '{...}'   # the convolution shapes each phase brings
     python tests/stand_in_cuda.py eval RUN DATA
     python tests/stand_in_cuda.py study sample-size|compare|cv DATA OUT
 
@@ -221,6 +222,63 @@ def job(args: list[str]) -> dict:
         return {"steps": [len(m) - 1 for m in epochs],
                 "waits_between": [WAITS[a:b] for m in epochs for a, b in zip(m[1:-2], m[2:-1]) if b > a],
                 "waits_in_epochs": [WAITS[m[0]:m[-1]] for m in epochs]}
+    if what == "kernels":     # the convolution shapes each phase of a run brings, first seen where
+        import contextlib
+
+        from torch.overrides import TorchFunctionMode
+
+        from lineside.train import loop, trainer
+        from lineside.train.config import TrainConfig
+        from lineside.train.run import train_run
+
+        phase, amp, first_seen, seen = ["setup"], [None], {}, {}
+
+        @contextlib.contextmanager
+        def autocast(self):       # torch.autocast("cuda") switches itself off without CUDA: the dtype it would run
+            amp[0] = self.dtype if self.enabled else None
+            try:
+                yield
+            finally:
+                amp[0] = None
+
+        class Convolutions(TorchFunctionMode):
+            """On CUDA each new (shapes, stride, groups, dtype, layout) of a convolution is a
+            new cuDNN plan to set up."""
+            def __torch_function__(self, func, types_, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.nn.functional.conv2d and args[0].device.type == "cuda":
+                    x, w = args[0], args[1]
+                    stride, groups = (args[3] if len(args) > 3 else kwargs.get("stride", 1),
+                                      args[6] if len(args) > 6 else kwargs.get("groups", 1))
+                    layout = "channels_last" if x.dim() == 4 and not x.is_contiguous() else "nchw"
+                    key = (tuple(x.shape), tuple(w.shape), str(stride), groups, str(amp[0] or x.dtype), layout)
+                    first_seen.setdefault(key, phase[0])
+                    seen.setdefault(phase[0], set()).add(key)
+                return func(*args, **kwargs)
+
+        def during(name, real):
+            def run(*a, **k):
+                before, phase[0] = phase[0], name
+                try:
+                    return real(*a, **k)
+                finally:
+                    phase[0] = before
+            return run
+
+        loop.Amp.autocast = autocast
+        loop.train_one_epoch = during("training", loop.train_one_epoch)
+        trainer.device_logits = during("validation", loop.device_logits)
+        trainer.Trainer._evaluate_bank = during("validation", trainer.Trainer._evaluate_bank)
+        trainer.Trainer.calibrate = during("calibration and scoring", trainer.Trainer.calibrate)
+        trainer.score = during("calibration and scoring", trainer.score)
+        with Convolutions():
+            train_run(Path(args[1]), Path(args[2]), TrainConfig(**json.loads(args[3])), progress=False)
+        counts: dict[str, int] = {}
+        for where in first_seen.values():
+            counts[where] = counts.get(where, 0) + 1
+        training, validation = seen.get("training", set()), seen.get("validation", set())
+        return {"new_convolutions": counts, "training": len(training), "validation": len(validation),
+                "validation_not_in_training": len(validation - training)}
     if what == "eval":
         from lineside.train import evaluate
 

@@ -98,3 +98,16 @@ def test_a_value_read_back_in_every_step_is_caught(synth_dir, tmp_path, monkeypa
     assert len(r["waits_between"]) == r["steps"][0] - 2
     assert all(waits == [["__float__()", waits[0][1]]] for waits in r["waits_between"])
 
+
+@pytest.mark.parametrize("strategy", ["full", "finetune"])
+def test_validation_runs_only_convolutions_that_training_set_up(synth_dir, tmp_path, strategy):
+    """On CUDA every new convolution shape, dtype and layout is a cuDNN plan to set up (seconds
+    for a network of depthwise convolutions): validation runs in the training's batch shape,
+    mixed precision and layout, so it brings none of its own. The stand-in records each
+    convolution's (shapes, stride, groups, dtype autocast would give, layout) by phase."""
+    cfg = {"strategy": strategy, "image_size": 64, "epochs": 2, "batch_size": 8, "views": 2, "calibrate": "auto",
+           "val_fraction": 0.25}
+    r = _job("kernels", synth_dir, tmp_path / "run", json.dumps(cfg))
+    assert r["training"] > 0 and r["validation"] > 0, r
+    assert r["validation_not_in_training"] == 0, r
+
