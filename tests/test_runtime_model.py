@@ -27,6 +27,38 @@ def test_bundle_eval_matches_the_pytorch_run(tiny_run, tiny_bundle, synth_test_d
     assert got["balanced_accuracy"] == ref["balanced_accuracy"]
 
 
+def test_many_images_stream_through_the_one_image_engine_in_order(tiny_bundle):
+    """OpenVINO scores a set of images through the throughput engine's requests in turn
+    (runtime.model.stream): each image's answer where it belongs, as the same image alone
+    gets it, also when the count is not a multiple of the requests; none gives (0, classes)."""
+    import numpy as np
+
+    from lineside.runtime.model import Engine, stream
+
+    bundle, _ = tiny_bundle
+    m = open_model(bundle / "model_fp32.xml")
+    x = np.random.default_rng(0).integers(0, 256, (13, 64, 64, 3), dtype=np.uint8)
+    alone = np.concatenate([m.predict_proba(x[i:i + 1]) for i in range(len(x))])
+    assert np.array_equal(m.predict_proba(x), alone)
+    assert m.predict_proba(x[:0]).shape == (0, 5)
+
+    class Echo(Engine):       # answers each image with its own first pixel
+        depth = 3
+
+        def __init__(self):
+            self.held = {}
+
+        def submit(self, slot, x=None):
+            assert slot not in self.held      # a request is read before it is reused
+            self.held[slot] = x[0, 0, 0].astype(np.float32)
+
+        def wait(self, slot):
+            return self.held.pop(slot)
+
+    got = stream(Echo(), x[:7], 3)
+    assert np.array_equal(got, x[:7, 0, 0].astype(np.float32))
+
+
 def test_lone_model_file_is_self_describing(tiny_bundle, synth_test_dir):
     bundle, _ = tiny_bundle
     for name in ("model_fp32.onnx", "model_fp32.xml"):
