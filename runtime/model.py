@@ -340,7 +340,10 @@ def _open_openvino(path: Path, device: str, threads: int | None, precision: str)
         # images per second of one request on the dynamic batch shape (300 NEU images, a
         # linear head with four views, 2-core CPU), with the same probabilities.
         if not streaming:
-            streaming.append(engine("throughput"))
+            try:
+                streaming.append(engine("throughput"))
+            except LinesideError:      # a device that takes no throughput hint: the camera's own engine
+                streaming.append(engine("latency"))
         return stream(streaming[0], x, len(labels))
 
     return RuntimeModel(path, "openvino", meta, labels, spec, hashlib.sha256(data).hexdigest(), run, engine)

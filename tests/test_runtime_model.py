@@ -59,6 +59,26 @@ def test_many_images_stream_through_the_one_image_engine_in_order(tiny_bundle):
     assert np.array_equal(got, x[:7, 0, 0].astype(np.float32))
 
 
+def test_a_device_that_refuses_the_throughput_hint_scores_with_the_latency_engine(tiny_bundle, monkeypatch):
+    import numpy as np
+    import openvino as ov
+
+    bundle, _ = tiny_bundle
+    x = np.random.default_rng(1).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    expected = open_model(bundle / "model_fp32.xml").predict_proba(x)
+    real, hints = ov.Core.compile_model, []
+
+    def picky(self, model, device=None, config=None):
+        hints.append((config or {}).get("PERFORMANCE_HINT"))
+        if hints[-1] == "THROUGHPUT":
+            raise RuntimeError("this device takes no throughput hint")
+        return real(self, model, device, config)
+
+    monkeypatch.setattr(ov.Core, "compile_model", picky)
+    assert np.array_equal(open_model(bundle / "model_fp32.xml").predict_proba(x), expected)
+    assert hints == ["THROUGHPUT", "LATENCY"]
+
+
 def test_lone_model_file_is_self_describing(tiny_bundle, synth_test_dir):
     bundle, _ = tiny_bundle
     for name in ("model_fp32.onnx", "model_fp32.xml"):
