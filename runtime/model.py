@@ -74,21 +74,28 @@ class Engine:
         raise NotImplementedError
 
 
-def stream(engine: Engine, x: np.ndarray, classes: int) -> np.ndarray:
-    """(N, classes) probabilities of the images x through `engine`'s requests in turn: each
-    request takes the next image as soon as its last answer is read, so that all of them
-    are busy."""
+def stream(engine: Engine, x: np.ndarray, shape: tuple[int, ...], progress=None) -> np.ndarray:
+    """The answers (each of `shape`: (classes,) for probabilities) to the images x through
+    `engine`'s requests in turn: each request takes the next image as soon as its last
+    answer is read, so that all of them are busy. Every request is waited on in this
+    thread: no Python callback runs in the runtime's threads. progress(1) after each answer."""
     out: list = [None] * len(x)
     pending: dict[int, int] = {}
+
+    def collect(slot: int) -> None:
+        out[pending.pop(slot)] = engine.wait(slot)
+        if progress is not None:
+            progress(1)
+
     for i in range(len(x)):
         slot = i % engine.depth
         if slot in pending:
-            out[pending[slot]] = engine.wait(slot)
+            collect(slot)
         engine.submit(slot, x[i:i + 1])
         pending[slot] = i
-    for slot, i in pending.items():
-        out[i] = engine.wait(slot)
-    return np.stack(out) if out else np.zeros((0, classes), np.float32)
+    for slot in list(pending):
+        collect(slot)
+    return np.stack(out) if out else np.zeros((0, *shape), np.float32)
 
 
 class OpenVINOEngine(Engine):
@@ -344,6 +351,6 @@ def _open_openvino(path: Path, device: str, threads: int | None, precision: str)
                 streaming.append(engine("throughput"))
             except LinesideError:      # a device that takes no throughput hint: the camera's own engine
                 streaming.append(engine("latency"))
-        return stream(streaming[0], x, len(labels))
+        return stream(streaming[0], x, (len(labels),))
 
     return RuntimeModel(path, "openvino", meta, labels, spec, hashlib.sha256(data).hexdigest(), run, engine)

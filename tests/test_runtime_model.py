@@ -55,7 +55,7 @@ def test_many_images_stream_through_the_one_image_engine_in_order(tiny_bundle):
         def wait(self, slot):
             return self.held.pop(slot)
 
-    got = stream(Echo(), x[:7], 3)
+    got = stream(Echo(), x[:7], (3,))
     assert np.array_equal(got, x[:7, 0, 0].astype(np.float32))
 
 

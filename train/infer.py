@@ -162,32 +162,19 @@ class FrozenForward:
 
     def map(self, x: np.ndarray, progress=None) -> torch.Tensor:
         """The outputs for every image of x, in order, on the CPU. OpenVINO runs several
-        batches at once (its throughput mode: one stream per core or two)."""
+        images at once (its throughput mode: one stream per core or two)."""
         bs = self.batch_size
         starts = range(0, len(x), bs)
         if self.backend == "openvino":
-            # Requests of our own, waited on in this thread: no Python callback runs in
-            # OpenVINO's threads. With AsyncInferQueue's callback, releasing the compiled
-            # model could hang for ever: its destructor (holding the GIL) joined a stream
-            # thread that was waiting for the GIL to finish a callback.
+            # Requests of our own, waited on in this thread (runtime.model.stream): with
+            # AsyncInferQueue's callback, releasing the compiled model could hang for ever: its
+            # destructor (holding the GIL) joined a stream thread that was waiting for the GIL
+            # to finish a callback.
+            from lineside.runtime.model import OpenVINOEngine, stream
+
             n = 2 * max(1, int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-            requests = [self._compiled.create_infer_request() for _ in range(min(n, len(starts)))]
-            out: list = [None] * len(starts)
-
-            def collect(i):
-                request = requests[i % len(requests)]
-                request.wait()
-                out[i] = request.get_output_tensor(0).data.copy()
-                if progress is not None:
-                    progress(len(x[starts[i]:starts[i] + bs]))
-
-            for i, s in enumerate(starts):
-                if i >= len(requests):
-                    collect(i - len(requests))      # the request this batch takes is free again
-                requests[i % len(requests)].start_async({0: np.ascontiguousarray(x[s:s + bs])})
-            for i in range(max(0, len(starts) - len(requests)), len(starts)):
-                collect(i)
-            return torch.from_numpy(np.concatenate(out))
+            engine = OpenVINOEngine(self._compiled, max(1, min(n, len(x))))
+            return torch.from_numpy(stream(engine, x, tuple(self._compiled.outputs[0].shape)[1:], progress))
         out = []
         for s in starts:
             batch = x[s:s + bs]
