@@ -88,7 +88,7 @@ def to_device(module: torch.nn.Module, device) -> torch.nn.Module:
         for name, p in list(m._parameters.items()):
             if p is not None:
                 q = p.detach().to(device)
-                q = q.contiguous(memory_format=memory_format()) if q.dim() == 4 else q
+                q = q.contiguous(memory_format=memory_format(device)) if q.dim() == 4 else q
                 m._parameters[name] = torch.nn.Parameter(q, requires_grad=p.requires_grad)
         for name, b in list(m._buffers.items()):
             if b is not None:

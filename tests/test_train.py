@@ -884,15 +884,19 @@ def test_class_weights_keep_a_rare_class_from_being_swallowed_by_the_common_one(
     assert np.mean(recalls["loss"]) > np.mean(recalls["none"]) + 0.05
 
 
-def test_layout_is_channels_last_unless_asked_for_nchw(monkeypatch):
-    """LINESIDE_CHANNELS_LAST=0 puts images and weights in NCHW (on CUDA PyTorch then runs
-    its own depthwise kernels instead of cuDNN's); channels_last otherwise."""
+def test_layout_is_channels_last_on_the_cpu_and_nchw_on_cuda_unless_asked(monkeypatch):
+    """Images and weights are channels_last on the CPU and NCHW on CUDA (PyTorch's own
+    depthwise kernels instead of cuDNN's, which cost seconds to set up);
+    LINESIDE_CHANNELS_LAST=1 or 0 sets the layout everywhere."""
     from lineside.train.data import in_layout, memory_format, to_tensor
 
     t = to_tensor(_images(2), torch.device("cpu"))
     assert memory_format() == torch.channels_last
     assert t.is_contiguous(memory_format=torch.channels_last) and t.dtype == torch.float32
     assert in_layout(t) is t                     # already in the layout: no copy
+    assert memory_format("cuda") == torch.contiguous_format     # cuDNN's channels_last cold start (data.py)
+    monkeypatch.setenv("LINESIDE_CHANNELS_LAST", "1")
+    assert memory_format("cuda") == torch.channels_last
     monkeypatch.setenv("LINESIDE_CHANNELS_LAST", "0")
     assert memory_format() == torch.contiguous_format
     nchw = to_tensor(_images(2), torch.device("cpu"))
