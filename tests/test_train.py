@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 
 import numpy as np
@@ -606,9 +607,14 @@ def test_two_processes_train_data_parallel_and_only_rank_0_writes(synth_dir, syn
     common = ["--strategy", "full", "--image-size", "64", "--epochs", "4", "--batch-size", "8", "--device", "cpu",
               "--quiet", "--json", "--threads", "1"]
     two = tmp_path / "two"
+    scratch = tmp_path / "tmp"          # the processes' temporary folder: torchrun's logs leave nothing there
+    scratch.mkdir()
     proc = subprocess.run([sys.executable, "-m", "lineside.cli", "train", str(synth_dir), "--out", str(two),
-                           *common, "--gpus", "2"], capture_output=True, text=True, timeout=600)
+                           *common, "--gpus", "2"], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TMPDIR=str(scratch)))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    left = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]  # PyTorch's kept cache
+    assert not left, left
     metrics = json.loads(proc.stdout)                       # one JSON object: rank 1 printed nothing
     assert metrics["processes"] == 2 and metrics["device"] == "cpu"
     for name in ("model.pt", "metrics.json", "history.csv", "config.yaml", "confusion_matrix.png"):

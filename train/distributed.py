@@ -124,9 +124,12 @@ def wrap(model: torch.nn.Module, dist: Dist, device: torch.device):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def torchrun_args(processes: int, argv: list[str]) -> list[str]:
-    """The command that runs `lineside <argv>` in `processes` processes on this machine."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+def torchrun_args(processes: int, argv: list[str], log_dir: str | None = None) -> list[str]:
+    """The command that runs `lineside <argv>` in `processes` processes on this machine;
+    torchrun's own folders in `log_dir` (without it torchrun leaves a torchelastic_* folder
+    in the temporary folder after every run)."""
+    logs = [f"--log-dir={log_dir}"] if log_dir else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *logs,
             "-m", "lineside.cli", *argv]
 
 

@@ -108,13 +108,16 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
         raise LinesideError(f"--gpus: {processes} is not a number of processes (1 or more)")
     if processes and processes > 1 and not dist.active:
         import subprocess
+        import tempfile
 
         import torch
 
         if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < processes:
             raise LinesideError(f"--gpus {processes}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         argv = distributed.without_option(sys.argv[1:], "--gpus")
-        sys.exit(subprocess.run(distributed.torchrun_args(processes, argv)).returncode)
+        with tempfile.TemporaryDirectory(prefix="lineside-torchrun-") as logs:   # removed after the run
+            code = subprocess.run(distributed.torchrun_args(processes, argv, logs)).returncode
+        sys.exit(code)
     if len(data_dirs) > 1:
         from lineside.dataset import combine_sources
 
