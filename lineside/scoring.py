@@ -85,7 +85,7 @@ def open_scorer(model: Path, backend, precision, device, threads):
         from lineside.runtime.model import open_model
 
         m = open_model(model, backend=backend, precision=precision, device=device or "CPU", threads=threads)
-        return m.predict_proba, m.labels, m.spec, {"model": str(m.path), "backend": m.backend,
+        return m, m.labels, m.spec, {"model": str(m.path), "backend": m.backend,
                                                    "reject_below": m.metadata.reject_below}
     from lineside.train.checkpoint import load_checkpoint, resolve_checkpoint
     from lineside.train.evaluate import RunScorer, run_device

@@ -27,19 +27,24 @@ def test_bundle_eval_matches_the_pytorch_run(tiny_run, tiny_bundle, synth_test_d
     assert got["balanced_accuracy"] == ref["balanced_accuracy"]
 
 
-def test_many_images_stream_through_the_one_image_engine_in_order(tiny_bundle):
-    """OpenVINO scores a set of images through the throughput engine's requests in turn
-    (runtime.model.stream): each image's answer where it belongs, as the same image alone
-    gets it, also when the count is not a multiple of the requests; none gives (0, classes)."""
+@pytest.mark.parametrize("name", ["model_fp32.xml", "model_fp32.onnx"])
+def test_many_images_stream_through_the_one_image_engine_in_order(tiny_bundle, name):
+    """OpenVINO and ONNX Runtime score a set of images through the throughput engine's
+    requests in turn (runtime.model.stream), all at once: each image's answer where it
+    belongs, as the same image alone gets it, also when the count is not a multiple of the
+    requests or of a batch; progress counts every image; none gives (0, classes)."""
     import numpy as np
 
     from lineside.runtime.model import Engine, stream
 
     bundle, _ = tiny_bundle
-    m = open_model(bundle / "model_fp32.xml")
-    x = np.random.default_rng(0).integers(0, 256, (13, 64, 64, 3), dtype=np.uint8)
+    m = open_model(bundle / name)
+    x = np.random.default_rng(0).integers(0, 256, (37, 64, 64, 3), dtype=np.uint8)
     alone = np.concatenate([m.predict_proba(x[i:i + 1]) for i in range(len(x))])
-    assert np.array_equal(m.predict_proba(x), alone)
+    counted = []
+    assert np.array_equal(m.predict_proba(x, progress=counted.append), alone)
+    assert sum(counted) == len(x) and len(counted) == len(x)      # one image at a time, not batches of 32
+    assert np.array_equal(m.whole(x[:5]), alone[:5])
     assert m.predict_proba(x[:0]).shape == (0, 5)
 
     class Echo(Engine):       # answers each image with its own first pixel
