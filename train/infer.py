@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import memory_format, nchw
+from .data import nchw, place
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class FrozenForward:
         if self.backend == "openvino":
             self.owner = self.module = None      # the compiled model holds its own weights
         elif self.device.type == "cpu":
-            self.owner.to(memory_format=memory_format())
+            place(self.owner, self.device)
 
     @property
     def batch_size(self) -> int:
