@@ -6,6 +6,7 @@ torch."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import click
@@ -22,7 +23,8 @@ from .errors import LinesideError
 
 
 class Group(click.Group):
-    """Turns LinesideError into one line on stderr and exit status 2, no traceback."""
+    """Turns LinesideError, and the GPU running out of memory, into one line on stderr and
+    exit status 2, no traceback."""
 
     def invoke(self, ctx):
         try:
@@ -30,6 +32,28 @@ class Group(click.Group):
         except LinesideError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except Exception as exc:
+            if not _gpu_out_of_memory(exc):
+                raise
+            click.echo(f"error: {_gpu_out_of_memory(exc)}", err=True)
+            sys.exit(2)
+
+
+def _gpu_out_of_memory(exc: BaseException) -> str | None:
+    """What to tell the user when `exc` is PyTorch's CUDA out-of-memory error (None otherwise):
+    the GPU and its memory, and the options that need less of it."""
+    torch = sys.modules.get("torch")      # an exported model's commands never import it
+    if torch is None or not isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())):
+        return None
+    gpu = "the GPU"
+    try:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        gpu = f"the GPU ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
+    except Exception:  # noqa: BLE001 - the advice stands without the name
+        pass
+    asked = re.search(r"Tried to allocate ([0-9.]+ [KMGT]iB)", str(exc))
+    return (f"{gpu} ran out of memory{f' (it was asked for {asked.group(1)} more)' if asked else ''}: "
+            f"try a smaller --batch-size (training), a smaller --image-size, a smaller --backbone, or --device cpu")
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

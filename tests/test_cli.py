@@ -80,6 +80,33 @@ def test_errors_are_one_line_with_exit_code_2(runner, tmp_path, args, needle):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.output
 
 
+def test_the_gpu_running_out_of_memory_is_one_line_that_names_the_options(runner, synth_dir, tmp_path, monkeypatch):
+    """CUDA's out-of-memory error (raised here by a stand-in training) becomes one line
+    with exit status 2: how much more was asked for and the options that need less
+    memory, not PyTorch's traceback; any other error still raises."""
+    import torch
+
+    from lineside.train import run as train_run_module
+
+    def fails(*args, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                          "capacity of 5.79 GiB of which 1.12 GiB is free. Of the allocated ...")
+
+    monkeypatch.setattr(train_run_module, "train_run", fails)
+    res = runner.invoke(main, ["train", str(synth_dir), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "ran out of memory" in lines[0], res.output
+    assert "2.00 GiB more" in lines[0] and "--batch-size" in lines[0] and "--device cpu" in lines[0]
+
+    def broken(*args, **kw):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(train_run_module, "train_run", broken)
+    res = runner.invoke(main, ["train", str(synth_dir), "--out", str(tmp_path / "r2")])
+    assert res.exit_code != 2 and isinstance(res.exception, RuntimeError)
+
+
 def test_predict_names_a_corrupt_image(runner, tiny_run, tmp_path):
     run, _ = tiny_run
     (tmp_path / "bad.png").write_bytes(b"garbage")
