@@ -73,7 +73,8 @@ def _list_backbones(ctx, _param, value):
 @click.option("--seed", type=int, default=None, help="[0]")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-              help="auto: CUDA when there is a GPU (the run's metrics.json names the device used). [auto]")
+              help="auto: CUDA when there is a GPU (the run's metrics.json names the device used). cuda is "
+                   "the first GPU PyTorch sees: CUDA_VISIBLE_DEVICES=1 lineside train ... picks another. [auto]")
 @click.option("--gpus", "processes", type=int, default=None,
               help="Train data-parallel in this many processes on this machine, one per GPU (without CUDA, "
                    "CPU processes), through torchrun and DistributedDataParallel. --batch-size is per "
