@@ -33,7 +33,9 @@ def test_train_eval_predict_json(runner, synth_dir, synth_test_dir, tmp_path):
     res = runner.invoke(main, ["train", str(synth_dir), "--out", str(out), "--strategy", "linear",
                                "--image-size", "64", "--views", "2", "--quiet", "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["strategy"] == "linear"
+    metrics = json.loads(res.output)
+    assert metrics["strategy"] == "linear"
+    assert metrics["host"]["gpu"] is None and metrics["host"]["layout"] == "channels_last"   # what trained it
     again = runner.invoke(main, ["train", str(synth_dir), "--out", str(out), "--quiet"])
     assert again.exit_code == 2 and "--force" in again.output
 

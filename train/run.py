@@ -22,6 +22,7 @@ from . import distributed
 from .backbones import BACKBONES
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
+from .data import layout
 from .plots import plot_confusion
 from .trainer import Trainer
 
@@ -33,6 +34,15 @@ AUTO_VAL_MIN_PER_CLASS = 25
 VALIDATION_MANIFEST = "validation.csv"
 OUT_OF_FOLD = "out_of_fold.npz"   # calibrated out-of-fold logits and labels of the training images
 
+
+def gpu_name(device: torch.device) -> str | None:
+    """The name of the CUDA GPU `device` is (metrics.json and the summary), else None."""
+    if device.type != "cuda":
+        return None
+    try:
+        return torch.cuda.get_device_name(device)
+    except (RuntimeError, AssertionError):     # a driver that cannot say: the run stands without the name
+        return None
 
 def split_data(images: ImageSet, cfg: TrainConfig, val_path=None) -> tuple[ImageSet, ImageSet | None, str]:
     if val_path is not None:
@@ -134,7 +144,8 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
         # total: reading to calibration; then the final scoring and (below) writing the run folder
         "seconds": {"total": round(train_seconds, 2), "read_s": round(read_s, 2), "setup_s": round(setup_s, 2),
                     **{k: round(v, 2) for k, v in result.timings.items()}, "score_s": round(score_s, 2)},
-        "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
+        "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+                 "gpu": gpu_name(trainer.device), "layout": layout(trainer.device)},
     }
     if not dist.main:
         return metrics

@@ -132,7 +132,9 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
         click.echo(json.dumps(m, indent=2))
         return
     click.echo(m["strategy_reason"])
-    where = m["device"] + (f", {m['processes']} processes" if m.get("processes", 1) > 1 else "")
+    gpu = (m.get("host") or {}).get("gpu")
+    where = m["device"] + (f" ({gpu})" if gpu else "") + (f", {m['processes']} processes"
+                                                          if m.get("processes", 1) > 1 else "")
     click.echo(f"trained {m['backbone']} ({m['strategy']}) on {sum(m['train_counts'].values())} images "
                f"in {m['seconds']['total']:.0f} s on {where}; {m['split']}")
     if m["plan"]["test_views"]:
