@@ -21,6 +21,8 @@ what falls below it is mostly what the model got wrong.
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 from lineside.metrics import ECE_BINS, expected_calibration_error
@@ -167,7 +169,7 @@ def reliability_diagram(probs_before: np.ndarray, probs_after: np.ndarray, y: np
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 64), fontsize=9)     # a long title would run off the figure
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
