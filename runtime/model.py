@@ -117,6 +117,23 @@ def stream(engine: Engine, x: np.ndarray, shape: tuple[int, ...], progress=None)
     return np.stack(out) if out else np.zeros((0, *shape), np.float32)
 
 
+def streamer(engine, classes: int):
+    """images, progress -> probabilities through stream() and the throughput engine of
+    `engine(hint)`, made on first use (the camera loop only needs its own engine); a
+    device that takes no throughput hint streams through the latency engine."""
+    made: list[Engine] = []
+
+    def many(x: np.ndarray, progress=None) -> np.ndarray:
+        if not made:
+            try:
+                made.append(engine("throughput"))
+            except LinesideError:
+                made.append(engine("latency"))
+        return stream(made[0], x, (classes,), progress)
+
+    return many
+
+
 class OpenVINOEngine(Engine):
     def __init__(self, compiled, depth: int):
         self.requests = [compiled.create_infer_request() for _ in range(depth)]
@@ -275,17 +292,11 @@ def _open_onnxruntime(path: Path, threads: int | None) -> RuntimeModel:
         return OnnxRuntimeEngine(ort.InferenceSession(data, single, providers=["CPUExecutionProvider"]),
                                  max(1, cores), shape)
 
-    streaming = []   # made on first use: the camera loop only needs its own engine
-
-    def many(x: np.ndarray, progress=None) -> np.ndarray:
-        # Many images: one image per single-threaded run, a run per core in parallel
-        # (stream), as the throughput engine does: 1.4-1.5x the images per second of
-        # batches of 32 on one session of all threads (256 images of 224 px, NEU's linear
-        # head with four views, 2-core CPU), with the same probabilities.
-        if not streaming:
-            streaming.append(engine("throughput"))
-        return stream(streaming[0], x, (len(labels),), progress)
-
+    # Many images: one image per single-threaded run, a run per core in parallel, as the
+    # throughput engine does: 1.4-1.5x the images per second of batches of 32 on one
+    # session of all threads (256 images of 224 px, NEU's linear head with four views,
+    # 2-core CPU), with the same probabilities.
+    many = streamer(engine, len(labels))
     return RuntimeModel(path, "onnxruntime", meta, labels, spec, hashlib.sha256(data).hexdigest(),
                         lambda x: session.run(None, {name: x})[0], engine, many)
 
@@ -370,17 +381,8 @@ def _open_openvino(path: Path, device: str, threads: int | None, precision: str)
         # Twice the optimal number of requests: one waits in Python while the other runs.
         return OpenVINOEngine(one, 2 * max(1, int(one.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))))
 
-    streaming = []   # compiled on first use: the camera loop only needs its own engine
-
-    def many(x: np.ndarray, progress=None) -> np.ndarray:
-        # Many images: the one-image engine's requests in parallel (stream), 1.6-1.8x the
-        # images per second of one request on the dynamic batch shape (300 NEU images, a
-        # linear head with four views, 2-core CPU), with the same probabilities.
-        if not streaming:
-            try:
-                streaming.append(engine("throughput"))
-            except LinesideError:      # a device that takes no throughput hint: the camera's own engine
-                streaming.append(engine("latency"))
-        return stream(streaming[0], x, (len(labels),), progress)
-
+    # Many images: the one-image engine's requests in parallel, 1.6-1.8x the images per
+    # second of one request on the dynamic batch shape (300 NEU images, a linear head with
+    # four views, 2-core CPU), with the same probabilities.
+    many = streamer(engine, len(labels))
     return RuntimeModel(path, "openvino", meta, labels, spec, hashlib.sha256(data).hexdigest(), many, engine, many)
