@@ -33,9 +33,10 @@ class Group(click.Group):
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except Exception as exc:
-            if not _gpu_out_of_memory(exc):
+            message = _gpu_out_of_memory(exc)
+            if message is None:
                 raise
-            click.echo(f"error: {_gpu_out_of_memory(exc)}", err=True)
+            click.echo(f"error: {message}", err=True)
             sys.exit(2)
 
 

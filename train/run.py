@@ -44,6 +44,7 @@ def gpu_name(device: torch.device) -> str | None:
     except (RuntimeError, AssertionError):     # a driver that cannot say: the run stands without the name
         return None
 
+
 def split_data(images: ImageSet, cfg: TrainConfig, val_path=None) -> tuple[ImageSet, ImageSet | None, str]:
     if val_path is not None:
         return images, load_image_set(val_path, classes=list(images.classes)), f"validation folder {val_path}"
