@@ -85,8 +85,9 @@ def open_scorer(model: Path, backend, precision, device, threads):
         from lineside.runtime.model import open_model
 
         m = open_model(model, backend=backend, precision=precision, device=device or "CPU", threads=threads)
+        # the model itself as the predictor: its whole() scores all the images at once
         return m, m.labels, m.spec, {"model": str(m.path), "backend": m.backend,
-                                                   "reject_below": m.metadata.reject_below}
+                                     "reject_below": m.metadata.reject_below}
     from lineside.train.checkpoint import load_checkpoint, resolve_checkpoint
     from lineside.train.evaluate import RunScorer, run_device
 
