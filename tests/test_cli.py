@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from lineside.cli import main
+from lineside.train.data import layout
 
 
 @pytest.fixture()
@@ -35,7 +36,9 @@ def test_train_eval_predict_json(runner, synth_dir, synth_test_dir, tmp_path):
     assert res.exit_code == 0, res.output
     metrics = json.loads(res.output)
     assert metrics["strategy"] == "linear"
-    assert metrics["host"]["gpu"] is None and metrics["host"]["layout"] == "channels_last"   # what trained it
+    on_cpu = metrics["device"] == "cpu"           # LINESIDE_TEST_DEVICE=cuda trains on the GPU
+    assert (metrics["host"]["gpu"] is None) == on_cpu                                    # what trained it
+    assert metrics["host"]["layout"] == layout(metrics["device"])      # NCHW on CUDA
     again = runner.invoke(main, ["train", str(synth_dir), "--out", str(out), "--quiet"])
     assert again.exit_code == 2 and "--force" in again.output
 

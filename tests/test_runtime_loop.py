@@ -804,7 +804,8 @@ def test_when_the_log_buffer_overflows_the_loss_is_counted_and_the_exit_status_s
     broken.set()
     worker.join(60)
     logged = _count(db, "decisions")
-    assert result["logged"] == logged and result["logged"] + result["not_logged"] == 40
+    assert result["logged"] == logged and result["logged"] + result["not_logged"] == result["frames"]
+    assert result["frames"] + result["dropped"] == result["frames_read"] == 40   # a busy machine may drop frames
     assert result["not_logged"] > 0 and result["exit_code"] == 4
 
 

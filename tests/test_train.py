@@ -84,7 +84,7 @@ def test_passes_over_a_bank_keep_one_batch_shape(synth_dir, tmp_path, monkeypatc
     """The head's fit and validation go over the bank in batches of one size (the last one
     filled up): on CUDA a short last batch is one more set of kernels to set up."""
     from lineside.train.heads import INFER_BATCH
-    from lineside.train.infer import TORCH_CPU_BATCH
+    from lineside.train.infer import TORCH_CPU_BATCH, TORCH_CUDA_BATCH
     from lineside.train.model import Classifier
 
     sizes, features = [], Classifier.features
@@ -98,7 +98,9 @@ def test_passes_over_a_bank_keep_one_batch_shape(synth_dir, tmp_path, monkeypatc
     cfg = TrainConfig(strategy="finetune", unfreeze="1", val_fraction=0.4, **TINY)
     metrics = train_run(synth_dir, tmp_path, cfg, progress=False)
     n_train, n_val = sum(metrics["train_counts"].values()), sum(metrics["val_counts"].values())
-    allowed = {INFER_BATCH, cfg.batch_size, TORCH_CPU_BATCH}       # the last: scoring's, filled up as well
+    scoring = TORCH_CPU_BATCH if metrics["device"] == "cpu" else TORCH_CUDA_BATCH   # filled up as well
+    allowed = {INFER_BATCH, cfg.batch_size, scoring}
+    allowed |= {n for n in (n_train, n_val) if n < scoring}   # a whole job smaller than one batch: one shape
     short = {(n_train * cfg.views) % INFER_BATCH, n_val % cfg.batch_size}   # the last batches to fill up
     assert 0 not in short and not short & allowed
     assert sizes and set(sizes) <= allowed, sizes
@@ -391,7 +393,7 @@ def test_pooled_stage_features_run_in_one_batch_shape_and_match_image_by_image()
     from lineside.train import heads
     from lineside.train.backbones import build_backbone
     from lineside.train.data import place
-    from lineside.train.infer import TORCH_CPU_BATCH
+    from lineside.train.infer import TORCH_CPU_BATCH, TORCH_CUDA_BATCH
     from lineside.train.model import Classifier
 
     entry, backbone = build_backbone("efficientnet_lite0", "imagenet")
