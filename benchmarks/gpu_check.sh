@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh DATA OUT speed      # or tests alone
 #
 # speed: benchmarks/gpu_train.py (the reference loop and its --ablate variants, `--strategy
-#   full` and `finetune --unfreeze all` at batch 32 and 128, channels_last, NCHW and mixed:
+#   full` and `finetune --unfreeze all` at batch 32 and 128, channels_last and NCHW:
 #   OUT/gpu_train.json), N-process scaling when the machine has several GPUs
 #   (OUT/scaling.json), and the default `lineside train` on 10 images per class of DATA,
 #   scored on the rest (benchmarks/fewshot.py, one draw: OUT/fewshot.json).
@@ -42,7 +42,7 @@ echo "$GPUS CUDA device(s); details in $OUT/device.txt"
 if [ "$WHAT" != tests ]; then
     # shellcheck disable=SC2086  # GPU_TRAIN_ARGS is a list of options
     "$PY" benchmarks/gpu_train.py "$DATA" --batch-sizes 32,128 --epochs 5 --seconds 5 --ablate \
-        --layouts channels_last,nchw,mixed --json "$OUT/gpu_train.json" ${GPU_TRAIN_ARGS:-} 2>&1 \
+        --layouts channels_last,nchw --json "$OUT/gpu_train.json" ${GPU_TRAIN_ARGS:-} 2>&1 \
         | tee "$OUT/gpu_train.txt" || rc=1
     if [ "$GPUS" -ge 2 ]; then
         counts=$(seq -s, 1 "$GPUS")

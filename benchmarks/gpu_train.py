@@ -12,8 +12,7 @@ For each batch size it measures
 and prints the ratio of lineside's steady state to the reference, the first step's
 time (where cuDNN sets up its kernels) and where the rest of the command's time went.
 With --layouts channels_last,nchw the reference loop and `--strategy full` also run
-in NCHW (LINESIDE_CHANNELS_LAST=0; train/data.py says why that can matter), and with
-"mixed", in channels_last with the depthwise convolutions in NCHW (=mixed). With
+in NCHW (LINESIDE_CHANNELS_LAST=0; train/data.py says why that can matter). With
 --gpus 1,2,4 it also trains `--strategy full --gpus N` (data-parallel, torchrun) at the
 first batch size (per process) and prints each N's steady-state images per second
 against N times one process's: the scaling figure for a machine with several GPUs
@@ -52,14 +51,13 @@ from lineside.dataset import load_arrays, load_image_set
 from lineside.train.backbones import BACKBONES, build_backbone
 from lineside.train.augment import AugmentConfig, BatchAugmenter
 from lineside.train.config import TrainConfig
-from lineside.train.data import depthwise_in_nchw
 from lineside.train.loop import amp_dtype, optimizer, set_train_mode
 from lineside.train.model import Classifier
 
 
 # the reference loop's memory layouts, and the LINESIDE_CHANNELS_LAST that gives lineside each
-LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format, "mixed": torch.channels_last}
-LAYOUT_ENV = {"channels_last": "1", "nchw": "0", "mixed": "mixed"}
+LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+LAYOUT_ENV = {"channels_last": "1", "nchw": "0"}
 
 
 # The reference loop with one or more of `lineside train --strategy full`'s choices
@@ -81,7 +79,6 @@ def reference_rate(x: np.ndarray, y: np.ndarray, classes: int, spec, batch: int,
     fmt, parts = LAYOUTS[layout], VARIANTS[variant]
     entry, backbone = build_backbone("efficientnet_lite0", "imagenet")
     model = Classifier(backbone, entry.feature_dim, classes, spec).to(device).to(memory_format=fmt)
-    depthwise_in_nchw(model, layout == "mixed")
     if "frozen_bn" in parts:
         set_train_mode(model, 0, freeze_bn=True)
     else:
@@ -176,9 +173,8 @@ def main():
     ap.add_argument("--limit", type=int, default=None, help="Use only the first N images (a quick check).")
     ap.add_argument("--seconds", type=float, default=10.0, help="Seconds of the reference loop per batch size.")
     ap.add_argument("--layouts", default="channels_last",
-                    help="Memory layouts to measure, of channels_last,nchw,mixed (channels_last with the "
-                         "depthwise convolutions in NCHW): the reference loop and --strategy full in each "
-                         "(lineside through LINESIDE_CHANNELS_LAST).")
+                    help="Memory layouts to measure, of channels_last,nchw: the reference loop and "
+                         "--strategy full in each (lineside through LINESIDE_CHANNELS_LAST).")
     ap.add_argument("--gpus", default=None,
                     help="Process counts for data-parallel scaling, e.g. 1,2,4: `--strategy full --gpus N` at the "
                          "first batch size, against N times one process.")

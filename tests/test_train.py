@@ -393,7 +393,7 @@ def test_pooled_stage_features_run_in_one_batch_shape_and_match_image_by_image()
     from lineside.train import heads
     from lineside.train.backbones import build_backbone
     from lineside.train.data import place
-    from lineside.train.infer import TORCH_CPU_BATCH, TORCH_CUDA_BATCH
+    from lineside.train.infer import TORCH_CPU_BATCH
     from lineside.train.model import Classifier
 
     entry, backbone = build_backbone("efficientnet_lite0", "imagenet")
@@ -669,7 +669,7 @@ def test_batch_augmentation_draws_per_image_and_keeps_flips_and_turns_exact():
     assert np.abs(gram[:, 0, 1]).max() < 1e-5 and np.allclose(gram[:, 0, 0], gram[:, 1, 1], rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "nchw", "mixed"])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 def test_full_training_with_batch_augmentation_learns(synth_dir, synth_test_dir, tmp_path, monkeypatch, layout):
     """The batched (CUDA) augmentation path, forced on the CPU: the images go to the device
     once as uint8 and the model still learns the parts, in either memory layout (the
@@ -677,7 +677,7 @@ def test_full_training_with_batch_augmentation_learns(synth_dir, synth_test_dir,
     from lineside.train import loop
 
     monkeypatch.setenv("LINESIDE_BATCH_AUGMENT", "1")
-    monkeypatch.setenv("LINESIDE_CHANNELS_LAST", {"channels_last": "1", "nchw": "0", "mixed": "mixed"}[layout])
+    monkeypatch.setenv("LINESIDE_CHANNELS_LAST", {"channels_last": "1", "nchw": "0"}[layout])
     fmt = torch.contiguous_format if layout == "nchw" else torch.channels_last
     seen = []
     real = loop.train_one_epoch
@@ -890,58 +890,6 @@ def test_class_weights_keep_a_rare_class_from_being_swallowed_by_the_common_one(
     # measured: rare-class recall 0.44 unweighted, 0.81 weighted; balanced 0.72 against 0.85
     assert recalls["loss"][1] > recalls["none"][1] + 0.25 and recalls["loss"][0] > 0.75
     assert np.mean(recalls["loss"]) > np.mean(recalls["none"]) + 0.05
-
-
-def test_mixed_layout_runs_depthwise_convolutions_in_nchw_and_computes_the_same(monkeypatch):
-    """LINESIDE_CHANNELS_LAST=mixed: the network in channels_last, but every depthwise
-    convolution gets its input and weight in NCHW (PyTorch's own kernels on CUDA, not
-    cuDNN's slow-to-set-up channels_last ones) and hands channels_last on; the same
-    outputs and weights as channels_last, and place() in another layout undoes it."""
-    from lineside.train.backbones import build_backbone
-    from lineside.train.data import depthwise_in_nchw, layout, place, to_tensor
-    from lineside.train.model import Classifier
-
-    entry, backbone = build_backbone("efficientnet_lite0", "none")
-    model = Classifier(backbone, entry.feature_dim, 3, entry.input_spec.with_size(64)).eval()
-    x = to_tensor(_images(2, size=64), torch.device("cpu"))
-    place(model, "cpu")
-    with torch.no_grad():
-        expected = model(x)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
-    assert len(depthwise) == 16
-    seen = []
-
-    def probe(conv, args):
-        seen.append((args[0].is_contiguous(), not args[0].is_contiguous(memory_format=torch.channels_last),
-                     conv.weight.stride() == conv.weight.contiguous().stride()))
-
-    monkeypatch.setenv("LINESIDE_CHANNELS_LAST", "mixed")
-    assert layout() == layout("cuda") == "mixed"
-    place(model, "cpu")
-    probes = [m.register_forward_pre_hook(probe) for m in depthwise]   # after lineside's hooks: sees what the conv gets
-    with torch.no_grad():
-        got = model(x)
-    assert len(seen) == 16 and all(all(s) for s in seen), seen
-    assert got.is_contiguous() and torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    blocks = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    outs = []
-    hooks = [b.register_forward_hook(lambda m, a, o: outs.append(a[0].is_contiguous(memory_format=torch.channels_last)))
-             for b in blocks]
-    with torch.no_grad():
-        model(x)
-    assert outs and all(outs)                     # what follows each depthwise convolution is channels_last again
-    for h in hooks + probes:
-        h.remove()
-    seen.clear()
-    monkeypatch.setenv("LINESIDE_CHANNELS_LAST", "1")
-    place(model, "cpu")
-    probes = [m.register_forward_pre_hook(probe) for m in depthwise]
-    with torch.no_grad():
-        model(x)
-    assert len(seen) == 16 and not any(s[1] for s in seen)      # channels_last input again: the hooks are gone
-    assert depthwise_in_nchw(model, False) is model
 
 
 def test_layout_is_channels_last_on_the_cpu_and_nchw_on_cuda_unless_asked(monkeypatch):

@@ -8,26 +8,22 @@ import numpy as np
 import torch
 
 
-LAYOUTS = ("channels_last", "nchw", "mixed")
-
-
 def layout(device=None) -> str:
     """The memory layout of images and weights on `device` (default: the CPU): "nchw" on
-    CUDA, "channels_last" (NHWC in memory) on the CPU. LINESIDE_CHANNELS_LAST=1 or 0 sets
-    channels_last or NCHW everywhere, and =mixed channels_last with every depthwise
-    convolution in NCHW. On CUDA PyTorch hands every channels_last depthwise convolution
-    to cuDNN, which built its kernels at first use (cuDNN 9.19, H200, NEU at 224 px,
-    `lineside train --strategy full`, 5 epochs, batch 32: a first step of 10 s, a first
-    epoch 10.5x a later one, the command 25.1 s), while NCHW ones run PyTorch's own
-    kernels (first step 0.9 s, first epoch 1.5x, command 13.6 s) at 0.88x channels_last's
-    later epochs; at batch 128, 0.56x, which pays for its 12 s cold start only after some
-    38 epochs of NEU's 1,440 training images. "mixed" keeps the other convolutions in
-    channels_last and gives the depthwise ones to PyTorch's NCHW kernels, at the cost of
-    a change of layout around each: whether that keeps channels_last's speed without its
-    cold start is what benchmarks/gpu_train.py --layouts channels_last,nchw,mixed measures."""
+    CUDA, "channels_last" (NHWC in memory) on the CPU; LINESIDE_CHANNELS_LAST=1 or 0 sets
+    channels_last or NCHW everywhere. On CUDA PyTorch hands every channels_last depthwise
+    convolution to cuDNN, which builds its kernels at first use, in every process (cuDNN
+    9.19, H200, 1,800 images at 224 px, `lineside train --strategy full`, 5 epochs: a
+    first step of 9 s and a command of 19-21 s, against 1 s and 11 s in NCHW, whose
+    depthwise convolutions run PyTorch's own kernels). Once warm channels_last steps 1.8x
+    faster at batch 128 and about as fast at batch 32: it pays for its cold start (8 s in
+    the first epoch, 2.5 s more in calibration) only after some 50,000 training images at
+    batch 128, 34 epochs of NEU's 1,440. Channels_last with
+    the depthwise convolutions alone in NCHW was measured too: as slow as NCHW (2,118
+    against 2,075 img/s at batch 128), so the speed is cuDNN's depthwise kernels'."""
     wanted = os.environ.get("LINESIDE_CHANNELS_LAST")
-    if wanted in ("0", "1", "mixed"):
-        return {"0": "nchw", "1": "channels_last", "mixed": "mixed"}[wanted]
+    if wanted in ("0", "1"):
+        return "nchw" if wanted == "0" else "channels_last"
     return "nchw" if torch.device(device or "cpu").type == "cuda" else "channels_last"
 
 
@@ -43,41 +39,8 @@ def in_layout(t: torch.Tensor) -> torch.Tensor:
 
 
 def place(module: torch.nn.Module, device) -> torch.nn.Module:
-    """`module` on `device`, its weights in memory_format() of that device, and its
-    depthwise convolutions in NCHW when layout(device) is "mixed"."""
-    module = module.to(device).to(memory_format=memory_format(device))
-    depthwise_in_nchw(module, layout(device) == "mixed")
-    return module
-
-
-_HOOKS = "_lineside_nchw_hooks"
-
-
-def _to_nchw(conv, args):
-    return (args[0].contiguous(), *args[1:])
-
-
-def _to_channels_last(conv, args, out):
-    return out.contiguous(memory_format=torch.channels_last)
-
-
-def depthwise_in_nchw(module: torch.nn.Module, on: bool = True) -> torch.nn.Module:
-    """Every depthwise convolution in `module` takes its input and weight in NCHW and
-    hands its output on in channels_last (on=True), or runs in the module's layout again
-    (on=False). Hooks and the weight's strides only: the weights and the state_dict are
-    unchanged."""
-    for m in module.modules():
-        if not (isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels):
-            continue
-        for handle in getattr(m, _HOOKS, ()):
-            handle.remove()
-        hooks = ()
-        if on:
-            # A C x 1 x k x k weight is contiguous in both layouts; a clone gives it NCHW's strides.
-            m.weight.data = m.weight.data.clone(memory_format=torch.contiguous_format)
-            hooks = (m.register_forward_pre_hook(_to_nchw), m.register_forward_hook(_to_channels_last))
-        setattr(m, _HOOKS, hooks)
-    return module
+    """`module` on `device`, its weights in memory_format() of that device."""
+    return module.to(device).to(memory_format=memory_format(device))
 
 
 def nchw(t: torch.Tensor) -> torch.Tensor:
