@@ -18,9 +18,9 @@ def layout(device=None) -> str:
     depthwise convolutions run PyTorch's own kernels). Once warm channels_last steps 1.8x
     faster at batch 128 and about as fast at batch 32: it pays for its cold start (8 s in
     the first epoch, 2.5 s more in calibration) only after some 50,000 training images at
-    batch 128, 34 epochs of NEU's 1,440. Channels_last with
-    the depthwise convolutions alone in NCHW was measured too: as slow as NCHW (2,118
-    against 2,075 img/s at batch 128), so the speed is cuDNN's depthwise kernels'."""
+    batch 128, 34 epochs of NEU's 1,440. Channels_last with the depthwise convolutions
+    alone in NCHW was measured too: as slow as NCHW (2,118 against 2,075 img/s at batch
+    128), so the speed is cuDNN's depthwise kernels'."""
     wanted = os.environ.get("LINESIDE_CHANNELS_LAST")
     if wanted in ("0", "1"):
         return "nchw" if wanted == "0" else "channels_last"
