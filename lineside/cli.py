@@ -70,6 +70,9 @@ def main(verbose: bool):
       lineside eval run1 test-data --json      # score it on labelled images
       lineside predict run1 part.png           # classify single images
     """
+    for stream in (sys.stdout, sys.stderr):   # a file name that is not UTF-8 prints as \xNN, never fails
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
 

@@ -165,7 +165,7 @@ def _check_save_outside_source(save_dir: Path, info) -> None:
         return
     source, save = Path(info.text).resolve(), save_dir.resolve()
     if save == source or source in save.parents:
-        raise LinesideError(f"--save {save_dir}: is inside the --source folder {info.text}; saved frames would be "
+        raise LinesideError(f"--save {save_dir}: is inside the --source folder {info.shown}; saved frames would be "
                             "classified as new parts (choose a folder outside it)")
 
 
@@ -192,7 +192,7 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
             if options.mqtt_queue < 1:
                 raise LinesideError("--mqtt-queue: must be positive")
             peers.append(MqttOutput(options.mqtt, station, model.checksum, model.labels, options.mqtt_ca,
-                                    options.mqtt_queue, source=info.text,
+                                    options.mqtt_queue, source=info.shown,
                                     on_trigger=triggers.request if options.trigger == "mqtt" else None))
             if triggers:
                 answer_to.append(peers[-1].answer)
@@ -248,7 +248,7 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
             server.close()
         gc.unfreeze()   # the loop does too; not when it failed before it started
     summary.update(log=options.log, **recorder.counts(), model=str(model.path), backend=model.backend,
-                   source=info.text)
+                   source=info.shown)
     if triggers:
         summary["answers"] = dict(triggers.answered)
     summary["exit_code"] = exit_code(summary)
@@ -280,7 +280,7 @@ def _status_server(options: RunOptions, model: RuntimeModel, info, station: str)
         from .review import ReviewStore
 
         review = ReviewStore(options.log, options.save_dir, options.review_out, model.labels)
-    page = LivePage(station, model_summary(model), info.text)
+    page = LivePage(station, model_summary(model), info.shown)
     return StatusServer(options.http, page, review, read_token(options.http_token_file)), page
 
 
@@ -315,7 +315,7 @@ def _recorder(options: RunOptions, model: RuntimeModel, info, save, station: str
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in options.__dict__.items()
                 if k != "mqtt"}      # the broker URL may hold a password
     return Recorder(Path(options.log) if options.log else None,
-                    {"source": info.text, "model": str(model.path), "model_sha256": model.checksum,
+                    {"source": info.shown, "model": str(model.path), "model_sha256": model.checksum,
                      "labels": model.labels, "settings": settings, "station": station}, save, peers=peers)
 
 
@@ -325,9 +325,10 @@ EXIT_OK, EXIT_SETUP, EXIT_NO_FRAMES, EXIT_NOT_LOGGED = 0, 2, 3, 4
 
 def exit_code(summary: dict) -> int:
     """3: the source never delivered a frame, or none for --source-timeout seconds;
-    4: decisions were made that are not in the log (see not_logged); else 0."""
+    4: decisions were made that are not in the log as rows (see not_logged, and
+    unwritable_rows: those kept as events only); else 0."""
     if summary.get("frames_read", 0) == 0 or summary.get("source_timeout"):
         return EXIT_NO_FRAMES
-    if summary.get("not_logged"):
+    if summary.get("not_logged") or summary.get("unwritable_rows"):
         return EXIT_NOT_LOGGED
     return EXIT_OK

@@ -147,7 +147,7 @@ class _PageReader:
 def _open_page(model: RuntimeModel, info: SourceInfo, address: str):
     from .web import LivePage, StatusServer, model_summary
 
-    page = LivePage("bench", model_summary(model), info.text)
+    page = LivePage("bench", model_summary(model), info.shown)
     return page, _PageReader(StatusServer(address, page).start())
 
 
@@ -164,7 +164,7 @@ def bench(model: RuntimeModel, source: str | None, seconds: float = 10.0, pace: 
         if http:
             page, reader = _open_page(model, info, http)
         recorder = Recorder(tmp / "bench.sqlite" if log else None,
-                            {"source": info.text, "model": str(model.path), "model_sha256": model.checksum,
+                            {"source": info.shown, "model": str(model.path), "model_sha256": model.checksum,
                              "labels": model.labels, "settings": {"bench": True}}, peers=(page,) if page else ())
         stop = threading.Event()
         try:

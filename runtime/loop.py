@@ -207,7 +207,7 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
         nonlocal last_voted
         part = None if triggers is None else triggers.offer(frame.t_capture, decision.label, decision.verdict,
                                                             decision.confidence)
-        row = DecisionRow(time.time(), frame.index, info.text, frame.origin, decision.label,
+        row = DecisionRow(time.time(), frame.index, info.shown, frame.origin, decision.label,
                           round(decision.confidence, 6), decision.top, decision.verdict, decision.decision,
                           probabilities, flags, round((t_decided - t_submit) * 1000, 3),
                           round((t_decided - frame.t_capture) * 1000, 3), model.checksum, part)
@@ -269,7 +269,7 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
                 break
             if settings.source_timeout and now - last_frame_at > settings.source_timeout:
                 stats.source_timeout = True
-                recorder.event("source_timeout", f"no frame from '{info.text}' for {now - last_frame_at:.1f} s "
+                recorder.event("source_timeout", f"no frame from '{info.shown}' for {now - last_frame_at:.1f} s "
                                                  f"(--source-timeout {settings.source_timeout:g}); the run ends")
                 break
             try:
@@ -324,7 +324,7 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
     if capture.error is not None:
         if isinstance(capture.error, LinesideError):
             raise capture.error
-        raise LinesideError(f"--source {info.text}: capture failed ({capture.error})")
+        raise LinesideError(f"--source {info.shown}: capture failed ({capture.error})")
     return summarize(stats, capture, slot, hint, engine.depth)
 
 

@@ -31,6 +31,7 @@ import time
 from urllib.parse import unquote, urlsplit
 
 from lineside.errors import LinesideError, require
+from lineside.text import redact_url
 
 from .records import NOT_ERRORS, SOURCE_STATES, DecisionRow, Event, outcome
 
@@ -43,20 +44,24 @@ DEFAULT_QUEUE = 10_000
 def parse_mqtt_url(url: str) -> dict:
     """mqtt://[user[:pass]@]host[:port]/topic/prefix -> its parts (one-line errors). A user
     without a password in the URL takes it from LINESIDE_MQTT_PASSWORD."""
-    parts = urlsplit(url)
+    shown = redact_url(url)      # what errors say: never the password
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise LinesideError(f"--mqtt {shown}: not a URL ({exc})") from None
     if "#" in url or "?" in url:
-        raise LinesideError(f"--mqtt {url}: a topic prefix cannot hold # (a wildcard) or ?")
+        raise LinesideError(f"--mqtt {shown}: a topic prefix cannot hold # (a wildcard) or ?")
     if parts.scheme not in ("mqtt", "mqtts"):
-        raise LinesideError(f"--mqtt {url}: must start with mqtt:// or mqtts://")
+        raise LinesideError(f"--mqtt {shown}: must start with mqtt:// or mqtts://")
     if not parts.hostname:
-        raise LinesideError(f"--mqtt {url}: no broker host")
+        raise LinesideError(f"--mqtt {shown}: no broker host")
     prefix = parts.path.strip("/")
     if not prefix or any(c in prefix for c in "+#") or "//" in prefix:
-        raise LinesideError(f"--mqtt {url}: needs a topic prefix without wildcards, e.g. mqtt://broker/plant/line3/station7")
+        raise LinesideError(f"--mqtt {shown}: needs a topic prefix without wildcards, e.g. mqtt://broker/plant/line3/station7")
     try:
         port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
     except ValueError:
-        raise LinesideError(f"--mqtt {url}: bad port") from None
+        raise LinesideError(f"--mqtt {shown}: bad port") from None
     password = unquote(parts.password) if parts.password else None
     if parts.username and password is None:     # kept out of the command line, where `ps` shows it
         password = os.environ.get("LINESIDE_MQTT_PASSWORD")

@@ -25,12 +25,14 @@ to the server's own thread, which writes them at most every 20 ms.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import threading
 from urllib.parse import urlsplit
 
 from lineside.errors import LinesideError, require
+from lineside.text import printable
 
 from .records import NOT_ERRORS, SOURCE_STATES, DecisionRow, Event, outcome
 
@@ -38,6 +40,19 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "urn:lineside:station"
 UPDATE_SECONDS = 0.02
+
+
+class _RefusalsAreNotErrors(logging.Filter):
+    """asyncua logs every request it refuses for want of rights (an anonymous client trying
+    to write) as an ERROR: that is the server working as meant, so lineside logs it at
+    DEBUG instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "BadUserAccessDenied" in message or "not permitted" in message:
+            log.debug("OPC UA request refused: %s", message)
+            return False
+        return True
 
 
 def check_endpoint(url: str) -> tuple[str, int]:
@@ -57,12 +72,18 @@ class OpcUaOutput:
                  password: str | None = None, on_trigger=None, cert: str | None = None, key: str | None = None):
         require("asyncua", "opcua")
         logging.getLogger("asyncua").setLevel(logging.ERROR)    # it reports each refused request as a warning
+        processor = logging.getLogger("asyncua.server.uaprocessor")
+        if not any(isinstance(f, _RefusalsAreNotErrors) for f in processor.filters):
+            processor.addFilter(_RefusalsAreNotErrors())
         self.host, self.port = check_endpoint(endpoint)
         self.endpoint = f"opc.tcp://{self.host}:{self.port}"
         self.station, self.labels = station, list(labels)
         self.model_sha256 = model_sha256
         self.user = user
         self.password = password if password is not None else os.environ.get("LINESIDE_OPCUA_PASSWORD")
+        if user is not None and not self.password:
+            raise LinesideError(f"--opcua-user {printable(user)}: set its password in LINESIDE_OPCUA_PASSWORD "
+                                "(a user without one would log in with any empty password)")
         if on_trigger is not None and not (user and self.password):
             raise LinesideError("--trigger opcua: needs --opcua-user and a password (LINESIDE_OPCUA_PASSWORD): "
                                 "anonymous clients may not trigger")
@@ -103,7 +124,8 @@ class OpcUaOutput:
             def get_user(self, iserver, username=None, password=None, certificate=None):
                 if not username:
                     return User(role=UserRole.Anonymous)
-                if owner.user and username == owner.user and password == owner.password:
+                if (owner.user and owner.password and username == owner.user and isinstance(password, str)
+                        and hmac.compare_digest(password.encode(), owner.password.encode())):
                     return User(role=UserRole.User, name=username)
                 return None          # a wrong user or password is refused
 

@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 
 from lineside.errors import LinesideError
+from lineside.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,23 @@ class DecisionRow:
     part_id: str | None = None     # the part a trigger asked about, when this frame answers it
     saved: str | None = None       # the file name of the frame in the --save folder, when it was saved
 
+    def __post_init__(self):
+        # Every output writes these as UTF-8: a file name that is not UTF-8 (or any text from
+        # outside) is made printable here, once, so that no output can fail on it.
+        for name in TEXT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not (type(value) is str and value.isascii()):
+                setattr(self, name, printable(value))
+        if not all(type(k) is str and k.isascii() for k in self.probabilities):
+            self.probabilities = {printable(k): v for k, v in self.probabilities.items()}
+        if not all(type(f) is str and f.isascii() for f in self.flags):
+            self.flags = [printable(f) for f in self.flags]
+
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in ROW_FIELDS}
 
 
+TEXT_FIELDS = ("source", "origin", "label", "top", "verdict", "decision", "model_sha256", "part_id", "saved")
 ROW_FIELDS = tuple(f.name for f in fields(DecisionRow))
 DECISION_COLUMNS = ("run", *ROW_FIELDS)
 
@@ -83,6 +97,9 @@ class Event:
     ts: float
     kind: str
     detail: str
+
+    def __post_init__(self):
+        self.kind, self.detail = printable(self.kind), printable(self.detail)
 
 
 # What the outputs beside the log (MQTT, OPC UA) make of rows and events, in one place.
@@ -330,6 +347,26 @@ def open_log(path: Path, run_info: dict) -> LogFile:
     return writer
 
 
+def is_fault(exc: BaseException) -> bool:
+    """A failure of the log file (full disk, a lock, a removed folder: retry the same rows
+    later), as opposed to a row whose content the format refused (retrying cannot help)."""
+    if isinstance(exc, OSError):
+        return True
+    return isinstance(exc, sqlite3.Error) and not isinstance(
+        exc, (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError, sqlite3.IntegrityError))
+
+
+def _row_remains(row: DecisionRow, exc: BaseException) -> str:
+    """What a `row_unwritable` event keeps of a decision the log refused."""
+    kept = {}
+    for name in ("ts", "frame", "label", "confidence", "verdict", "decision", "part_id", "origin"):
+        try:
+            kept[name] = json.loads(json.dumps(getattr(row, name), allow_nan=False))
+        except Exception:  # noqa: BLE001 - keep what can be kept
+            kept[name] = printable(repr(getattr(row, name, None)))[:200]
+    return printable(f"decision not written as a row ({type(exc).__name__}: {exc}): {json.dumps(kept)}")
+
+
 def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
 
@@ -358,6 +395,7 @@ class Recorder:
         self.deleted_with_log = 0  # decisions written to a log file that was then deleted or replaced
         self.recreated = 0
         self.save_skipped = 0     # frames not saved because saving fell behind
+        self.unwritable_rows = 0  # decisions the log refused for their content: kept as row_unwritable events
         self.error: BaseException | None = None   # the writer thread itself failed (a bug, not a fault)
         self._failing: dict | None = None
         self._thread = threading.Thread(target=self._run, name="lineside-recorder", daemon=True)
@@ -387,8 +425,8 @@ class Recorder:
             self._to_peer(peer.decision, row)
 
     def event(self, kind: str, detail: str = ""):
-        log.warning("%s: %s", kind, detail)
         event = Event(time.time(), kind, detail)
+        log.log(logging.INFO if kind in NOT_ERRORS else logging.WARNING, "%s: %s", event.kind, event.detail)
         self._queue.put(event)
         for peer in self.peers:
             self._to_peer(peer.event, event)
@@ -491,17 +529,52 @@ class Recorder:
                 events = list(self._events)
             if self._failing:
                 events.append(self._recovered_event())
-            self.log.write(list(self._rows), events)
+            try:
+                self.log.write(list(self._rows), events)
+            except Exception as exc:  # noqa: BLE001 - sorted by is_fault: the file's, or the content's
+                if is_fault(exc):
+                    raise
+                self._salvage(exc)       # raises a fault of the file itself, if one comes up meanwhile
+            else:
+                self.written += len(self._rows)
+                self._rows.clear()
+                self._events.clear()
         except (OSError, sqlite3.Error) as exc:
             self._failed(exc)
             return False
-        self.written += len(self._rows)
-        self._rows.clear()
-        self._events.clear()
         if self._failing:
             log.warning("log_unwritable: %s", events[-1].detail)
             self._failing = None
         return True
+
+    def _salvage(self, exc: BaseException):
+        """A batch the log refused for its content (a value no format can hold), not for the
+        file: written one item at a time, so that one bad row costs only itself. A decision
+        that cannot be written becomes a `row_unwritable` event holding what could be kept
+        of it (counted in unwritable_rows); an event that cannot be written is dropped with
+        an error line. A fault of the file itself meanwhile is raised, with what is left
+        kept for the retry."""
+        log.error("%s: a batch could not be written as it is (%s: %s); writing it row by row",
+                  self.path, type(exc).__name__, exc)
+        while self._rows:
+            row = self._rows[0]
+            try:
+                self.log.write([row], [])
+                self.written += 1
+            except Exception as err:  # noqa: BLE001
+                if is_fault(err):
+                    raise
+                self.unwritable_rows += 1
+                self._events.append(Event(time.time(), "row_unwritable", _row_remains(row, err)))
+            self._rows.popleft()
+        while self._events:
+            try:
+                self.log.write([], [self._events[0]])
+            except Exception as err:  # noqa: BLE001
+                if is_fault(err):
+                    raise
+                log.error("%s: an event could not be written (%s: %s)", self.path, type(err).__name__, err)
+            self._events.popleft()
 
     def _failed(self, exc: BaseException):
         now = time.time()
@@ -568,7 +641,8 @@ class Recorder:
             pass
 
     def counts(self) -> dict:
-        out = {"logged": self.written, "not_logged": self.not_logged, "log_recreated": self.recreated,
+        out = {"logged": self.written, "not_logged": self.not_logged, "unwritable_rows": self.unwritable_rows,
+               "log_recreated": self.recreated,
                "deleted_with_log": self.deleted_with_log,
                "saved": self.saver.saved if self.saver else 0, "save_failed": self.save_failed}
         for peer in self.peers:

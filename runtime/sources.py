@@ -26,6 +26,7 @@ import numpy as np
 
 from lineside.errors import LinesideError
 from lineside.images import BadImage, is_image_file, read_image
+from lineside.text import redact_url
 
 from .timings import Timings
 
@@ -53,6 +54,10 @@ class SourceInfo:
     text: str
     kind: str                  # camera | file | url | gstreamer | folder
     live: bool                 # live sources drop frames and reconnect; files end
+    shown: str = field(init=False)   # what messages and records say: no password, valid UTF-8
+
+    def __post_init__(self):
+        self.shown = redact_url(self.text)
 
 
 def describe_source(text: str) -> SourceInfo:
@@ -115,7 +120,7 @@ class VideoReader:
             self.cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)   # where the backend honours it: less queued lag
         if not self.cap.isOpened():
             self.cap.release()
-            raise OSError(f"cannot open {info.kind} source '{info.text}'")
+            raise OSError(f"cannot open {info.kind} source '{info.shown}'")
         fps = self.cap.get(cv2.CAP_PROP_FPS)
         self.fps = fps if 0 < fps < 1000 else None
 
@@ -129,7 +134,7 @@ class VideoReader:
         for failed in range(1, MAX_DECODE_SKIPS):
             ok, image = self.cap.read()
             if ok and image is not None and image.size:
-                self.on_event("decode_error", f"{self.info.text}: {failed} frame(s) after frame {self.decoded} "
+                self.on_event("decode_error", f"{self.info.shown}: {failed} frame(s) after frame {self.decoded} "
                                               "could not be decoded and were skipped")
                 self.decoded += 1
                 return image, ""
@@ -307,7 +312,7 @@ class Capture(threading.Thread):
                     raise LinesideError(f"--source: {exc}") from exc
                 reason = None if self.opened else unfixable(self.info)
                 if reason:
-                    raise LinesideError(f"--source {self.info.text}: {reason}") from exc
+                    raise LinesideError(f"--source {self.info.shown}: {reason}") from exc
                 self.on_event("source_unavailable", f"{exc}; retrying in {delay:.1f} s")
                 if self.stop.wait(delay):
                     return None
@@ -335,7 +340,7 @@ class Capture(threading.Thread):
             if image is None:
                 reader.release()
                 if self.info.live:
-                    self.on_event("source_lost", f"no frame from '{self.info.text}' for "
+                    self.on_event("source_lost", f"no frame from '{self.info.shown}' for "
                                                  f"{time.time() - last_frame_at:.1f} s; reconnecting")
                     self.stats.reconnects += 1
                     reader = self._open()

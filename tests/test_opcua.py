@@ -3,6 +3,7 @@ goes on, anonymous clients cannot write or trigger, and the user's Trigger(PartI
 answered with that part id in OPC UA and in the log."""
 
 import asyncio
+import logging
 import sqlite3
 import threading
 
@@ -22,8 +23,11 @@ def test_opcua_endpoints_are_checked():
         check_endpoint("http://127.0.0.1:4840")
 
 
-def test_a_plc_reads_subscribes_and_triggers_over_opcua(tiny_bundle, synth_test_dir, tmp_path, monkeypatch):
+def test_a_plc_reads_subscribes_and_triggers_over_opcua(tiny_bundle, synth_test_dir, tmp_path, monkeypatch,
+                                                        caplog):
     from asyncua import Client, ua
+
+    caplog.set_level(logging.INFO)
 
     video = tmp_path / "parts.avi"
     write_video(synth_test_dir, video, size=(160, 120), hold=2)
@@ -72,6 +76,21 @@ def test_a_plc_reads_subscribes_and_triggers_over_opcua(tiny_bundle, synth_test_
     rows = sqlite3.connect(db).execute("SELECT label FROM decisions WHERE part_id = 'C-5'").fetchall()
     assert len(rows) == 1 and rows[0][0] == seen["answer"]["label"]
     assert result["answers"] == {"decided": 1}
+    # refused anonymous requests are the server working, and a part answer is no fault: no ERROR, no WARNING
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not loud, [r.getMessage() for r in loud]
+
+
+def test_an_opcua_user_without_a_password_is_a_setup_error(monkeypatch):
+    """Before, `plc` then logged in with an empty password, with more rights than anonymous."""
+    from lineside.runtime.opcua import OpcUaOutput
+
+    monkeypatch.delenv("LINESIDE_OPCUA_PASSWORD", raising=False)
+    with pytest.raises(LinesideError, match="--opcua-user plc: set its password"):
+        OpcUaOutput(free_endpoint(), "s", "x", ["a", "b"], user="plc")
+    monkeypatch.setenv("LINESIDE_OPCUA_PASSWORD", "")
+    with pytest.raises(LinesideError, match="--opcua-user plc: set its password"):
+        OpcUaOutput(free_endpoint(), "s", "x", ["a", "b"], user="plc")
 
 
 def test_an_opcua_trigger_needs_a_user():
