@@ -3,7 +3,11 @@
 A trigger (a line on stdin, or a message on PREFIX/trigger) asks for the decision on
 the part in front of the camera now, optionally naming its part id. The loop keeps
 deciding every frame; the first frame captured after the trigger answers it (with
---vote N/M, the next M frames, voted). When no answer is ready within
+--vote N/M, the next M frames, voted). The rule: a trigger is answered only by frames
+captured after it, and a frame answers every trigger waiting for it, so a burst of
+triggers is answered by the frame (or frames) that follow the burst, all of them
+together, never one per frame (a decision row that answers several parts names them
+all, joined by ','). When no answer is ready within
 --trigger-timeout, a watchdog answers for it: NG, with the reason (`no_frame`: not one
 frame came, the source is down; `timeout`: frames came but too few, or too late); parts
 waiting when the run ends are answered NG `stopped`, or `error` when the loop failed
@@ -97,24 +101,23 @@ class Triggers:
         return part
 
     def offer(self, t_capture: float, label: str, verdict: str | None, confidence: float) -> str | None:
-        """A decided frame (the loop): the part id it answers for, if any."""
+        """A decided frame (the loop): it counts for every part whose trigger came before the
+        frame was captured and that still waits for frames. Returns the ids of those parts
+        (joined by ',' when several), or None."""
+        parts, answers = [], []
         with self._lock:
-            for req in self._pending:
+            for req in list(self._pending):
                 if t_capture >= req.t and len(req.labels) < self.frames:
                     req.labels.append(label)
                     req.verdicts.append(verdict)
                     req.confidences.append(confidence)
+                    parts.append(req.part_id)
                     if len(req.labels) == self.frames:
                         self._pending.remove(req)
-                        answer = self._decided(req)
-                    else:
-                        answer = None
-                    break
-            else:
-                return None
-        if answer is not None:
+                        answers.append(self._decided(req))
+        for answer in answers:
             self._answer(answer)
-        return req.part_id
+        return ",".join(parts) if parts else None
 
     def close(self, reason: str = "stopped"):
         """End of the run: every part still waiting is answered NG with `reason` (stopped, or

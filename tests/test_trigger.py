@@ -34,6 +34,33 @@ def test_the_frames_after_a_trigger_answer_it_with_a_vote():
     assert a.confidence == 0.95
 
 
+def test_a_burst_of_triggers_is_answered_by_the_frames_that_follow_it():
+    """Before, each frame answered one waiting trigger: 15 triggers at 10 FPS waited up to
+    1.5 s, some answered by frames of another part, some NG no_frame with the camera live."""
+    got, sink = _collect()
+    t = Triggers(1.0, frames=1, on_answer=sink)
+    early = time.perf_counter()
+    burst = [t.request(f"B-{i}") for i in range(15)]
+    assert t.offer(early, "ok", "OK", 0.9) is None               # captured before the burst: answers none
+    assert t.offer(time.perf_counter(), "ok", "OK", 0.9) == ",".join(burst)
+    assert [a.part_id for a in got] == burst and {a.reason for a in got} == {"decided"}
+    later = t.request("L-1")
+    assert t.offer(time.perf_counter(), "scratch", "NG", 0.8) == later   # the burst's parts are done
+    t.close()
+    assert got[-1].part_id == "L-1" and got[-1].label == "scratch"
+    voted, sink2 = _collect()
+    v = Triggers(1.0, frames=3, votes=2, on_answer=sink2)
+    first = [v.request(f"V-{i}") for i in range(5)]
+    v.offer(time.perf_counter(), "ok", "OK", 0.9)
+    second = v.request("V-late")                                 # comes in between the frames
+    v.offer(time.perf_counter(), "ok", "OK", 0.9)
+    assert v.offer(time.perf_counter(), "ok", "OK", 0.9) == ",".join(first + [second])
+    assert [a.part_id for a in voted] == first and all(a.frames == 3 for a in voted)
+    v.offer(time.perf_counter(), "ok", "OK", 0.9)
+    assert [a.part_id for a in voted] == first + [second]
+    v.close()
+
+
 def test_no_frame_in_time_is_answered_ng_within_the_timeout():
     got, sink = _collect()
     t = Triggers(0.2, on_answer=sink)
@@ -83,7 +110,8 @@ def test_stdin_triggers_answer_on_stdout_and_in_the_log(tiny_bundle, synth_test_
     assert [a["part_id"] for a in answers] == ["P-1", "part-1", "P-3"]
     assert all(a["reason"] == "decided" and a["verdict"] in ("OK", "NG") for a in answers)
     rows = sqlite3.connect(db).execute("SELECT part_id, label FROM decisions WHERE part_id IS NOT NULL").fetchall()
-    assert sorted(r[0] for r in rows) == ["P-1", "P-3", "part-1"]
-    assert {r[0]: r[1] for r in rows}["P-1"] == answers[0]["label"]
+    # the three lines came at once: the frame after them answers all three (one row naming them all)
+    assert sorted(p for r in rows for p in r[0].split(",")) == ["P-1", "P-3", "part-1"]
+    assert {p: r[1] for r in rows for p in r[0].split(",")}["P-1"] == answers[0]["label"]
     kinds = [k for k, in sqlite3.connect(db).execute("SELECT kind FROM events")]
     assert kinds.count("part_answer") == 3
