@@ -55,6 +55,7 @@ class RunOptions:
     opcua_key: str | None = None
     http: str | None = None
     http_token_file: str | None = None
+    http_hosts: tuple[str, ...] = ()
     review_out: Path | None = None
     display: bool = False
     status: bool = False
@@ -281,7 +282,8 @@ def _status_server(options: RunOptions, model: RuntimeModel, info, station: str)
 
         review = ReviewStore(options.log, options.save_dir, options.review_out, model.labels)
     page = LivePage(station, model_summary(model), info.shown)
-    return StatusServer(options.http, page, review, read_token(options.http_token_file)), page
+    return StatusServer(options.http, page, review, read_token(options.http_token_file),
+                        hosts=options.http_hosts), page
 
 
 def _triggers(options: RunOptions, decider: Decider):

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import sqlite3
+import stat
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import cv2
 
 from lineside.errors import LinesideError
 from lineside.files import write_atomic
+from lineside.images import decode_image
 
 from .loop import parse_roi
 from .records import SAVED_NAME, log_kind
@@ -119,15 +121,24 @@ class ReviewStore:
         return rows[0] if rows else None
 
     def _frame_file(self, name: str | None) -> Path | None:
-        """The saved frame of that name, only when it is a name lineside gives its frames."""
+        """The saved frame of that name, only when it is a name lineside gives its frames and
+        a plain file (a link put there, even named like a frame, is never followed)."""
         if not name or not SAVED_NAME.match(name) or os.sep in name or (os.altsep and os.altsep in name):
             return None
         path = self.save_dir / name
-        return path if path.is_file() else None
+        try:
+            return path if stat.S_ISREG(os.lstat(path).st_mode) else None
+        except OSError:
+            return None
 
     def frame_path(self, decision_id: int) -> Path | None:
         row = self._row(decision_id)
         return self._frame_file(row["saved"]) if row is not None else None
+
+    def frame_bytes(self, decision_id: int) -> bytes | None:
+        """The saved frame's bytes, read without following a link (O_NOFOLLOW), or None."""
+        path = self.frame_path(decision_id)
+        return None if path is None else read_plain_file(path)
 
     # -- the reviewed dataset --------------------------------------------------------------
 
@@ -154,9 +165,10 @@ class ReviewStore:
         source = self._frame_file(row["saved"])
         if source is None:
             raise LookupError(f"decision {decision_id} has no saved frame in {self.save_dir}")
-        image = cv2.imread(str(source), cv2.IMREAD_COLOR)
-        if image is None:
-            raise LinesideError(f"{source}: cannot be read as an image")
+        data = read_plain_file(source)
+        if data is None:
+            raise LookupError(f"decision {decision_id} has no saved frame in {self.save_dir}")
+        image = decode_image(data, source, cv2.IMREAD_COLOR)     # BadImage (a LinesideError) names it
         crop = roi_crop(image, json.loads(row["settings"] or "{}").get("roi"))
         name = Path(row["saved"]).with_suffix(".png").name
         with self._lock:
@@ -197,6 +209,18 @@ class ReviewStore:
         w.writeheader()
         w.writerows(entries)
         write_atomic(self.out_dir / MANIFEST, buf.getvalue().encode("utf-8"))
+
+
+def read_plain_file(path: Path) -> bytes | None:
+    """A regular file's bytes, opened without following a symbolic link; None otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        return f.read()
 
 
 def roi_crop(image, roi_text: str | None):

@@ -20,9 +20,11 @@ counters); the server thread does every computation and encoding when a page ask
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -35,6 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 import cv2
 
 from lineside.errors import LinesideError
+from lineside.text import printable
 
 from .records import NOT_ERRORS, SOURCE_STATES, DecisionRow, Event, outcome
 
@@ -44,6 +47,9 @@ DEFAULT_PORT = 8080
 EVENTS_KEPT = 50
 MAX_BODY = 4096
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+MAX_CONNECTIONS = 32         # connections served at once; one more is answered 503 and closed
+IDLE_SECONDS = 15.0          # a connection idle this long (no request, or a request stalled) is closed
+HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62})(\.[a-z0-9]([a-z0-9-]{0,62}))*$")
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -258,15 +264,81 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
+def allowed_hosts(bound: str, names=()) -> frozenset[str]:
+    """The names a request's Host header may give besides IP addresses: localhost, this
+    machine's names, the bound name and `names` (--http-host). A page reached by any
+    other name is refused, so that a web page cannot point its own DNS name at the box
+    (DNS rebinding) and read the status or frames from a browser on the plant network."""
+    hosts = {"localhost", bound.lower()}
+    for name in (socket.gethostname(), socket.getfqdn()):
+        if name:
+            hosts.add(name.lower())
+    for name in names or ():
+        name = str(name).strip().lower().rstrip(".")
+        if not name or not HOST_NAME.match(name):
+            raise LinesideError(f"--http-host {name!r}: not a host name")
+        hosts.add(name)
+    return frozenset(hosts)
+
+
+def host_allowed(header: str | None, hosts: frozenset[str]) -> bool:
+    """Whether a Host header ('name', 'name:port', '1.2.3.4:80', '[::1]:80') names this server."""
+    if not header:
+        return False
+    text = header.strip().lower()
+    if text.startswith("["):
+        name = text[1:].partition("]")[0]
+    else:
+        name = text.rpartition(":")[0] if text.count(":") == 1 else text
+    name = name.rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return name in hosts
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """At most MAX_CONNECTIONS connections at once; one more is answered 503 and closed."""
+
+    daemon_threads = True
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            headers = "".join(f"{k}: {v}\r\n" for k, v in SECURITY_HEADERS.items())
+            try:
+                request.sendall(("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n"
+                                 f"{headers}\r\n").encode())
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 class StatusServer:
     """The HTTP server, in its own daemon threads. `page` (live) and `review` may each be None."""
 
-    def __init__(self, address: str, page: LivePage | None = None, review=None, token: str | None = None):
+    def __init__(self, address: str, page: LivePage | None = None, review=None, token: str | None = None,
+                 hosts=()):
         self.host, port = parse_address(address)
         self.page, self.review, self.token = page, review, token
+        self.hosts = allowed_hosts(self.host, hosts)
         handler = type("Handler", (_Handler,), {"app": self})
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True})
+        server_class = type("Server", (_BoundedServer,), {"address_family": family,
+                                                          "slots": threading.BoundedSemaphore(MAX_CONNECTIONS)})
         try:
             self.httpd = server_class((self.host, port), handler)
         except OSError as exc:
@@ -292,11 +364,34 @@ class StatusServer:
         self.httpd.server_close()
 
 
+class BadRequest(Exception):
+    """A request that is malformed or not allowed: answered with its status, never a 500."""
+
+    def __init__(self, status: int, message: str, close: bool = False):
+        super().__init__(message)
+        self.status, self.close = status, close
+
+
+def _ident(text: str) -> int | None:
+    """A decision id in a path: digits that fit SQLite's integers, else None."""
+    return int(text) if text.isdigit() and len(text) <= 18 else None
+
+
+def _number(q: dict, name: str, default: int | None) -> int | None:
+    text = q.get(name)
+    if text in (None, ""):
+        return default
+    if not (text.isdigit() and len(text) <= 18):
+        raise BadRequest(400, f"{name}: '{text[:40]}' is not a whole number")
+    return int(text)
+
+
 class _Handler(BaseHTTPRequestHandler):
     app: StatusServer
     server_version = "lineside"
     sys_version = ""
     protocol_version = "HTTP/1.1"
+    timeout = IDLE_SECONDS        # a connection that sends nothing for this long is closed
 
     def log_message(self, fmt, *args):     # requests are not news; errors are logged where they happen
         log.debug("http %s " + fmt, self.client_address[0], *args)
@@ -307,6 +402,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in {**SECURITY_HEADERS, **(extra or {})}.items():
             self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -317,19 +414,60 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str):
         self._json({"error": message}, status)
 
-    def do_HEAD(self):
-        self.do_GET()
-
-    def do_GET(self):
+    def send_error(self, code, message=None, explain=None):
+        """The library's own errors (a malformed request line, an unknown method, headers too
+        long) as the other answers: JSON, with the security headers, and the connection closed."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":    # a request line too broken to say: answer with headers
+            self.request_version = "HTTP/1.0"
         try:
-            self._get(urlsplit(self.path))
-        except (BrokenPipeError, ConnectionResetError):
+            self._error(int(code), message or HTTPStatus(int(code)).phrase)
+        except (OSError, ValueError):
             pass
+
+    def _body(self) -> bytes:
+        """The request's body, read whole before anything is answered, so that nothing of it
+        is left on a kept-alive connection to be read as the next request."""
+        if self.headers.get("Transfer-Encoding"):
+            raise BadRequest(411, "send the body with a Content-Length (no Transfer-Encoding)", close=True)
+        text = (self.headers.get("Content-Length") or "0").strip()
+        if not text.isdigit() or len(self.headers.get_all("Content-Length") or []) > 1:
+            raise BadRequest(400, "a bad Content-Length", close=True)
+        length = int(text)
+        if length > MAX_BODY:
+            raise BadRequest(413, f"the body must be at most {MAX_BODY} bytes", close=True)
+        data = self.rfile.read(length) if length else b""
+        if len(data) != length:
+            raise BadRequest(400, "the body ended early", close=True)
+        return data
+
+    def _dispatch(self, handle):
+        try:
+            body = self._body()
+            if not host_allowed(self.headers.get("Host"), self.app.hosts):
+                raise BadRequest(400, "unknown Host: reach the page by its IP address or a name given "
+                                      "with --http-host")
+            handle(urlsplit(self.path), body)
+        except BadRequest as exc:
+            self.close_connection = self.close_connection or exc.close
+            self._error(exc.status, str(exc))
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
         except Exception as exc:  # noqa: BLE001 - a page error never reaches the loop
-            log.error("http: GET %s failed: %s", self.path[:200], exc)
+            log.error("http: %s %s failed: %s", self.command, printable(self.path[:200]), exc)
+            self.close_connection = True
             self._error(500, "internal error")
 
-    def _get(self, url):
+    def do_HEAD(self):
+        self._dispatch(self._get)
+
+    def do_GET(self):
+        self._dispatch(self._get)
+
+    def do_POST(self):
+        self._dispatch(self._post)
+
+    def _get(self, url, body: bytes):
         app, path = self.app, url.path
         if path in ASSETS:
             if path == "/" and app.page is None:
@@ -351,69 +489,57 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(200, data, "image/jpeg")
         elif path == "/api/review" and app.review is not None:
-            q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            try:
+                q = {k: v[-1] for k, v in parse_qs(url.query, max_num_fields=20).items()}
+            except ValueError:
+                raise BadRequest(400, "too many query fields") from None
             try:
                 items = app.review.items(q.get("label") or None, q.get("verdict") or None,
-                                         int(q.get("limit", 100)), int(q["before"]) if q.get("before") else None)
-            except (ValueError, LinesideError) as exc:
-                self._error(400, str(exc))
-                return
+                                         _number(q, "limit", 100), _number(q, "before", None))
+            except LinesideError as exc:
+                raise BadRequest(400, str(exc)) from None
             self._json({"items": items, "labels": app.review.known_labels(), "writable": app.token is not None,
                         "dataset": str(app.review.out_dir)})
         elif path.startswith("/api/frames/") and app.review is not None:
-            ident = path[len("/api/frames/"):].removesuffix(".jpg")
-            frame = app.review.frame_path(int(ident)) if ident.isdigit() else None
-            if frame is None:
+            ident = _ident(path[len("/api/frames/"):].removesuffix(".jpg"))
+            data = app.review.frame_bytes(ident) if ident is not None else None
+            if data is None:
                 self._error(404, "no saved frame for that decision")
             else:
-                self._send(200, frame.read_bytes(), "image/jpeg")
+                self._send(200, data, "image/jpeg")
         else:
             self._error(404, "not found")
 
-    def do_POST(self):
-        try:
-            self._post(urlsplit(self.path).path)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        except Exception as exc:  # noqa: BLE001
-            log.error("http: POST %s failed: %s", self.path[:200], exc)
-            self._error(500, "internal error")
-
-    def _post(self, path: str):
-        app = self.app
-        ident = path[len("/api/review/"):] if path.startswith("/api/review/") else ""
-        if app.review is None or not ident.isdigit():
+    def _post(self, url, body: bytes):
+        app, path = self.app, url.path
+        ident = _ident(path[len("/api/review/"):]) if path.startswith("/api/review/") else None
+        if app.review is None or ident is None:
             self._error(404, "not found")
             return
         if app.token is None:
             self._error(403, "read only: start with --http-token-file (or LINESIDE_HTTP_TOKEN) to relabel")
             return
         sent = self.headers.get("X-Lineside-Token", "")
-        if not hmac.compare_digest(sent.encode(), app.token.encode()):
+        if not hmac.compare_digest(sent.encode("utf-8", "surrogateescape"), app.token.encode()):
             self._error(401, "a valid X-Lineside-Token header is needed to relabel")
             return
         if self.headers.get_content_type() != "application/json":
             self._error(415, "send the label as JSON: {\"label\": \"...\"}")
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        if not 0 < length <= MAX_BODY:
-            self._error(413 if length else 400, f"the body must be 1..{MAX_BODY} bytes")
-            return
+        if not body:
+            raise BadRequest(400, f"the body must be 1..{MAX_BODY} bytes")
         try:
-            label = json.loads(self.rfile.read(length)).get("label")
-        except (ValueError, AttributeError):
-            self._error(400, "the body is not a JSON object")
-            return
+            label = json.loads(body).get("label")
+        except (ValueError, AttributeError, RecursionError):
+            raise BadRequest(400, "the body is not a JSON object") from None
         if not isinstance(label, str):
-            self._error(400, "the body needs a \"label\"")
-            return
+            raise BadRequest(400, "the body needs a \"label\"")
         try:
-            entry = app.review.review(int(ident), label)
+            entry = app.review.review(ident, label)
         except LookupError as exc:
             self._error(404, str(exc))
             return
         except LinesideError as exc:
-            self._error(400, str(exc))
-            return
+            raise BadRequest(400, str(exc)) from None
         log.info("review: decision %s labelled %s", ident, entry["label"])
         self._json(entry, HTTPStatus.OK)

@@ -128,3 +128,151 @@ def test_a_camera_url_with_a_password_is_never_recorded_with_it():
 
     info = describe_source("rtsp://cam:s3cret@127.0.0.1:1/stream")
     assert info.text.endswith("s3cret@127.0.0.1:1/stream") and info.shown == "rtsp://cam:***@127.0.0.1:1/stream"
+
+
+# --- 5. HTTP ---------------------------------------------------------------------------
+
+TOKEN = "line3-review-token"
+
+
+@pytest.fixture(scope="module")
+def review_server(model, synth_test_dir, tmp_path_factory):
+    """A review page over a real run's log and saved frames, in this process."""
+    from lineside.runtime import web
+    from lineside.runtime.review import ReviewStore
+
+    root = tmp_path_factory.mktemp("review")
+    folder = root / "frames"
+    folder.mkdir()
+    for i, p in enumerate(sorted((synth_test_dir / "hat").glob("*.png"))[:3]):
+        (folder / f"{i}.png").write_bytes(p.read_bytes())
+    log = root / "log.sqlite"
+    run_app(model, RunOptions(source=str(folder), log=str(log), save_dir=root / "saved", save_when="all"))
+    store = ReviewStore(log, root / "saved", root / "reviewed")
+    server = web.StatusServer("127.0.0.1:0", None, store, TOKEN, hosts=("station7.plant.example",)).start()
+    yield server, store, root
+    server.close()
+
+
+def _exchange(port: int, raw: bytes, responses: int, timeout: float = 20.0) -> list[tuple[int, dict, bytes]]:
+    """Send raw bytes on one connection; read `responses` HTTP responses (or until closed)."""
+    import socket
+
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(raw)
+        f = sock.makefile("rb")
+        while len(out) < responses:
+            line = f.readline()
+            if not line:
+                break
+            status = int(line.split()[1])
+            headers = {}
+            while (h := f.readline()) not in (b"\r\n", b""):
+                k, _, v = h.decode().partition(":")
+                headers[k.strip().lower()] = v.strip()
+            body = f.read(int(headers.get("content-length", 0)))
+            out.append((status, headers, body))
+    return out
+
+
+def _request(method: str, path: str, host: str = "127.0.0.1", body: bytes = b"", extra: str = "") -> bytes:
+    length = f"Content-Length: {len(body)}\r\n" if body or method == "POST" else ""
+    return f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{length}{extra}\r\n".encode() + body
+
+
+def test_a_refused_post_never_leaves_its_body_to_be_read_as_a_request(review_server):
+    server, _, _ = review_server
+    smuggled = _request("GET", "/smuggled")           # a 404, if it were ever read as a request
+    raw = (_request("POST", "/api/review/1", body=smuggled, extra="Content-Type: application/json\r\n")
+           + _request("GET", "/api/review?limit=2"))
+    got = _exchange(server.port, raw, 2)
+    assert [s for s, _, _ in got] == [401, 200]       # before: 401, then 404 for the body
+    assert "items" in json.loads(got[1][2])
+
+
+def test_the_page_answers_only_to_its_own_names(review_server):
+    server, _, _ = review_server
+    for host, status in [("127.0.0.1", 200), (f"127.0.0.1:{server.port}", 200), ("localhost", 200),
+                         ("[::1]:80", 200), ("station7.plant.example", 200), ("evil.example", 400),
+                         ("evil.example:80", 400), ("127.0.0.1.evil.example", 400)]:
+        (got,) = _exchange(server.port, _request("GET", "/api/review", host=host), 1)
+        assert got[0] == status, host
+    (got,) = _exchange(server.port, b"GET /api/review HTTP/1.1\r\n\r\n", 1)      # no Host at all
+    assert got[0] == 400
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"POST /api/review/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n", 400),
+    (b"POST /api/review/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99999999\r\n\r\n", 413),
+    (b"POST /api/review/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+    (b"GET /api/review?limit=abc HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    (b"GET /api/review?before=99999999999999999999999999 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    (b"GET /api/review?verdict=maybe HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    (b"GET /api/frames/99999999999999999999999999.jpg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404),
+    (b"PUT /api/review/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501),
+    (b"GET /api/review HTTP/1.1 x\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    (b"BROKEN\r\n\r\n", 400),
+])
+def test_malformed_requests_get_4xx_with_the_security_headers(review_server, raw, status):
+    server, _, _ = review_server
+    (got,) = _exchange(server.port, raw, 1)
+    assert got[0] == status
+    assert got[1].get("x-content-type-options") == "nosniff" and "content-security-policy" in got[1]
+
+
+def test_deeply_nested_json_is_a_400(review_server):
+    server, _, _ = review_server
+    body = b'{"label": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    for data in (body, b"[" * 4000):
+        raw = _request("POST", "/api/review/1", body=data,
+                       extra=f"Content-Type: application/json\r\nX-Lineside-Token: {TOKEN}\r\n")
+        (got,) = _exchange(server.port, raw, 1)
+        assert got[0] in (400, 413), got
+
+
+def test_a_link_in_the_save_folder_named_like_a_frame_is_not_served(review_server, tmp_path):
+    server, store, root = review_server
+    item = store.items(limit=1)[0]
+    (got,) = _exchange(server.port, _request("GET", f"/api/frames/{item['id']}.jpg"), 1)
+    assert got[0] == 200 and got[2][:2] == b"\xff\xd8"
+    saved = store.frame_path(item["id"])
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the page")
+    kept = saved.read_bytes()
+    saved.unlink()
+    saved.symlink_to(secret)
+    try:
+        (got,) = _exchange(server.port, _request("GET", f"/api/frames/{item['id']}.jpg"), 1)
+        assert got[0] == 404 and b"not for the page" not in got[2]
+    finally:
+        saved.unlink()
+        saved.write_bytes(kept)
+
+
+def test_idle_connections_are_closed_and_their_number_is_bounded(review_server, monkeypatch):
+    import socket
+
+    from lineside.runtime import web
+
+    monkeypatch.setattr(web, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(web._Handler, "timeout", 1.0)
+    server = web.StatusServer("127.0.0.1:0", None, review_server[1], None).start()
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(2)]
+        (got,) = _exchange(server.port, _request("GET", "/api/review"), 1)   # a third: refused, not queued
+        assert got[0] == 503 and got[1].get("x-content-type-options") == "nosniff"
+        t0 = time.monotonic()
+        assert all(s.recv(1) == b"" for s in idle)     # closed by the server, having sent nothing
+        assert time.monotonic() - t0 < 25
+        for s in idle:
+            s.close()
+        deadline = time.monotonic() + 20
+        while True:          # their slots are free again once their threads end
+            (got,) = _exchange(server.port, _request("GET", "/api/review"), 1)
+            if got[0] == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert got[0] == 200
+    finally:
+        server.close()

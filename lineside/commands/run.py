@@ -96,6 +96,10 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 @click.option("--http-token-file", default=None, metavar="FILE",
               help="A file whose first line is the token that relabelling frames on the review page needs "
                    "(or LINESIDE_HTTP_TOKEN). Without one the page is read only.")
+@click.option("--http-host", "http_hosts", multiple=True, metavar="NAME",
+              help="A DNS name the page is reached by (repeatable). Requests must name the page by an IP "
+                   "address, localhost, this machine's name or one of these, so that no web page can reach "
+                   "it under a name of its own (DNS rebinding).")
 @click.option("--review-out", type=click.Path(path_type=Path), default=None,
               help="Where reviewed frames go: a folder per label and manifest.csv. [SAVE/reviewed]")
 @click.option("--display", is_flag=True, help="Show frames with label, confidence, OK/NG and FPS (needs a screen).")
@@ -104,7 +108,7 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loop, roi, reject_below, ok_classes,
             vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
             mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, opcua_cert, opcua_key, trigger, trigger_timeout_ms,
-            http, http_token_file, review_out, display, quiet, as_json):
+            http, http_token_file, http_hosts, review_out, display, quiet, as_json):
     """Classify every frame from --source with an exported BUNDLE and record each decision.
 
     \b
@@ -146,7 +150,8 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
                          source_timeout=source_timeout, mqtt=mqtt, mqtt_ca=mqtt_ca, mqtt_queue=mqtt_queue,
                          station=station, trigger=trigger, trigger_timeout_ms=trigger_timeout_ms, opcua=opcua,
                          opcua_user=opcua_user, opcua_cert=opcua_cert, opcua_key=opcua_key, http=http,
-                         http_token_file=http_token_file, review_out=review_out, display=display,
+                         http_token_file=http_token_file, http_hosts=tuple(http_hosts), review_out=review_out,
+                         display=display,
                          status=not quiet and not as_json)
     model = _open_runtime_model(bundle, backend, precision, device, threads)
     summary = run_app(model, options)
@@ -244,8 +249,12 @@ def bench_cmd(bundle, source, pace, hint, backend, precision, device, threads, r
 @click.option("--http-token-file", default=None, metavar="FILE",
               help="A file whose first line is the token relabelling needs (or LINESIDE_HTTP_TOKEN); "
                    "without one the page is read only.")
+@click.option("--http-host", "http_hosts", multiple=True, metavar="NAME",
+              help="A DNS name the page is reached by (repeatable). Requests must name the page by an IP "
+                   "address, localhost, this machine's name or one of these, so that no web page can reach "
+                   "it under a name of its own (DNS rebinding).")
 @click.option("--seconds", type=float, default=None, help="Stop serving after this many seconds. [until Ctrl-C]")
-def review_cmd(log_path, save_dir, out_dir, http, http_token_file, seconds):
+def review_cmd(log_path, save_dir, out_dir, http, http_token_file, http_hosts, seconds):
     """Review the frames a run saved: LOG (the run's SQLite --log) and its --save folder.
 
     \b
@@ -261,7 +270,7 @@ def review_cmd(log_path, save_dir, out_dir, http, http_token_file, seconds):
     from lineside.runtime.web import StatusServer, read_token
 
     store = ReviewStore(log_path, save_dir, out_dir)
-    server = StatusServer(http, None, store, read_token(http_token_file)).start()
+    server = StatusServer(http, None, store, read_token(http_token_file), hosts=http_hosts).start()
     click.echo(f"review page: {server.url}review  (frames from {save_dir}, reviewed frames to {store.out_dir}; "
                f"{'relabelling needs the token' if server.token else 'read only: no token'}); Ctrl-C to stop")
     try:
