@@ -276,3 +276,79 @@ def test_idle_connections_are_closed_and_their_number_is_bounded(review_server, 
         assert got[0] == 200
     finally:
         server.close()
+
+
+# --- 3. decompression bombs ------------------------------------------------------------
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height (a valid CRC): what a decompression
+    bomb looks like to anything that reads the header."""
+    import struct
+    import zlib
+
+    import cv2
+    import numpy as np
+
+    data = bytearray(cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes())
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
+
+
+def test_an_image_too_large_to_decode_is_refused_from_its_header(tmp_path, monkeypatch):
+    from lineside.images import BadImage, image_size, read_image
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_claiming(30000, 30000))
+    assert image_size(bomb.read_bytes()) == (30000, 30000)
+    t0 = time.perf_counter()
+    with pytest.raises(BadImage, match=r"bomb.png: 30000x30000 pixels is more than the limit .*LINESIDE_MAX_IMAGE"):
+        read_image(bomb)
+    assert time.perf_counter() - t0 < 5          # refused before decoding (decoding took 20 s and 3.6 GB)
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"GIF89a" + bytes(100))      # content no lineside format has: never decoded unsized
+    with pytest.raises(BadImage, match="fake.png: not a readable image"):
+        read_image(fake)
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tif", ".webp", ".ppm", ".pgm"])
+def test_the_pixel_limit_holds_for_every_format_and_is_adjustable(tmp_path, monkeypatch, ext):
+    import cv2
+    import numpy as np
+
+    from lineside.images import BadImage, read_image
+
+    path = tmp_path / f"part{ext}"
+    image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)
+    cv2.imwrite(str(path), image[:, :, 0] if ext == ".pgm" else image)
+    assert read_image(path).shape == (48, 64, 3)
+    monkeypatch.setenv("LINESIDE_MAX_IMAGE_PIXELS", str(48 * 64 - 1))
+    with pytest.raises(BadImage, match="64x48 pixels is more than the limit of 3,071"):
+        read_image(path)
+    monkeypatch.setenv("LINESIDE_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(Exception, match="LINESIDE_MAX_IMAGE_PIXELS='lots': not a number"):
+        read_image(path)
+
+
+def test_a_bomb_in_a_folder_source_is_an_event_and_the_loop_goes_on(model, synth_test_dir, tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, p in enumerate(sorted((synth_test_dir / "hat").glob("*.png"))[:3]):
+        (folder / f"{i}.png").write_bytes(p.read_bytes())
+    (folder / "1b.png").write_bytes(_png_claiming(30000, 30000))
+    log = tmp_path / "log.jsonl"
+    summary = run_app(model, RunOptions(source=str(folder), log=str(log)))
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert summary["frames"] == summary["logged"] == 3 and summary["exit_code"] == 0
+    assert any(x["type"] == "event" and x["kind"] == "bad_image" and "1b.png: 30000x30000" in x["detail"]
+               for x in lines)
+
+
+def test_predict_on_a_bomb_is_one_line(tiny_bundle, tmp_path):
+    bundle, _ = tiny_bundle
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_claiming(30000, 30000))
+    result = CliRunner().invoke(main, ["predict", str(bundle), str(bomb)])
+    assert result.exit_code == 2 and "30000x30000 pixels" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
