@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lineside.errors import LinesideError, require
+from lineside.text import printable
 from lineside.metadata import BUNDLE_SCHEMA, METADATA_KEY, ModelMetadata
 from lineside.spec import InputSpec
 
@@ -24,6 +26,7 @@ PRECISIONS = ("fp32", "int8")
 HINTS = ("latency", "throughput")
 # OpenVINO's CPU plugin would otherwise run FP32 models in bfloat16 where the CPU supports it.
 OPENVINO_FP32 = {"INFERENCE_PRECISION_HINT": "f32"}
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -196,79 +199,160 @@ def open_model(path, backend: str = "auto", precision: str = "fp32", device: str
         raise LinesideError(f"--precision: '{precision}' is not one of {', '.join(PRECISIONS)}")
     path = Path(path)
     if path.is_dir() or path.name == "bundle.json":
-        path = _bundle_model_file(path if path.is_dir() else path.parent, backend, precision)
-    if not path.is_file():
-        raise LinesideError(f"{path}: no such model file or bundle")
+        files = _bundle_files(path if path.is_dir() else path.parent, backend, precision)
+    else:
+        files = _lone_files(path)
+    path = files.model
     if path.suffix == ".xml" and backend == "onnxruntime":
         raise LinesideError(f"{path}: an OpenVINO IR runs on --backend openvino, not onnxruntime")
     if path.suffix == ".xml" or (backend == "openvino" and path.suffix == ".onnx"):
-        return _open_openvino(path, device, threads, precision)
-    if path.suffix == ".onnx":
-        return _open_onnxruntime(path, threads)
-    raise LinesideError(f"{path}: not a model file (expected a bundle folder, .onnx or .xml)")
+        return _open_openvino(files, device, threads, precision)
+    return _open_onnxruntime(files, threads)
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The bytes a model is made from, each read once and hashed as read: the runtimes are
+    given these bytes, never a path to read again, so what runs is what was checked."""
+    model: Path                      # the .onnx or .xml
+    data: bytes                      # its bytes
+    weights: bytes | None            # an IR's .bin (None for ONNX)
+    digest: str                      # the model hash that the log records: covers every file
+    declared: ModelMetadata | None   # a bundle's own metadata, which the model file must match
+
+
+def model_digest(hashes: dict[str, str]) -> str:
+    """One hash for a model's files: a lone file's own SHA-256; for several, the SHA-256
+    of their sorted 'name sha256' lines, so that a changed weights file changes it too."""
+    if len(hashes) == 1:
+        return next(iter(hashes.values()))
+    lines = "".join(f"{name} {digest}\n" for name, digest in sorted(hashes.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise LinesideError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _lone_files(path: Path) -> ModelFiles:
+    """A lone .onnx or .xml (and the IR's .bin beside it): self-describing, no manifest."""
+    if not path.is_file():
+        raise LinesideError(f"{path}: no such model file or bundle")
+    if path.suffix not in (".onnx", ".xml"):
+        raise LinesideError(f"{path}: not a model file (expected a bundle folder, .onnx or .xml)")
+    data = _read(path)
+    hashes = {path.name: hashlib.sha256(data).hexdigest()}
+    weights = None
+    if path.suffix == ".xml":
+        bin_path = path.with_suffix(".bin")
+        weights = _read(bin_path) if bin_path.is_file() else b""
+        if bin_path.is_file():
+            hashes[bin_path.name] = hashlib.sha256(weights).hexdigest()
+    return ModelFiles(path, data, weights, model_digest(hashes), None)
 
 
 def read_bundle_doc(folder: Path) -> dict:
-    """bundle.json of a bundle folder, checked to be one this lineside reads."""
+    """bundle.json of a bundle folder, checked to be one this lineside reads: its schema,
+    and the shape of its model entries (each file a plain name with a SHA-256)."""
     doc_path = folder / "bundle.json"
     if not doc_path.is_file():
         raise LinesideError(f"{folder}: not a bundle (no bundle.json)")
     try:
-        doc = json.loads(doc_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LinesideError(f"{doc_path}: unreadable bundle.json ({exc})") from exc
+        doc = json.loads(doc_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise LinesideError(f"{doc_path}: unreadable bundle.json ({str(exc)[:200]})") from None
     if not isinstance(doc, dict) or doc.get("bundle_schema") != BUNDLE_SCHEMA:
         version = doc.get("bundle_schema") if isinstance(doc, dict) else None
-        raise LinesideError(f"{doc_path}: bundle schema {version!r} is not supported (this lineside reads "
+        raise LinesideError(f"{doc_path}: bundle schema {printable(repr(version))[:40]} is not supported (this lineside reads "
                             f"{BUNDLE_SCHEMA})")
+    models = doc.get("models")
+    if not isinstance(models, dict):
+        raise LinesideError(f"{doc_path}: 'models' must be a mapping of model entries")
+    for key, entry in models.items():
+        files = entry.get("files") if isinstance(entry, dict) else None
+        if not isinstance(files, dict) or not files:
+            raise LinesideError(f"{doc_path}: model {printable(key)[:60]!r} lists no files")
+        for name, info in files.items():
+            if not (isinstance(name, str) and name and Path(name).name == name and name not in (".", "..")):
+                raise LinesideError(f"{doc_path}: model {printable(key)[:60]!r}: {printable(name)[:80]!r} "
+                                    "is not a plain file name")
+            digest = info.get("sha256") if isinstance(info, dict) else None
+            if not (isinstance(digest, str) and SHA256.match(digest)):
+                raise LinesideError(f"{doc_path}: {printable(name)[:80]}: no valid sha256 for it")
     return doc
 
 
 def bundle_precisions(folder: Path) -> set[str]:
     """The precisions a bundle has a model for ("fp32", "int8")."""
-    models = read_bundle_doc(folder).get("models")
-    return {str(key).rsplit("_", 1)[-1] for key in models} if isinstance(models, dict) else set()
+    return {str(key).rsplit("_", 1)[-1] for key in read_bundle_doc(folder)["models"]}
 
 
-def _bundle_model_file(folder: Path, backend: str, precision: str) -> Path:
-    models = read_bundle_doc(folder).get("models") or {}
+def _bundle_files(folder: Path, backend: str, precision: str) -> ModelFiles:
+    """The model a bundle holds for backend and precision, every file of it read once and
+    checked against bundle.json: a file the model reads that bundle.json does not list (an
+    IR's weights) is refused, as is any file whose bytes do not match."""
+    doc = read_bundle_doc(folder)
+    models = doc["models"]
     order = ["openvino", "onnxruntime"] if backend == "auto" else [backend]
     keys = {"openvino": f"openvino_{precision}", "onnxruntime": f"onnx_{precision}"}
     for b in order:
-        entry = models.get(keys[b])
-        if isinstance(entry, dict) and isinstance(entry.get("files"), dict):
+        if keys[b] in models:
             break
     else:
-        have = ", ".join(sorted(models)) or "none"
+        have = ", ".join(sorted(printable(k) for k in models)) or "none"
         raise LinesideError(f"{folder}: bundle has no {precision} model for {'/'.join(order)} (it has: {have})")
-    model_file = None
-    for name, info in entry["files"].items():
+    entry = models[keys[b]]["files"]
+    model_names = [n for n in entry if Path(n).suffix in (".onnx", ".xml")]
+    if len(model_names) != 1:
+        raise LinesideError(f"{folder}: bundle entry {keys[b]} must list exactly one .onnx or .xml model file")
+    model = folder / model_names[0]
+    needed = {model.name} | ({model.with_suffix(".bin").name} if model.suffix == ".xml" else set())
+    for name in sorted(needed - set(entry)):
+        raise LinesideError(f"{folder / name}: the model reads this file but bundle.json does not list it "
+                            "(a file outside the manifest is never read)")
+    contents, hashes = {}, {}
+    for name, info in entry.items():
         f = folder / name
-        if Path(name).name != name or not f.is_file():
+        if not f.is_file():
             raise LinesideError(f"{folder}: bundle file {name} is missing")
-        if sha256(f) != info.get("sha256"):
+        contents[name] = _read(f)
+        hashes[name] = hashlib.sha256(contents[name]).hexdigest()
+        if hashes[name] != info["sha256"]:
             raise LinesideError(f"{f}: checksum does not match bundle.json (file changed or corrupt)")
-        if f.suffix in (".onnx", ".xml"):
-            model_file = f
-    if model_file is None:
-        raise LinesideError(f"{folder}: bundle entry {keys[b]} lists no model file")
-    return model_file
+    try:
+        declared = ModelMetadata.from_dict(doc.get("metadata"), f"{folder / 'bundle.json'}")
+    except LinesideError as exc:
+        raise LinesideError(f"{exc} (bundle.json's metadata)") from None
+    weights = contents.get(model.with_suffix(".bin").name) if model.suffix == ".xml" else None
+    return ModelFiles(model, contents[model.name], weights, model_digest(hashes), declared)
 
 
-def _checked_metadata(path: Path, text: str | None) -> tuple[ModelMetadata, list[str], InputSpec]:
-    meta = ModelMetadata.from_json(text, str(path))
+def _checked_metadata(files: ModelFiles, text: str | None) -> tuple[ModelMetadata, list[str], InputSpec]:
+    """The model file's own metadata; in a bundle, bundle.json's must say the same (labels,
+    input spec, views, threshold), or the bundle is refused."""
+    meta = ModelMetadata.from_json(text, str(files.model))
+    declared = files.declared
+    if declared is not None and declared != meta:
+        what = [name for name in ("labels", "spec", "test_views", "reject_below")
+                if getattr(declared, name) != getattr(meta, name)]
+        raise LinesideError(f"{files.model.parent / 'bundle.json'}: its metadata ({', '.join(what)}) does not match "
+                            f"{files.model.name}'s own (bundle.json edited, or files from two bundles)")
     return meta, list(meta.labels), meta.spec
 
 
-def _open_onnxruntime(path: Path, threads: int | None) -> RuntimeModel:
+def _open_onnxruntime(files: ModelFiles, threads: int | None) -> RuntimeModel:
     ort = require("onnxruntime", None)
+    path = files.model
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     # The session is made from the file's bytes, never from its path: ONNX Runtime then
     # cannot read weights from an external data file beside it, which no checksum covers
     # (a model that needs one is refused), and it runs exactly the bytes that were hashed.
-    data = path.read_bytes()
+    data = files.data
     try:
         session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - any unloadable file is the same user error
@@ -277,7 +361,7 @@ def _open_onnxruntime(path: Path, threads: int | None) -> RuntimeModel:
                 if "external" in reason.lower() or "model_path must not be empty" in reason else "")
         raise LinesideError(f"{path}: ONNX Runtime cannot load this model ({exc.__class__.__name__}: {reason}){hint}") \
             from exc
-    meta, labels, spec = _checked_metadata(path, session.get_modelmeta().custom_metadata_map.get(METADATA_KEY))
+    meta, labels, spec = _checked_metadata(files, session.get_modelmeta().custom_metadata_map.get(METADATA_KEY))
     name = session.get_inputs()[0].name
 
     def engine(hint: str) -> Engine:
@@ -297,7 +381,7 @@ def _open_onnxruntime(path: Path, threads: int | None) -> RuntimeModel:
     # session of all threads (256 images of 224 px, NEU's linear head with four views,
     # 2-core CPU), with the same probabilities.
     many = streamer(engine, len(labels))
-    return RuntimeModel(path, "onnxruntime", meta, labels, spec, hashlib.sha256(data).hexdigest(),
+    return RuntimeModel(path, "onnxruntime", meta, labels, spec, files.digest,
                         lambda x: session.run(None, {name: x})[0], engine, many)
 
 
@@ -325,13 +409,13 @@ def _check_device(core, device: str):
                             f"{', '.join(available) or 'none'}; see lineside devices probe)")
 
 
-def _open_openvino(path: Path, device: str, threads: int | None, precision: str) -> RuntimeModel:
+def _open_openvino(files: ModelFiles, device: str, threads: int | None, precision: str) -> RuntimeModel:
     ov = require("openvino", None)
     core = ov.Core()
     # Read from the files' bytes, as for ONNX Runtime: an IR's weights come from the .bin
-    # beside it (checksummed in a bundle), and an ONNX file may not pull weights from an
+    # read with it (checksummed in a bundle), and an ONNX file may not pull weights from an
     # external data file, which OpenVINO would look for even in the working directory.
-    data = path.read_bytes()
+    path, data = files.model, files.data
     text = None
     if path.suffix == ".onnx":
         ort = require("onnxruntime", None)
@@ -345,8 +429,7 @@ def _open_openvino(path: Path, device: str, threads: int | None, precision: str)
         text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     try:
         if path.suffix == ".xml":
-            weights = path.with_suffix(".bin")
-            blob = np.frombuffer(weights.read_bytes(), np.uint8) if weights.is_file() else np.zeros(0, np.uint8)
+            blob = np.frombuffer(files.weights, np.uint8) if files.weights else np.zeros(0, np.uint8)
             model = core.read_model(data, ov.Tensor(blob))
         else:
             model = core.read_model(data)
@@ -354,7 +437,7 @@ def _open_openvino(path: Path, device: str, threads: int | None, precision: str)
         raise LinesideError(f"{path}: OpenVINO cannot read this model ({library_reason(exc)})") from exc
     if model.has_rt_info([METADATA_KEY]):
         text = model.get_rt_info([METADATA_KEY]).astype(str)
-    meta, labels, spec = _checked_metadata(path, text)
+    meta, labels, spec = _checked_metadata(files, text)
     _check_device(core, device)   # fail at open, naming what there is, not mid-run
     config = dict(OPENVINO_FP32) if precision == "fp32" and device.upper().startswith("CPU") else {}
     if threads:
@@ -385,4 +468,4 @@ def _open_openvino(path: Path, device: str, threads: int | None, precision: str)
     # second of one request on the dynamic batch shape (300 NEU images, a linear head with
     # four views, 2-core CPU), with the same probabilities.
     many = streamer(engine, len(labels))
-    return RuntimeModel(path, "openvino", meta, labels, spec, hashlib.sha256(data).hexdigest(), many, engine, many)
+    return RuntimeModel(path, "openvino", meta, labels, spec, files.digest, many, engine, many)

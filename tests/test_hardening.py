@@ -352,3 +352,76 @@ def test_predict_on_a_bomb_is_one_line(tiny_bundle, tmp_path):
     result = CliRunner().invoke(main, ["predict", str(bundle), str(bomb)])
     assert result.exit_code == 2 and "30000x30000 pixels" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+# --- 4. every byte a model reads is in the manifest --------------------------------------
+
+def _bundle_copy(tiny_bundle, tmp_path) -> tuple[Path, dict]:
+    import shutil
+
+    bundle, _ = tiny_bundle
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    return copy, json.loads((copy / "bundle.json").read_text())
+
+
+def _edit(copy: Path, doc: dict):
+    (copy / "bundle.json").write_text(json.dumps(doc))
+
+
+def test_weights_the_manifest_does_not_list_are_never_read(tiny_bundle, tmp_path):
+    from lineside.errors import LinesideError
+
+    copy, doc = _bundle_copy(tiny_bundle, tmp_path)
+    del doc["models"]["openvino_fp32"]["files"]["model_fp32.bin"]
+    _edit(copy, doc)
+    weights = copy / "model_fp32.bin"
+    weights.write_bytes(bytes(len(weights.read_bytes())))       # tampered, and unlisted
+    with pytest.raises(LinesideError, match=r"model_fp32.bin: the model reads this file but bundle.json does not"):
+        open_model(copy, backend="openvino")
+
+
+def test_the_model_hash_covers_the_weights(tiny_bundle, tmp_path):
+    import shutil
+
+    bundle, _ = tiny_bundle
+    genuine = open_model(bundle / "model_fp32.xml")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(bundle / "model_fp32.xml", lone / "m.xml")
+    data = bytearray((bundle / "model_fp32.bin").read_bytes())
+    data[-4:] = bytes(4)                                        # one weight changed
+    (lone / "m.bin").write_bytes(bytes(data))
+    tampered = open_model(lone / "m.xml")
+    assert tampered.checksum != genuine.checksum              # before: both hashed the .xml only
+    assert open_model(bundle, backend="openvino").checksum == genuine.checksum
+
+
+def test_labels_edited_in_bundle_json_are_refused(tiny_bundle, tmp_path):
+    from lineside.errors import LinesideError
+
+    copy, doc = _bundle_copy(tiny_bundle, tmp_path)
+    doc["metadata"]["labels"] = list(reversed(doc["metadata"]["labels"]))
+    _edit(copy, doc)
+    for backend in ("openvino", "onnxruntime"):
+        with pytest.raises(LinesideError, match=r"bundle.json: its metadata \(labels\) does not match"):
+            open_model(copy, backend=backend)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda d: d["models"]["openvino_fp32"].update(files={"model_fp32.xml": "abc"}), "no valid sha256"),
+    (lambda d: d["models"]["openvino_fp32"].update(files=["model_fp32.xml"]), "lists no files"),
+    (lambda d: d["models"]["openvino_fp32"]["files"].update({"../model.xml": {"sha256": "0" * 64}}),
+     "not a plain file name"),
+    (lambda d: d.update(models=[]), "'models' must be a mapping"),
+    (lambda d: d.pop("metadata"), "metadata schema None is not supported"),
+    (lambda d: d["models"]["openvino_fp32"]["files"].update({"extra.onnx": {"sha256": "0" * 64}}),
+     "exactly one .onnx or .xml"),
+])
+def test_a_malformed_manifest_is_one_line(tiny_bundle, synth_test_dir, tmp_path, edit, needle):
+    copy, doc = _bundle_copy(tiny_bundle, tmp_path)
+    edit(doc)
+    _edit(copy, doc)
+    result = CliRunner().invoke(main, ["eval", str(copy), str(synth_test_dir), "--backend", "openvino"])
+    assert result.exit_code == 2 and needle in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
