@@ -14,6 +14,7 @@ is recorded as an event; no frame is ever invented to fill it.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -84,10 +85,23 @@ def describe_source(text: str) -> SourceInfo:
 
 # --- readers: one open source, read() -> BGR frame or None -----------------------------
 
+def quiet_video_libraries():
+    """OpenCV and FFmpeg print their own warnings to stderr (a truncated file gives 'moov
+    atom not found' and a capture warning before lineside's one-line error): lineside
+    reports what went wrong itself, so theirs are silenced unless OPENCV_LOG_LEVEL or
+    OPENCV_FFMPEG_LOGLEVEL is set."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")       # AV_LOG_QUIET
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
 def open_video_file(path: str) -> cv2.VideoCapture:
     """A video file with one decoding thread: the capture thread already runs beside
     inference, and FFmpeg's own thread pool only adds threads that compete for the same
     cores (measured: 3-4% more frames per second through the loop on 2 cores)."""
+    quiet_video_libraries()
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise LinesideError(f"--source {path}: the file is empty")
     cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
     if not cap.isOpened():     # a format only another backend reads
         cap = cv2.VideoCapture(path)
@@ -105,6 +119,7 @@ class VideoReader:
         self.info = info
         self.on_event = on_event or (lambda kind, detail: None)
         self.decoded = 0
+        quiet_video_libraries()
         if info.kind == "camera":
             self.cap = cv2.VideoCapture(int(info.text))
         elif info.kind == "gstreamer":
@@ -120,6 +135,9 @@ class VideoReader:
             self.cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)   # where the backend honours it: less queued lag
         if not self.cap.isOpened():
             self.cap.release()
+            if info.kind == "file":
+                raise LinesideError(f"--source {info.shown}: cannot be read as a video (damaged, truncated, "
+                                    "or a format this OpenCV cannot decode)")
             raise OSError(f"cannot open {info.kind} source '{info.shown}'")
         fps = self.cap.get(cv2.CAP_PROP_FPS)
         self.fps = fps if 0 < fps < 1000 else None
@@ -286,7 +304,10 @@ class Capture(threading.Thread):
             self._run()
         except BaseException as exc:  # noqa: BLE001 - reported by the consumer, never lost silently
             self.error = exc
-            log.exception("capture thread failed")
+            if isinstance(exc, LinesideError):    # the user's to fix: the one-line error says it all
+                log.debug("capture stopped: %s", exc)
+            else:
+                log.exception("capture thread failed")
         finally:
             self.slot.close()
 

@@ -425,3 +425,21 @@ def test_a_malformed_manifest_is_one_line(tiny_bundle, synth_test_dir, tmp_path,
     result = CliRunner().invoke(main, ["eval", str(copy), str(synth_test_dir), "--backend", "openvino"])
     assert result.exit_code == 2 and needle in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+# --- 8. one line where one line is promised --------------------------------------------
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x00\x00\x18ftypmp42" + bytes(2000)], ids=["empty", "truncated"])
+def test_a_video_that_cannot_be_read_is_one_line_on_stderr(tiny_bundle, tmp_path, content):
+    import subprocess
+    import sys
+
+    bundle, _ = tiny_bundle
+    video = tmp_path / "parts.mp4"
+    video.write_bytes(content)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    proc = subprocess.run([sys.executable, "-m", "lineside.cli", "run", str(bundle), "--source", str(video),
+                           "--log", "none", "--quiet"], capture_output=True, text=True, timeout=120, env=env)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: --source {video}: ") and "Traceback" not in proc.stderr
