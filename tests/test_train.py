@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from conftest import TINY
+from tolerance import assert_close
 from lineside.errors import LinesideError
 from lineside.train.backbones import BACKBONES
 from lineside.train.checkpoint import load_checkpoint
@@ -316,7 +317,7 @@ def test_linear_recipe_averages_quarter_turns_at_prediction_and_export_can_drop_
 
     turned = np.stack([orient(img[0], 1)])
     assert not np.array_equal(turned, img)
-    np.testing.assert_allclose(probs(model, turned), probs(model, img), atol=1e-5)
+    assert_close(probs(model, turned), probs(model, img))
     single = load_checkpoint(run).model
     single.views = None
     assert np.abs(probs(single, turned) - probs(single, img)).max() > 1e-4   # one view alone is not invariant
@@ -329,7 +330,7 @@ def test_linear_recipe_averages_quarter_turns_at_prediction_and_export_can_drop_
     s1 = ort.InferenceSession(str(tmp_path / "b1" / "model_fp32.onnx"), providers=["CPUExecutionProvider"])
     both = np.concatenate([img, turned])
     p4, p1 = s4.run(None, {"image": both})[0], s1.run(None, {"image": both})[0]
-    np.testing.assert_allclose(p4[0], p4[1], atol=1e-5)
+    assert_close(p4[0], p4[1])
     np.testing.assert_allclose(p4, probs(model, both), atol=1e-4)
     np.testing.assert_allclose(p1, probs(single, both), atol=1e-4)
 
@@ -407,7 +408,7 @@ def test_pooled_stage_features_run_in_one_batch_shape_and_match_image_by_image()
     alone = [heads.pooled_stage_features(model, x[i:i + 1], torch.device("cpu"), pool="avgmax") for i in (0, 10)]
     for k, f in enumerate(feats):
         assert f.shape[0] == len(x)
-        np.testing.assert_allclose(f[[0, 10]], np.concatenate([a[k] for a in alone]), rtol=1e-4, atol=1e-5)
+        assert_close(f[[0, 10]], np.concatenate([a[k] for a in alone]))
 
 
 def test_cross_validated_probe_tells_informative_features_from_noise():
@@ -527,7 +528,7 @@ def test_frozen_forward_in_openvino_matches_pytorch(tiny_run, monkeypatch):
     assert infer.backend_for("cpu", 2400, (64, 64)) == "openvino" and infer.backend_for("cuda", 10**6) == "torch"
     monkeypatch.setattr(infer, "MIN_OPENVINO_IMAGES", 2)      # this small job in OpenVINO too
     big = _images(40, seed=1)
-    assert np.abs(score(model, big) - predict_proba(model, big)).max() < 1e-5
+    assert_close(score(model, big), predict_proba(model, big))
 
 
 def test_a_conversion_is_reused_until_a_weight_it_reads_changes_and_views_score_as_in_pytorch(tiny_run,
@@ -544,7 +545,7 @@ def test_a_conversion_is_reused_until_a_weight_it_reads_changes_and_views_score_
     model.views = (0, 1, 2, 3)
     monkeypatch.setattr(infer, "MIN_OPENVINO_IMAGES", 4)      # score these few images in OpenVINO
     x = _images(24, seed=4)
-    assert np.abs(score(model, x) - predict_proba(model, x)).max() < 1e-5
+    assert_close(score(model, x), predict_proba(model, x))
 
     def convert():
         return frozen_forward(model, model.embed, "embed", x[:1], "cpu", 10_000, depends=embed_tensors(model))
@@ -565,7 +566,7 @@ def test_a_conversion_is_reused_until_a_weight_it_reads_changes_and_views_score_
     bn.running_mean.data.add_(0.5)           # no in-place version counted
     third = convert()
     assert third is not second and float((third.map(x[:8]) - second.map(x[:8])).abs().max()) > 1e-4
-    assert np.abs(score(model, x) - predict_proba(model, x)).max() < 1e-5
+    assert_close(score(model, x), predict_proba(model, x))
 
 
 def test_frozen_forward_can_be_kept_in_pytorch(tiny_run, monkeypatch):
@@ -758,7 +759,7 @@ def test_validation_on_the_device_scores_like_predict_proba(tiny_run):
     x = _images(21)
     logits = device_logits(model, torch.from_numpy(x), 8, Amp(torch.device("cpu")))
     assert logits.shape == (21, model.head.out_features)
-    assert np.abs(torch.softmax(logits, 1).numpy() - predict_proba(model, x)).max() < 1e-5
+    assert_close(torch.softmax(logits, 1).numpy(), predict_proba(model, x))
 
 
 def test_mixed_precision_is_bfloat16_only_where_the_gpu_computes_in_it(monkeypatch):
