@@ -31,7 +31,7 @@ import time
 from urllib.parse import unquote, urlsplit
 
 from lineside.errors import LinesideError, require
-from lineside.text import redact_url
+from lineside.text import printable, redact_url
 
 from .records import NOT_ERRORS, SOURCE_STATES, DecisionRow, Event, outcome
 
@@ -67,6 +67,26 @@ def parse_mqtt_url(url: str) -> dict:
         password = os.environ.get("LINESIDE_MQTT_PASSWORD")
     return {"tls": parts.scheme == "mqtts", "host": parts.hostname, "port": port, "prefix": prefix,
             "user": unquote(parts.username) if parts.username else None, "password": password}
+
+
+MAX_TRIGGER_BYTES = 4096
+
+
+def trigger_part_id(payload) -> str | None:
+    """The part id a PREFIX/trigger message names: {"part_id": ...}, the bare text, or
+    None (nothing, or a message that names none: the trigger still counts, with an id of
+    lineside's). Never raises: any bytes are a trigger."""
+    data = bytes(payload or b"")[:MAX_TRIGGER_BYTES]
+    text = data.decode("utf-8", "replace").strip()
+    if not text.startswith("{"):
+        return printable(text)[:200] or None
+    try:
+        part = json.loads(text).get("part_id")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    if isinstance(part, (str, int)) and not isinstance(part, bool):
+        return printable(str(part)).strip()[:200] or None
+    return None
 
 
 def iso_time(ts: float) -> str:
@@ -149,14 +169,7 @@ class MqttOutput:
     def _on_message(self, client, userdata, msg):
         """PREFIX/trigger: a JSON object with a part_id, a bare part id, or nothing."""
         try:     # an exception here would end paho's network thread: never let one out
-            text = msg.payload.decode("utf-8", "replace").strip()
-            part = text or None
-            if text.startswith("{"):
-                try:
-                    part = json.loads(text).get("part_id")
-                except (ValueError, AttributeError):
-                    part = None
-            self.on_trigger(part)
+            self.on_trigger(trigger_part_id(msg.payload))
         except Exception as exc:  # noqa: BLE001
             log.error("mqtt: trigger message not understood (%s)", exc)
 

@@ -425,6 +425,16 @@ class _Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             pass
 
+    def parse_request(self) -> bool:
+        """HTTP/0.9 ('GET /' with no version) is refused: its answers carry no status line or
+        headers, so neither the security headers nor a Content-Length could go with them."""
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":
+            self.send_error(400, "HTTP/0.9 is not supported")
+            return False
+        return True
+
     def _body(self) -> bytes:
         """The request's body, read whole before anything is answered, so that nothing of it
         is left on a kept-alive connection to be read as the next request."""
