@@ -316,6 +316,7 @@ def _triggers(options: RunOptions, decider: Decider):
 def _recorder(options: RunOptions, model: RuntimeModel, info, save, station: str, peers) -> Recorder:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in options.__dict__.items()
                 if k != "mqtt"}      # the broker URL may hold a password
+    settings["source"] = info.shown  # and so may a camera's
     return Recorder(Path(options.log) if options.log else None,
                     {"source": info.shown, "model": str(model.path), "model_sha256": model.checksum,
                      "labels": model.labels, "settings": settings, "station": station}, save, peers=peers)

@@ -443,3 +443,15 @@ def test_a_video_that_cannot_be_read_is_one_line_on_stderr(tiny_bundle, tmp_path
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: --source {video}: ") and "Traceback" not in proc.stderr
+
+
+def test_a_camera_password_reaches_no_record(model, tmp_path):
+    """A stream that never opens, named with a password: the log's run, rows and events and
+    the summary never hold the password."""
+    log = tmp_path / "log.sqlite"
+    summary = run_app(model, RunOptions(source="rtsp://cam:s3cret@127.0.0.1:9/none", log=str(log),
+                                        seconds=1.5, source_timeout=1.0))
+    assert "s3cret" not in json.dumps(summary)
+    with sqlite3.connect(log) as con:
+        text = json.dumps([con.execute(f"SELECT * FROM {t}").fetchall() for t in ("runs", "decisions", "events")])
+    assert "s3cret" not in text and "cam:***@127.0.0.1" in text
