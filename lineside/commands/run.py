@@ -138,7 +138,8 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
       0  the run ended normally (end of source, --frames, --seconds, a signal)
       2  a setup error: bad option, bundle, --roi, --log or --save path
       3  the source never delivered a frame, or none for --source-timeout seconds
-      4  decisions were made that are not in the log (the summary's not_logged)"""
+      4  decisions were made that are not in the log as rows (the summary's not_logged,
+         and unwritable_rows: kept only as row_unwritable events)"""
     from lineside.runtime.app import RunOptions, run_app
 
     if source is None:
