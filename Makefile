@@ -14,7 +14,7 @@ DEMO   ?= demo-out
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[train,export,dev,opcua]"
+	$(PY) -m pip install --quiet -e ".[train,export,dev,opcua,modbus]"
 	touch $(STAMP)
 
 install: $(STAMP)

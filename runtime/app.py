@@ -53,6 +53,8 @@ class RunOptions:
     opcua_user: str | None = None
     opcua_cert: str | None = None
     opcua_key: str | None = None
+    modbus: str | None = None
+    modbus_allow: str | None = None
     http: str | None = None
     http_token_file: str | None = None
     http_hosts: tuple[str, ...] = ()
@@ -205,6 +207,14 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
                                      cert=options.opcua_cert, key=options.opcua_key))
             if triggers:
                 answer_to.append(peers[-1].answer)
+        if options.modbus:
+            from .modbus import ModbusOutput
+
+            peers.append(ModbusOutput(options.modbus, model.labels,
+                                      triggers=triggers if options.trigger == "modbus" else None,
+                                      allow=options.modbus_allow))
+            if triggers:
+                answer_to.append(peers[-1].answer)
         if options.http:
             server, page = _status_server(options, model, info, station)
             peers.append(page)
@@ -296,6 +306,8 @@ def _triggers(options: RunOptions, decider: Decider):
         raise LinesideError(f"--trigger: '{options.trigger}' is not one of {', '.join(TRIGGERS)}")
     if options.trigger == "mqtt" and not options.mqtt:
         raise LinesideError("--trigger mqtt: needs --mqtt (the broker to listen on)")
+    if options.trigger == "modbus" and not options.modbus:
+        raise LinesideError("--trigger modbus: needs --modbus (the server the PLC writes Trigger to)")
     if options.trigger == "opcua" and not options.opcua:
         raise LinesideError("--trigger opcua: needs --opcua (the server the PLC calls Trigger on)")
     if decider.ok_classes is None:

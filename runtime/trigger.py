@@ -36,7 +36,7 @@ from lineside.errors import LinesideError
 
 log = logging.getLogger(__name__)
 
-TRIGGERS = ("stdin", "mqtt", "opcua")
+TRIGGERS = ("stdin", "mqtt", "opcua", "modbus")
 MAX_PENDING = 1000
 
 

@@ -79,12 +79,21 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
               help="The OPC UA server's certificate (DER or PEM): the endpoint then offers only Basic256Sha256 "
                    "(sign and encrypt, or sign); needs --opcua-key.")
 @click.option("--opcua-key", default=None, metavar="FILE", help="The private key (PEM) of --opcua-cert.")
-@click.option("--trigger", type=click.Choice(["stdin", "mqtt", "opcua"]), default=None,
+@click.option("--modbus", default=None, metavar="[HOST:]PORT",
+              help="A Modbus TCP server for the PLC (needs lineside[modbus]): status, the trigger handshake "
+                   "(Trigger, Ready, ResultsReady, ResultsAck), the result, counters and the product index, "
+                   "in register map version 1 (README, 'The PLC handshake over Modbus TCP'; "
+                   "python -m lineside.runtime.modbus prints it). Loopback unless HOST is given.")
+@click.option("--modbus-allow", default=None, metavar="ADDR[,NET...]",
+              help="Only these client addresses or networks (10.0.0.5,10.0.1.0/24) may connect to --modbus. "
+                   "[any client]")
+@click.option("--trigger", type=click.Choice(["stdin", "mqtt", "opcua", "modbus"]), default=None,
               help="Answer triggered parts: each line on stdin (its text, if any, is the part id), each "
-                   "message on PREFIX/trigger, or each OPC UA Trigger(PartId) call asks for the decision on "
-                   "the next frame (with --vote N/M, the next M frames). The answer (part id, label, OK/NG, "
-                   "reason) goes to stdout as a JSON line (stdin), PREFIX/answer (MQTT), LastAnswer (OPC UA) "
-                   "and the log. Needs --ok-classes. [free-running]")
+                   "message on PREFIX/trigger, each OPC UA Trigger(PartId) call, or the Modbus Trigger "
+                   "register asks for the decision on the next frame (with --vote N/M, the next M frames). "
+                   "The answer (part id, label, OK/NG, reason) goes to stdout as a JSON line (stdin), "
+                   "PREFIX/answer (MQTT), LastAnswer (OPC UA), the result registers (Modbus) and the log. "
+                   "Needs --ok-classes. [free-running]")
 @click.option("--trigger-timeout", "trigger_timeout_ms", default=1000.0, show_default=True,
               help="Milliseconds within which a triggered part gets its answer; when none is ready, the "
                    "answer is NG with reason no_frame (no frame came) or timeout (fail safe).")
@@ -107,7 +116,8 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loop, roi, reject_below, ok_classes,
             vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
-            mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, opcua_cert, opcua_key, trigger, trigger_timeout_ms,
+            mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, opcua_cert, opcua_key, modbus, modbus_allow,
+            trigger, trigger_timeout_ms,
             http, http_token_file, http_hosts, review_out, display, quiet, as_json):
     """Classify every frame from --source with an exported BUNDLE and record each decision.
 
@@ -150,7 +160,8 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
                          save_max_mb=save_max_mb, max_frames=max_frames, seconds=seconds,
                          source_timeout=source_timeout, mqtt=mqtt, mqtt_ca=mqtt_ca, mqtt_queue=mqtt_queue,
                          station=station, trigger=trigger, trigger_timeout_ms=trigger_timeout_ms, opcua=opcua,
-                         opcua_user=opcua_user, opcua_cert=opcua_cert, opcua_key=opcua_key, http=http,
+                         opcua_user=opcua_user, opcua_cert=opcua_cert, opcua_key=opcua_key, modbus=modbus,
+                         modbus_allow=modbus_allow, http=http,
                          http_token_file=http_token_file, http_hosts=tuple(http_hosts), review_out=review_out,
                          display=display,
                          status=not quiet and not as_json)
