@@ -54,6 +54,7 @@ class RunOptions:
     opcua_cert: str | None = None
     opcua_key: str | None = None
     modbus: str | None = None
+    product: str | None = None           # with --products: the product active at the start [the first]
     modbus_allow: str | None = None
     http: str | None = None
     http_token_file: str | None = None
@@ -172,12 +173,27 @@ def _check_save_outside_source(save_dir: Path, info) -> None:
                             "classified as new parts (choose a folder outside it)")
 
 
-def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
+def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, products: list | None = None) -> dict:
+    """Run the station on `model`, or on `products` (from --products: the first, or the one
+    options.product names, active at the start; see runtime/products.py)."""
     info = describe_source(options.source)
-    settings = LoopSettings(roi=parse_roi(options.roi), loop=options.loop, pace=options.pace, hint=options.hint,
+    switch = None
+    if products:
+        from .products import ProductSwitch
+
+        switch = ProductSwitch(products)
+        if options.product is not None:
+            first = switch.find(options.product)
+            if first is None:
+                raise LinesideError(f"--product {options.product}: no such product (known: "
+                                    f"{', '.join(p.name for p in products)})")
+            switch.active = first
+        model, decider, roi = switch.active.model, switch.active.decider, switch.active.roi
+    else:
+        decider, roi = make_decider(model, options), parse_roi(options.roi)
+    settings = LoopSettings(roi=roi, loop=options.loop, pace=options.pace, hint=options.hint,
                             max_frames=options.max_frames, seconds=options.seconds,
                             source_timeout=options.source_timeout)
-    decider = make_decider(model, options)
     save = None
     if options.save_dir:
         _check_save_outside_source(Path(options.save_dir), info)
@@ -188,7 +204,7 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
     settle_heap()   # before anything that answers the line starts (see settle_heap)
     triggers, peers, server = None, [], None
     try:
-        triggers, answer_to = _triggers(options, decider)
+        triggers, answer_to = _triggers(options, [p.decider for p in products] if products else [decider])
         if options.mqtt:
             from .mqtt import MqttOutput
 
@@ -196,7 +212,8 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
                 raise LinesideError("--mqtt-queue: must be positive")
             peers.append(MqttOutput(options.mqtt, station, model.checksum, model.labels, options.mqtt_ca,
                                     options.mqtt_queue, source=info.shown,
-                                    on_trigger=triggers.request if options.trigger == "mqtt" else None))
+                                    on_trigger=triggers.request if options.trigger == "mqtt" else None,
+                                    on_product=switch.request if switch else None))
             if triggers:
                 answer_to.append(peers[-1].answer)
         if options.opcua:
@@ -212,16 +229,22 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
 
             peers.append(ModbusOutput(options.modbus, model.labels,
                                       triggers=triggers if options.trigger == "modbus" else None,
-                                      allow=options.modbus_allow))
+                                      allow=options.modbus_allow,
+                                      on_product=switch.request if switch else None,
+                                      product=switch.active.index if switch else 0))
             if triggers:
                 answer_to.append(peers[-1].answer)
+            if switch:
+                switch.listeners.append(peers[-1].product_changed)
         if options.http:
-            server, page = _status_server(options, model, info, station)
+            server, page = _status_server(options, model, info, station, switch)
             peers.append(page)
         observers = [peer.observe for peer in peers if hasattr(peer, "observe")]
         if observers:
             status = _Observed(status, observers)
         recorder = _recorder(options, model, info, save, station, peers)
+        if switch:
+            switch.on_event = recorder.event
     except BaseException:
         for peer in peers:
             peer.close(None)
@@ -248,7 +271,7 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
     try:
         with StopOnSignal(stop) as signals:
             summary = run_loop(model, info, settings, decider, recorder, stop, on_decision=status, opener=opener,
-                               triggers=triggers)
+                               triggers=triggers, switch=switch)
         summary["stopped_by"] = signals.received
     finally:
         if triggers:     # parts still waiting get the fail-safe answer
@@ -262,6 +285,8 @@ def run_app(model: RuntimeModel, options: RunOptions, opener=None) -> dict:
                    source=info.shown)
     if triggers:
         summary["answers"] = dict(triggers.answered)
+    if switch:
+        summary["products"] = {"active": switch.active.name, "switches": switch.switches, "refused": switch.refused}
     summary["exit_code"] = exit_code(summary)
     return summary
 
@@ -282,7 +307,7 @@ class _Observed:
         self.status.close()
 
 
-def _status_server(options: RunOptions, model: RuntimeModel, info, station: str):
+def _status_server(options: RunOptions, model: RuntimeModel, info, station: str, switch=None):
     """--http: the live page (a peer of the log) and, with a SQLite --log and --save, the review."""
     from .web import LivePage, StatusServer, model_summary, read_token
 
@@ -293,10 +318,10 @@ def _status_server(options: RunOptions, model: RuntimeModel, info, station: str)
         review = ReviewStore(options.log, options.save_dir, options.review_out, model.labels)
     page = LivePage(station, model_summary(model), info.shown)
     return StatusServer(options.http, page, review, read_token(options.http_token_file),
-                        hosts=options.http_hosts), page
+                        hosts=options.http_hosts, switch=switch), page
 
 
-def _triggers(options: RunOptions, decider: Decider):
+def _triggers(options: RunOptions, deciders: list[Decider]):
     """The trigger requests (None when free-running) and the list of places each answer goes."""
     if not options.trigger:
         return None, []
@@ -310,8 +335,12 @@ def _triggers(options: RunOptions, decider: Decider):
         raise LinesideError("--trigger modbus: needs --modbus (the server the PLC writes Trigger to)")
     if options.trigger == "opcua" and not options.opcua:
         raise LinesideError("--trigger opcua: needs --opcua (the server the PLC calls Trigger on)")
-    if decider.ok_classes is None:
-        raise LinesideError("--trigger: needs --ok-classes, so that every answer is OK or NG")
+    if any(d.ok_classes is None for d in deciders):
+        raise LinesideError("--trigger: needs --ok-classes (for every product), so that every answer is OK or NG")
+    decider = deciders[0]
+    if any(d.vote != decider.vote for d in deciders):
+        raise LinesideError("--trigger: every product needs the same vote, so that a part waiting at a switch "
+                            "is answered by as many frames as it was promised")
     answer_to: list = []
 
     def deliver(answer):

@@ -96,12 +96,12 @@ class Preprocessor:
     """ROI crop, resize to the model's size, BGR -> RGB, and frame checks (black, frozen,
     a size other than the first frame's)."""
 
-    def __init__(self, model: RuntimeModel, roi):
+    def __init__(self, model: RuntimeModel, roi, first_size: tuple[int, int] | None = None):
         self.spec = model.spec
         self.roi = roi
         self.last = None
         self.frozen_run = 0
-        self.first_size = None
+        self.first_size = first_size    # given after a product switch: an ROI that does not fit is no setup error
         self.size = None
         self.sizes: set = set()
         self.new_size = False         # this frame has a size no frame before had (the first aside)
@@ -184,12 +184,18 @@ def settle_heap():
 
 def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, decider: Decider,
              recorder: Recorder, stop: threading.Event, on_decision: Callable | None = None,
-             opener: Callable | None = None, triggers=None) -> dict:
+             opener: Callable | None = None, triggers=None, switch=None) -> dict:
     """Classify frames from `info` until the source ends, `stop` is set, the frame/time
-    limit is reached, or no frame came for `settings.source_timeout` seconds. Returns the
-    summary (also written to the log)."""
+    limit is reached, or no frame came for `settings.source_timeout` seconds. With
+    `switch` (a ProductSwitch), the product it asks for takes over between two frames.
+    Returns the summary (also written to the log)."""
     hint = settings.engine_hint(info)
     engine = model.engine(hint)
+    if switch is not None:     # every product's engine made now: a switch loads nothing
+        switch.active.engine = engine
+        for product in switch.products:
+            if product.engine is None:
+                product.engine = product.model.engine(hint)
     slot = FrameSlot(block=not info.live and not settings.pace)
     prep = Preprocessor(model, settings.roi)
     capture = Capture(info, slot, stop, loop=settings.loop, pace=settings.pace, on_event=recorder.event,
@@ -210,7 +216,8 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
         row = DecisionRow(time.time(), frame.index, info.shown, frame.origin, decision.label,
                           round(decision.confidence, 6), decision.top, decision.verdict, decision.decision,
                           probabilities, flags, round((t_decided - t_submit) * 1000, 3),
-                          round((t_decided - frame.t_capture) * 1000, 3), model.checksum, part)
+                          round((t_decided - frame.t_capture) * 1000, 3), model.checksum, part,
+                          product=switch.active.name if switch is not None else None)
         recorder.decision(row, frame.image)
         stats.capture_to_decision.add((t_decided - frame.t_capture) * 1000)
         stats.frames += 1
@@ -258,6 +265,25 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
         after_gap(frame)
         record(frame, decider.not_inspected(), {}, ["roi_outside"], t0, time.perf_counter())
 
+    def change_product(product, asked_at: float):
+        """Between two frames: the frames in flight decided by the old product, then the
+        new one's model, engine, ROI and decider (its vote afresh) for the next frame."""
+        nonlocal model, engine, prep, decider, free, last_voted
+        while pending:
+            finish(pending.popleft())
+        old = switch.active
+        model, engine, decider = product.model, product.engine, product.decider
+        decider.reset()
+        prep = Preprocessor(model, product.roi, first_size=prep.first_size)
+        free = list(range(engine.depth))[::-1]
+        last_voted = None
+        if triggers is not None:
+            triggers.restart(time.perf_counter())
+        switch.switched(product)
+        recorder.event("product_switch", f"{old.name} -> {product.name} (index {product.index}) after frame "
+                                         f"{stats.frames}, {(time.perf_counter() - asked_at) * 1000:.1f} ms after "
+                                         "it was asked for")
+
     settle_heap()
     capture.start()
     stats.started = time.perf_counter()
@@ -267,6 +293,8 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
             now = time.monotonic()
             if deadline and now > deadline:
                 break
+            if switch is not None and (taken := switch.take()) is not None:
+                change_product(*taken)
             if settings.source_timeout and now - last_frame_at > settings.source_timeout:
                 stats.source_timeout = True
                 recorder.event("source_timeout", f"no frame from '{info.shown}' for {now - last_frame_at:.1f} s "

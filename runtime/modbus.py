@@ -225,9 +225,11 @@ class RegisterMap:
             self.regs[FRAMES_DECIDED:FRAMES_DECIDED + 2] = words32(decided)
             self.regs[DROPPED_FRAMES:DROPPED_FRAMES + 2] = words32(dropped)
 
-    def product(self, index: int, switching: bool = False, error: int = 0):
+    def product(self, index: int, labels=None, switching: bool = False, error: int = 0):
         with self.lock:
             self.regs[ACTIVE_PRODUCT] = index
+            if labels is not None:
+                self.labels = list(labels)
             if switching:
                 self._status(set_=SWITCHING)
             else:
@@ -354,6 +356,10 @@ class ModbusOutput:
 
     def answer(self, answer):
         self.map.answer(answer)
+
+    def product_changed(self, product, refused: bool):
+        """The product switch's listener: the active index and labels, or a refusal."""
+        self.map.product(product.index, labels=product.model.labels, error=ERROR_UNKNOWN_PRODUCT if refused else 0)
 
     def counters(self) -> dict:
         return {"modbus_trigger_errors": self.map.counter(TRIGGER_ERRORS),

@@ -98,7 +98,7 @@ class MqttOutput:
     are called from the camera loop and never block it."""
 
     def __init__(self, url: str, station: str, model_sha256: str, labels: list[str], ca_file: str | None = None,
-                 queue: int = DEFAULT_QUEUE, source: str = "", on_trigger=None):
+                 queue: int = DEFAULT_QUEUE, source: str = "", on_trigger=None, on_product=None):
         mqtt = require("paho.mqtt.client", None)
         self.cfg = parse_mqtt_url(url)
         self.url_shown = f"{'mqtts' if self.cfg['tls'] else 'mqtt'}://{self.cfg['host']}:{self.cfg['port']}/" \
@@ -135,7 +135,8 @@ class MqttOutput:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         self.on_trigger = on_trigger
-        if on_trigger is not None:
+        self.on_product = on_product
+        if on_trigger is not None or on_product is not None:
             client.on_message = self._on_message
         self.client = client
         try:
@@ -158,6 +159,8 @@ class MqttOutput:
         log.info("mqtt: connected to %s", self.url_shown)
         if self.on_trigger is not None:
             client.subscribe(self.topic("trigger"), qos=1)
+        if self.on_product is not None:
+            client.subscribe(self.topic("product"), qos=1)
         self._publish_status(force=True)
 
     def _on_disconnect(self, client, userdata, flags, reason, properties):
@@ -167,9 +170,14 @@ class MqttOutput:
             log.warning("mqtt: %s", self.last_error)
 
     def _on_message(self, client, userdata, msg):
-        """PREFIX/trigger: a JSON object with a part_id, a bare part id, or nothing."""
+        """PREFIX/trigger: a JSON object with a part_id, a bare part id, or nothing.
+        PREFIX/product: the name or index of the product to switch to (--products)."""
         try:     # an exception here would end paho's network thread: never let one out
-            self.on_trigger(trigger_part_id(msg.payload))
+            if msg.topic == self.topic("product"):
+                if self.on_product is not None:
+                    self.on_product(bytes(msg.payload or b"")[:200].decode("utf-8", "replace").strip())
+            elif self.on_trigger is not None:
+                self.on_trigger(trigger_part_id(msg.payload))
         except Exception as exc:  # noqa: BLE001
             log.error("mqtt: trigger message not understood (%s)", exc)
 
@@ -198,6 +206,8 @@ class MqttOutput:
                    "probabilities": row.probabilities, "flags": row.flags,
                    "capture_to_decision_ms": row.capture_to_decision_ms, "model_sha256": row.model_sha256,
                    "labels_version": self.labels_version}
+        if row.product is not None:
+            payload["product"] = row.product
         self._publish(self.topic("decision"), payload)
         self._publish_status()
 

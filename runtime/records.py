@@ -70,6 +70,7 @@ class DecisionRow:
     model_sha256: str
     part_id: str | None = None     # the part a trigger asked about, when this frame answers it
     saved: str | None = None       # the file name of the frame in the --save folder, when it was saved
+    product: str | None = None     # the product (--products) whose model and settings decided it
 
     def __post_init__(self):
         # Every output writes these as UTF-8: a file name that is not UTF-8 (or any text from
@@ -87,7 +88,8 @@ class DecisionRow:
         return {name: getattr(self, name) for name in ROW_FIELDS}
 
 
-TEXT_FIELDS = ("source", "origin", "label", "top", "verdict", "decision", "model_sha256", "part_id", "saved")
+TEXT_FIELDS = ("source", "origin", "label", "top", "verdict", "decision", "model_sha256", "part_id", "saved",
+               "product")
 ROW_FIELDS = tuple(f.name for f in fields(DecisionRow))
 DECISION_COLUMNS = ("run", *ROW_FIELDS)
 
@@ -122,7 +124,8 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY, run INTEGER, ts REAL, frame INTEGER, source TEXT, origin TEXT,
     label TEXT, confidence REAL, top TEXT, verdict TEXT, decision TEXT, probabilities TEXT,
-    flags TEXT, latency_ms REAL, capture_to_decision_ms REAL, model_sha256 TEXT, part_id TEXT, saved TEXT);
+    flags TEXT, latency_ms REAL, capture_to_decision_ms REAL, model_sha256 TEXT, part_id TEXT, saved TEXT,
+    product TEXT);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, run INTEGER, ts REAL, kind TEXT, detail TEXT);
 """
 
@@ -256,7 +259,7 @@ class SqliteLog(LogFile):
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(decisions)")}
-            for column in ("part_id", "saved"):      # a log started by an older lineside
+            for column in ("part_id", "saved", "product"):      # a log started by an older lineside
                 if column not in columns:
                     self.db.execute(f"ALTER TABLE decisions ADD COLUMN {column} TEXT")
             info = self.run_info
@@ -278,7 +281,7 @@ class SqliteLog(LogFile):
                 f"INSERT INTO decisions ({','.join(DECISION_COLUMNS)}) VALUES ({','.join('?' * len(DECISION_COLUMNS))})",
                 [(run, r.ts, r.frame, r.source, r.origin, r.label, r.confidence, r.top, r.verdict, r.decision,
                   json.dumps(r.probabilities), json.dumps(r.flags), r.latency_ms, r.capture_to_decision_ms,
-                  r.model_sha256, r.part_id, r.saved) for r in decisions])
+                  r.model_sha256, r.part_id, r.saved, r.product) for r in decisions])
             self.db.executemany("INSERT INTO events (run, ts, kind, detail) VALUES (?,?,?,?)",
                                 [(run, e.ts, e.kind, e.detail) for e in events])
             self.db.commit()

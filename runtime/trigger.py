@@ -45,6 +45,7 @@ class Request:
     part_id: str
     t: float                      # time.perf_counter() of the trigger
     ts: float                     # wall clock
+    after: float = 0.0            # only frames captured from then on count (the trigger, or a product switch)
     labels: list = field(default_factory=list)
     verdicts: list = field(default_factory=list)
     confidences: list = field(default_factory=list)
@@ -96,7 +97,8 @@ class Triggers:
             if len(self._pending) >= MAX_PENDING:
                 log.warning("trigger %s ignored: %d parts already wait for an answer", part, MAX_PENDING)
                 return part
-            self._pending.append(Request(part[:200], time.perf_counter(), time.time()))
+            now = time.perf_counter()
+            self._pending.append(Request(part[:200], now, time.time(), after=now))
             self._wake.notify()
         return part
 
@@ -107,7 +109,7 @@ class Triggers:
         parts, answers = [], []
         with self._lock:
             for req in list(self._pending):
-                if t_capture >= req.t and len(req.labels) < self.frames:
+                if t_capture >= req.after and len(req.labels) < self.frames:
                     req.labels.append(label)
                     req.verdicts.append(verdict)
                     req.confidences.append(confidence)
@@ -118,6 +120,17 @@ class Triggers:
         for answer in answers:
             self._answer(answer)
         return ",".join(parts) if parts else None
+
+    def restart(self, t: float):
+        """A product switch at perf_counter() time t: the parts still waiting forget the votes
+        of the old product and are answered by frames captured from t on (their timeout
+        still runs from their trigger)."""
+        with self._lock:
+            for req in self._pending:
+                req.labels.clear()
+                req.verdicts.clear()
+                req.confidences.clear()
+                req.after = max(req.after, t)
 
     def close(self, reason: str = "stopped"):
         """End of the run: every part still waiting is answered NG with `reason` (stopped, or

@@ -331,9 +331,10 @@ class StatusServer:
     """The HTTP server, in its own daemon threads. `page` (live) and `review` may each be None."""
 
     def __init__(self, address: str, page: LivePage | None = None, review=None, token: str | None = None,
-                 hosts=()):
+                 hosts=(), switch=None):
         self.host, port = parse_address(address)
         self.page, self.review, self.token = page, review, token
+        self.switch = switch        # a ProductSwitch (--products): POST /api/product, with the token
         self.hosts = allowed_hosts(self.host, hosts)
         handler = type("Handler", (_Handler,), {"app": self})
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -489,6 +490,9 @@ class _Handler(BaseHTTPRequestHandler):
             status = app.page.snapshot()
             status["review"] = {"available": app.review is not None, "token_required": True,
                                 "writable": app.token is not None}
+            if app.switch is not None:
+                status["product"] = {"active": app.switch.active.name, "index": app.switch.active.index,
+                                     "products": [p.name for p in app.switch.products]}
             self._json(status)
         elif path == "/metrics" and app.page is not None:
             self._send(200, prometheus(app.page.snapshot()).encode(), "text/plain; version=0.0.4; charset=utf-8")
@@ -520,28 +524,42 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._error(404, "not found")
 
+    def _authorised_json(self, body: bytes, what: str) -> dict:
+        """The JSON object of a POST that changes something: the token first, then the body."""
+        if self.app.token is None:
+            raise BadRequest(403, f"read only: start with --http-token-file (or LINESIDE_HTTP_TOKEN) to {what}")
+        sent = self.headers.get("X-Lineside-Token", "")
+        if not hmac.compare_digest(sent.encode("utf-8", "surrogateescape"), self.app.token.encode()):
+            raise BadRequest(401, f"a valid X-Lineside-Token header is needed to {what}")
+        if self.headers.get_content_type() != "application/json":
+            raise BadRequest(415, "send a JSON object")
+        if not body:
+            raise BadRequest(400, f"the body must be 1..{MAX_BODY} bytes")
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            raise BadRequest(400, "the body is not a JSON object") from None
+        if not isinstance(doc, dict):
+            raise BadRequest(400, "the body is not a JSON object")
+        return doc
+
     def _post(self, url, body: bytes):
         app, path = self.app, url.path
+        if path == "/api/product" and app.switch is not None:
+            wanted = self._authorised_json(body, "switch products").get("product")
+            if not isinstance(wanted, (str, int)) or isinstance(wanted, bool):
+                raise BadRequest(400, "the body needs a \"product\" (a name or an index)")
+            product = app.switch.request(wanted)
+            if product is None:
+                raise BadRequest(404, f"no product {str(wanted)[:80]!r}")
+            log.info("product %s asked for on the page", product.name)
+            self._json({"requested": product.name, "index": product.index})
+            return
         ident = _ident(path[len("/api/review/"):]) if path.startswith("/api/review/") else None
         if app.review is None or ident is None:
             self._error(404, "not found")
             return
-        if app.token is None:
-            self._error(403, "read only: start with --http-token-file (or LINESIDE_HTTP_TOKEN) to relabel")
-            return
-        sent = self.headers.get("X-Lineside-Token", "")
-        if not hmac.compare_digest(sent.encode("utf-8", "surrogateescape"), app.token.encode()):
-            self._error(401, "a valid X-Lineside-Token header is needed to relabel")
-            return
-        if self.headers.get_content_type() != "application/json":
-            self._error(415, "send the label as JSON: {\"label\": \"...\"}")
-            return
-        if not body:
-            raise BadRequest(400, f"the body must be 1..{MAX_BODY} bytes")
-        try:
-            label = json.loads(body).get("label")
-        except (ValueError, AttributeError, RecursionError):
-            raise BadRequest(400, "the body is not a JSON object") from None
+        label = self._authorised_json(body, "relabel").get("label")
         if not isinstance(label, str):
             raise BadRequest(400, "the body needs a \"label\"")
         try:

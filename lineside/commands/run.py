@@ -31,8 +31,14 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 
 
 @click.command("run")
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=click.Path(path_type=Path), required=False)
 @_runtime_options
+@click.option("--products", "products_file", default=None, type=click.Path(path_type=Path, dir_okay=False),
+              help="Instead of BUNDLE: a YAML file naming a bundle per product, each with its roi, ok_classes, "
+                   "reject_below and vote; the line switches between them between two frames (Modbus "
+                   "ProductRequest, MQTT PREFIX/product, POST /api/product). README: 'Product changeover'.")
+@click.option("--product", default=None, metavar="NAME|INDEX",
+              help="With --products: the product active at the start. [the first]")
 @click.option("--loop", is_flag=True, help="Start a file or folder again at its end.")
 @click.option("--roi", default=None, help="x,y,w,h: classify only this region of each frame (pixels).")
 @click.option("--reject-below", type=float, default=None,
@@ -117,7 +123,7 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loop, roi, reject_below, ok_classes,
             vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
             mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, opcua_cert, opcua_key, modbus, modbus_allow,
-            trigger, trigger_timeout_ms,
+            trigger, trigger_timeout_ms, products_file, product,
             http, http_token_file, http_hosts, review_out, display, quiet, as_json):
     """Classify every frame from --source with an exported BUNDLE and record each decision.
 
@@ -154,6 +160,12 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
 
     if source is None:
         raise click.UsageError("--source is required (a camera index, file, folder, URL or pipeline)")
+    if (bundle is None) == (products_file is None):
+        raise click.UsageError("give either BUNDLE or --products FILE (one bundle per product)")
+    for name, value in (("--roi", roi), ("--reject-below", reject_below), ("--ok-classes", ok_classes),
+                        ("--vote", vote)):
+        if products_file is not None and value is not None:
+            raise click.UsageError(f"{name}: with --products, each product sets its own (in the products file)")
     options = RunOptions(source=source, pace=pace, hint=hint, loop=loop, roi=roi, reject_below=reject_below,
                          ok_classes=ok_classes, vote=vote, log=None if log_path == "none" else log_path,
                          save_dir=save_dir, save_when=save_when, save_max_files=save_max_files,
@@ -163,22 +175,30 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
                          opcua_user=opcua_user, opcua_cert=opcua_cert, opcua_key=opcua_key, modbus=modbus,
                          modbus_allow=modbus_allow, http=http,
                          http_token_file=http_token_file, http_hosts=tuple(http_hosts), review_out=review_out,
-                         display=display,
+                         display=display, product=product,
                          status=not quiet and not as_json)
-    model = _open_runtime_model(bundle, backend, precision, device, threads)
-    summary = run_app(model, options)
+    if products_file is not None:
+        from lineside.runtime.app import make_decider
+        from lineside.runtime.model import open_model
+        from lineside.runtime.products import open_products
+
+        products = open_products(products_file, backend, precision, device, threads, open_model, make_decider)
+        summary = run_app(None, options, products=products)
+    else:
+        model = _open_runtime_model(bundle, backend, precision, device, threads)
+        summary = run_app(model, options)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         _print_run_summary(summary, vote)
     code = summary["exit_code"]
     if code == 3:
-        click.echo(f"error: --source {source}: " + (
+        click.echo(f"error: --source {summary['source']}: " + (
             f"no frame for {source_timeout:g} s (--source-timeout)" if summary.get("source_timeout")
             else "no frame was ever received (see the source_unavailable events in the log)"), err=True)
     elif code == 4:
-        click.echo(f"error: {summary['not_logged']} decisions are not in the log {summary['log']} "
-                   "(it could not be written; see the log_unwritable events)", err=True)
+        click.echo(f"error: {summary['not_logged'] + summary.get('unwritable_rows', 0)} decisions are not in the "
+                   f"log {summary['log']} as rows (see the log_unwritable and row_unwritable events)", err=True)
     if code:
         sys.exit(code)
 
