@@ -345,3 +345,52 @@ def test_an_opcua_trigger_is_answered_with_its_part_id_in_opcua_mqtt_and_the_log
     rows = sqlite3.connect(db).execute("SELECT frame FROM decisions WHERE part_id = 'P-77'").fetchall()
     assert len(tagged) == 3 and sorted(r[0] for r in rows) == tagged
     assert result["answers"] == {"decided": 1}
+
+
+def test_the_product_is_switched_by_an_mqtt_message(tiny_bundle, video, broker, tmp_path):
+    """PREFIX/product names the product (or its index); the decisions after it carry it, on
+    MQTT and in the log; an unknown name is refused with an event and nothing changes."""
+    from lineside.runtime.app import make_decider
+    from lineside.runtime.model import open_model
+    from lineside.runtime.products import open_products
+
+    import cv2
+
+    from test_products import Frames
+
+    path, _ = video
+    bundle = tiny_bundle[0]
+    cap = cv2.VideoCapture(str(path))
+    images = [cap.read()[1] for _ in range(6)]
+    cap.release()
+    done = threading.Event()
+    products_file = tmp_path / "products.yaml"
+    products_file.write_text(f"products:\n  - name: a\n    bundle: {bundle}\n  - name: b\n    bundle: {bundle}\n")
+    products = open_products(products_file, "openvino", "fp32", "CPU", None, open_model, make_decider)
+    db = tmp_path / "log.sqlite"
+    sub = Subscriber(broker.port, "test-product-subscriber")
+    result = {}
+    run = threading.Thread(target=lambda: result.update(run_app(None, RunOptions(
+        source=str(path), log=str(db), mqtt=broker.url, pace=30, seconds=120), products=products,
+        opener=lambda info: Frames(images, done))))
+    try:
+        run.start()
+        assert _wait_for(sub, "decision", lambda m: m.get("product") == "a")
+        _publish(broker.port, f"{PREFIX}/product", "no-such-product")
+        _publish(broker.port, f"{PREFIX}/product", "b")
+        assert _wait_for(sub, "decision", lambda m: m.get("product") == "b")
+        _publish(broker.port, f"{PREFIX}/product", "0")
+        deadline = time.monotonic() + 20
+        while sub.messages["decision"][-1][0].get("product") != "a":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        done.set()
+        run.join(60)
+        sub.close()
+    assert result["products"] == {"active": "a", "switches": 2, "refused": 1}
+    with sqlite3.connect(db) as con:
+        products_logged = [p for p, in con.execute("SELECT product FROM decisions ORDER BY frame")]
+        kinds = [k for k, in con.execute("SELECT kind FROM events")]
+    assert products_logged[0] == "a" and "b" in products_logged and products_logged[-1] == "a"
+    assert kinds.count("product_switch") == 2 and kinds.count("product_refused") == 1
