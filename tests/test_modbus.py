@@ -258,3 +258,28 @@ def _value(out: str) -> str:
         if line.strip().startswith("[") and "]:" in line:
             return line.split("]:", 1)[1].strip()
     raise AssertionError(f"no register in mbpoll's output: {out!r}")
+
+
+def test_the_station_restarting_while_the_plc_polls(model, video, tmp_path):
+    """The PLC polls through a restart: the heartbeat stops and reads fail while the station
+    is gone; the new station answers on the same port, Ready, its ResultSequence from 0."""
+    port = free_port()
+    thread, _ = _station(model, video, tmp_path, port, seconds=3)
+    plc = Plc(port)
+    assert plc.wait(mb.READY)
+    plc.write(mb.TRIGGER, [1])
+    assert plc.wait(mb.RESULTS_READY) and plc.read(mb.RESULT_SEQUENCE) == [1]
+    thread.join(60)                                       # the station stops
+    from pymodbus.exceptions import ModbusException
+
+    with pytest.raises(ModbusException):          # the PLC's poll fails while the station is gone
+        plc.client.read_holding_registers(mb.HEARTBEAT, count=1)
+    plc.close()
+    thread, _ = _station(model, video, tmp_path, port, seconds=3, log=str(tmp_path / "log2.sqlite"))
+    plc = Plc(port)                                       # the PLC reconnects
+    try:
+        assert plc.wait(mb.READY) and plc.read(mb.RESULT_SEQUENCE) == [0]
+        assert not plc.read(mb.STATUS)[0] & mb.RESULTS_READY
+    finally:
+        plc.close()
+        thread.join(60)
