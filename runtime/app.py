@@ -221,7 +221,10 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
 
             peers.append(OpcUaOutput(options.opcua, station, model.checksum, model.labels, user=options.opcua_user,
                                      on_trigger=triggers.request if options.trigger == "opcua" else None,
-                                     cert=options.opcua_cert, key=options.opcua_key))
+                                     cert=options.opcua_cert, key=options.opcua_key,
+                                     on_product=switch.request if switch and options.opcua_user else None))
+            if switch:
+                peers[-1].labels_by_product = {p.name: list(p.model.labels) for p in products}
             if triggers:
                 answer_to.append(peers[-1].answer)
         if options.modbus:

@@ -69,7 +69,8 @@ class OpcUaOutput:
     """A peer of the decision log (see Recorder's `peers`)."""
 
     def __init__(self, endpoint: str, station: str, model_sha256: str, labels: list[str], user: str | None = None,
-                 password: str | None = None, on_trigger=None, cert: str | None = None, key: str | None = None):
+                 password: str | None = None, on_trigger=None, cert: str | None = None, key: str | None = None,
+                 on_product=None):
         require("asyncua", "opcua")
         logging.getLogger("asyncua").setLevel(logging.ERROR)    # it reports each refused request as a warning
         processor = logging.getLogger("asyncua.server.uaprocessor")
@@ -88,6 +89,12 @@ class OpcUaOutput:
             raise LinesideError("--trigger opcua: needs --opcua-user and a password (LINESIDE_OPCUA_PASSWORD): "
                                 "anonymous clients may not trigger")
         self.on_trigger = on_trigger
+        self.on_product = on_product      # SetProduct(name or index), for the user only (--products)
+        self.labels_by_product: dict = {}   # product name -> its labels, for LastClassIndex (--products)
+        self._labels_of = None
+        if on_product is not None and not (user and self.password):
+            raise LinesideError("--opcua with --products: needs --opcua-user and a password "
+                                "(LINESIDE_OPCUA_PASSWORD): anonymous clients may not switch products")
         if bool(cert) != bool(key):
             raise LinesideError("--opcua-cert and --opcua-key: give both (the server's certificate and its key)")
         for option, path in (("--opcua-cert", cert), ("--opcua-key", key)):
@@ -97,7 +104,7 @@ class OpcUaOutput:
         self.values = {"State": "online", "SourceState": "starting", "ResultCounter": 0, "LastLabel": "",
                        "LastClassIndex": -1, "LastConfidence": 0.0, "LastVerdict": "", "LastResultOK": False,
                        "LastFrame": 0, "LastPartId": "", "LastAnswer": "", "OkCount": 0, "NgCount": 0,
-                       "UnknownCount": 0, "ModelSha256": model_sha256, "LastError": ""}
+                       "UnknownCount": 0, "ModelSha256": model_sha256, "LastError": "", "Product": ""}
         self._dirty = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="lineside-opcua", daemon=True)
@@ -169,6 +176,16 @@ class OpcUaOutput:
             arg = ua.Argument()
             arg.Name, arg.DataType, arg.ValueRank = "PartId", ua.NodeId(ua.ObjectIds.String), -1
             await station.add_method(idx, "Trigger", trigger, [arg], [ua.VariantType.String])
+        if self.on_product is not None:
+            async def set_product(parent, product):
+                chosen = self.on_product(str(product.Value) if product is not None else "")
+                if chosen is None:
+                    return [ua.Variant("", ua.VariantType.String)]
+                return [ua.Variant(chosen.name, ua.VariantType.String)]
+
+            arg = ua.Argument()
+            arg.Name, arg.DataType, arg.ValueRank = "Product", ua.NodeId(ua.ObjectIds.String), -1
+            await station.add_method(idx, "SetProduct", set_product, [arg], [ua.VariantType.String])
         await server.start()
         self.server = server
         self._writer = asyncio.ensure_future(self._write_loop())
@@ -200,6 +217,12 @@ class OpcUaOutput:
         v["LastFrame"] = int(row.frame)
         if row.part_id:
             v["LastPartId"] = row.part_id
+        if row.product is not None:
+            v["Product"] = row.product
+            v["ModelSha256"] = row.model_sha256
+        if row.product is not None and row.product != self._labels_of:
+            self._labels_of = row.product
+            self.labels = list(self.labels_by_product.get(row.product, self.labels))
         counted = outcome(row)
         if counted:
             v[{"unknown": "UnknownCount", "OK": "OkCount", "NG": "NgCount"}[counted]] += 1

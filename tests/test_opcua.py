@@ -162,3 +162,66 @@ def test_with_a_certificate_the_endpoint_is_encrypted_only(tmp_path, monkeypatch
         asyncio.run(clients())
     finally:
         out.close(None)
+
+
+def test_the_user_switches_the_product_over_opcua(tiny_bundle, synth_test_dir, tmp_path, monkeypatch):
+    """SetProduct(name or index): the user's call switches products (the Product variable and
+    the log follow); an anonymous call is refused; an unknown name returns ''."""
+    import cv2
+    from asyncua import Client, ua
+
+    from lineside.runtime.app import make_decider
+    from lineside.runtime.products import open_products
+    from test_products import Frames
+
+    bundle = tiny_bundle[0]
+    products_file = tmp_path / "products.yaml"
+    products_file.write_text(f"products:\n  - name: a\n    bundle: {bundle}\n  - name: b\n    bundle: {bundle}\n")
+    products = open_products(products_file, "openvino", "fp32", "CPU", None, open_model, make_decider)
+    images = [cv2.imread(str(p)) for p in sorted(synth_test_dir.rglob("*.png"))[:4]]
+    done = threading.Event()
+    endpoint = free_endpoint()
+    monkeypatch.setenv("LINESIDE_OPCUA_PASSWORD", "s3cret")
+    db = tmp_path / "log.sqlite"
+    result = {}
+    run = threading.Thread(target=lambda: result.update(run_app(None, RunOptions(
+        source=str(tmp_path), log=str(db), pace=30, seconds=120, opcua=endpoint, opcua_user="plc",
+        station="station7"), products=products, opener=lambda info: Frames(images, done))))
+    run.start()
+
+    async def plc():
+        await wait_for_server(endpoint)
+        async with Client(endpoint) as anon:
+            idx = await anon.get_namespace_index(NAMESPACE)
+            station = await anon.nodes.objects.get_child([f"{idx}:station7"])
+            with pytest.raises(ua.UaStatusCodeError):
+                await station.call_method(await station.get_child([f"{idx}:SetProduct"]), "b")
+        client = Client(endpoint)
+        client.set_user("plc")
+        client.set_password("s3cret")
+        async with client:
+            idx = await client.get_namespace_index(NAMESPACE)
+            station = await client.nodes.objects.get_child([f"{idx}:station7"])
+            method = await station.get_child([f"{idx}:SetProduct"])
+            product = await station.get_child([f"{idx}:Product"])
+
+            async def shows(name):
+                for _ in range(400):
+                    if await product.read_value() == name:
+                        return True
+                    await asyncio.sleep(0.05)
+                return False
+
+            assert await shows("a")                       # the first product decides
+            assert await station.call_method(method, "nope") == ""
+            assert await station.call_method(method, "1") == "b"
+            return await shows("b")
+
+    try:
+        assert asyncio.run(plc())
+    finally:
+        done.set()
+        run.join(60)
+    assert result["products"] == {"active": "b", "switches": 1, "refused": 1}
+    logged = {p for p, in sqlite3.connect(db).execute("SELECT product FROM decisions")}
+    assert logged == {"a", "b"}
