@@ -14,7 +14,7 @@ DEMO   ?= demo-out
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[train,export,dev,opcua,modbus]"
+	$(PY) -m pip install --quiet -e ".[train,export,dev,opcua,modbus,signing]"
 	touch $(STAMP)
 
 install: $(STAMP)

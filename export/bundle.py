@@ -41,7 +41,7 @@ MAX_DROP = 0.3          # points of balanced accuracy INT8 may lose against FP32
 MIN_AGREEMENT = 99.5    # percent of images on which INT8 must give FP32's label
 
 
-REPORT_FILES = ("bundle.json", "export_report.json", "export_report.md")
+REPORT_FILES = ("bundle.json", "export_report.json", "export_report.md", "signature.json")
 
 
 def clear_old_bundle(out: Path, force: bool) -> None:

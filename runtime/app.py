@@ -285,6 +285,7 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
             server.close()
         gc.unfreeze()   # the loop does too; not when it failed before it started
     summary.update(log=options.log, **recorder.counts(), model=str(model.path), backend=model.backend,
+                   signature=model.signature,
                    source=info.shown)
     if triggers:
         summary["answers"] = dict(triggers.answered)
@@ -361,8 +362,10 @@ def _recorder(options: RunOptions, model: RuntimeModel, info, save, station: str
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in options.__dict__.items()
                 if k != "mqtt"}      # the broker URL may hold a password
     settings["source"] = info.shown  # and so may a camera's
+    settings["signature"] = model.signature
     return Recorder(Path(options.log) if options.log else None,
                     {"source": info.shown, "model": str(model.path), "model_sha256": model.checksum,
+                     "signature": model.signature,
                      "labels": model.labels, "settings": settings, "station": station}, save, peers=peers)
 
 

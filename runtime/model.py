@@ -40,6 +40,7 @@ class RuntimeModel:
     _run: object
     _engine: object = None
     _stream: object = None    # (images, progress) -> probabilities, each image a request of its own
+    signature: dict | None = None   # what open_checked found: verified (key id), unsigned, or not checked
 
     def predict_proba(self, images: np.ndarray, batch: int = 32, progress=None) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB at the spec's size -> (N, classes) probabilities.
@@ -191,15 +192,17 @@ def sha256(path: Path) -> str:
 
 
 def open_model(path, backend: str = "auto", precision: str = "fp32", device: str = "CPU",
-               threads: int | None = None) -> RuntimeModel:
-    """A bundle folder, a bundle.json, or a lone .onnx / .xml file -> a ready model."""
+               threads: int | None = None, manifest: bytes | None = None) -> RuntimeModel:
+    """A bundle folder, a bundle.json, or a lone .onnx / .xml file -> a ready model.
+    `manifest`: bundle.json's bytes as a signature check read them (lineside.signing), so
+    that the files are checked against exactly what was verified."""
     if backend not in BACKENDS:
         raise LinesideError(f"--backend: '{backend}' is not one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise LinesideError(f"--precision: '{precision}' is not one of {', '.join(PRECISIONS)}")
     path = Path(path)
     if path.is_dir() or path.name == "bundle.json":
-        files = _bundle_files(path if path.is_dir() else path.parent, backend, precision)
+        files = _bundle_files(path if path.is_dir() else path.parent, backend, precision, manifest)
     else:
         files = _lone_files(path)
     path = files.model
@@ -208,6 +211,24 @@ def open_model(path, backend: str = "auto", precision: str = "fp32", device: str
     if path.suffix == ".xml" or (backend == "openvino" and path.suffix == ".onnx"):
         return _open_openvino(files, device, threads, precision)
     return _open_onnxruntime(files, threads)
+
+
+def open_checked(path, trusted: dict | None = None, **kw) -> RuntimeModel:
+    """open_model, after checking the bundle's signature against the `trusted` keys
+    (lineside.signing.load_public_keys) when there are any; the model then runs from the
+    very bundle.json that was verified. Its `signature` says what was found."""
+    from lineside.signing import signature_state, verify_bundle
+
+    path = Path(path)
+    if trusted:
+        verified = verify_bundle(path, trusted)
+        model = open_model(path, manifest=verified.manifest, **kw)
+        model.signature = {"state": "verified", "key_id": verified.key_id, "signed_at": verified.signed_at}
+        return model
+    model = open_model(path, **kw)
+    folder = path if path.is_dir() else path.parent
+    model.signature = {"state": signature_state(folder) if (folder / "bundle.json").is_file() else "unsigned"}
+    return model
 
 
 @dataclass(frozen=True)
@@ -254,14 +275,15 @@ def _lone_files(path: Path) -> ModelFiles:
     return ModelFiles(path, data, weights, model_digest(hashes), None)
 
 
-def read_bundle_doc(folder: Path) -> dict:
-    """bundle.json of a bundle folder, checked to be one this lineside reads: its schema,
-    and the shape of its model entries (each file a plain name with a SHA-256)."""
+def read_bundle_doc(folder: Path, data: bytes | None = None) -> dict:
+    """bundle.json of a bundle folder (or its bytes, `data`), checked to be one this
+    lineside reads: its schema, and the shape of its model entries (each file a plain name
+    with a SHA-256)."""
     doc_path = folder / "bundle.json"
-    if not doc_path.is_file():
+    if data is None and not doc_path.is_file():
         raise LinesideError(f"{folder}: not a bundle (no bundle.json)")
     try:
-        doc = json.loads(doc_path.read_text(encoding="utf-8"))
+        doc = json.loads(data.decode("utf-8") if data is not None else doc_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise LinesideError(f"{doc_path}: unreadable bundle.json ({str(exc)[:200]})") from None
     if not isinstance(doc, dict) or doc.get("bundle_schema") != BUNDLE_SCHEMA:
@@ -290,11 +312,11 @@ def bundle_precisions(folder: Path) -> set[str]:
     return {str(key).rsplit("_", 1)[-1] for key in read_bundle_doc(folder)["models"]}
 
 
-def _bundle_files(folder: Path, backend: str, precision: str) -> ModelFiles:
+def _bundle_files(folder: Path, backend: str, precision: str, manifest: bytes | None = None) -> ModelFiles:
     """The model a bundle holds for backend and precision, every file of it read once and
     checked against bundle.json: a file the model reads that bundle.json does not list (an
     IR's weights) is refused, as is any file whose bytes do not match."""
-    doc = read_bundle_doc(folder)
+    doc = read_bundle_doc(folder, manifest)
     models = doc["models"]
     order = ["openvino", "onnxruntime"] if backend == "auto" else [backend]
     keys = {"openvino": f"openvino_{precision}", "onnxruntime": f"onnx_{precision}"}

@@ -94,7 +94,8 @@ def model_summary(model) -> dict:
 
     path = Path(model.path)
     return {"name": f"{path.parent.name}/{path.name}", "labels": list(model.labels),
-            "precision": model.metadata.precision, "sha256": model.checksum, "backend": model.backend}
+            "precision": model.metadata.precision, "sha256": model.checksum, "backend": model.backend,
+            "signature": getattr(model, "signature", None) or {"state": "unsigned"}}
 
 
 class LivePage:

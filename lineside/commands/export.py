@@ -37,10 +37,14 @@ import click
                    "copies of each image; off exports one pass per image: 4-5x faster, a little "
                    "less accurate (compare with --eval).")
 @click.option("--force", is_flag=True, help="Replace a bundle already in --out (its files are removed first).")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Sign the bundle with this Ed25519 private key (lineside keys new): signature.json covers "
+                   "every file's SHA-256, so `lineside run --trust KEY.pub` refuses any change. Needs "
+                   "lineside[signing].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print bundle.json and the report as one JSON object.")
 def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agreement, speed_seconds, tta, force,
-           quiet, as_json):
+           sign_key, quiet, as_json):
     """Export a training RUN to a bundle of ONNX / OpenVINO models (FP32, and INT8 that passed its gate).
 
     The models take uint8 RGB images (N, H, W, 3) at the size in their metadata
@@ -51,10 +55,18 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agr
     <= 1e-4) and fails if they do not."""
     from lineside.export.bundle import export_bundle, judged_on
 
+    if sign_key is not None:      # a bad key fails now, not after minutes of export
+        from lineside.signing import load_private_key
+
+        load_private_key(sign_key)
     result = export_bundle(run, out, formats=[f.strip() for f in formats.split(",") if f.strip()], data=data_dir,
                            int8=int8, calib=calib, eval_data=eval_dir, max_drop=max_drop,
                            min_agreement=min_agreement, progress=not quiet and not as_json,
                            speed_seconds=speed_seconds, tta=tta == "keep", force=force)
+    if sign_key is not None:
+        from lineside.signing import sign_bundle
+
+        result["signature"] = sign_bundle(out, sign_key)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -81,4 +93,5 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agr
         speed = (f", {r['latency_ms']:.2f} ms per image, {r['throughput_fps']:.0f} FPS" if "latency_ms" in r else "")
         extra = f" ({r['speedup_vs_fp32']:.2f}x FP32)" if "speedup_vs_fp32" in r else ""
         click.echo(f"{key}: {r['bytes'] / 2**20:.1f} MiB{speed}{extra}")
-    click.echo(f"wrote {out}/bundle.json, export_report.json, export_report.md")
+    click.echo(f"wrote {out}/bundle.json, export_report.json, export_report.md"
+               + (f", signature.json (key {result['signature']['key_id']})" if sign_key is not None else ""))

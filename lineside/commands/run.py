@@ -24,10 +24,10 @@ def _runtime_options(f):
     return model_options(f)
 
 
-def _open_runtime_model(bundle, backend, precision, device, threads):
-    from lineside.runtime.model import open_model
+def _open_runtime_model(bundle, backend, precision, device, threads, trusted=None):
+    from lineside.runtime.model import open_checked
 
-    return open_model(bundle, backend=backend, precision=precision, device=device, threads=threads)
+    return open_checked(bundle, trusted, backend=backend, precision=precision, device=device, threads=threads)
 
 
 @click.command("run")
@@ -39,6 +39,10 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
                    "ProductRequest, MQTT PREFIX/product, POST /api/product). README: 'Product changeover'.")
 @click.option("--product", default=None, metavar="NAME|INDEX",
               help="With --products: the product active at the start. [the first]")
+@click.option("--trust", default=None, metavar="PUB[,PUB...]",
+              help="Run only bundles signed by one of these public keys (lineside keys new, export --sign): "
+                   "an unsigned bundle, an unknown key, or any file changed, added or removed since signing "
+                   "is refused with one line naming it. [any bundle; the log says whether it was signed]")
 @click.option("--loop", is_flag=True, help="Start a file or folder again at its end.")
 @click.option("--roi", default=None, help="x,y,w,h: classify only this region of each frame (pixels).")
 @click.option("--reject-below", type=float, default=None,
@@ -123,7 +127,7 @@ def _open_runtime_model(bundle, backend, precision, device, threads):
 def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loop, roi, reject_below, ok_classes,
             vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
             mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, opcua_cert, opcua_key, modbus, modbus_allow,
-            trigger, trigger_timeout_ms, products_file, product,
+            trigger, trigger_timeout_ms, products_file, product, trust,
             http, http_token_file, http_hosts, review_out, display, quiet, as_json):
     """Classify every frame from --source with an exported BUNDLE and record each decision.
 
@@ -177,15 +181,23 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
                          http_token_file=http_token_file, http_hosts=tuple(http_hosts), review_out=review_out,
                          display=display, product=product,
                          status=not quiet and not as_json)
+    trusted = None
+    if trust is not None:
+        from lineside.signing import load_public_keys
+
+        trusted = load_public_keys(trust)
     if products_file is not None:
+        from functools import partial
+
         from lineside.runtime.app import make_decider
-        from lineside.runtime.model import open_model
+        from lineside.runtime.model import open_checked
         from lineside.runtime.products import open_products
 
-        products = open_products(products_file, backend, precision, device, threads, open_model, make_decider)
+        products = open_products(products_file, backend, precision, device, threads,
+                                 partial(open_checked, trusted=trusted), make_decider)
         summary = run_app(None, options, products=products)
     else:
-        model = _open_runtime_model(bundle, backend, precision, device, threads)
+        model = _open_runtime_model(bundle, backend, precision, device, threads, trusted)
         summary = run_app(model, options)
     if as_json:
         click.echo(json.dumps(summary, indent=2))

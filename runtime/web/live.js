@@ -20,7 +20,9 @@ function render(s) {
   st.className = `state-${s.source.state}`;
   set("source-since", `since ${when(s.source.since)}`);
   const m = s.model;
-  set("model", `${m.name} · ${m.precision} · sha256 ${String(m.sha256).slice(0, 12)}`);
+  const sig = m.signature || {};
+  const signed = sig.state === "verified" ? `signed (key ${sig.key_id})` : (sig.state || "unsigned");
+  set("model", `${m.name} · ${m.precision} · sha256 ${String(m.sha256).slice(0, 12)} · ${signed}`);
   set("model-labels", (m.labels || []).join(", "));
   set("frames", s.frames);
   set("fps", s.fps.toFixed(1));
