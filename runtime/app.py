@@ -55,6 +55,7 @@ class RunOptions:
     opcua_key: str | None = None
     modbus: str | None = None
     product: str | None = None           # with --products: the product active at the start [the first]
+    updates: str | None = None           # a folder watched for new bundles (runtime/updates.py)
     modbus_allow: str | None = None
     http: str | None = None
     http_token_file: str | None = None
@@ -173,11 +174,22 @@ def _check_save_outside_source(save_dir: Path, info) -> None:
                             "classified as new parts (choose a folder outside it)")
 
 
-def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, products: list | None = None) -> dict:
+def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, products: list | None = None,
+            load_bundle=None) -> dict:
     """Run the station on `model`, or on `products` (from --products: the first, or the one
-    options.product names, active at the start; see runtime/products.py)."""
+    options.product names, active at the start; see runtime/products.py). With
+    options.updates, `load_bundle(folder)` opens an update (runtime/updates.py)."""
     info = describe_source(options.source)
     switch = None
+    if options.updates and not Path(options.updates).is_dir():
+        raise LinesideError(f"--updates {options.updates}: no such folder")
+    if options.updates and not products:     # one product, so that updates switch as changeovers do
+        from .products import Product
+
+        if load_bundle is None:
+            raise LinesideError("--updates: this run cannot open bundles (give a bundle folder)")
+        products = [Product(0, Path(model.path).parent.name, model, make_decider(model, options),
+                            parse_roi(options.roi), settings=options)]
     if products:
         from .products import ProductSwitch
 
@@ -270,6 +282,7 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
             answer_to.append(print_answer)
             StdinTrigger(triggers).start()
     stop = threading.Event()
+    watcher = _update_watcher(options, switch, load_bundle, recorder, stop)
     summary = None
     try:
         with StopOnSignal(stop) as signals:
@@ -280,6 +293,9 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
         if triggers:     # parts still waiting get the fail-safe answer
             triggers.close("stopped" if summary is not None else "error")
         status.close()
+        if watcher:
+            stop.set()
+            watcher.join(timeout=30)
         recorder.close(summary)   # everything handed to the recorder is written before we return
         if server:
             server.close()
@@ -291,6 +307,9 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
         summary["answers"] = dict(triggers.answered)
     if switch:
         summary["products"] = {"active": switch.active.name, "switches": switch.switches, "refused": switch.refused}
+    if watcher:
+        summary["updates"] = {"loaded": watcher.loaded, "refused": watcher.refused, "released": watcher.released,
+                              "model_sha256": switch.active.model.checksum}
     summary["exit_code"] = exit_code(summary)
     return summary
 
@@ -309,6 +328,26 @@ class _Observed:
 
     def close(self):
         self.status.close()
+
+
+def _update_watcher(options: RunOptions, switch, load_bundle, recorder, stop):
+    """--updates DIR: the watcher that loads new bundles and hands them to the switch."""
+    if not options.updates:
+        return None
+    from .products import Product
+    from .updates import UpdateWatcher
+
+    folder = Path(options.updates)
+
+    def load(path):
+        model = load_bundle(path)
+        active = switch.active
+        return Product(active.index, active.name, model, make_decider(model, active.settings), active.roi,
+                       settings=active.settings)
+
+    watcher = UpdateWatcher(folder, switch, load, recorder.event, stop)
+    watcher.start()
+    return watcher
 
 
 def _status_server(options: RunOptions, model: RuntimeModel, info, station: str, switch=None):

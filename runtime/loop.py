@@ -193,6 +193,7 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
     engine = model.engine(hint)
     if switch is not None:     # every product's engine made now: a switch loads nothing
         switch.active.engine = engine
+        switch.hint = hint
         for product in switch.products:
             if product.engine is None:
                 product.engine = product.model.engine(hint)
@@ -219,6 +220,8 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
                           round((t_decided - frame.t_capture) * 1000, 3), model.checksum, part,
                           product=switch.active.name if switch is not None else None)
         recorder.decision(row, frame.image)
+        if switch is not None:
+            switch.decided()
         stats.capture_to_decision.add((t_decided - frame.t_capture) * 1000)
         stats.frames += 1
         stats.labels[decision.label] += 1

@@ -104,6 +104,7 @@ class Product:
     decider: object        # Decider
     roi: tuple | None
     engine: object = None  # made by the loop once, for its hint
+    settings: object = None  # what its decider was made from (ok_classes, reject_below, vote): an update keeps them
 
 
 class ProductSwitch:
@@ -119,7 +120,11 @@ class ProductSwitch:
         self.listeners: list = []       # (product, error) -> None, called after each switch or refusal
         self.switches = 0
         self.refused = 0
+        self.updates = 0
         self.on_event = lambda kind, detail: None
+        self.hint = "latency"          # the loop's engine hint, for the engines of updates
+        self.retired: list[Product] = []   # replaced by an update, kept until the new one has decided
+        self.decided_since_update = 0
 
     def find(self, key) -> Product | None:
         """A product by index (int or digits) or name."""
@@ -155,12 +160,41 @@ class ProductSwitch:
             return None
         return wanted, self._asked_at
 
+    def replace(self, product: Product):
+        """An update (any thread): `product`, its engine made, takes the active product's
+        place at the next frame; the old one stays loaded until release_retired()."""
+        product.index, product.name = self.active.index, self.active.name
+        with self._lock:
+            self._wanted = product
+            self._asked_at = time.perf_counter()
+
     def switched(self, product: Product):
         """The loop switched (its thread)."""
+        if product not in self.products:         # an update: it takes the old one's place
+            old = self.products[product.index]
+            self.products[product.index] = product
+            self.retired.append(old)
+            self.decided_since_update = 0
+            self.updates += 1
         self.active = product
         self.switches += 1
         for listener in self.listeners:
             listener(product, False)
+
+    def decided(self):
+        """A frame decided (the loop's thread): counts the new model's first frames."""
+        if self.retired:
+            self.decided_since_update += 1
+
+    def release_retired(self, after: int) -> int:
+        """Drop the models an update replaced once the new one has decided `after` frames
+        (any thread but the loop's): their memory goes back. Returns how many."""
+        if not self.retired or self.decided_since_update < after:
+            return 0
+        gone, self.retired = self.retired, []
+        for product in gone:
+            product.engine = product.model = product.decider = None
+        return len(gone)
 
 
 def open_products(path, backend: str, precision: str, device: str, threads, open_model, make_decider) -> list:
@@ -175,5 +209,5 @@ def open_products(path, backend: str, precision: str, device: str, threads, open
             roi = parse_roi(spec.roi)
         except LinesideError as exc:
             raise LinesideError(f"--products {path}: product {spec.name}: {exc}") from None
-        products.append(Product(i, spec.name, model, decider, roi))
+        products.append(Product(i, spec.name, model, decider, roi, settings=spec))
     return products

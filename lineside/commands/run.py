@@ -39,6 +39,11 @@ def _open_runtime_model(bundle, backend, precision, device, threads, trusted=Non
                    "ProductRequest, MQTT PREFIX/product, POST /api/product). README: 'Product changeover'.")
 @click.option("--product", default=None, metavar="NAME|INDEX",
               help="With --products: the product active at the start. [the first]")
+@click.option("--updates", default=None, metavar="DIR",
+              help="Watch DIR for new bundles (a folder with bundle.json, copied in whole): each is checked "
+                   "(with --trust, its signature), given the running model's ROI, OK classes, threshold and "
+                   "vote, and takes over between two frames; one that fails is refused with an event and the "
+                   "old model stays.")
 @click.option("--trust", default=None, metavar="PUB[,PUB...]",
               help="Run only bundles signed by one of these public keys (lineside keys new, export --sign): "
                    "an unsigned bundle, an unknown key, or any file changed, added or removed since signing "
@@ -127,7 +132,7 @@ def _open_runtime_model(bundle, backend, precision, device, threads, trusted=Non
 def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loop, roi, reject_below, ok_classes,
             vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
             mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, opcua_cert, opcua_key, modbus, modbus_allow,
-            trigger, trigger_timeout_ms, products_file, product, trust,
+            trigger, trigger_timeout_ms, products_file, product, trust, updates,
             http, http_token_file, http_hosts, review_out, display, quiet, as_json):
     """Classify every frame from --source with an exported BUNDLE and record each decision.
 
@@ -179,26 +184,29 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
                          opcua_user=opcua_user, opcua_cert=opcua_cert, opcua_key=opcua_key, modbus=modbus,
                          modbus_allow=modbus_allow, http=http,
                          http_token_file=http_token_file, http_hosts=tuple(http_hosts), review_out=review_out,
-                         display=display, product=product,
+                         display=display, product=product, updates=updates,
                          status=not quiet and not as_json)
     trusted = None
     if trust is not None:
         from lineside.signing import load_public_keys
 
         trusted = load_public_keys(trust)
-    if products_file is not None:
-        from functools import partial
+    from functools import partial
 
+    from lineside.runtime.model import open_checked
+
+    load_bundle = partial(open_checked, trusted=trusted, backend=backend, precision=precision, device=device,
+                          threads=threads)
+    if products_file is not None:
         from lineside.runtime.app import make_decider
-        from lineside.runtime.model import open_checked
         from lineside.runtime.products import open_products
 
         products = open_products(products_file, backend, precision, device, threads,
                                  partial(open_checked, trusted=trusted), make_decider)
-        summary = run_app(None, options, products=products)
+        summary = run_app(None, options, products=products, load_bundle=load_bundle)
     else:
-        model = _open_runtime_model(bundle, backend, precision, device, threads, trusted)
-        summary = run_app(model, options)
+        model = load_bundle(bundle)
+        summary = run_app(model, options, load_bundle=load_bundle)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

@@ -1,0 +1,98 @@
+"""Updates without stopping the line: `lineside run BUNDLE --updates DIR`.
+
+The station watches DIR for bundle folders (a folder holding bundle.json, copied there
+whole: a folder whose files changed in the last UPDATE_SETTLE_SECONDS is left until
+they settle). A new one (its bundle.json unlike any seen before) is opened in this
+watcher's thread while the line runs: checked as at the start (its signature with
+--trust, every file against bundle.json), given the active product's ROI, OK classes,
+threshold and vote, and compiled. Then it takes over between two frames through the
+same switch as a product changeover (runtime/products.py): no decision is lost, and
+every decision names the model that made it (`model_sha256`). The old model stays
+loaded until the new one has decided RELEASE_AFTER frames, then is released. A bundle
+that fails any check is refused with an `update_refused` event naming why, and the
+old one stays; it is tried again only when its bundle.json changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+
+from lineside.errors import LinesideError
+from lineside.text import printable
+
+log = logging.getLogger(__name__)
+
+UPDATE_SETTLE_SECONDS = 2.0
+SCAN_SECONDS = 0.5
+RELEASE_AFTER = 30          # frames the new model decides before the old one is released
+
+
+def bundle_key(folder: Path) -> str | None:
+    try:
+        return hashlib.sha256((folder / "bundle.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class UpdateWatcher(threading.Thread):
+    """Scans `folder`; `load(path)` -> a Product (its engine not made yet), or LinesideError."""
+
+    def __init__(self, folder, switch, load, on_event, stop: threading.Event, settle: float | None = None):
+        super().__init__(name="lineside-updates", daemon=True)
+        self.folder = Path(folder)
+        self.switch, self.load, self.on_event, self.stop = switch, load, on_event, stop
+        self.settle = UPDATE_SETTLE_SECONDS if settle is None else settle
+        self.seen: set[str] = set()
+        self.loaded = 0
+        self.refused = 0
+        self.released = 0
+        active_dir = Path(switch.active.model.path).parent
+        key = bundle_key(active_dir)
+        if key:
+            self.seen.add(key)          # the bundle running now is no update
+
+    def run(self):
+        while not self.stop.wait(SCAN_SECONDS):     # read each time: tests shorten it
+            try:
+                self.released += self.switch.release_retired(RELEASE_AFTER)
+                self.scan()
+            except Exception as exc:  # noqa: BLE001 - the watcher never stops the line
+                log.error("updates: %s", exc)
+
+    def scan(self):
+        try:
+            candidates = sorted(p for p in self.folder.iterdir() if (p / "bundle.json").is_file())
+        except OSError:
+            return
+        now = time.time()
+        for candidate in candidates:
+            key = bundle_key(candidate)
+            if key is None or key in self.seen:
+                continue
+            try:
+                newest = max(f.stat().st_mtime for f in candidate.iterdir())
+            except (OSError, ValueError):
+                continue
+            if now - newest < self.settle:
+                continue                    # still being copied
+            self.seen.add(key)
+            self.take(candidate)
+
+    def take(self, candidate: Path):
+        t0 = time.perf_counter()
+        try:
+            product = self.load(candidate)
+            product.engine = product.model.engine(self.switch.hint)
+        except LinesideError as exc:
+            self.refused += 1
+            self.on_event("update_refused", f"{printable(candidate)}: {exc}; {self.switch.active.name} keeps "
+                                            "running its model")
+            return
+        self.loaded += 1
+        self.on_event("update_loaded", f"{printable(candidate)} (model {product.model.checksum[:12]}) loaded and "
+                                       f"checked in {time.perf_counter() - t0:.1f} s; it takes over at the next frame")
+        self.switch.replace(product)
