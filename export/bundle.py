@@ -153,6 +153,9 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
                    for key, paths in files.items()},
         "parity_passed": parity_ok,
     }
+    reference = drift_reference(loaded, data, run_dir)
+    if reference is not None:
+        bundle["drift_reference"] = reference
     (out / "bundle.json").write_text(json.dumps(bundle, indent=2))
     if not parity_ok:
         worst = max(parity.items(), key=lambda kv: kv[1]["max_abs_diff"])
@@ -347,6 +350,24 @@ def _int8_models(loaded, files, out: Path, meta: ModelMetadata, calib, eval_data
     int8_meta = meta.with_precision("int8")
     return {t["runtime"]: _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_paths,
                                       judged, limits, oof) for t in targets}
+
+
+def drift_reference(loaded, data, run_dir: Path | None) -> dict | None:
+    """What the box compares its frames with to notice drift (runtime/drift.py): the image
+    statistics of up to REFERENCE_IMAGES training images, and the confidence of the run's
+    out-of-fold predictions where it has them. None without the training images."""
+    from lineside.runtime.drift import REFERENCE_IMAGES, build_reference
+
+    if data is None or not Path(data).exists():
+        return None
+    x, _, _ = _labelled_arrays(loaded, data, REFERENCE_IMAGES, False, "drift reference")
+    oof = run_out_of_fold(run_dir, loaded)
+    confidences = None
+    if oof is not None:
+        z = oof[0] - oof[0].max(axis=1, keepdims=True)
+        p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        confidences = p.max(axis=1)
+    return build_reference(x, confidences, f"{len(x)} training images")
 
 
 def run_out_of_fold(run_dir: Path | None, loaded):

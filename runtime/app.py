@@ -56,6 +56,8 @@ class RunOptions:
     modbus: str | None = None
     product: str | None = None           # with --products: the product active at the start [the first]
     updates: str | None = None           # a folder watched for new bundles (runtime/updates.py)
+    drift: bool = True                   # drift alarms, where the bundle carries a reference
+    drift_window: int = 300
     modbus_allow: str | None = None
     http: str | None = None
     http_token_file: str | None = None
@@ -283,11 +285,19 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
             StdinTrigger(triggers).start()
     stop = threading.Event()
     watcher = _update_watcher(options, switch, load_bundle, recorder, stop)
+    drift = None
+    if options.drift:
+        from .drift import DriftMonitor
+
+        drift = DriftMonitor(model.drift_reference, recorder.event, window=options.drift_window)
+        for peer in peers:
+            if hasattr(peer, "drift"):
+                peer.drift = drift
     summary = None
     try:
         with StopOnSignal(stop) as signals:
             summary = run_loop(model, info, settings, decider, recorder, stop, on_decision=status, opener=opener,
-                               triggers=triggers, switch=switch)
+                               triggers=triggers, switch=switch, drift=drift)
         summary["stopped_by"] = signals.received
     finally:
         if triggers:     # parts still waiting get the fail-safe answer

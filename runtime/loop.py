@@ -143,11 +143,12 @@ class Preprocessor:
 
     def _flags(self, small: np.ndarray) -> list[str]:
         flags = []
-        # The mean first (7x cheaper than mean and deviation): only a dark frame needs both.
-        if sum(cv2.mean(small)[:3]) / 3 < BLACK_MEAN:
-            _, std = cv2.meanStdDev(small)
-            if std.mean() < BLACK_STD:
-                flags.append("black")
+        # One pass for mean and deviation (11 us at 224 px): the black check, and the
+        # brightness and contrast that drift alarms watch (runtime/drift.py).
+        mean, std = cv2.meanStdDev(small)
+        self.brightness, self.contrast = float(mean.mean()), float(std.mean())
+        if self.brightness < BLACK_MEAN and self.contrast < BLACK_STD:
+            flags.append("black")
         # Frozen means identical to the last frame, pixel for pixel: a live sensor always
         # adds some noise, so a repeat comes from a stalled driver or stream, not a still scene.
         if self.last is not None and cv2.norm(small, self.last, cv2.NORM_INF) == 0:
@@ -165,6 +166,7 @@ class _InFlight:
     frame: Frame
     flags: list
     t_submit: float
+    image_stats: tuple = (0.0, 0.0)    # brightness, contrast of the model's input
 
 
 def settle_heap():
@@ -184,7 +186,7 @@ def settle_heap():
 
 def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, decider: Decider,
              recorder: Recorder, stop: threading.Event, on_decision: Callable | None = None,
-             opener: Callable | None = None, triggers=None, switch=None) -> dict:
+             opener: Callable | None = None, triggers=None, switch=None, drift=None) -> dict:
     """Classify frames from `info` until the source ends, `stop` is set, the frame/time
     limit is reached, or no frame came for `settings.source_timeout` seconds. With
     `switch` (a ProductSwitch), the product it asks for takes over between two frames.
@@ -249,6 +251,8 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
         after_gap(item.frame)
         decision = decider(probs)
         t_decided = time.perf_counter()
+        if drift is not None:
+            drift.add(*item.image_stats, decision.confidence)
         record(item.frame, decision, {n: round(float(p), 6) for n, p in zip(model.labels, probs)}, item.flags,
                item.t_submit, t_decided)
         st = stats.stages
@@ -283,6 +287,8 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
         if triggers is not None:
             triggers.restart(time.perf_counter())
         switch.switched(product)
+        if drift is not None:
+            drift.rebase(product.model.drift_reference)
         recorder.event("product_switch", f"{old.name} -> {product.name} (index {product.index}) after frame "
                                          f"{stats.frames}, {(time.perf_counter() - asked_at) * 1000:.1f} ms after "
                                          "it was asked for")
@@ -343,7 +349,7 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
             free.pop()
             t_submit = time.perf_counter()
             engine.submit(s)
-            pending.append(_InFlight(s, frame, flags, t_submit))
+            pending.append(_InFlight(s, frame, flags, t_submit, (prep.brightness, prep.contrast)))
         while pending:                       # drain: every frame taken is decided and recorded
             finish(pending.popleft())
     finally:
@@ -356,7 +362,10 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
         if isinstance(capture.error, LinesideError):
             raise capture.error
         raise LinesideError(f"--source {info.shown}: capture failed ({capture.error})")
-    return summarize(stats, capture, slot, hint, engine.depth)
+    summary = summarize(stats, capture, slot, hint, engine.depth)
+    if drift is not None:
+        summary["drift"] = drift.summary()
+    return summary
 
 
 def summarize(stats: LoopStats, capture: Capture, slot: FrameSlot, hint: str, depth: int) -> dict:

@@ -41,6 +41,7 @@ class RuntimeModel:
     _engine: object = None
     _stream: object = None    # (images, progress) -> probabilities, each image a request of its own
     signature: dict | None = None   # what open_checked found: verified (key id), unsigned, or not checked
+    drift_reference: dict | None = None   # a bundle's reference for drift alarms (runtime/drift.py), checked
 
     def predict_proba(self, images: np.ndarray, batch: int = 32, progress=None) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB at the spec's size -> (N, classes) probabilities.
@@ -240,6 +241,7 @@ class ModelFiles:
     weights: bytes | None            # an IR's .bin (None for ONNX)
     digest: str                      # the model hash that the log records: covers every file
     declared: ModelMetadata | None   # a bundle's own metadata, which the model file must match
+    drift_reference: dict | None = None
 
 
 def model_digest(hashes: dict[str, str]) -> str:
@@ -349,7 +351,10 @@ def _bundle_files(folder: Path, backend: str, precision: str, manifest: bytes | 
     except LinesideError as exc:
         raise LinesideError(f"{exc} (bundle.json's metadata)") from None
     weights = contents.get(model.with_suffix(".bin").name) if model.suffix == ".xml" else None
-    return ModelFiles(model, contents[model.name], weights, model_digest(hashes), declared)
+    from .drift import check_reference
+
+    reference = check_reference(doc.get("drift_reference"), str(folder / "bundle.json"))
+    return ModelFiles(model, contents[model.name], weights, model_digest(hashes), declared, reference)
 
 
 def _checked_metadata(files: ModelFiles, text: str | None) -> tuple[ModelMetadata, list[str], InputSpec]:
@@ -404,7 +409,8 @@ def _open_onnxruntime(files: ModelFiles, threads: int | None) -> RuntimeModel:
     # 2-core CPU), with the same probabilities.
     many = streamer(engine, len(labels))
     return RuntimeModel(path, "onnxruntime", meta, labels, spec, files.digest,
-                        lambda x: session.run(None, {name: x})[0], engine, many)
+                        lambda x: session.run(None, {name: x})[0], engine, many,
+                        drift_reference=files.drift_reference)
 
 
 def library_reason(exc: BaseException) -> str:
@@ -490,4 +496,5 @@ def _open_openvino(files: ModelFiles, device: str, threads: int | None, precisio
     # second of one request on the dynamic batch shape (300 NEU images, a linear head with
     # four views, 2-core CPU), with the same probabilities.
     many = streamer(engine, len(labels))
-    return RuntimeModel(path, "openvino", meta, labels, spec, files.digest, many, engine, many)
+    return RuntimeModel(path, "openvino", meta, labels, spec, files.digest, many, engine, many,
+                        drift_reference=files.drift_reference)

@@ -117,6 +117,7 @@ class LivePage:
         self.event_counts: Counter = Counter()
         self.last_row: DecisionRow | None = None
         self.last_error = None
+        self.drift = None                       # the run's DriftMonitor, when it has one
         self._frame = None                      # (frame index, image) of the last decision
         self._stats = None
         self._jpeg = (None, b"")
@@ -196,6 +197,7 @@ class LivePage:
                 "verdict": row.verdict, "decision": row.decision, "part_id": row.part_id, "flags": row.flags},
             "events": [{"time": e.ts, "kind": e.kind, "detail": e.detail} for e in reversed(list(self.events))][:20],
             "event_counts": dict(self.event_counts), "last_error": self.last_error,
+            "drift": self.drift.summary() if self.drift is not None else None,
         }
 
     def last_jpeg(self) -> bytes | None:
@@ -247,6 +249,13 @@ def prometheus(s: dict) -> str:
     metric("capture_to_decision_ms", "gauge", "Capture-to-decision time percentiles in milliseconds.",
            [([f'quantile="{q}"'], lat[k]) for q, k in (("0.5", "p50"), ("0.99", "p99")) if k in lat])
     metric("uptime_seconds", "gauge", "Seconds since the run started.", [([], s["uptime_s"])])
+    drift = s.get("drift") or {}
+    psi = {k: v for k, v in (drift.get("psi") or {}).items() if v is not None}
+    if psi:
+        metric("drift_psi", "gauge", "Population stability index of the last frames against training "
+                                     "(0.25 and above: drift).", [([f'stat="{esc(k)}"'], v) for k, v in sorted(psi.items())])
+        metric("drift_alarm", "gauge", "1 while a statistic is in drift.",
+               [([f'stat="{esc(k)}"'], int(k in drift.get("alarmed", []))) for k in sorted(psi)])
     return "\n".join(lines) + "\n"
 
 

@@ -44,6 +44,11 @@ def _open_runtime_model(bundle, backend, precision, device, threads, trusted=Non
                    "(with --trust, its signature), given the running model's ROI, OK classes, threshold and "
                    "vote, and takes over between two frames; one that fails is refused with an event and the "
                    "old model stays.")
+@click.option("--drift/--no-drift", default=True, show_default=True,
+              help="Drift alarms: compare the last --drift-window frames' brightness, contrast (and, where "
+                   "the bundle has it, confidence) with the training images' (a drift event, never a stop).")
+@click.option("--drift-window", type=int, default=300, show_default=True,
+              help="Frames in the rolling window that drift alarms compare with training.")
 @click.option("--trust", default=None, metavar="PUB[,PUB...]",
               help="Run only bundles signed by one of these public keys (lineside keys new, export --sign): "
                    "an unsigned bundle, an unknown key, or any file changed, added or removed since signing "
@@ -132,7 +137,7 @@ def _open_runtime_model(bundle, backend, precision, device, threads, trusted=Non
 def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loop, roi, reject_below, ok_classes,
             vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
             mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, opcua_cert, opcua_key, modbus, modbus_allow,
-            trigger, trigger_timeout_ms, products_file, product, trust, updates,
+            trigger, trigger_timeout_ms, products_file, product, trust, updates, drift, drift_window,
             http, http_token_file, http_hosts, review_out, display, quiet, as_json):
     """Classify every frame from --source with an exported BUNDLE and record each decision.
 
@@ -184,7 +189,8 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
                          opcua_user=opcua_user, opcua_cert=opcua_cert, opcua_key=opcua_key, modbus=modbus,
                          modbus_allow=modbus_allow, http=http,
                          http_token_file=http_token_file, http_hosts=tuple(http_hosts), review_out=review_out,
-                         display=display, product=product, updates=updates,
+                         display=display, product=product, updates=updates, drift=drift,
+                         drift_window=drift_window,
                          status=not quiet and not as_json)
     trusted = None
     if trust is not None:
