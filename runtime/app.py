@@ -58,6 +58,7 @@ class RunOptions:
     updates: str | None = None           # a folder watched for new bundles (runtime/updates.py)
     drift: bool = True                   # drift alarms, where the bundle carries a reference
     drift_window: int = 300
+    capture_per_hour: int = 120          # --save-when worth: frames kept for labelling in any hour
     modbus_allow: str | None = None
     http: str | None = None
     http_token_file: str | None = None
@@ -212,7 +213,8 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
     if options.save_dir:
         _check_save_outside_source(Path(options.save_dir), info)
         save = SavePolicy(Path(options.save_dir), tuple(w.strip() for w in options.save_when.split(",") if w.strip()),
-                          options.save_max_files, options.save_max_mb)
+                          options.save_max_files, options.save_max_mb, per_hour=options.capture_per_hour,
+                          reject_below=decider.reject_below)
     status = StatusLine(options.status and not options.trigger == "stdin", options.display)
     station = options.station or socket.gethostname()
     settle_heap()   # before anything that answers the line starts (see settle_heap)

@@ -40,7 +40,11 @@ from lineside.text import printable
 
 log = logging.getLogger(__name__)
 
-SAVE_WHEN = ("ng", "unknown", "all", "flagged")
+SAVE_WHEN = ("ng", "unknown", "all", "flagged", "worth")
+NEAR_MARGIN = 0.2          # top-1 minus top-2 probability below this: the model hesitates between two classes
+NEAR_REJECT = 0.1          # confidence within this above --reject-below: nearly unknown
+RANDOM_SHARE = 0.02        # of the confident frames, kept at random so that a training set is not all hard cases
+RANDOM_QUOTA = 0.25        # the random ones take at most this share of the hour's quota
 BATCH_SECONDS = 0.2
 BATCH_ROWS = 500
 LOG_BUFFER_ROWS = 50_000     # decisions kept while the log is unwritable (about half an hour at 30 FPS)
@@ -71,6 +75,7 @@ class DecisionRow:
     part_id: str | None = None     # the part a trigger asked about, when this frame answers it
     saved: str | None = None       # the file name of the frame in the --save folder, when it was saved
     product: str | None = None     # the product (--products) whose model and settings decided it
+    capture: str | None = None     # why --save-when worth kept it: unknown, near_threshold, disagreement, random
 
     def __post_init__(self):
         # Every output writes these as UTF-8: a file name that is not UTF-8 (or any text from
@@ -89,7 +94,7 @@ class DecisionRow:
 
 
 TEXT_FIELDS = ("source", "origin", "label", "top", "verdict", "decision", "model_sha256", "part_id", "saved",
-               "product")
+               "product", "capture")
 ROW_FIELDS = tuple(f.name for f in fields(DecisionRow))
 DECISION_COLUMNS = ("run", *ROW_FIELDS)
 
@@ -125,17 +130,26 @@ CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY, run INTEGER, ts REAL, frame INTEGER, source TEXT, origin TEXT,
     label TEXT, confidence REAL, top TEXT, verdict TEXT, decision TEXT, probabilities TEXT,
     flags TEXT, latency_ms REAL, capture_to_decision_ms REAL, model_sha256 TEXT, part_id TEXT, saved TEXT,
-    product TEXT);
+    product TEXT, capture TEXT);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, run INTEGER, ts REAL, kind TEXT, detail TEXT);
 """
 
 
 @dataclass
 class SavePolicy:
+    """Which frames go to --save. `worth` keeps the frames worth labelling next, at most
+    per_hour of them in any hour: unknowns, the frames near the decision (two classes
+    within NEAR_MARGIN, or a confidence within NEAR_REJECT above --reject-below), the
+    frames a shadow model disagrees on (see the recorder's shadow()), and RANDOM_SHARE of
+    the confident rest (at most RANDOM_QUOTA of the hour's quota), so that the next
+    training set is not all hard cases. The reason is the decision's `capture`."""
     folder: Path
     when: tuple[str, ...] = ("ng", "unknown")
     max_files: int = 1000
     max_mb: float = 500.0
+    per_hour: int = 120
+    reject_below: float | None = None
+    seed: int = 0
 
     def __post_init__(self):
         bad = [w for w in self.when if w not in SAVE_WHEN]
@@ -143,11 +157,43 @@ class SavePolicy:
             raise LinesideError(f"--save-when: {', '.join(bad)} is not one of {', '.join(SAVE_WHEN)}")
         if self.max_files < 1 or self.max_mb <= 0:
             raise LinesideError("--save-max-files and --save-max-mb must be positive")
+        if self.per_hour < 1:
+            raise LinesideError("--capture-per-hour: must be positive")
+        self._kept: deque = deque()         # (time, random?) of the frames `worth` kept in the last hour
+        self._rng = np.random.default_rng(self.seed)
 
     def wants(self, row: DecisionRow) -> bool:
+        if "worth" in self.when and self.worth(row):
+            return True
         return ("all" in self.when or ("ng" in self.when and row.verdict == "NG")
                 or ("unknown" in self.when and row.label == "unknown")
                 or ("flagged" in self.when and bool(row.flags)))
+
+    def worth(self, row: DecisionRow, reason: str | None = None) -> bool:
+        """Whether to keep the frame for labelling (and row.capture says why), within the quota."""
+        reason = reason or self._reason(row)
+        if reason is None:
+            return False
+        now = row.ts
+        while self._kept and self._kept[0][0] <= now - 3600:
+            self._kept.popleft()
+        if len(self._kept) >= self.per_hour:
+            return False
+        if reason == "random" and sum(r for _, r in self._kept) >= max(1, int(self.per_hour * RANDOM_QUOTA)):
+            return False
+        self._kept.append((now, reason == "random"))
+        row.capture = reason
+        return True
+
+    def _reason(self, row: DecisionRow) -> str | None:
+        if row.label == "unknown":
+            return "unknown"
+        top = sorted(row.probabilities.values(), reverse=True)[:2] if row.probabilities else []
+        if len(top) == 2 and top[0] - top[1] < NEAR_MARGIN:
+            return "near_threshold"
+        if self.reject_below is not None and row.confidence < self.reject_below + NEAR_REJECT:
+            return "near_threshold"
+        return "random" if self._rng.random() < RANDOM_SHARE else None
 
 
 # The name of every frame lineside saves: housekeeping deletes files of this name only, so
@@ -259,7 +305,7 @@ class SqliteLog(LogFile):
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(decisions)")}
-            for column in ("part_id", "saved", "product"):      # a log started by an older lineside
+            for column in ("part_id", "saved", "product", "capture"):      # a log started by an older lineside
                 if column not in columns:
                     self.db.execute(f"ALTER TABLE decisions ADD COLUMN {column} TEXT")
             info = self.run_info
@@ -281,7 +327,7 @@ class SqliteLog(LogFile):
                 f"INSERT INTO decisions ({','.join(DECISION_COLUMNS)}) VALUES ({','.join('?' * len(DECISION_COLUMNS))})",
                 [(run, r.ts, r.frame, r.source, r.origin, r.label, r.confidence, r.top, r.verdict, r.decision,
                   json.dumps(r.probabilities), json.dumps(r.flags), r.latency_ms, r.capture_to_decision_ms,
-                  r.model_sha256, r.part_id, r.saved, r.product) for r in decisions])
+                  r.model_sha256, r.part_id, r.saved, r.product, r.capture) for r in decisions])
             self.db.executemany("INSERT INTO events (run, ts, kind, detail) VALUES (?,?,?,?)",
                                 [(run, e.ts, e.kind, e.detail) for e in events])
             self.db.commit()

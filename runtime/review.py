@@ -31,11 +31,11 @@ from lineside.images import decode_image
 from .loop import parse_roi
 from .records import SAVED_NAME, log_kind
 
-VERDICTS = ("OK", "NG", "unknown", "flagged")
+VERDICTS = ("OK", "NG", "unknown", "flagged", "worth")   # worth: kept for labelling (--save-when worth)
 LABEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$")
 MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ("path", "label", "model_label", "confidence", "verdict", "decision_id", "frame_time",
-                   "reviewed_at")
+                   "reviewed_at", "station", "model_sha256", "product", "capture")   # provenance after the label
 MAX_ITEMS = 500
 
 
@@ -67,7 +67,7 @@ class ReviewStore:
         try:
             return db.execute(sql, args).fetchall()
         except sqlite3.OperationalError as exc:
-            if "no such column: saved" in str(exc) or "no such table" in str(exc):
+            if "no such column" in str(exc) or "no such table" in str(exc):
                 return []     # a log written before frames were named in it, or still empty
             raise
         finally:
@@ -91,6 +91,8 @@ class ReviewStore:
             args.append(label)
         if verdict == "unknown":
             where.append("label = 'unknown'")
+        elif verdict == "worth":
+            where.append("capture IS NOT NULL")
         elif verdict == "flagged":
             where.append("flags NOT IN ('[]', '')")
         elif verdict:
@@ -100,8 +102,8 @@ class ReviewStore:
             where.append("id < ?")
             args.append(int(before))
         limit = max(1, min(int(limit), MAX_ITEMS))
-        rows = self._query(f"SELECT id, ts, frame, label, confidence, verdict, flags, part_id, saved, source "
-                           f"FROM decisions WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", (*args, limit * 2))
+        rows = self._query(f"SELECT * FROM decisions WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+                           (*args, limit * 2))
         reviewed = self.reviewed()
         out = []
         for r in rows:
@@ -110,6 +112,7 @@ class ReviewStore:
             out.append({"id": r["id"], "time": r["ts"], "frame": r["frame"], "label": r["label"],
                         "confidence": r["confidence"], "verdict": r["verdict"], "flags": json.loads(r["flags"] or "[]"),
                         "part_id": r["part_id"], "source": r["source"],
+                        "capture": r["capture"] if "capture" in r.keys() else None,
                         "reviewed": reviewed.get(r["id"])})
             if len(out) >= limit:
                 break
@@ -169,7 +172,8 @@ class ReviewStore:
         if data is None:
             raise LookupError(f"decision {decision_id} has no saved frame in {self.save_dir}")
         image = decode_image(data, source, cv2.IMREAD_COLOR)     # BadImage (a LinesideError) names it
-        crop = roi_crop(image, json.loads(row["settings"] or "{}").get("roi"))
+        settings = json.loads(row["settings"] or "{}")
+        crop = roi_crop(image, settings.get("roi"))
         name = Path(row["saved"]).with_suffix(".png").name
         with self._lock:
             entries = {e["decision_id"]: e for e in self._read_manifest()}
@@ -189,7 +193,9 @@ class ReviewStore:
             entry = {"path": f"{label}/{name}", "label": label, "model_label": row["label"],
                      "confidence": row["confidence"], "verdict": row["verdict"] or "",
                      "decision_id": str(decision_id), "frame_time": row["ts"],
-                     "reviewed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                     "reviewed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     "station": settings.get("station") or "", "model_sha256": row["model_sha256"] or "",
+                     "product": _column(row, "product"), "capture": _column(row, "capture")}
             entries[str(decision_id)] = entry
             self._write_manifest(list(entries.values()))
         return entry
@@ -209,6 +215,11 @@ class ReviewStore:
         w.writeheader()
         w.writerows(entries)
         write_atomic(self.out_dir / MANIFEST, buf.getvalue().encode("utf-8"))
+
+
+def _column(row, name: str) -> str:
+    """A decision's column that older logs lack, as text ('' when absent or empty)."""
+    return (row[name] or "") if name in row.keys() else ""
 
 
 def read_plain_file(path: Path) -> bytes | None:

@@ -70,7 +70,11 @@ def _open_runtime_model(bundle, backend, precision, device, threads, trusted=Non
                    "ever deleted by the caps below; a frame that cannot be saved is a save_failed event, "
                    "never a lost decision.")
 @click.option("--save-when", default="ng,unknown", show_default=True,
-              help="Which frames to save: comma-separated from ng, unknown, flagged, all.")
+              help="Which frames to save: comma-separated from ng, unknown, flagged, all, and worth: the frames "
+                   "worth labelling next (unknowns, frames near the decision, shadow disagreements and a few "
+                   "confident ones at random), at most --capture-per-hour; the review page lists them first.")
+@click.option("--capture-per-hour", default=120, show_default=True,
+              help="With --save-when worth: at most this many frames kept for labelling in any hour.")
 @click.option("--save-max-files", default=1000, show_default=True,
               help="Keep at most this many saved frames (the oldest lineside_*.jpg go first).")
 @click.option("--save-max-mb", default=500.0, show_default=True, help="Keep at most this much in saved frames.")
@@ -138,6 +142,7 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
             vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
             mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, opcua_cert, opcua_key, modbus, modbus_allow,
             trigger, trigger_timeout_ms, products_file, product, trust, updates, drift, drift_window,
+            capture_per_hour,
             http, http_token_file, http_hosts, review_out, display, quiet, as_json):
     """Classify every frame from --source with an exported BUNDLE and record each decision.
 
@@ -190,7 +195,7 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
                          modbus_allow=modbus_allow, http=http,
                          http_token_file=http_token_file, http_hosts=tuple(http_hosts), review_out=review_out,
                          display=display, product=product, updates=updates, drift=drift,
-                         drift_window=drift_window,
+                         drift_window=drift_window, capture_per_hour=capture_per_hour,
                          status=not quiet and not as_json)
     trusted = None
     if trust is not None:

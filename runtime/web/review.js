@@ -16,7 +16,8 @@ function card(item) {
   const info = document.createElement("div");
   const verdict = item.label === "unknown" ? "unknown" : (item.verdict || "");
   const title = document.createElement("strong");
-  title.textContent = `${item.label} ${(100 * item.confidence).toFixed(1)}% ${item.verdict || ""}`;
+  title.textContent = `${item.label} ${(100 * item.confidence).toFixed(1)}% ${item.verdict || ""}` +
+    (item.capture ? ` · kept: ${item.capture.replace("_", " ")}` : "");
   if (verdict) title.className = `${verdict}-text`;
   const meta = document.createElement("div");
   meta.className = "muted";
@@ -90,4 +91,13 @@ if (asked.get("verdict")) $("verdict").value = asked.get("verdict");
 $("verdict").addEventListener("change", () => load(false));
 $("label").addEventListener("change", () => load(false));
 $("more").addEventListener("click", () => load(true));
-load(false);
+
+async function start() {
+  // The frames kept as worth labelling (--save-when worth) come first, when there are any.
+  if (!asked.get("verdict")) {
+    const r = await fetch("/api/review?verdict=worth&limit=1", { cache: "no-store" });
+    if (r.ok && (await r.json()).items.length) $("verdict").value = "worth";
+  }
+  load(false);
+}
+start();
