@@ -56,6 +56,7 @@ class RunOptions:
     modbus: str | None = None
     product: str | None = None           # with --products: the product active at the start [the first]
     updates: str | None = None           # a folder watched for new bundles (runtime/updates.py)
+    shadow: str | None = None            # a candidate bundle decided beside the line (runtime/shadow.py)
     drift: bool = True                   # drift alarms, where the bundle carries a reference
     drift_window: int = 300
     capture_per_hour: int = 120          # --save-when worth: frames kept for labelling in any hour
@@ -186,11 +187,11 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
     switch = None
     if options.updates and not Path(options.updates).is_dir():
         raise LinesideError(f"--updates {options.updates}: no such folder")
-    if options.updates and not products:     # one product, so that updates switch as changeovers do
+    if (options.updates or options.shadow) and not products:   # one product: they switch as changeovers do
         from .products import Product
 
         if load_bundle is None:
-            raise LinesideError("--updates: this run cannot open bundles (give a bundle folder)")
+            raise LinesideError("--updates / --shadow: this run cannot open bundles (give a bundle folder)")
         products = [Product(0, Path(model.path).parent.name, model, make_decider(model, options),
                             parse_roi(options.roi), settings=options)]
     if products:
@@ -206,6 +207,13 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
         model, decider, roi = switch.active.model, switch.active.decider, switch.active.roi
     else:
         decider, roi = make_decider(model, options), parse_roi(options.roi)
+    candidate = None
+    if options.shadow:        # opened and checked now: a candidate that cannot run is a setup error
+        shadow_model = load_bundle(options.shadow)
+        try:
+            candidate = (shadow_model, make_decider(shadow_model, switch.active.settings))
+        except LinesideError as exc:
+            raise LinesideError(f"--shadow {options.shadow}: {exc}") from None
     settings = LoopSettings(roi=roi, loop=options.loop, pace=options.pace, hint=options.hint,
                             max_frames=options.max_frames, seconds=options.seconds,
                             source_timeout=options.source_timeout)
@@ -255,8 +263,9 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
                 answer_to.append(peers[-1].answer)
             if switch:
                 switch.listeners.append(peers[-1].product_changed)
+        actions: dict = {}      # what the page may ask for with the token: filled once the recorder exists
         if options.http:
-            server, page = _status_server(options, model, info, station, switch)
+            server, page = _status_server(options, model, info, station, switch, actions)
             peers.append(page)
         observers = [peer.observe for peer in peers if hasattr(peer, "observe")]
         if observers:
@@ -287,6 +296,16 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
             StdinTrigger(triggers).start()
     stop = threading.Event()
     watcher = _update_watcher(options, switch, load_bundle, recorder, stop)
+    shadow = None
+    if candidate is not None:
+        from .shadow import ShadowRunner
+
+        shadow = ShadowRunner(*candidate, switch.active.roi, recorder)
+        shadow.start()
+        actions.update(_promotion(switch, shadow, recorder))
+        for peer in peers:
+            if hasattr(peer, "shadow"):
+                peer.shadow = shadow
     drift = None
     if options.drift:
         from .drift import DriftMonitor
@@ -299,7 +318,7 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
     try:
         with StopOnSignal(stop) as signals:
             summary = run_loop(model, info, settings, decider, recorder, stop, on_decision=status, opener=opener,
-                               triggers=triggers, switch=switch, drift=drift)
+                               triggers=triggers, switch=switch, drift=drift, shadow=shadow)
         summary["stopped_by"] = signals.received
     finally:
         if triggers:     # parts still waiting get the fail-safe answer
@@ -308,6 +327,8 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
         if watcher:
             stop.set()
             watcher.join(timeout=30)
+        if shadow is not None and shadow.active:
+            shadow.stop()     # its last decisions reach the log before it closes
         recorder.close(summary)   # everything handed to the recorder is written before we return
         if server:
             server.close()
@@ -319,6 +340,8 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
         summary["answers"] = dict(triggers.answered)
     if switch:
         summary["products"] = {"active": switch.active.name, "switches": switch.switches, "refused": switch.refused}
+    if shadow is not None:
+        summary["shadow"] = shadow.summary()
     if watcher:
         summary["updates"] = {"loaded": watcher.loaded, "refused": watcher.refused, "released": watcher.released,
                               "model_sha256": switch.active.model.checksum}
@@ -342,6 +365,38 @@ class _Observed:
         self.status.close()
 
 
+def _promotion(switch, shadow, recorder) -> dict:
+    """The page's two actions: the shadow model becomes the line's, or the previous model
+    comes back, between two frames; each is an event naming who asked."""
+    from .products import Product
+
+    def promote(who: str) -> dict:
+        if not shadow.active:
+            raise LinesideError("there is no shadow model to promote (promoted already?)")
+        shadow.stop()
+        active = switch.active
+        product = Product(active.index, active.name, shadow.model, shadow.decider, active.roi,
+                          settings=active.settings)
+        product.engine = shadow.model.engine(switch.hint)
+        switch.replace(product, keep_old=True)
+        recorder.event("promoted", f"the shadow model {shadow.model.checksum[:12]} replaces "
+                                   f"{active.model.checksum[:12]} on the line, asked for by {who}; the previous "
+                                   "model is kept for a rollback")
+        return {"promoted": shadow.model.checksum}
+
+    def rollback(who: str) -> dict:
+        previous = switch.previous
+        if previous is None:
+            raise LinesideError("there is no previous model to roll back to")
+        current = switch.active
+        switch.replace(previous, keep_old=True)
+        recorder.event("rolled_back", f"{previous.model.checksum[:12]} replaces {current.model.checksum[:12]} on "
+                                      f"the line again, asked for by {who}")
+        return {"rolled_back_to": previous.model.checksum}
+
+    return {"promote": promote, "rollback": rollback}
+
+
 def _update_watcher(options: RunOptions, switch, load_bundle, recorder, stop):
     """--updates DIR: the watcher that loads new bundles and hands them to the switch."""
     if not options.updates:
@@ -362,7 +417,7 @@ def _update_watcher(options: RunOptions, switch, load_bundle, recorder, stop):
     return watcher
 
 
-def _status_server(options: RunOptions, model: RuntimeModel, info, station: str, switch=None):
+def _status_server(options: RunOptions, model: RuntimeModel, info, station: str, switch=None, actions=None):
     """--http: the live page (a peer of the log) and, with a SQLite --log and --save, the review."""
     from .web import LivePage, StatusServer, model_summary, read_token
 
@@ -373,7 +428,7 @@ def _status_server(options: RunOptions, model: RuntimeModel, info, station: str,
         review = ReviewStore(options.log, options.save_dir, options.review_out, model.labels)
     page = LivePage(station, model_summary(model), info.shown)
     return StatusServer(options.http, page, review, read_token(options.http_token_file),
-                        hosts=options.http_hosts, switch=switch), page
+                        hosts=options.http_hosts, switch=switch, actions=actions), page
 
 
 def _triggers(options: RunOptions, deciders: list[Decider]):

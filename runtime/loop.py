@@ -186,7 +186,7 @@ def settle_heap():
 
 def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, decider: Decider,
              recorder: Recorder, stop: threading.Event, on_decision: Callable | None = None,
-             opener: Callable | None = None, triggers=None, switch=None, drift=None) -> dict:
+             opener: Callable | None = None, triggers=None, switch=None, drift=None, shadow=None) -> dict:
     """Classify frames from `info` until the source ends, `stop` is set, the frame/time
     limit is reached, or no frame came for `settings.source_timeout` seconds. With
     `switch` (a ProductSwitch), the product it asks for takes over between two frames.
@@ -224,6 +224,8 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
         recorder.decision(row, frame.image)
         if switch is not None:
             switch.decided()
+        if shadow is not None:
+            shadow.offer(frame.image, row, prep.first_size)
         stats.capture_to_decision.add((t_decided - frame.t_capture) * 1000)
         stats.frames += 1
         stats.labels[decision.label] += 1

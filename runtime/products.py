@@ -124,6 +124,8 @@ class ProductSwitch:
         self.on_event = lambda kind, detail: None
         self.hint = "latency"          # the loop's engine hint, for the engines of updates
         self.retired: list[Product] = []   # replaced by an update, kept until the new one has decided
+        self.previous: Product | None = None   # replaced by a promotion or rollback: what a rollback brings back
+        self._keep_old = False
         self.decided_since_update = 0
 
     def find(self, key) -> Product | None:
@@ -160,12 +162,14 @@ class ProductSwitch:
             return None
         return wanted, self._asked_at
 
-    def replace(self, product: Product):
-        """An update (any thread): `product`, its engine made, takes the active product's
-        place at the next frame; the old one stays loaded until release_retired()."""
+    def replace(self, product: Product, keep_old: bool = False):
+        """An update, a promotion or a rollback (any thread): `product`, its engine made,
+        takes the active product's place at the next frame. The old one stays loaded until
+        release_retired(), or with keep_old as `previous`, for a rollback."""
         product.index, product.name = self.active.index, self.active.name
         with self._lock:
             self._wanted = product
+            self._keep_old = keep_old
             self._asked_at = time.perf_counter()
 
     def switched(self, product: Product):
@@ -173,8 +177,11 @@ class ProductSwitch:
         if product not in self.products:         # an update: it takes the old one's place
             old = self.products[product.index]
             self.products[product.index] = product
-            self.retired.append(old)
-            self.decided_since_update = 0
+            if self._keep_old:
+                self.previous = old
+            else:
+                self.retired.append(old)
+                self.decided_since_update = 0
             self.updates += 1
         self.active = product
         self.switches += 1

@@ -132,6 +132,9 @@ CREATE TABLE IF NOT EXISTS decisions (
     flags TEXT, latency_ms REAL, capture_to_decision_ms REAL, model_sha256 TEXT, part_id TEXT, saved TEXT,
     product TEXT, capture TEXT);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, run INTEGER, ts REAL, kind TEXT, detail TEXT);
+CREATE TABLE IF NOT EXISTS shadow (
+    id INTEGER PRIMARY KEY, run INTEGER, ts REAL, frame INTEGER, label TEXT, confidence REAL, verdict TEXT,
+    model_sha256 TEXT, active_label TEXT, active_verdict TEXT, agrees INTEGER);
 """
 
 
@@ -287,7 +290,7 @@ class LogFile:
     def _open(self):
         raise NotImplementedError
 
-    def write(self, decisions: list[DecisionRow], events: list[Event]):
+    def write(self, decisions: list[DecisionRow], events: list[Event], shadows=()):
         raise NotImplementedError
 
     def finish(self, summary: dict):
@@ -320,7 +323,7 @@ class SqliteLog(LogFile):
             raise
         self.run_id = cur.lastrowid
 
-    def write(self, decisions, events):
+    def write(self, decisions, events, shadows=()):
         run = self.run_id
         try:
             self.db.executemany(
@@ -330,6 +333,12 @@ class SqliteLog(LogFile):
                   r.model_sha256, r.part_id, r.saved, r.product, r.capture) for r in decisions])
             self.db.executemany("INSERT INTO events (run, ts, kind, detail) VALUES (?,?,?,?)",
                                 [(run, e.ts, e.kind, e.detail) for e in events])
+            if shadows:
+                self.db.executemany(
+                    "INSERT INTO shadow (run, ts, frame, label, confidence, verdict, model_sha256, active_label, "
+                    "active_verdict, agrees) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    [(run, r.ts, r.frame, r.label, r.confidence, r.verdict, r.model_sha256, r.active_label,
+                      r.active_verdict, int(r.agrees)) for r in shadows])
             self.db.commit()
         except BaseException:
             self.db.rollback()
@@ -371,9 +380,10 @@ class JsonLinesLog(LogFile):
                 pass
             raise
 
-    def write(self, decisions, events):
+    def write(self, decisions, events, shadows=()):
         self._append([{"type": "decision", **r.as_dict()} for r in decisions]
-                     + [{"type": "event", "ts": e.ts, "kind": e.kind, "detail": e.detail} for e in events])
+                     + [{"type": "event", "ts": e.ts, "kind": e.kind, "detail": e.detail} for e in events]
+                     + [{"type": "shadow", **{k: getattr(r, k) for k in r.__slots__}} for r in shadows])
 
     def finish(self, summary):
         self._append([{"type": "end", "ts": time.time(), "summary": summary}])
@@ -437,6 +447,7 @@ class Recorder:
         self._queue: queue.Queue = queue.Queue()
         self._rows: deque[DecisionRow] = deque()
         self._events: deque[Event] = deque()
+        self._shadows: deque = deque(maxlen=LOG_BUFFER_ROWS)   # a shadow model's decisions: the log alone gets them
         self._images_queued = 0   # counted by the loop's thread...
         self._images_taken = 0    # ...and by the writer's: their difference is what waits
         self.written = 0          # decisions in the log file now
@@ -472,6 +483,10 @@ class Recorder:
         self._queue.put((row, keep))
         for peer in self.peers:
             self._to_peer(peer.decision, row)
+
+    def shadow(self, row):
+        """A shadow model's decision (runtime/shadow.py): to the log alone, never to the outputs."""
+        self._queue.put(("shadow", row))
 
     def event(self, kind: str, detail: str = ""):
         event = Event(time.time(), kind, detail)
@@ -526,6 +541,8 @@ class Recorder:
             while item is not None:
                 if isinstance(item, Event):
                     self._events.append(item)
+                elif item[0] == "shadow":
+                    self._shadows.append(item[1])
                 elif item[0] == "close":
                     closing = item[1]
                     break
@@ -568,8 +585,9 @@ class Recorder:
         if self.log is None:
             self._rows.clear()
             self._events.clear()
+            self._shadows.clear()
             return True
-        if not self._rows and not self._events and not self._failing:
+        if not self._rows and not self._events and not self._shadows and not self._failing:
             return True
         events = list(self._events)
         try:
@@ -579,7 +597,7 @@ class Recorder:
             if self._failing:
                 events.append(self._recovered_event())
             try:
-                self.log.write(list(self._rows), events)
+                self.log.write(list(self._rows), events, list(self._shadows))
             except Exception as exc:  # noqa: BLE001 - sorted by is_fault: the file's, or the content's
                 if is_fault(exc):
                     raise
@@ -588,6 +606,7 @@ class Recorder:
                 self.written += len(self._rows)
                 self._rows.clear()
                 self._events.clear()
+                self._shadows.clear()
         except (OSError, sqlite3.Error) as exc:
             self._failed(exc)
             return False
@@ -624,6 +643,14 @@ class Recorder:
                     raise
                 log.error("%s: an event could not be written (%s: %s)", self.path, type(err).__name__, err)
             self._events.popleft()
+        if self._shadows:
+            try:
+                self.log.write([], [], list(self._shadows))
+            except Exception as err:  # noqa: BLE001
+                if is_fault(err):
+                    raise
+                log.error("%s: %d shadow decisions could not be written (%s)", self.path, len(self._shadows), err)
+            self._shadows.clear()
 
     def _failed(self, exc: BaseException):
         now = time.time()

@@ -118,6 +118,7 @@ class LivePage:
         self.last_row: DecisionRow | None = None
         self.last_error = None
         self.drift = None                       # the run's DriftMonitor, when it has one
+        self.shadow = None                      # the run's ShadowRunner (--shadow)
         self._frame = None                      # (frame index, image) of the last decision
         self._stats = None
         self._jpeg = (None, b"")
@@ -198,6 +199,7 @@ class LivePage:
             "events": [{"time": e.ts, "kind": e.kind, "detail": e.detail} for e in reversed(list(self.events))][:20],
             "event_counts": dict(self.event_counts), "last_error": self.last_error,
             "drift": self.drift.summary() if self.drift is not None else None,
+            "shadow": self.shadow.summary() if self.shadow is not None else None,
         }
 
     def last_jpeg(self) -> bytes | None:
@@ -249,6 +251,11 @@ def prometheus(s: dict) -> str:
     metric("capture_to_decision_ms", "gauge", "Capture-to-decision time percentiles in milliseconds.",
            [([f'quantile="{q}"'], lat[k]) for q, k in (("0.5", "p50"), ("0.99", "p99")) if k in lat])
     metric("uptime_seconds", "gauge", "Seconds since the run started.", [([], s["uptime_s"])])
+    shadow = s.get("shadow") or {}
+    if shadow.get("agreement") is not None:
+        metric("shadow_agreement", "gauge", "Share of the frames the shadow model decided as the line's did.",
+               [([], shadow["agreement"])])
+        metric("shadow_frames_total", "counter", "Frames the shadow model decided.", [([], shadow["frames"])])
     drift = s.get("drift") or {}
     psi = {k: v for k, v in (drift.get("psi") or {}).items() if v is not None}
     if psi:
@@ -341,10 +348,11 @@ class StatusServer:
     """The HTTP server, in its own daemon threads. `page` (live) and `review` may each be None."""
 
     def __init__(self, address: str, page: LivePage | None = None, review=None, token: str | None = None,
-                 hosts=(), switch=None):
+                 hosts=(), switch=None, actions=None):
         self.host, port = parse_address(address)
         self.page, self.review, self.token = page, review, token
         self.switch = switch        # a ProductSwitch (--products): POST /api/product, with the token
+        self.actions = actions if actions is not None else {}   # promote, rollback (--shadow), with the token
         self.hosts = allowed_hosts(self.host, hosts)
         handler = type("Handler", (_Handler,), {"app": self})
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -564,6 +572,15 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequest(404, f"no product {str(wanted)[:80]!r}")
             log.info("product %s asked for on the page", product.name)
             self._json({"requested": product.name, "index": product.index})
+            return
+        action = {"/api/shadow/promote": "promote", "/api/rollback": "rollback"}.get(path)
+        if action in app.actions:
+            self._authorised_json(body, action)
+            who = f"the page ({self.client_address[0]})"
+            try:
+                self._json(app.actions[action](who))
+            except LinesideError as exc:
+                raise BadRequest(409, str(exc)) from None
             return
         ident = _ident(path[len("/api/review/"):]) if path.startswith("/api/review/") else None
         if app.review is None or ident is None:

@@ -44,6 +44,10 @@ def _open_runtime_model(bundle, backend, precision, device, threads, trusted=Non
                    "(with --trust, its signature), given the running model's ROI, OK classes, threshold and "
                    "vote, and takes over between two frames; one that fails is refused with an event and the "
                    "old model stays.")
+@click.option("--shadow", default=None, metavar="BUNDLE",
+              help="A candidate bundle decided beside the line on the frames it has time for (its own thread; "
+                   "the line never waits), logged but sent nowhere; lineside compare LOG shows where they "
+                   "disagree; POST /api/shadow/promote and /api/rollback (with the page's token) switch.")
 @click.option("--drift/--no-drift", default=True, show_default=True,
               help="Drift alarms: compare the last --drift-window frames' brightness, contrast (and, where "
                    "the bundle has it, confidence) with the training images' (a drift event, never a stop).")
@@ -142,7 +146,7 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
             vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
             mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, opcua_cert, opcua_key, modbus, modbus_allow,
             trigger, trigger_timeout_ms, products_file, product, trust, updates, drift, drift_window,
-            capture_per_hour,
+            capture_per_hour, shadow,
             http, http_token_file, http_hosts, review_out, display, quiet, as_json):
     """Classify every frame from --source with an exported BUNDLE and record each decision.
 
@@ -195,7 +199,7 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
                          modbus_allow=modbus_allow, http=http,
                          http_token_file=http_token_file, http_hosts=tuple(http_hosts), review_out=review_out,
                          display=display, product=product, updates=updates, drift=drift,
-                         drift_window=drift_window, capture_per_hour=capture_per_hour,
+                         drift_window=drift_window, capture_per_hour=capture_per_hour, shadow=shadow,
                          status=not quiet and not as_json)
     trusted = None
     if trust is not None:
@@ -344,3 +348,34 @@ def review_cmd(log_path, save_dir, out_dir, http, http_token_file, http_hosts, s
         pass
     finally:
         server.close()
+
+
+@click.command("compare")
+@click.argument("log_path", metavar="LOG", type=click.Path(path_type=Path))
+@click.option("--run", "run_id", type=int, default=None, help="The run in the log. [the last with a shadow]")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as one JSON object.")
+def compare_cmd(log_path, run_id, as_json):
+    """Compare the line's model with the --shadow candidate on the frames both decided.
+
+    \b
+    Agreement, each model's reject rate (NG or unknown), the table of the line's
+    labels against the shadow's, and the frames where they disagree (with the
+    saved frame, where one was saved). Then promote or roll back on the page:
+      lineside run bundles/v1 --source 0 --shadow bundles/v2 --log shift.sqlite --http 8080
+      lineside compare shift.sqlite"""
+    from lineside.runtime.shadow import compare_log
+
+    report = compare_log(log_path, run_id)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"run {report['run']}: {report['frames']} frames decided by both; agreement "
+               f"{report['agreement']:.1%}")
+    click.echo(f"reject rate (NG or unknown): line {report['reject_rate']['line']:.1%} "
+               f"(model {str(report['line_model'])[:12]}), shadow {report['reject_rate']['shadow']:.1%} "
+               f"(model {str(report['shadow_model'])[:12]})")
+    for line, row in report["confusion"].items():
+        click.echo(f"  line {line}: " + ", ".join(f"shadow {k} {v}" for k, v in sorted(row.items())))
+    for d in report["disagreements"]:
+        click.echo(f"  frame {d['frame']}: line {d['line']}, shadow {d['shadow']}"
+                   + (f" ({d['saved']})" if d["saved"] else ""))
