@@ -23,7 +23,8 @@ from lineside.dataset import load_image_set
 from lineside.errors import LinesideError
 from lineside.images import read_image
 from lineside.metadata import BUNDLE_SCHEMA, ModelMetadata
-from lineside.runtime.model import open_model, sha256
+from lineside.files import sha256
+from lineside.runtime.model import open_model
 from lineside.spec import resize_to_spec
 
 from .onnx_export import INPUT_NAME, export_onnx

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LinesideError, require
+from .files import sha256
 from .text import printable
 
 SIGNATURE_FILE = "signature.json"
@@ -122,14 +123,6 @@ def _bundle_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def sign_bundle(folder, private_key_path) -> dict:
     """Write FOLDER/signature.json over every file in the folder; returns the signed document."""
     folder = Path(folder)
@@ -138,7 +131,7 @@ def sign_bundle(folder, private_key_path) -> dict:
         raise LinesideError(f"{folder}: not a bundle (no bundle.json)")
     doc = {"schema": SIGNATURE_SCHEMA, "key_id": key_id(key.public_key()),
            "signed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "files": {name: _sha256(path) for name, path in _bundle_files(folder).items()}}
+           "files": {name: sha256(path) for name, path in _bundle_files(folder).items()}}
     signature = base64.b64encode(key.sign(_canonical(doc))).decode()
     (folder / SIGNATURE_FILE).write_text(json.dumps({"signed": doc, "signature": signature}, indent=2))
     return doc

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lineside.errors import LinesideError, require
+from lineside.files import sha256  # noqa: F401 - where tests and older callers find it
 from lineside.text import printable
 from lineside.metadata import BUNDLE_SCHEMA, METADATA_KEY, ModelMetadata
 from lineside.spec import InputSpec
@@ -182,14 +183,6 @@ class OnnxRuntimeEngine(Engine):
 
     def wait(self, slot):
         return self.futures[slot].result()[0][0]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def open_model(path, backend: str = "auto", precision: str = "fp32", device: str = "CPU",
