@@ -21,9 +21,9 @@ import numpy as np
 import lineside
 from lineside.dataset import load_image_set
 from lineside.errors import LinesideError
+from lineside.files import sha256
 from lineside.images import read_image
 from lineside.metadata import BUNDLE_SCHEMA, ModelMetadata
-from lineside.files import sha256
 from lineside.runtime.model import open_model
 from lineside.spec import resize_to_spec
 
