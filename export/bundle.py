@@ -368,7 +368,7 @@ def drift_reference(loaded, data, run_dir: Path | None) -> dict | None:
         z = oof[0] - oof[0].max(axis=1, keepdims=True)
         p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
         confidences = p.max(axis=1)
-    return build_reference(x, confidences, f"{len(x)} training images")
+    return build_reference(x, confidences, f"{len(x)} training images", loaded.info.get("reject_below"))
 
 
 def run_out_of_fold(run_dir: Path | None, loaded):

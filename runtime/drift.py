@@ -8,7 +8,11 @@ images, from up to REFERENCE_IMAGES of them:
 - contrast: its standard deviation;
 - confidence: the top probability, only where predictions on images the model never
   trained on are at hand (a run's out-of-fold predictions): on its own training images a
-  model is surer than on the line, and that difference would read as drift.
+  model is surer than on the line, and that difference would read as drift;
+- the unknown rate: the share of those predictions below the bundle's reject threshold.
+  A window whose unknown share is more than 5 points and 3 standard errors above it,
+  twice in a row, is a drift too (unknown_limit). The NG rate is not watched: it
+  follows the line's own defect rate, which no training set estimates.
 
 On the box a rolling window of the last `window` frames (default 300: 10 s at 30 FPS)
 is compared with the reference every `every` frames, two ways: the population stability
@@ -71,12 +75,16 @@ def _shares(values: np.ndarray, edges) -> np.ndarray:
     return counts / max(1, len(values))
 
 
-def build_reference(images: np.ndarray, confidences=None, source: str = "") -> dict:
+def build_reference(images: np.ndarray, confidences=None, source: str = "", reject_below: float | None = None) -> dict:
     brightness, contrast = image_stats(images)
     stats = {"brightness": reference_of(brightness, source), "contrast": reference_of(contrast, source)}
+    doc = {"schema": 1, "stats": stats}
     if confidences is not None and len(confidences):
         stats["confidence"] = reference_of(confidences, "out-of-fold predictions")
-    return {"schema": 1, "stats": stats}
+        if reject_below is not None:      # the share of unknowns the line should see
+            doc["unknown_rate"] = {"expected": round(float(np.mean(np.asarray(confidences) < reject_below)), 5),
+                                   "reject_below": float(reject_below), "n": int(len(confidences))}
+    return doc
 
 
 def check_reference(doc, where: str) -> dict | None:
@@ -97,6 +105,11 @@ def check_reference(doc, where: str) -> dict | None:
             assert all(math.isfinite(x) for x in (*edges, mean, sd)) and sd >= 0
             out[name] = {"edges": edges, "shares": np.asarray(shares), "mean": mean,
                          "sd": max(sd, SD_FLOOR[name])}
+        rate = doc.get("unknown_rate")
+        if rate is not None:
+            expected = float(rate["expected"])
+            assert 0.0 <= expected <= 1.0 and int(rate["n"]) > 0
+            out["unknown_rate"] = {"expected": expected, "n": int(rate["n"])}
         return out
     except (AssertionError, KeyError, TypeError, ValueError, AttributeError):
         raise LinesideError(f"{where}: drift_reference is malformed") from None
@@ -123,7 +136,12 @@ class DriftMonitor:
     def rebase(self, reference: dict | None):
         """Another model's reference (a product switch, an update): the windows start afresh.
         None: nothing to compare with, so nothing is watched."""
-        self.reference = reference or {}
+        reference = dict(reference or {})
+        self.unknown = reference.pop("unknown_rate", None)      # {"expected": share, "n": of how many}
+        self.unknowns: deque = deque(maxlen=self.window)
+        self.unknown_over = 0
+        self.unknown_alarmed = False
+        self.reference = reference
         self.values = {name: deque(maxlen=self.window) for name in self.reference}
         self.psi = {name: None for name in self.reference}
         self.z = {name: None for name in self.reference}
@@ -131,9 +149,11 @@ class DriftMonitor:
         self._over = {name: 0 for name in self.reference}
         self.frames = 0
 
-    def add(self, brightness: float, contrast: float, confidence: float):
+    def add(self, brightness: float, contrast: float, confidence: float, unknown: bool = False):
         if not self.reference:
             return
+        if self.unknown is not None:
+            self.unknowns.append(unknown)
         v = self.values
         if "brightness" in v:
             v["brightness"].append(brightness)
@@ -146,6 +166,8 @@ class DriftMonitor:
             self.evaluate()
 
     def evaluate(self):
+        if self.unknown is not None:
+            self._unknown_rate()
         for name, ref in self.reference.items():
             values = np.fromiter(self.values[name], np.float64)
             value = psi(_shares(values, ref["edges"]), ref["shares"])
@@ -163,6 +185,35 @@ class DriftMonitor:
                 self.on_event("drift_cleared", f"{name}: mean {values.mean():.3g} over the last {len(values)} "
                                                f"frames ({z:.2f} training SD; PSI {value:.2f})")
 
+    def unknown_limit(self) -> float:
+        """The unknown share above which the window is out of line with the out-of-fold
+        estimate: 3 standard errors (on a third of the window's frames, as parts are held
+        for several) plus 5 points, so that a few-shot estimate cannot raise it alone."""
+        p = self.unknown["expected"]
+        n = max(1, len(self.unknowns) // 3)
+        return p + 0.05 + 3 * math.sqrt(max(p * (1 - p), 1e-4) / n)
+
+    def _unknown_rate(self):
+        rate = sum(self.unknowns) / max(1, len(self.unknowns))
+        limit = self.unknown_limit()
+        self.unknown_over = self.unknown_over + 1 if rate > limit else 0
+        if not self.unknown_alarmed and self.unknown_over >= 2:
+            self.unknown_alarmed = True
+            self.alarms += 1
+            self.on_event("drift", f"unknown rate: {rate:.1%} of the last {len(self.unknowns)} frames against "
+                                   f"{self.unknown['expected']:.1%} expected from out-of-fold predictions "
+                                   f"(alarm above {limit:.1%})")
+        elif self.unknown_alarmed and rate <= self.unknown["expected"] + 0.05:
+            self.unknown_alarmed = False
+            self.on_event("drift_cleared", f"unknown rate: {rate:.1%} of the last {len(self.unknowns)} frames")
+
     def summary(self) -> dict:
-        return {"watching": sorted(self.reference), "psi": dict(self.psi), "z": dict(self.z),
-                "alarmed": [k for k, a in self.alarmed.items() if a], "alarms": self.alarms, "window": self.window}
+        out = {"watching": sorted(self.reference), "psi": dict(self.psi), "z": dict(self.z),
+               "alarmed": [k for k, a in self.alarmed.items() if a], "alarms": self.alarms, "window": self.window}
+        if self.unknown is not None:
+            out["watching"].append("unknown_rate")
+            out["unknown_rate"] = {"window": round(sum(self.unknowns) / max(1, len(self.unknowns)), 4),
+                                   "expected": self.unknown["expected"]}
+            if self.unknown_alarmed:
+                out["alarmed"].append("unknown_rate")
+        return out

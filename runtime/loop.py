@@ -254,7 +254,7 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
         decision = decider(probs)
         t_decided = time.perf_counter()
         if drift is not None:
-            drift.add(*item.image_stats, decision.confidence)
+            drift.add(*item.image_stats, decision.confidence, decision.label == "unknown")
         record(item.frame, decision, {n: round(float(p), 6) for n, p in zip(model.labels, probs)}, item.flags,
                item.t_submit, t_decided)
         st = stats.stages

@@ -80,3 +80,19 @@ def test_the_station_raises_a_drift_event_when_the_light_changes(tiny_bundle, sy
     no = run_app(model, RunOptions(source=str(tmp_path), log=None, drift=False),
                  opener=lambda info: Shift(images, None))
     assert "drift" not in no
+
+
+def test_the_unknown_rate_is_watched_against_the_out_of_fold_estimate(training_images):
+    doc = build_reference(training_images, np.r_[np.full(95, 0.9), np.full(5, 0.4)], "test", reject_below=0.5)
+    assert doc["unknown_rate"]["expected"] == 0.05
+    events = []
+    monitor = DriftMonitor(check_reference(doc, "x"), lambda k, d: events.append((k, d)), window=300)
+    b, c = image_stats(training_images)
+    rng = np.random.default_rng(1)
+    for k in range(3000):                               # 5% unknown, as expected: no alarm
+        monitor.add(b[k % len(b)], c[k % len(c)], 0.9, rng.random() < 0.05)
+    assert events == []
+    for k in range(400):                                # a third of the parts unknown now
+        monitor.add(b[k % len(b)], c[k % len(c)], 0.9, rng.random() < 0.33)
+    assert events and events[0][1].startswith("unknown rate:")
+    assert "unknown_rate" in monitor.summary()["alarmed"]
