@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import cv2
@@ -164,6 +164,7 @@ class SavePolicy:
             raise LinesideError("--capture-per-hour: must be positive")
         self._kept: deque = deque()         # (time, random?) of the frames `worth` kept in the last hour
         self._rng = np.random.default_rng(self.seed)
+        self._lock = threading.Lock()        # the loop and the shadow's thread both ask
 
     def wants(self, row: DecisionRow) -> bool:
         if "worth" in self.when and self.worth(row):
@@ -174,6 +175,10 @@ class SavePolicy:
 
     def worth(self, row: DecisionRow, reason: str | None = None) -> bool:
         """Whether to keep the frame for labelling (and row.capture says why), within the quota."""
+        with self._lock:
+            return self._worth(row, reason)
+
+    def _worth(self, row: DecisionRow, reason: str | None) -> bool:
         reason = reason or self._reason(row)
         if reason is None:
             return False
@@ -344,6 +349,13 @@ class SqliteLog(LogFile):
             self.db.rollback()
             raise
 
+    def annotate(self, row: DecisionRow):
+        """A frame kept after its decision was written (a shadow disagreement): the row
+        names its saved file and why."""
+        self.db.execute("UPDATE decisions SET saved=?, capture=? WHERE run=? AND frame=?",
+                        (row.saved, row.capture, self.run_id, row.frame))
+        self.db.commit()
+
     def finish(self, summary):
         self.db.execute("UPDATE runs SET ended=?, summary=? WHERE id=?",
                         (time.time(), json.dumps(summary), self.run_id))
@@ -384,6 +396,10 @@ class JsonLinesLog(LogFile):
         self._append([{"type": "decision", **r.as_dict()} for r in decisions]
                      + [{"type": "event", "ts": e.ts, "kind": e.kind, "detail": e.detail} for e in events]
                      + [{"type": "shadow", **{k: getattr(r, k) for k in r.__slots__}} for r in shadows])
+
+    def annotate(self, row: DecisionRow):
+        self._append([{"type": "capture", "ts": time.time(), "frame": row.frame, "saved": row.saved,
+                       "capture": row.capture}])
 
     def finish(self, summary):
         self._append([{"type": "end", "ts": time.time(), "summary": summary}])
@@ -488,6 +504,20 @@ class Recorder:
         """A shadow model's decision (runtime/shadow.py): to the log alone, never to the outputs."""
         self._queue.put(("shadow", row))
 
+    def keep(self, row: DecisionRow, image: np.ndarray, reason: str) -> bool:
+        """Keep a frame for labelling after its decision went by (a shadow disagreement),
+        when --save-when worth asks for such frames and the hour's quota has room; its
+        row in the log then names the file. Any thread; never blocks."""
+        policy = self.saver.policy if self.saver else None
+        if policy is None or "worth" not in policy.when or row.saved is not None:
+            return False
+        kept = replace(row)                    # the loop's row may be being written: a copy carries the name
+        if not policy.worth(kept, reason):
+            return False
+        kept.saved = self.saver.name(kept)
+        self._queue.put(("keep", kept, image))
+        return True
+
     def event(self, kind: str, detail: str = ""):
         event = Event(time.time(), kind, detail)
         log.log(logging.INFO if kind in NOT_ERRORS else logging.WARNING, "%s: %s", event.kind, event.detail)
@@ -530,7 +560,7 @@ class Recorder:
     def _loop(self):
         while True:
             closing = None
-            images = []
+            images, keeps = [], []
             wait = RETRY_SECONDS if self._failing else None
             try:
                 item = self._queue.get(timeout=wait)
@@ -543,6 +573,8 @@ class Recorder:
                     self._events.append(item)
                 elif item[0] == "shadow":
                     self._shadows.append(item[1])
+                elif item[0] == "keep":
+                    keeps.append((item[1], item[2]))
                 elif item[0] == "close":
                     closing = item[1]
                     break
@@ -561,9 +593,28 @@ class Recorder:
             if images:       # first, so that a frame that could not be saved is not named in the log
                 self._save(images)
             self._flush()
+            if keeps:
+                self._keep(keeps)
             if closing is not None:
                 self._close(closing)
                 return
+
+    def _keep(self, keeps):
+        """Frames kept after their decision was written: saved, then their row annotated."""
+        for row, image in keeps:
+            try:
+                self.saver.save(row, image)
+            except OSError as exc:
+                self.saver.failed += 1
+                self._events.append(Event(time.time(), "save_failed",
+                                          f"frame {row.frame}: {self.saver.policy.folder}: {_reason(exc)}"))
+                continue
+            if self.log is not None:
+                try:
+                    self.log.annotate(row)
+                except (OSError, sqlite3.Error) as exc:
+                    log.error("%s: frame %d kept as %s, but its row could not name it (%s)", self.path, row.frame,
+                              row.saved, _reason(exc))
 
     def _save(self, images):
         failures = 0

@@ -93,6 +93,8 @@ class ShadowRunner(threading.Thread):
                 log.error("shadow: frame %s failed: %s", row.frame, exc)
                 continue
             agrees = decision.label == row.label
+            if not agrees:
+                self.recorder.keep(row, image, "disagreement")
             self.decided += 1
             self.agree += agrees
             self.counts["line"][_outcome(row.label, row.verdict)] += 1

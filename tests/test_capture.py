@@ -52,3 +52,35 @@ def test_captured_frames_come_first_and_go_to_training_with_provenance(tiny_bund
     store.review(items[1]["id"], model.labels[1])
     dataset = load_image_set(tmp_path / "reviewed" / "manifest.csv")
     assert len(dataset) == 2 and set(dataset.classes) == {model.labels[0], model.labels[1]}
+
+
+@pytest.mark.parametrize("log_name", ["log.sqlite", "log.jsonl"])
+def test_a_frame_kept_after_its_decision_is_named_in_the_log(tmp_path, log_name):
+    """A shadow disagreement: the frame is saved after the line's row went to the log, and
+    the log then names the file and why; not when the quota is spent or the frame was saved."""
+    import json
+    import sqlite3
+
+    import numpy as np
+
+    from lineside.runtime.records import Recorder
+
+    log = tmp_path / log_name
+    recorder = Recorder(log, {"source": "s"}, SavePolicy(tmp_path / "saved", ("worth",), per_hour=1))
+    image = np.zeros((32, 32, 3), np.uint8)
+    from dataclasses import replace
+
+    rows = [replace(_row(1000.0 + i), frame=i + 1) for i in range(3)]     # each frame once in a run
+    for row in rows:
+        recorder.decision(row)
+    assert recorder.keep(rows[0], image, "disagreement")
+    assert not recorder.keep(rows[1], image, "disagreement")          # the hour's quota of 1 is spent
+    recorder.close({})
+    if log_name.endswith(".sqlite"):
+        with sqlite3.connect(log) as con:
+            kept = con.execute("SELECT saved, capture FROM decisions WHERE saved IS NOT NULL").fetchall()
+    else:
+        kept = [(x["saved"], x["capture"]) for x in map(json.loads, log.read_text().splitlines())
+                if x["type"] == "capture"]
+    assert len(kept) == 1 and kept[0][1] == "disagreement" and (tmp_path / "saved" / kept[0][0]).is_file()
+    assert rows[0].saved is None and rows[0].capture is None             # the line's own row was not touched

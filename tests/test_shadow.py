@@ -40,10 +40,13 @@ def test_shadow_promote_rollback_and_compare(tiny_bundle, second_bundle, synth_t
     images = [cv2.imread(str(p)) for p in sorted(synth_test_dir.rglob("*.png"))[:10]]
     done = threading.Event()
     log, port = tmp_path / "log.sqlite", free_port()
+    source = tmp_path / "src"       # the frames come from the opener; the folder only names the source
+    source.mkdir()
     result = {}
     run = threading.Thread(target=lambda: result.update(run_app(line, RunOptions(
-        source=str(tmp_path), log=str(log), pace=30, seconds=300, shadow=str(second_bundle), ok_classes=labels[0],
-        http=f"127.0.0.1:{port}"), opener=lambda info: Frames(images, done), load_bundle=open_checked)))
+        source=str(source), log=str(log), pace=30, seconds=300, shadow=str(second_bundle), ok_classes=labels[0],
+        http=f"127.0.0.1:{port}"),
+        opener=lambda info: Frames(images, done), load_bundle=open_checked)))
     run.start()
 
     def status():
