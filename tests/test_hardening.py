@@ -455,3 +455,17 @@ def test_a_camera_password_reaches_no_record(model, tmp_path):
     with sqlite3.connect(log) as con:
         text = json.dumps([con.execute(f"SELECT * FROM {t}").fetchall() for t in ("runs", "decisions", "events")])
     assert "s3cret" not in text and "cam:***@127.0.0.1" in text
+
+
+def test_export_json_is_json_alone_on_stdout(tiny_run, tmp_path):
+    """NNCF's INFO lines and progress bars went to stdout before the JSON (the first-hour
+    report): now to stderr."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "lineside.cli", "export", str(tiny_run[0]), "--out",
+                           str(tmp_path / "b"), "--speed-seconds", "0", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)                 # the whole of stdout is one JSON document
+    assert "openvino" in result["report"]["int8"] and "INFO:nncf" not in proc.stdout

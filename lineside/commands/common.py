@@ -3,13 +3,52 @@ one way to print an object or its JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
+import os
+import sys
 from pathlib import Path
 
 import click
 
 from lineside.errors import LinesideError
+
+
+@contextlib.contextmanager
+def libraries_to_stderr(enabled: bool = True):
+    """While a --json command works, whatever the libraries print goes to stderr, so that
+    stdout holds the JSON alone: Python's stdout (rich's progress bars), file descriptor
+    1 (C++ libraries), and NNCF's log handlers, which hold stdout from their import (its
+    INFO lines drop to WARNING too). The command prints its JSON after the block."""
+    if not enabled:
+        yield
+        return
+    nncf = logging.getLogger("nncf")
+    kept = [(h, h.stream) for h in nncf.handlers if isinstance(h, logging.StreamHandler)]
+    level = nncf.level
+    nncf.setLevel(max(level, logging.WARNING))
+    for handler, _ in kept:
+        handler.setStream(sys.stderr)
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1) if sys.stdout.fileno() == 1 else None
+    except (AttributeError, OSError, ValueError):     # a stdout with no descriptor (a test runner's)
+        saved = None
+    if saved is not None:
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+        nncf.setLevel(level)
+        for handler, stream in kept:
+            handler.setStream(stream)
 
 
 def emit(obj, as_json: bool, text: str):

@@ -59,10 +59,13 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agr
         from lineside.signing import load_private_key
 
         load_private_key(sign_key)
-    result = export_bundle(run, out, formats=[f.strip() for f in formats.split(",") if f.strip()], data=data_dir,
-                           int8=int8, calib=calib, eval_data=eval_dir, max_drop=max_drop,
-                           min_agreement=min_agreement, progress=not quiet and not as_json,
-                           speed_seconds=speed_seconds, tta=tta == "keep", force=force)
+    from .common import libraries_to_stderr
+
+    with libraries_to_stderr(as_json):
+        result = export_bundle(run, out, formats=[f.strip() for f in formats.split(",") if f.strip()],
+                               data=data_dir, int8=int8, calib=calib, eval_data=eval_dir, max_drop=max_drop,
+                               min_agreement=min_agreement, progress=not quiet and not as_json,
+                               speed_seconds=speed_seconds, tta=tta == "keep", force=force)
     if sign_key is not None:
         from lineside.signing import sign_bundle
 

@@ -26,9 +26,12 @@ def eval_cmd(model, data_dir, backend, precision, device, threads, skip_bad, qui
     precision/recall/f1 and the confusion matrix (rows: true class)."""
     from lineside.scoring import evaluate, open_scorer
 
-    predict_fn, labels, spec, about = open_scorer(model, backend, precision, device, threads)
-    r = evaluate(predict_fn, labels, spec, data_dir, skip_bad=skip_bad, progress=not quiet and not as_json,
-                 reject_below=about.get("reject_below"))
+    from .common import libraries_to_stderr
+
+    with libraries_to_stderr(as_json):
+        predict_fn, labels, spec, about = open_scorer(model, backend, precision, device, threads)
+        r = evaluate(predict_fn, labels, spec, data_dir, skip_bad=skip_bad, progress=not quiet and not as_json,
+                     reject_below=about.get("reject_below"))
     r.update(about)
     if as_json:
         click.echo(json.dumps(r, indent=2))
@@ -62,8 +65,11 @@ def predict(model, images, backend, precision, device, threads, as_json):
     predicted label, its probability and the probability of every class."""
     from lineside.scoring import open_scorer, predict_paths
 
-    predict_fn, labels, spec, _ = open_scorer(model, backend, precision, device, threads)
-    results = predict_paths(predict_fn, labels, spec, list(images))
+    from .common import libraries_to_stderr
+
+    with libraries_to_stderr(as_json):
+        predict_fn, labels, spec, _ = open_scorer(model, backend, precision, device, threads)
+        results = predict_paths(predict_fn, labels, spec, list(images))
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

@@ -125,7 +125,10 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
         data_dir = combine_sources(data_dirs, out / "data.csv")
     else:
         data_dir = data_dirs[0]
-    m = train_run(data_dir, out, cfg, val=val_dir, progress=not quiet)
+    from .common import libraries_to_stderr
+
+    with libraries_to_stderr(as_json):
+        m = train_run(data_dir, out, cfg, val=val_dir, progress=not quiet)
     if not dist.main:
         return
     if as_json:
