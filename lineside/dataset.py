@@ -98,6 +98,26 @@ def load_image_set(path, classes: list[str] | None = None, min_classes: int = 2)
     return ImageSet(tuple(p for p, _ in pairs), tuple(index[lbl] for _, lbl in pairs), tuple(classes), root)
 
 
+ANOMALY_LABELS = ("good", "anomalous")
+
+
+def as_good_and_anomalous(images: ImageSet, ok_classes) -> ImageSet:
+    """The same images labelled for an anomaly model: the classes in `ok_classes` become
+    "good", every other class "anomalous"."""
+    ok = set(ok_classes)
+    targets = tuple(0 if images.classes[t] in ok else 1 for t in images.targets)
+    return ImageSet(images.paths, targets, ANOMALY_LABELS, images.root)
+
+
+def load_for_model(path, labels, ok_classes=None) -> ImageSet:
+    """A dataset labelled as a model answers: by its labels for a classifier; for an
+    anomaly model (`ok_classes` given), the good classes as "good" and any other folder
+    (a defect of any kind, named as the user likes) as "anomalous"."""
+    if ok_classes is None:
+        return load_image_set(path, classes=list(labels))
+    return as_good_and_anomalous(load_image_set(path, min_classes=1), ok_classes)
+
+
 def combine_sources(paths, out_manifest) -> Path:
     """Several datasets (folders or manifests) as one `path,label` manifest at out_manifest,
     for training on old data and newly reviewed frames together. An image listed by more

@@ -77,3 +77,25 @@ def confidence_report(probs, y_true, reject_below: float | None = None) -> dict:
                    wrong_among_unknown=round(float(1 - correct[unknown].mean()), 4) if unknown.any() else None,
                    accuracy_of_the_rest=round(float(correct[~unknown].mean()), 4) if (~unknown).any() else None)
     return out
+
+
+def auroc(y_true, score) -> float | None:
+    """Area under the ROC curve (ties count half); None without both classes."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    pos, neg = s[y], s[~y]
+    if not len(pos) or not len(neg):
+        return None
+    order = np.argsort(np.concatenate([neg, pos]), kind="mergesort")
+    ranks = np.empty(len(order))
+    allv = np.concatenate([neg, pos])[order]
+    # average ranks over ties
+    i = 0
+    while i < len(allv):
+        j = i
+        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1
+        i = j + 1
+    r_pos = ranks[len(neg):].sum()
+    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))

@@ -33,6 +33,16 @@ class LoadedModel:
 
 
 def save_checkpoint(path: Path, model: Classifier, labels, backbone: str, spec: InputSpec, info: dict) -> None:
+    if getattr(model, "task", None) == "anomaly":
+        payload = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "task": "anomaly",
+            "backbone": backbone, "labels": list(labels), "input_spec": spec.to_dict(),
+            "anomaly": {"taps": list(model.taps), "feature_dim": int(model.bank.shape[1]),
+                        "bank_size": int(model.bank.shape[0])},
+            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "info": info,
+        }
+        return _write(path, payload)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -46,6 +56,10 @@ def save_checkpoint(path: Path, model: Classifier, labels, backbone: str, spec: 
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "info": info,
     }
+    _write(path, payload)
+
+
+def _write(path: Path, payload: dict) -> None:
     tmp = Path(str(path) + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)  # never leave a half-written model.pt behind
@@ -74,6 +88,8 @@ def load_checkpoint(path) -> LoadedModel:
     labels = list(check_labels(payload.get("labels"), f"{path}: checkpoint"))
     spec = InputSpec.from_dict(payload.get("input_spec"))
     entry = BACKBONES.get(str(payload.get("backbone")))
+    if payload.get("task") == "anomaly":
+        return _load_anomaly(path, payload, labels, spec, entry)
     taps = payload.get("taps")
     if taps is not None and not (isinstance(taps, list) and taps and all(isinstance(t, int) for t in taps)):
         raise LinesideError(f"{path}: checkpoint has an invalid 'taps' entry")
@@ -91,5 +107,24 @@ def load_checkpoint(path) -> LoadedModel:
     except (RuntimeError, KeyError, TypeError) as exc:
         raise LinesideError(f"{path}: weights do not match backbone {entry.name} "
                             f"with {len(labels)} classes ({str(exc).splitlines()[0]})") from exc
+    model.eval()
+    return LoadedModel(model, labels, entry.name, spec, dict(payload.get("info") or {}))
+
+
+def _load_anomaly(path: Path, payload: dict, labels, spec: InputSpec, entry) -> LoadedModel:
+    from .anomaly import AnomalyModel
+
+    a = payload.get("anomaly")
+    ok = (isinstance(a, dict) and isinstance(a.get("taps"), list) and a["taps"]
+          and all(isinstance(t, int) for t in a["taps"])
+          and all(isinstance(a.get(k), int) and a[k] > 0 for k in ("feature_dim", "bank_size")))
+    if not ok:
+        raise LinesideError(f"{path}: anomaly checkpoint has an invalid 'anomaly' entry")
+    try:
+        model = AnomalyModel(entry.build().stages, spec, tuple(a["taps"]), a["feature_dim"], a["bank_size"])
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise LinesideError(f"{path}: anomaly model does not match backbone {entry.name} "
+                            f"({str(exc).splitlines()[0]})") from exc
     model.eval()
     return LoadedModel(model, labels, entry.name, spec, dict(payload.get("info") or {}))

@@ -532,7 +532,11 @@ def predict_proba(model: Classifier, x: np.ndarray, device=None, progress: bool 
         for s in tqdm(range(0, len(x), batch_size), desc="predicting", unit="batch", disable=not progress,
                       leave=False):
             out.append(torch.softmax(model(to_tensor(x[s:s + batch_size], device)).float(), 1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, n_classes(model)), np.float32)
+
+
+def n_classes(model) -> int:
+    return int(getattr(model, "num_classes", 0) or model.head.out_features)
 
 
 def score(model: Classifier, x: np.ndarray, device=None, progress=None, logits: bool = False) -> np.ndarray:
@@ -542,7 +546,12 @@ def score(model: Classifier, x: np.ndarray, device=None, progress=None, logits: 
     for a model that is still training."""
     device = torch.device(device or next(model.parameters()).device)
     if len(x) == 0:
-        return np.zeros((0, model.head.out_features), np.float32)
+        return np.zeros((0, n_classes(model)), np.float32)
+    if getattr(model, "task", None) == "anomaly":   # its own batched torch forward (train/anomaly.py)
+        from .anomaly import anomaly_logits
+
+        z = anomaly_logits(model, x, device, progress)
+        return z if logits else torch.softmax(torch.from_numpy(z), 1).numpy()
     views = model.views or (0,)
     if backend_for(device, len(x) * len(views), x.shape[1:3]) != "openvino":
         out = (lambda t: model(t).float()) if logits else (lambda t: torch.softmax(model(t).float(), 1))

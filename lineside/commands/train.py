@@ -29,6 +29,17 @@ def _list_backbones(ctx, _param, value):
               help="Run folder to write (model.pt, metrics.json, ...).")
 @click.option("--list-backbones", is_flag=True, expose_value=False, is_eager=True, callback=_list_backbones,
               help="List the available backbones and exit.")
+@click.option("--task", type=click.Choice(["classify", "anomaly"]), default="classify", show_default=True,
+              help="classify: one class per folder. anomaly: learn from good parts alone (the folder good/, "
+                   "or --ok-classes) and flag whatever differs from them, with a heatmap; other folders are "
+                   "only scored, to report what the threshold catches.")
+@click.option("--ok-classes", default=None,
+              help="anomaly: the class folder(s) of good parts, comma-separated. [good]")
+@click.option("--false-reject", type=float, default=None,
+              help="anomaly: the share of good parts the threshold may flag, e.g. 0.01 for 1%. It is set "
+                   "from good images scored by models that did not see them. [0.01]")
+@click.option("--bank", type=int, default=None,
+              help="anomaly: most good patches kept in the memory bank (coreset); more is slower. [2048]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="YAML file of training options; command-line options override it.")
 @click.option("--backbone", default=None, help="Backbone name (see --list-backbones). [efficientnet_lite0]")
@@ -83,7 +94,8 @@ def _list_backbones(ctx, _param, value):
 @click.option("--force", is_flag=True, help="Overwrite a run folder that already holds a model.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json, **options):
+def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json, task, ok_classes, false_reject,
+          bank, **options):
     """Train a classifier on DATA (one sub-folder per class, or a path,label CSV).
 
     Several DATA are trained on together (e.g. the old images and the frames
@@ -97,6 +109,11 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
       lineside train parts/ --out runs/p2 --strategy linear
       lineside train parts/ --out runs/p3 --backbone resnet18 --weights resnet18.pth --no-rot90
     """
+    if task == "anomaly":
+        return _train_anomaly(data_dirs, out, force, quiet, as_json, ok_classes, false_reject, bank, options)
+    for name, value in (("--ok-classes", ok_classes), ("--false-reject", false_reject), ("--bank", bank)):
+        if value is not None:
+            raise LinesideError(f"{name}: only for --task anomaly")
     from lineside.train import distributed
     from lineside.train.config import TrainConfig
     from lineside.train.run import check_out_dir, train_run
@@ -152,6 +169,62 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
         click.echo(calibration_line(c))
     click.echo(f"wrote {out}/model.pt, metrics.json, history.csv, confusion_matrix.png, "
                + ("calibration.png, " if c else "") + "config.yaml")
+
+
+ANOMALY_OPTIONS = {"backbone", "weights", "taps", "image_size", "seed", "device", "skip_bad", "threads"}
+
+
+def _train_anomaly(data_dirs, out, force, quiet, as_json, ok_classes, false_reject, bank, options):
+    from lineside.train import anomaly as A
+    from lineside.train.anomaly_run import train_anomaly_run
+    from lineside.train.run import check_out_dir
+
+    given = sorted(k for k, v in options.items() if v is not None and k not in ANOMALY_OPTIONS)
+    if given:
+        raise LinesideError(f"--task anomaly: --{given[0].replace('_', '-')} is for classifiers only")
+    if len(data_dirs) > 1:
+        raise LinesideError("--task anomaly: give one DATA folder")
+    check_out_dir(out, force)
+    taps = A.DEFAULT_TAPS
+    if options.get("taps"):
+        try:
+            taps = tuple(int(t) for t in options["taps"].split(","))
+        except ValueError:
+            raise LinesideError(f"--taps: '{options['taps']}' is not stage numbers such as 3,5") from None
+    if bank is not None and not 16 <= bank <= 65536:
+        raise LinesideError(f"--bank: {bank} is outside 16..65536")
+    if options.get("threads"):
+        import torch
+
+        torch.set_num_threads(options["threads"])
+    from .common import libraries_to_stderr
+
+    with libraries_to_stderr(as_json):
+        m = train_anomaly_run(
+            data_dirs[0], out, ok_classes=ok_classes,
+            false_reject=A.DEFAULT_FALSE_REJECT if false_reject is None else false_reject,
+            image_size=options.get("image_size"), bank=bank or A.DEFAULT_BANK, taps=taps,
+            backbone=options.get("backbone") or "efficientnet_lite0", weights=options.get("weights") or "imagenet",
+            seed=options.get("seed") or 0, device=options.get("device") or "auto",
+            skip_bad=bool(options.get("skip_bad")), progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    a = m["anomaly"]
+    e = a["false_reject_expected"]
+    spec = m["input_spec"]
+    click.echo(f"{m['strategy_reason']}; input {spec['height']}x{spec['width']}; {m['seconds']['total']:.0f} s "
+               f"on {m['device']}")
+    click.echo(f"threshold {a['threshold']:.4g}: flags {a['false_reject_target']:.2%} of good parts "
+               f"(90% interval {e['interval_90'][0]:.2%} to {e['interval_90'][1]:.2%} with "
+               f"{m['train_counts']['good']} good images); {e['out_of_fold_above']} of "
+               f"{e['out_of_fold_images']} good images scored out of fold are above it")
+    d = m["defects"]
+    if d:
+        click.echo(f"other classes: {d['detected']} of {d['images']} flagged ({d['detection_rate']:.1%}), "
+                   f"AUROC {d['auroc']:.1f} against the good images; "
+                   + ", ".join(f"{k} {v['detected']}/{v['images']}" for k, v in d["per_class"].items()))
+    click.echo(f"wrote {out}/model.pt, metrics.json, scores.png, scores.npz")
 
 
 def calibration_line(c: dict) -> str:

@@ -1,0 +1,325 @@
+"""Inspection from good parts alone: a PatchCore-style anomaly model on a frozen backbone.
+
+Every image becomes a grid of patch features (middle stages of the ImageNet backbone,
+the deeper one upsampled onto the finer grid, each averaged over its 3x3 neighbourhood).
+The good images' patches, thinned by greedy coreset selection to a bank of at most
+`bank_size`, are the memory; a patch's anomaly is its distance to the nearest patch in
+the bank, the image's score the largest over the (lightly smoothed) map.
+
+The model answers like a classifier: logits [0, z] with z = (score - threshold) / scale,
+so softmax gives [P(good), P(anomalous)] with P(anomalous) > 0.5 exactly when the
+score is above the threshold, and training, evaluation, export, the INT8 gate and the
+runtime treat it as a two-class model ("good", "anomalous"). The map, divided by the
+threshold (1.0 = the threshold), is a second output for heatmaps.
+
+The threshold comes from good images alone: each is scored by a bank built without it
+(k folds), a log-normal is fitted to those out-of-fold scores, and the threshold is its
+quantile at the false-reject rate asked for (default 1%).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lineside.errors import LinesideError
+from lineside.metrics import auroc  # noqa: F401 - where the benchmarks find it
+from lineside.spec import InputSpec
+
+from lineside.dataset import ANOMALY_LABELS  # noqa: F401 - ("good", "anomalous")
+DEFAULT_TAPS = (3, 5)
+DEFAULT_BANK = 2048
+DEFAULT_FALSE_REJECT = 0.01
+DEFAULT_SHORT_SIDE = 256
+FOLDS = 5
+MAX_PATCHES = 60_000     # patches the coreset is chosen from (a random sample beyond that)
+PROJECTION = 64          # dimensions of the random projection the coreset search runs in
+CHUNK = 8                # images per distance computation (N x patches x bank floats)
+
+
+class AnomalyModel(nn.Module):
+    """(N, 3, H, W) float RGB in 0..255 -> logits (N, 2); score_and_map gives the raw
+    score and the threshold-normalised map. `stages`: the backbone's stages up to the
+    deepest tap (the rest is never run)."""
+
+    task = "anomaly"
+    views = None
+
+    def __init__(self, stages: nn.ModuleList, spec: InputSpec, taps: tuple[int, ...], feature_dim: int,
+                 bank_size: int, threshold: float = 1.0, scale: float = 1.0):
+        super().__init__()
+        self.taps = tuple(int(t) for t in taps)
+        if not self.taps or sorted(set(self.taps)) != list(self.taps) or self.taps[-1] >= len(stages):
+            raise ValueError(f"taps {list(self.taps)} must be increasing stage numbers below {len(stages)}")
+        self.stages = nn.ModuleList(stages[:self.taps[-1] + 1])
+        self.num_classes = 2
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("channel_scale", torch.ones(feature_dim))
+        self.register_buffer("bank", torch.zeros(bank_size, feature_dim))
+        self.register_buffer("bank_sq", torch.zeros(bank_size))
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) 0..255 -> (N, C, h, w) patch features on the grid of the first tap."""
+        h = (x - self.mean) / self.std
+        maps = []
+        for i, stage in enumerate(self.stages):
+            h = stage(h)
+            if i in self.taps:
+                maps.append(h)
+        size = maps[0].shape[-2:]
+        maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                for m in maps]
+        f = F.avg_pool2d(torch.cat(maps, 1), 3, stride=1, padding=1, count_include_pad=False)
+        return f * self.channel_scale.view(1, -1, 1, 1)
+
+    def distances(self, f: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) -> (N, h, w): each patch's distance to its nearest bank patch."""
+        n, c, hh, ww = f.shape
+        flat = f.permute(0, 2, 3, 1).reshape(n, hh * ww, c)
+        d2 = (flat * flat).sum(-1, keepdim=True) - 2.0 * flat @ self.bank.t() + self.bank_sq
+        return torch.sqrt(torch.clamp(d2.amin(-1), min=0.0)).reshape(n, hh, ww)
+
+    def raw_map(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.distances(self.patch_features(x)).unsqueeze(1)
+        return F.avg_pool2d(d, 3, stride=1, padding=1, count_include_pad=False)[:, 0]
+
+    def score_and_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.raw_map(x)
+        return torch.amax(m, dim=(1, 2)), m / self.threshold
+
+    def logits_from_score(self, score: torch.Tensor) -> torch.Tensor:
+        z = (score - self.threshold) / self.scale
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_score(self.score_and_map(x)[0])
+
+
+def spec_for(images_hw: list[tuple[int, int]], base: InputSpec, short_side: int) -> InputSpec:
+    """The input size for an anomaly model: the short side `short_side`, the long side
+    scaled by the images' median aspect ratio (so a 500x1250 part is not squeezed into a
+    square), both multiples of 32, the long side at most 4x the short."""
+    ratios = [w / h for h, w in images_hw] or [1.0]
+    r = float(np.median(ratios))
+    r = min(max(r, 0.25), 4.0)
+    unit = 32
+    s = max(unit, int(round(short_side / unit)) * unit)
+    if r >= 1:
+        h, w = s, max(unit, int(round(s * r / unit)) * unit)
+    else:
+        h, w = max(unit, int(round(s / r / unit)) * unit), s
+    from dataclasses import replace
+
+    return replace(base, height=h, width=w)
+
+
+def to_input(x: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device).permute(0, 3, 1, 2).float()
+
+
+@torch.no_grad()
+def extract(model: AnomalyModel, x: np.ndarray, device, progress=None) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> patch features (N, h*w, C) on the CPU."""
+    out = []
+    for s in range(0, len(x), CHUNK):
+        f = model.patch_features(to_input(x[s:s + CHUNK], device))
+        out.append(f.permute(0, 2, 3, 1).reshape(f.shape[0], -1, f.shape[1]).float().cpu())
+        if progress is not None:
+            progress(len(f))
+    return torch.cat(out)
+
+
+def greedy_coreset(patches: torch.Tensor, size: int, seed: int, device) -> torch.Tensor:
+    """Indices of `size` patches chosen greedily, each the farthest from those already
+    chosen (k-center), in a random projection (PatchCore's coreset)."""
+    n = len(patches)
+    if n <= size:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(patches.shape[1], PROJECTION, generator=g) / math.sqrt(PROJECTION)
+    z = (patches @ proj).to(device)
+    sq = (z * z).sum(1)
+    chosen = torch.empty(size, dtype=torch.long)
+    j = int(torch.randint(n, (1,), generator=g))
+    nearest = torch.full((n,), float("inf"), device=z.device)
+    for i in range(size):
+        chosen[i] = j
+        # |z - z_j|^2 as |z|^2 - 2 z.z_j + |z_j|^2: one matrix-vector product, no n x d temporary
+        torch.minimum(nearest, sq - 2.0 * (z @ z[j]) + sq[j], out=nearest)
+        j = int(torch.argmax(nearest))
+    return chosen
+
+
+def build_bank(feats: torch.Tensor, size: int, seed: int, device) -> torch.Tensor:
+    """(N, P, C) patch features of good images -> (<= size, C) bank."""
+    flat = feats.reshape(-1, feats.shape[-1])
+    if len(flat) > MAX_PATCHES:
+        g = torch.Generator().manual_seed(seed + 1)
+        flat = flat[torch.randperm(len(flat), generator=g)[:MAX_PATCHES]]
+    return flat[greedy_coreset(flat, size, seed, device)].clone()
+
+
+@torch.no_grad()
+def score_with_bank(model: AnomalyModel, feats: torch.Tensor, bank: torch.Tensor, hw: tuple[int, int],
+                    device) -> np.ndarray:
+    """Image scores of patch features (N, P, C) against `bank`, as the model would give them."""
+    bank = bank.to(device)
+    bank_sq = (bank * bank).sum(1)
+    out = []
+    for s in range(0, len(feats), CHUNK):
+        f = feats[s:s + CHUNK].to(device)
+        d2 = (f * f).sum(-1, keepdim=True) - 2.0 * f @ bank.t() + bank_sq
+        d = torch.sqrt(torch.clamp(d2.amin(-1), min=0.0)).reshape(len(f), 1, *hw)
+        m = F.avg_pool2d(d, 3, stride=1, padding=1, count_include_pad=False)
+        out.append(torch.amax(m, dim=(1, 2, 3)).cpu())
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def folds_of(n: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    fold = np.empty(n, int)
+    fold[rng.permutation(n)] = np.arange(n) % k
+    return fold
+
+
+def lognormal_threshold(scores: np.ndarray, false_reject: float) -> tuple[float, float, float]:
+    """(threshold, sigma of log-scores, z): the (1 - false_reject) quantile of a log-normal
+    fitted to out-of-fold scores of good images."""
+    from statistics import NormalDist
+
+    logs = np.log(np.maximum(scores, 1e-12))
+    mu = float(logs.mean())
+    sigma = float(logs.std(ddof=1)) if len(logs) > 1 else 0.0
+    sigma = max(sigma, 1e-3)
+    z = NormalDist().inv_cdf(1.0 - false_reject)
+    return math.exp(mu + z * sigma), sigma, z
+
+
+def expected_false_reject(scores: np.ndarray, threshold: float, seed: int = 0, draws: int = 2000) -> dict:
+    """The false-reject rate the threshold promises, with a 90% interval from refitting
+    the log-normal to bootstrap resamples of the out-of-fold scores (the uncertainty that
+    comes from having only this many good images), and the share of the out-of-fold
+    scores themselves above it."""
+    from statistics import NormalDist
+
+    logs = np.log(np.maximum(scores, 1e-12))
+    rng = np.random.default_rng(seed)
+    t = math.log(threshold)
+    rates = []
+    for _ in range(draws):
+        s = logs[rng.integers(0, len(logs), len(logs))]
+        sd = max(float(s.std(ddof=1)) if len(s) > 1 else 0.0, 1e-3)
+        rates.append(1.0 - NormalDist(float(s.mean()), sd).cdf(t))
+    lo, hi = np.percentile(rates, [5, 95])
+    return {"interval_90": [float(lo), float(hi)],
+            "out_of_fold_above": int((scores > threshold).sum()), "out_of_fold_images": int(len(scores))}
+
+
+@dataclass
+class AnomalyFit:
+    model: AnomalyModel
+    info: dict
+
+
+def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientnet_lite0", weights: str = "imagenet",
+                taps=DEFAULT_TAPS, bank_size: int = DEFAULT_BANK, false_reject: float = DEFAULT_FALSE_REJECT,
+                seed: int = 0, device: str | torch.device = "cpu", progress=None) -> AnomalyFit:
+    """Fit on good images only: uint8 (N, H, W, 3) at `spec`'s size."""
+    from .backbones import build_backbone
+    from .model import stage_widths
+
+    if len(x_good) < 4:
+        raise LinesideError(f"anomaly training needs at least 4 good images (found {len(x_good)})")
+    if not 0.0001 <= false_reject <= 0.2:
+        raise LinesideError(f"--false-reject: {false_reject:g} is outside 0.0001..0.2 (a share: 0.01 is 1%)")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    entry, net = build_backbone(backbone, weights)
+    widths = stage_widths(net)
+    taps = tuple(sorted(set(int(t) for t in taps)))
+    if taps[-1] >= len(widths):
+        raise LinesideError(f"--taps: stages of {backbone} are 0..{len(widths) - 1}")
+    dim = sum(widths[t] for t in taps)
+    model = AnomalyModel(net.stages, spec, taps, dim, bank_size).to(device).eval()
+    feats = extract(model, x_good, device, progress)
+    # each tap's channels weighed so that the taps count alike in a distance (else the
+    # stage with the larger activations decides alone)
+    offsets = np.cumsum([0] + [widths[t] for t in taps])
+    weight = torch.ones(dim)
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        rms = float(feats[..., a:b].pow(2).sum(-1).mean().sqrt())
+        weight[a:b] = 1.0 / max(rms, 1e-6)
+    feats *= weight
+    model.channel_scale.copy_(weight.to(device))
+    n = len(x_good)
+    grid = _grid(model, spec, device)
+    t_feat = time.perf_counter() - t0
+
+    k = min(FOLDS, n)
+    fold = folds_of(n, k, seed)
+    oof = np.empty(n)
+    for f in range(k):
+        held = fold == f
+        bank = build_bank(feats[torch.from_numpy(~held)], bank_size, seed + f, device)
+        oof[held] = score_with_bank(model, feats[torch.from_numpy(held)], bank, grid, device)
+    threshold, sigma, z = lognormal_threshold(oof, false_reject)
+    bank = build_bank(feats, bank_size, seed, device)
+    model.bank = bank.to(device)
+    model.bank_sq = (model.bank * model.bank).sum(1)
+    model.threshold.fill_(threshold)
+    model.scale.fill_(max(threshold * sigma, 1e-6))
+    info = {
+        "task": "anomaly", "backbone": entry.name, "taps": list(taps), "bank": int(len(bank)),
+        "patches_per_image": int(grid[0] * grid[1]), "grid": list(grid),
+        "threshold": threshold, "scale": float(model.scale), "false_reject_target": false_reject,
+        "threshold_fit": {"method": "log-normal fitted to out-of-fold scores of the good images",
+                          "folds": k, "sigma_log": sigma, "z": z},
+        "false_reject_expected": expected_false_reject(oof, threshold, seed),
+        "out_of_fold_scores": [float(v) for v in oof],
+        "seconds": {"features": round(t_feat, 2), "total": round(time.perf_counter() - t0, 2)},
+    }
+    return AnomalyFit(model, info)
+
+
+def _grid(model: AnomalyModel, spec: InputSpec, device) -> tuple[int, int]:
+    with torch.no_grad():
+        f = model.patch_features(torch.zeros(1, 3, spec.height, spec.width, device=device))
+    return int(f.shape[2]), int(f.shape[3])
+
+
+@torch.no_grad()
+def anomaly_scores(model: AnomalyModel, x: np.ndarray, device=None, maps: bool = False):
+    """Raw scores (N,) and, with maps, the threshold-normalised maps (N, h, w)."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    scores, out = [], []
+    for s in range(0, len(x), CHUNK):
+        sc, m = model.score_and_map(to_input(x[s:s + CHUNK], device))
+        scores.append(sc.cpu().numpy())
+        if maps:
+            out.append(m.cpu().numpy())
+    scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    return (scores, np.concatenate(out)) if maps else scores
+
+
+@torch.no_grad()
+def anomaly_logits(model: AnomalyModel, x: np.ndarray, device=None, progress=None) -> np.ndarray:
+    """Logits (N, 2) of uint8 images, CHUNK at a time; progress(k) after every k images."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    out = []
+    for s in range(0, len(x), CHUNK):
+        out.append(model(to_input(x[s:s + CHUNK], device)).float().cpu().numpy())
+        if progress is not None:
+            progress(len(out[-1]))
+    return np.concatenate(out) if out else np.zeros((0, 2), np.float32)

@@ -1,0 +1,164 @@
+"""`lineside train --task anomaly`: good images in, an anomaly run folder out.
+
+    RUN/model.pt        the frozen backbone stages, the bank of good patches, the threshold
+    RUN/metrics.json    threshold, the false-reject rate it promises (with its uncertainty),
+                        and with defect images at hand their detection rate and the AUROC
+    RUN/scores.png      out-of-fold scores of the good images, scores of the defect images,
+                        the threshold
+
+Only the good images (the class `good`, or those named by --ok-classes) are trained
+on; the other classes, when present, are scored to report what the threshold catches.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lineside
+from lineside.dataset import load_arrays, load_image_set
+from lineside.errors import LinesideError
+
+from . import anomaly as A
+from .backbones import BACKBONES
+from .checkpoint import save_checkpoint
+
+DEFAULT_OK = ("good", "ok", "OK", "functional", "normal")
+
+
+def ok_classes_of(classes, ok_classes) -> tuple[str, ...]:
+    """The good classes: those named, else the one folder called good (or ok, normal)."""
+    if ok_classes:
+        names = tuple(c.strip() for c in str(ok_classes).split(",") if c.strip()) \
+            if isinstance(ok_classes, str) else tuple(ok_classes)
+        unknown = [c for c in names if c not in classes]
+        if unknown or not names:
+            raise LinesideError(f"--ok-classes: {', '.join(unknown) or 'empty'} not among the data's classes "
+                                f"({', '.join(classes)})")
+        return names
+    found = [c for c in DEFAULT_OK if c in classes]
+    if len(classes) == 1:
+        return tuple(classes)
+    if not found:
+        raise LinesideError(f"--task anomaly: no class named good among {', '.join(classes)}; "
+                            "name the good ones with --ok-classes")
+    return (found[0],)
+
+
+def image_sizes(paths, limit: int = 64) -> list[tuple[int, int]]:
+    """(height, width) of up to `limit` images, read from their headers where possible."""
+    from lineside.images import image_size, read_image
+
+    out = []
+    for p in list(paths)[:limit]:
+        try:
+            size = image_size(Path(p).read_bytes()[:65536])
+        except OSError:
+            size = None
+        if size is None:
+            try:
+                size = read_image(p).shape[:2]
+            except LinesideError:
+                continue
+        out.append(tuple(int(v) for v in size))
+    return out
+
+
+def train_anomaly_run(data, out, ok_classes=None, false_reject: float = A.DEFAULT_FALSE_REJECT,
+                      image_size: int | None = None, bank: int = A.DEFAULT_BANK, taps=A.DEFAULT_TAPS,
+                      backbone: str = "efficientnet_lite0", weights: str = "imagenet", seed: int = 0,
+                      device: str = "auto", skip_bad: bool = False, progress: bool = True) -> dict:
+    t_start = time.perf_counter()
+    out = Path(out)
+    images = load_image_set(data, min_classes=1)
+    ok = ok_classes_of(images.classes, ok_classes)
+    targets = np.asarray(images.targets)
+    is_good = np.isin(targets, [images.classes.index(c) for c in ok])
+    good_set = images.subset(np.flatnonzero(is_good))
+    other_set = images.subset(np.flatnonzero(~is_good))
+    base = BACKBONES.get(backbone).input_spec
+    sizes = image_sizes(good_set.paths)
+    spec = A.spec_for(sizes, base, image_size or A.DEFAULT_SHORT_SIDE)
+    where = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if device == "cuda" and where.type != "cuda":
+        raise LinesideError("--device cuda: PyTorch sees no CUDA GPU on this machine")
+    out.mkdir(parents=True, exist_ok=True)
+    x_good, good_set, bad = load_arrays(good_set, spec, skip_bad, progress, "reading good images")
+    read_s = time.perf_counter() - t_start
+    from tqdm import tqdm
+
+    with tqdm(total=len(x_good), desc="patch features", unit="img", disable=not progress, leave=False) as bar:
+        fit = A.fit_anomaly(x_good, spec, backbone, weights, taps, bank, false_reject, seed, where, bar.update)
+    info = fit.info
+    oof = np.asarray(info["out_of_fold_scores"])
+    report = None
+    other_scores = np.zeros(0)
+    if len(other_set):
+        x_other, other_set, bad_other = load_arrays(other_set, spec, skip_bad, progress, "reading other images")
+        bad += bad_other
+        other_scores = A.anomaly_scores(fit.model, x_other, where).astype(np.float64)
+        report = defect_report(oof, other_scores, np.asarray(other_set.targets), other_set.classes, info["threshold"])
+    seconds = time.perf_counter() - t_start
+    metrics = {
+        "lineside_version": lineside.__version__, "task": "anomaly", "backbone": backbone, "weights": weights,
+        "strategy": "anomaly", "strategy_reason": (
+            f"anomaly detection from {len(x_good)} good images ({', '.join(ok)}): patch features of stages "
+            f"{', '.join(map(str, info['taps']))} against a bank of {info['bank']} good patches"),
+        "ok_classes": list(ok), "labels": list(A.ANOMALY_LABELS), "input_spec": spec.to_dict(),
+        "train_counts": {"good": len(x_good)}, "other_counts": {k: v for k, v in other_set.counts().items() if v},
+        "anomaly": {k: v for k, v in info.items() if k not in ("out_of_fold_scores", "seconds")},
+        "defects": report, "device": str(where), "threads": torch.get_num_threads(),
+        "data": str(Path(data).resolve()), "data_fingerprint": images.fingerprint(), "skipped_images": bad,
+        "seconds": {"total": round(seconds, 2), "read_s": round(read_s, 2), **info["seconds"]},
+        "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
+    }
+    ckpt_info = {"strategy": "anomaly", "weights": weights, "data_fingerprint": metrics["data_fingerprint"],
+                 "lineside_version": lineside.__version__, "reject_below": None, "task": "anomaly",
+                 "ok_classes": list(ok), "threshold": info["threshold"], "false_reject_target": false_reject}
+    save_checkpoint(out / "model.pt", fit.model, A.ANOMALY_LABELS, backbone, spec, ckpt_info)
+    np.savez(out / "scores.npz", good_out_of_fold=oof.astype(np.float32), other=other_scores.astype(np.float32),
+             threshold=np.float32(info["threshold"]))
+    plot_scores(oof, other_scores, info["threshold"], out / "scores.png")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def defect_report(good_scores, other_scores, targets, classes, threshold: float) -> dict:
+    """Detection at the threshold, per class and in all, and the AUROC of good (out of
+    fold) against the other images."""
+    per_class = {}
+    for t in sorted(set(int(v) for v in targets)):
+        s = other_scores[targets == t]
+        per_class[classes[t]] = {"images": int(len(s)), "detected": int((s > threshold).sum())}
+    y = np.r_[np.zeros(len(good_scores)), np.ones(len(other_scores))]
+    auc = A.auroc(y, np.r_[good_scores, other_scores])
+    return {"images": int(len(other_scores)), "detected": int((other_scores > threshold).sum()),
+            "detection_rate": float((other_scores > threshold).mean()),
+            "auroc": None if auc is None else 100 * auc, "per_class": per_class,
+            "auroc_note": "good images scored out of fold (by banks built without them)"}
+
+
+def plot_scores(good, other, threshold: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    allv = np.r_[good, other]
+    bins = np.linspace(float(allv.min()), float(max(allv.max(), threshold)) * 1.02, 40)
+    ax.hist(good, bins=bins, alpha=0.7, label=f"good, out of fold ({len(good)})", color="tab:green")
+    if len(other):
+        ax.hist(other, bins=bins, alpha=0.6, label=f"other classes ({len(other)})", color="tab:red")
+    ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.3g}")
+    ax.set_xlabel("anomaly score")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
