@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import lineside
-from lineside.dataset import load_image_set
+from lineside.dataset import load_for_model, load_image_set
 from lineside.errors import LinesideError
 from lineside.files import sha256
 from lineside.images import read_image
@@ -66,7 +66,15 @@ def clear_old_bundle(out: Path, force: bool) -> None:
 
 
 def model_metadata(loaded, run_dir: Path, precision: str) -> ModelMetadata:
+    anomaly = None
+    if getattr(loaded.model, "task", None) == "anomaly":
+        from .onnx_export import MAP_NAME, SCORE_NAME
+
+        anomaly = {"threshold": float(loaded.model.threshold), "ok_classes": list(loaded.info.get("ok_classes") or
+                                                                                   ["good"]),
+                   "score_output": SCORE_NAME, "map_output": MAP_NAME}
     return ModelMetadata(
+        anomaly=anomaly,
         labels=tuple(loaded.labels), spec=loaded.spec, input_name=INPUT_NAME,
         test_views=tuple(loaded.model.views) if loaded.model.views else None,
         reject_below=loaded.info.get("reject_below"),
@@ -76,10 +84,18 @@ def model_metadata(loaded, run_dir: Path, precision: str) -> ModelMetadata:
                     "lineside_version": lineside.__version__, "precision": precision})
 
 
+def ok_classes(loaded) -> list[str] | None:
+    """An anomaly model's good classes (the data's other folders are its anomalies); None
+    for a classifier."""
+    if getattr(loaded.model, "task", None) != "anomaly":
+        return None
+    return list(loaded.info.get("ok_classes") or ["good"])
+
+
 def parity_images(loaded, data, seed: int = 0) -> tuple[np.ndarray, str]:
     """Real images when the data folder is at hand (a few per class), else seeded noise."""
     if data is not None and Path(data).exists():
-        images = load_image_set(data, classes=loaded.labels)
+        images = load_for_model(data, loaded.labels, ok_classes(loaded))
         rng = np.random.default_rng(seed)
         per_class = max(1, PARITY_IMAGES // len(loaded.labels))
         idx = [i for c in range(len(loaded.labels))
@@ -261,7 +277,7 @@ def _labelled_arrays(loaded, data, limit: int | None, progress: bool, desc: str,
     in the manifest `exclude`, and at most `limit` of them (a seeded draw)."""
     from lineside.dataset import load_arrays
 
-    images = load_image_set(data, classes=loaded.labels)
+    images = load_for_model(data, loaded.labels, ok_classes(loaded))
     if exclude is not None:
         skip = {p.resolve() for p in load_image_set(exclude).paths}
         images = images.subset([i for i, p in enumerate(images.paths) if p.resolve() not in skip])

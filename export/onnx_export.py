@@ -15,8 +15,11 @@ from torch import nn
 
 from lineside.errors import require
 from lineside.metadata import METADATA_KEY, ModelMetadata
+
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+SCORE_NAME = "anomaly_score"
+MAP_NAME = "anomaly_map"
 OPSET = 17
 
 
@@ -32,17 +35,35 @@ class UInt8Softmax(nn.Module):
         return torch.softmax(self.classifier(x), dim=1)
 
 
+class UInt8Anomaly(nn.Module):
+    """(N, H, W, 3) uint8 RGB -> probabilities (N, 2) of [good, anomalous], the raw anomaly
+    score (N,) and the anomaly map (N, h, w) divided by the threshold (1.0 = at the
+    threshold): the whole scorer, bank and threshold included, inside the graph."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor):
+        score, amap = self.model.score_and_map(image.permute(0, 3, 1, 2).float())
+        return torch.softmax(self.model.logits_from_score(score), dim=1), score, amap
+
+
 def export_onnx(classifier: nn.Module, height: int, width: int, path: Path, metadata: dict) -> Path:
-    """Write an FP32 ONNX model with `metadata` as one JSON string under metadata_props['lineside']."""
+    """Write an FP32 ONNX model with `metadata` as one JSON string under metadata_props['lineside'].
+    The first output is always the probabilities; an anomaly model adds its score and map."""
     onnx = require("onnx", "export")
-    wrapper = UInt8Softmax(classifier).eval()
+    if getattr(classifier, "task", None) == "anomaly":
+        wrapper, outputs = UInt8Anomaly(classifier).eval(), [OUTPUT_NAME, SCORE_NAME, MAP_NAME]
+    else:
+        wrapper, outputs = UInt8Softmax(classifier).eval(), [OUTPUT_NAME]
     example = torch.zeros(1, height, width, 3, dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             wrapper, (example,), str(path), dynamo=False, opset_version=OPSET,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            input_names=[INPUT_NAME], output_names=outputs,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
         )
     onnx.checker.check_model(onnx.load(str(path)))
     return write_metadata(path, metadata)

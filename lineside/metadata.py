@@ -30,6 +30,23 @@ def check_labels(labels, where: str) -> tuple[str, ...]:
     return tuple(labels)
 
 
+def check_anomaly(a) -> dict:
+    """An anomaly block: a positive finite threshold, the good classes, the output names."""
+    import math
+
+    ok = (isinstance(a, dict) and isinstance(a.get("threshold"), (int, float))
+          and math.isfinite(a["threshold"]) and a["threshold"] > 0
+          and isinstance(a.get("ok_classes"), list) and a["ok_classes"]
+          and all(isinstance(c, str) and c for c in a["ok_classes"])
+          and all(isinstance(a.get(k), str) and a[k] for k in ("score_output", "map_output")))
+    if not ok:
+        raise LinesideError("model metadata: invalid anomaly block (threshold > 0, ok_classes, score_output, "
+                            "map_output)")
+    return {"threshold": float(a["threshold"]), "ok_classes": list(a["ok_classes"]),
+            "score_output": a["score_output"], "map_output": a["map_output"],
+            **({"map_size": [int(v) for v in a["map_size"]]} if isinstance(a.get("map_size"), list) else {})}
+
+
 @dataclass(frozen=True)
 class ModelMetadata:
     labels: tuple[str, ...]
@@ -39,6 +56,9 @@ class ModelMetadata:
     provenance: dict = field(default_factory=dict, compare=False)
     input_name: str = "image"
     output_name: str = "probabilities"
+    # an anomaly model's threshold and good classes: {"threshold": raw score, "ok_classes":
+    # [...], "score_output": ..., "map_output": ..., "map_size": [h, w]}; None for a classifier
+    anomaly: dict | None = field(default=None, hash=False)
 
     def __post_init__(self):
         object.__setattr__(self, "labels", check_labels(self.labels, "model metadata"))
@@ -55,6 +75,12 @@ class ModelMetadata:
             raise LinesideError(f"model metadata: reject_below {self.reject_below!r} is outside 0..1")
         if not isinstance(self.provenance, dict):
             raise LinesideError("model metadata: provenance must be a mapping")
+        if self.anomaly is not None:
+            object.__setattr__(self, "anomaly", check_anomaly(self.anomaly))
+
+    @property
+    def task(self) -> str:
+        return "classify" if self.anomaly is None else "anomaly"
 
     @property
     def precision(self) -> str | None:
@@ -72,6 +98,7 @@ class ModelMetadata:
             "thresholds": {"reject_below": self.reject_below},
             "test_views": list(self.test_views) if self.test_views else None,
             "provenance": dict(self.provenance),
+            **({"task": "anomaly", "anomaly": dict(self.anomaly)} if self.anomaly else {}),
         }
 
     def to_json(self) -> str:
@@ -91,7 +118,7 @@ class ModelMetadata:
             return cls(labels=check_labels(d.get("labels"), "metadata"), spec=InputSpec.from_dict(spec),
                        test_views=d.get("test_views"), reject_below=thresholds.get("reject_below"),
                        provenance=d.get("provenance") or {}, input_name=str(block.get("name", "image")),
-                       output_name=str(output.get("name", "probabilities")))
+                       output_name=str(output.get("name", "probabilities")), anomaly=d.get("anomaly"))
         except LinesideError as exc:
             raise LinesideError(f"{where}: {exc}") from None
 

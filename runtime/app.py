@@ -81,8 +81,10 @@ def make_decider(model: RuntimeModel, options: RunOptions) -> Decider:
     reject = options.reject_below
     if reject is None:   # the bundle's threshold, if its exporter set one
         reject = model.metadata.reject_below
-    return Decider(model.labels, reject_below=reject,
-                   ok_classes=parse_classes(options.ok_classes, model.labels, "--ok-classes"),
+    ok = parse_classes(options.ok_classes, model.labels, "--ok-classes")
+    if ok is None and model.metadata.anomaly is not None:
+        ok = ("good",)   # an anomaly model's answer is a verdict: good is OK, anomalous NG
+    return Decider(model.labels, reject_below=reject, ok_classes=ok,
                    vote=parse_vote(options.vote))
 
 

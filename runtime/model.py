@@ -43,6 +43,22 @@ class RuntimeModel:
     _stream: object = None    # (images, progress) -> probabilities, each image a request of its own
     signature: dict | None = None   # what open_checked found: verified (key id), unsigned, or not checked
     drift_reference: dict | None = None   # a bundle's reference for drift alarms (runtime/drift.py), checked
+    _anomaly: object = None   # an anomaly model's images -> (scores, maps), from the graph's other outputs
+
+    def anomaly(self, images: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """An anomaly model's raw scores (N,) and maps (N, h, w), the maps divided by the
+        threshold (1.0 = at the threshold), for (N, H, W, 3) uint8 RGB at the spec's size."""
+        if self._anomaly is None or self.metadata.anomaly is None:
+            raise LinesideError(f"{self.path}: not an anomaly model (it has no score or map output)")
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        scores, maps = [], []
+        for s in range(0, len(images), batch):
+            sc, m = self._anomaly(images[s:s + batch])
+            scores.append(np.asarray(sc, np.float32).reshape(-1))
+            maps.append(np.asarray(m, np.float32))
+        if not scores:
+            return np.zeros(0, np.float32), np.zeros((0, 1, 1), np.float32)
+        return np.concatenate(scores), np.concatenate(maps)
 
     def predict_proba(self, images: np.ndarray, batch: int = 32, progress=None) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB at the spec's size -> (N, classes) probabilities.
@@ -401,9 +417,15 @@ def _open_onnxruntime(files: ModelFiles, threads: int | None) -> RuntimeModel:
     # session of all threads (256 images of 224 px, NEU's linear head with four views,
     # 2-core CPU), with the same probabilities.
     many = streamer(engine, len(labels))
+    anomaly = None
+    if meta.anomaly is not None:
+        wanted = [meta.anomaly["score_output"], meta.anomaly["map_output"]]
+        if not set(wanted) <= {o.name for o in session.get_outputs()}:
+            raise LinesideError(f"{path}: its metadata names outputs {', '.join(wanted)} that the graph lacks")
+        anomaly = lambda x: session.run(wanted, {name: x})   # noqa: E731
     return RuntimeModel(path, "onnxruntime", meta, labels, spec, files.digest,
                         lambda x: session.run(None, {name: x})[0], engine, many,
-                        drift_reference=files.drift_reference)
+                        drift_reference=files.drift_reference, _anomaly=anomaly)
 
 
 def library_reason(exc: BaseException) -> str:
@@ -489,5 +511,18 @@ def _open_openvino(files: ModelFiles, device: str, threads: int | None, precisio
     # second of one request on the dynamic batch shape (300 NEU images, a linear head with
     # four views, 2-core CPU), with the same probabilities.
     many = streamer(engine, len(labels))
+    anomaly = None
+    if meta.anomaly is not None:
+        wanted = [meta.anomaly["score_output"], meta.anomaly["map_output"]]
+        if not set(wanted) <= {n for o in model.outputs for n in o.get_names()}:
+            raise LinesideError(f"{path}: its metadata names outputs {', '.join(wanted)} that the graph lacks")
+        compiled: list = []
+
+        def anomaly(x):
+            if not compiled:
+                compiled.append(compile_on_device(model, config))
+            c = compiled[0]
+            result = c.create_infer_request().infer({0: x})
+            return [result[c.output(n)] for n in wanted]
     return RuntimeModel(path, "openvino", meta, labels, spec, files.digest, many, engine, many,
-                        drift_reference=files.drift_reference)
+                        drift_reference=files.drift_reference, _anomaly=anomaly)
