@@ -85,14 +85,120 @@ def open_scorer(model: Path, backend, precision, device, threads):
         from lineside.runtime.model import open_model
 
         m = open_model(model, backend=backend, precision=precision, device=device or "CPU", threads=threads)
+        about = {"model": str(m.path), "backend": m.backend, "reject_below": m.metadata.reject_below}
+        if m.metadata.anomaly is not None:
+            about["anomaly"] = {"threshold": m.metadata.anomaly["threshold"],
+                                "ok_classes": m.metadata.anomaly["ok_classes"], "score": m.anomaly}
         # the model itself as the predictor: its whole() scores all the images at once
-        return m, m.labels, m.spec, {"model": str(m.path), "backend": m.backend,
-                                     "reject_below": m.metadata.reject_below}
+        return m, m.labels, m.spec, about
     from lineside.train.checkpoint import load_checkpoint, resolve_checkpoint
     from lineside.train.evaluate import RunScorer, run_device
 
     where = run_device(device)
     loaded = load_checkpoint(model)
-    return (RunScorer(loaded.model, where), loaded.labels, loaded.spec,
-            {"model": str(resolve_checkpoint(model)), "backend": "pytorch", "device": where.type,
-             "reject_below": loaded.info.get("reject_below")})
+    scorer = RunScorer(loaded.model, where)
+    about = {"model": str(resolve_checkpoint(model)), "backend": "pytorch", "device": where.type,
+             "reject_below": loaded.info.get("reject_below")}
+    if getattr(loaded.model, "task", None) == "anomaly":
+        from lineside.train.anomaly import anomaly_scores
+
+        about["anomaly"] = {"threshold": float(loaded.model.threshold),
+                            "ok_classes": list(loaded.info.get("ok_classes") or ["good"]),
+                            "score": lambda x: anomaly_scores(scorer.model, x, maps=True)}
+    return scorer, loaded.labels, loaded.spec, about
+
+
+# --- anomaly models -----------------------------------------------------------------
+GALLERY = 12   # worst good parts and missed defects drawn by eval --gallery
+
+
+def anomaly_in_batches(score, x: np.ndarray, progress: bool = False, batch: int = BATCH):
+    """score(images) -> (scores, maps) over x in batches, with a progress bar."""
+    from tqdm import tqdm
+
+    scores, maps = [], []
+    with tqdm(total=len(x), desc="scoring", unit="img", disable=not progress, leave=False) as bar:
+        for s in range(0, len(x), batch):
+            sc, m = score(x[s:s + batch])
+            scores.append(np.asarray(sc, np.float64).reshape(-1))
+            maps.append(np.asarray(m, np.float32))
+            bar.update(len(scores[-1]))
+    if not scores:
+        return np.zeros(0), np.zeros((0, 1, 1), np.float32)
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def evaluate_anomaly(anomaly: dict, spec: InputSpec, data, skip_bad=False, progress=True,
+                     gallery: Path | None = None) -> dict:
+    """An anomaly model on DATA: the good classes against every other folder (whatever the
+    defect is called). Reports the AUROC, the false-reject rate on the good images and
+    the detection rate on the others at the model's threshold, per folder, the worst
+    good parts and the missed defects; with `gallery`, their overlays as PNGs there."""
+    from .metrics import auroc
+
+    raw = load_image_set(data, min_classes=1)
+    x, kept, bad = load_arrays(raw, spec, skip_bad, progress, "reading images")
+    scores, maps = anomaly_in_batches(anomaly["score"], x, progress)
+    thr = float(anomaly["threshold"])
+    ok = set(anomaly["ok_classes"])
+    is_good = np.array([kept.classes[t] in ok for t in kept.targets], bool)
+    flagged = scores > thr
+    per_class = {}
+    for c, name in enumerate(kept.classes):
+        sel = np.asarray(kept.targets) == c
+        if sel.any():
+            per_class[name] = {"images": int(sel.sum()), "flagged": int(flagged[sel].sum()),
+                               "good": name in ok, "score_median": float(np.median(scores[sel]))}
+    auc = auroc(~is_good, scores)
+
+    def rows(sel, order):
+        return [{"path": str(kept.paths[i]), "class": kept.classes[kept.targets[i]], "score": float(scores[i]),
+                 "relative": float(scores[i] / thr)} for i in order if sel[i]][:GALLERY]
+
+    worst_good = rows(is_good, np.argsort(-scores))
+    missed = rows(~is_good & ~flagged, np.argsort(scores))
+    report = {
+        "task": "anomaly", "n": int(len(scores)), "threshold": thr, "ok_classes": sorted(ok),
+        "auroc": None if auc is None else 100.0 * auc,
+        "false_reject": float(flagged[is_good].mean()) if is_good.any() else None,
+        "detection": float(flagged[~is_good].mean()) if (~is_good).any() else None,
+        "good_images": int(is_good.sum()), "other_images": int((~is_good).sum()),
+        "per_class": per_class, "worst_good": worst_good, "missed": missed,
+        "data": str(data), "skipped_images": bad,
+    }
+    if gallery is not None:
+        from .heatmap import write_overlay
+
+        gallery = Path(gallery)
+        gallery.mkdir(parents=True, exist_ok=True)
+        index = {str(p): i for i, p in enumerate(kept.paths)}
+        written = []
+        for kind, items in (("worst-good", worst_good), ("missed", missed)):
+            for rank, r in enumerate(items):
+                i = index[r["path"]]
+                name = f"{kind}-{rank:02d}-{Path(r['path']).stem}.png"
+                write_overlay(gallery / name, x[i], maps[i], f"{r['class']} {r['relative']:.2f}x threshold")
+                written.append(name)
+        report["gallery"] = {"folder": str(gallery), "files": written}
+    return report
+
+
+def predict_anomaly(anomaly: dict, spec: InputSpec, paths, overlays: Path | None = None) -> list[dict]:
+    """Score, verdict and (with `overlays`) a heatmap PNG for each image."""
+    paths = expand_images(paths)
+    x = np.stack([resize_to_spec(read_image(p), spec) for p in paths])
+    scores, maps = anomaly_in_batches(anomaly["score"], x)
+    thr = float(anomaly["threshold"])
+    out = []
+    for i, p in enumerate(paths):
+        verdict = "anomalous" if scores[i] > thr else "good"
+        r = {"path": str(p), "label": verdict, "score": float(scores[i]), "threshold": thr,
+             "relative": float(scores[i] / thr)}
+        if overlays is not None:
+            from .heatmap import write_overlay
+
+            Path(overlays).mkdir(parents=True, exist_ok=True)
+            r["overlay"] = str(write_overlay(Path(overlays) / f"{i:04d}-{p.stem}.png", x[i], maps[i],
+                                             f"{verdict} {r['relative']:.2f}x threshold"))
+        out.append(r)
+    return out

@@ -17,22 +17,42 @@ from .common import model_options
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images with a warning instead of failing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_cmd(model, data_dir, backend, precision, device, threads, skip_bad, quiet, as_json):
+@click.option("--gallery", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Anomaly models: write heatmap overlays of the worst good parts and the missed defects "
+                   "to this folder.")
+def eval_cmd(model, data_dir, backend, precision, device, threads, skip_bad, quiet, as_json, gallery):
     """Score MODEL on DATA (a folder per class, or a path,label CSV).
 
     MODEL is a training run folder (or its model.pt), an exported bundle folder,
     or a lone .onnx / .xml file. Reports balanced accuracy (the mean of per-class
     recall, fair when classes are imbalanced), accuracy, per-class
-    precision/recall/f1 and the confusion matrix (rows: true class)."""
-    from lineside.scoring import evaluate, open_scorer
+    precision/recall/f1 and the confusion matrix (rows: true class).
+
+    An anomaly model (lineside train --task anomaly) is scored on its good class(es)
+    against every other folder, whatever the defects are called: AUROC, the share of
+    good parts flagged (false reject) and of the others caught, per folder.
+
+    \b
+      lineside eval runs/bottle bottle/test --gallery review/   # + overlays of the worst"""
+    from lineside.errors import LinesideError
+    from lineside.scoring import evaluate, evaluate_anomaly, open_scorer
 
     from .common import libraries_to_stderr
 
     with libraries_to_stderr(as_json):
         predict_fn, labels, spec, about = open_scorer(model, backend, precision, device, threads)
-        r = evaluate(predict_fn, labels, spec, data_dir, skip_bad=skip_bad, progress=not quiet and not as_json,
-                     reject_below=about.get("reject_below"))
+        anomaly = about.pop("anomaly", None)
+        if anomaly is None and gallery is not None:
+            raise LinesideError("--gallery: only for anomaly models (lineside train --task anomaly)")
+        if anomaly is not None:
+            r = evaluate_anomaly(anomaly, spec, data_dir, skip_bad=skip_bad, progress=not quiet and not as_json,
+                                 gallery=gallery)
+        else:
+            r = evaluate(predict_fn, labels, spec, data_dir, skip_bad=skip_bad, progress=not quiet and not as_json,
+                         reject_below=about.get("reject_below"))
     r.update(about)
+    if anomaly is not None:
+        return _print_anomaly_eval(r, as_json)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
@@ -53,22 +73,56 @@ def eval_cmd(model, data_dir, backend, precision, device, threads, skip_bad, qui
         click.echo(f"{len(r['misclassified'])} misclassified (see --json for the list)")
 
 
+def _print_anomaly_eval(r: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    pct = lambda v: "-" if v is None else f"{v:.1%}"   # noqa: E731
+    auc = "-" if r["auroc"] is None else f"{r['auroc']:.1f}"
+    click.echo(f"{r['n']} images: AUROC {auc}; at threshold {r['threshold']:.4g}: {pct(r['false_reject'])} of "
+               f"{r['good_images']} good flagged (false reject), {pct(r['detection'])} of {r['other_images']} "
+               f"others caught ({r['backend']}{' on ' + r['device'] if r.get('device') else ''})")
+    click.echo(f"{'folder':24s} {'images':>6s} {'flagged':>7s} {'median score':>12s}")
+    for name, c in r["per_class"].items():
+        click.echo(f"{name + (' (good)' if c['good'] else ''):24s} {c['images']:6d} {c['flagged']:7d} "
+                   f"{c['score_median']:12.4g}")
+    if r.get("gallery"):
+        click.echo(f"wrote {len(r['gallery']['files'])} overlays to {r['gallery']['folder']}")
+
+
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per image.")
-def predict(model, images, backend, precision, device, threads, as_json):
+@click.option("--overlays", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Anomaly models: write each image's heatmap overlay (PNG) to this folder.")
+def predict(model, images, backend, precision, device, threads, as_json, overlays):
     """Classify IMAGES (files, or folders of images) with MODEL.
 
     MODEL is a run folder, a bundle folder or a lone .onnx / .xml file. Prints the
-    predicted label, its probability and the probability of every class."""
-    from lineside.scoring import open_scorer, predict_paths
+    predicted label, its probability and the probability of every class; for an
+    anomaly model, good or anomalous, its score and the score relative to the
+    threshold (above 1.0 is anomalous), and with --overlays a heatmap per image."""
+    from lineside.errors import LinesideError
+    from lineside.scoring import open_scorer, predict_anomaly, predict_paths
 
     from .common import libraries_to_stderr
 
     with libraries_to_stderr(as_json):
-        predict_fn, labels, spec, _ = open_scorer(model, backend, precision, device, threads)
+        predict_fn, labels, spec, about = open_scorer(model, backend, precision, device, threads)
+        anomaly = about.get("anomaly")
+        if anomaly is None and overlays is not None:
+            raise LinesideError("--overlays: only for anomaly models (lineside train --task anomaly)")
+        if anomaly is not None:
+            results = predict_anomaly(anomaly, spec, list(images), overlays)
+            if as_json:
+                click.echo(json.dumps(results, indent=2))
+                return
+            for r in results:
+                click.echo(f"{r['path']}: {r['label']} (score {r['score']:.4g}, {r['relative']:.2f}x the threshold)"
+                           + (f"  -> {r['overlay']}" if r.get("overlay") else ""))
+            return
         results = predict_paths(predict_fn, labels, spec, list(images))
     if as_json:
         click.echo(json.dumps(results, indent=2))
