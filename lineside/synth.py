@@ -126,3 +126,56 @@ def write_dataset(out, per_class: int = 40, size: int = 128, seed: int = 0, clas
                 raise LinesideError(f"{path}: could not write image")
         counts[name] = per_class
     return counts
+
+
+DEFECTS = ("scratch", "spot")
+
+
+def draw_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A copy of a part image with one defect drawn near its middle, where the part is:
+    a scratch (a thin line, darker or lighter than what it crosses) or a spot (a small
+    blob)."""
+    img = image.astype(np.float32).copy()
+    size = img.shape[0]
+    c = size / 2 + rng.uniform(-0.08, 0.08, 2) * size
+    shade = 0.0 if img.mean() > 110 else 255.0
+    colour = (shade, shade, shade)
+    if kind == "scratch":
+        angle = rng.uniform(0, math.pi)
+        half = size * rng.uniform(0.15, 0.25)
+        d = np.array([math.cos(angle), math.sin(angle)]) * half
+        a, b = np.round(c - d).astype(int), np.round(c + d).astype(int)
+        cv2.line(img, tuple(int(v) for v in a), tuple(int(v) for v in b), colour, max(2, size // 40), cv2.LINE_AA)
+    elif kind == "spot":
+        cv2.circle(img, tuple(int(v) for v in np.round(c)), max(3, int(size * rng.uniform(0.06, 0.09))), colour,
+                   -1, cv2.LINE_AA)
+    else:
+        raise LinesideError(f"defect '{kind}': choose from {', '.join(DEFECTS)}")
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_anomaly_dataset(out, part: str = "card", good: int = 40, defective: int = 10, size: int = 128,
+                          seed: int = 0) -> dict[str, int]:
+    """An inspection-from-good-parts dataset: out/good/ holds `good` images of one part,
+    out/scratch/ and out/spot/ `defective` images each of the same part with a defect."""
+    if good < 0 or defective < 0 or good + defective < 1:
+        raise LinesideError("--per-class must be at least 1")
+    if not 32 <= size <= 1024:
+        raise LinesideError("--size must be between 32 and 1024")
+    _shape_polys(part, np.random.default_rng(0))   # validate the name before writing anything
+    out = Path(out)
+    counts = {}
+    for ci, (folder, n) in enumerate((("good", good),) + tuple((d, defective) for d in DEFECTS)):
+        if n == 0:
+            continue
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng([seed, 100 + ci])
+        for i in range(n):
+            image = draw_part(part, size, rng)
+            if folder != "good":
+                image = draw_defect(image, folder, rng)
+            path = out / folder / f"{folder}_{i:04d}.png"
+            if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+                raise LinesideError(f"{path}: could not write image")
+        counts[folder] = n
+    return counts

@@ -20,13 +20,28 @@ def data():
 @click.option("--size", default=128, show_default=True, help="Image side in pixels.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same images.")
 @click.option("--classes", default=None, help="Comma-separated subset of card,cube,hat,screw,torch.")
-def data_synth(out: Path, per_class: int, size: int, seed: int, classes: str | None):
+@click.option("--defects", "defects_of", default=None, metavar="PART",
+              help="Instead: one PART (e.g. card) as OUT/good/ and, with a drawn defect, OUT/scratch/ and "
+                   "OUT/spot/ (a quarter of --per-class each): data for lineside train --task anomaly.")
+def data_synth(out: Path, per_class: int, size: int, seed: int, classes: str | None, defects_of: str | None):
     """Draw a synthetic parts dataset (hat, cube, card, torch, screw) into OUT/<class>/.
 
     Parts get a random pose, scale, shade, lighting, background and noise; use it
-    to try lineside end to end before you have photos of your own parts."""
-    from lineside.synth import CLASSES, write_dataset
+    to try lineside end to end before you have photos of your own parts.
 
+    \b
+      lineside data synth parts/ --per-class 40
+      lineside data synth cards/ --defects card --per-class 40   # good/, scratch/, spot/"""
+    from lineside.synth import CLASSES, write_anomaly_dataset, write_dataset
+
+    if defects_of:
+        if classes:
+            raise click.UsageError("--classes and --defects: choose one")
+        counts = write_anomaly_dataset(out, defects_of, good=per_class, defective=max(1, per_class // 4), size=size,
+                                       seed=seed)
+        click.echo(f"wrote {sum(counts.values())} images to {out} (" +
+                   ", ".join(f"{k}/ {v}" for k, v in counts.items()) + ")")
+        return
     names = tuple(c.strip() for c in classes.split(",")) if classes else CLASSES
     counts = write_dataset(out, per_class=per_class, size=size, seed=seed, classes=names)
     click.echo(f"wrote {sum(counts.values())} images in {len(counts)} classes to {out}")

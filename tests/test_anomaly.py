@@ -1,0 +1,245 @@
+"""Inspection from good parts alone (lineside train --task anomaly): training, the
+threshold, the checkpoint, export with the scorer inside the graph, eval, predict and
+the heatmaps, on tiny synthetic parts."""
+
+import json
+import math
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from lineside.errors import LinesideError
+
+SIZE = 64
+
+
+def _part(rng, defect: bool) -> np.ndarray:
+    """A textured grey plate with a lighter square part in the middle; a defect is a dark
+    disc on the part."""
+    noise = cv2.GaussianBlur(rng.normal(0, 1, (SIZE, SIZE)).astype(np.float32), (0, 0), 3)
+    img = 120 + 12 * noise / (noise.std() + 1e-6)
+    img[16:48, 16:48] += 50
+    img = np.repeat(img[:, :, None], 3, axis=2)
+    if defect:
+        c = tuple(int(v) for v in rng.integers(24, 40, 2))
+        cv2.circle(img, c, 6, (20, 20, 20), -1)
+    return np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)
+
+
+def _write(root, good: int, defective: int, seed: int):
+    rng = np.random.default_rng(seed)
+    for folder, n in (("good", good), ("dent", defective)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            cv2.imwrite(str(root / folder / f"{folder}_{i:03d}.png"), _part(rng, folder == "dent"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def plates(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plates")
+    return _write(root / "train", 24, 6, 0), _write(root / "test", 16, 8, 1)
+
+
+@pytest.fixture(scope="module")
+def anomaly_run(plates, tmp_path_factory):
+    from lineside.train.anomaly_run import train_anomaly_run
+
+    out = tmp_path_factory.mktemp("anomaly_run")
+    metrics = train_anomaly_run(plates[0], out, image_size=SIZE, bank=256, progress=False, device="cpu")
+    return out, metrics
+
+
+@pytest.fixture(scope="module")
+def anomaly_bundle(anomaly_run, tmp_path_factory):
+    from lineside.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("anomaly_bundle")
+    return out, export_bundle(anomaly_run[0], out, int8=False)
+
+
+def test_trains_on_good_images_only_and_reports_the_defects(anomaly_run):
+    out, m = anomaly_run
+    assert m["task"] == "anomaly" and m["ok_classes"] == ["good"]
+    assert m["train_counts"] == {"good": 24} and m["other_counts"] == {"dent": 6}
+    a = m["anomaly"]
+    assert a["threshold"] > 0 and a["bank"] <= 256
+    # the threshold never flags every good part: at most a few of the out-of-fold scores
+    e = a["false_reject_expected"]
+    assert e["out_of_fold_images"] == 24 and e["out_of_fold_above"] <= 3
+    lo, hi = e["interval_90"]
+    assert 0 <= lo <= a["false_reject_target"] <= hi <= 1
+    d = m["defects"]
+    assert d["images"] == 6 and d["auroc"] >= 90, d
+    assert {p.name for p in out.iterdir()} >= {"model.pt", "metrics.json", "scores.png", "scores.npz"}
+    assert json.loads((out / "metrics.json").read_text())["anomaly"]["threshold"] == a["threshold"]
+
+
+def test_checkpoint_round_trip_scores_the_same(anomaly_run, plates):
+    from lineside.dataset import load_arrays, load_image_set
+    from lineside.train.anomaly import anomaly_scores
+    from lineside.train.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(anomaly_run[0])
+    assert loaded.labels == ["good", "anomalous"] and loaded.model.task == "anomaly"
+    x, _, _ = load_arrays(load_image_set(plates[1]), loaded.spec, progress=False)
+    s1 = anomaly_scores(loaded.model, x)
+    s2 = anomaly_scores(load_checkpoint(anomaly_run[0] / "model.pt").model, x)
+    np.testing.assert_allclose(s1, s2, rtol=1e-6)
+    # the logits put P(anomalous) above one half exactly when the score is above the threshold
+    from lineside.train.trainer import predict_proba
+
+    p = predict_proba(loaded.model, x)
+    thr = float(loaded.model.threshold)
+    assert np.array_equal(p[:, 1] > 0.5, s1 > thr)
+
+
+def test_exported_scores_agree_with_pytorch_on_both_runtimes(anomaly_bundle, anomaly_run, plates):
+    """The bug anomaly users report most: the exported model scoring unlike the trained one."""
+    from lineside.dataset import load_arrays, load_image_set
+    from lineside.runtime.model import open_model
+    from lineside.train.anomaly import anomaly_scores
+    from lineside.train.checkpoint import load_checkpoint
+
+    bundle, result = anomaly_bundle
+    assert result["report"]["parity"]["passed"]
+    loaded = load_checkpoint(anomaly_run[0])
+    x, _, _ = load_arrays(load_image_set(plates[1]), loaded.spec, progress=False)
+    ref, ref_maps = anomaly_scores(loaded.model, x, maps=True)
+    for backend in ("onnxruntime", "openvino"):
+        m = open_model(bundle, backend=backend)
+        assert m.metadata.task == "anomaly" and m.metadata.anomaly["ok_classes"] == ["good"]
+        assert m.metadata.anomaly["threshold"] == pytest.approx(float(loaded.model.threshold), rel=1e-6)
+        scores, maps = m.anomaly(x)
+        np.testing.assert_allclose(scores, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+        np.testing.assert_allclose(maps, ref_maps, rtol=1e-3, atol=1e-4 * float(np.abs(ref_maps).max()))
+        verdicts = m.predict_proba(x)[:, 1] > 0.5
+        assert np.array_equal(verdicts, ref > float(loaded.model.threshold)), backend
+
+
+def test_eval_counts_every_other_folder_as_anomalous_and_draws_a_gallery(anomaly_bundle, plates, tmp_path):
+    from lineside.scoring import evaluate_anomaly, open_scorer
+
+    _, _, spec, about = open_scorer(anomaly_bundle[0], "onnxruntime", "fp32", None, None)
+    r = evaluate_anomaly(about["anomaly"], spec, plates[1], progress=False, gallery=tmp_path / "gallery")
+    assert r["good_images"] == 16 and r["other_images"] == 8
+    assert r["auroc"] >= 90
+    flagged_good = r["per_class"]["good"]["flagged"]
+    assert r["false_reject"] == pytest.approx(flagged_good / 16)
+    assert r["detection"] == pytest.approx(r["per_class"]["dent"]["flagged"] / 8)
+    files = r["gallery"]["files"]
+    assert len(files) == len(r["worst_good"]) + len(r["missed"]) and files
+    for name in files:
+        image = cv2.imread(str(tmp_path / "gallery" / name))
+        assert image is not None and image.shape[:2] == (SIZE, SIZE)
+
+
+def test_predict_writes_overlays_and_the_verdict_follows_the_threshold(anomaly_run, plates, tmp_path):
+    from lineside.scoring import open_scorer, predict_anomaly
+
+    _, _, spec, about = open_scorer(anomaly_run[0], None, "fp32", "cpu", None)
+    paths = sorted((plates[1] / "dent").iterdir())[:2] + sorted((plates[1] / "good").iterdir())[:2]
+    results = predict_anomaly(about["anomaly"], spec, paths, tmp_path / "ov")
+    for r in results:
+        assert r["label"] == ("anomalous" if r["score"] > r["threshold"] else "good")
+        assert r["relative"] == pytest.approx(r["score"] / r["threshold"])
+        assert cv2.imread(r["overlay"]).shape == (SIZE, SIZE, 3)
+    assert min(r["score"] for r in results[:2]) > max(r["score"] for r in results[2:])
+
+
+def test_heatmap_outlines_what_is_above_the_threshold():
+    from lineside.heatmap import overlay
+
+    rgb = np.full((40, 60, 3), 128, np.uint8)
+    amap = np.zeros((5, 6), np.float32)
+    amap[2, 3] = 3.0
+    out = overlay(rgb, amap)
+    assert out.shape == (40, 60, 3) and out.dtype == np.uint8
+    hot = out[16:24, 30:36].astype(int)
+    cold = out[0:6, 0:6].astype(int)
+    assert hot[..., 2].mean() > cold[..., 2].mean() + 50   # red (BGR) where the map is high
+    # a map of NaNs and infinities draws without raising
+    assert overlay(rgb, np.full((3, 3), np.nan, np.float32)).shape == (40, 60, 3)
+
+
+def test_cli_trains_anomaly_with_json_and_names_wrong_options(plates, tmp_path):
+    from click.testing import CliRunner
+
+    from lineside.cli import main
+
+    runner = CliRunner()
+    r = runner.invoke(main, ["train", str(plates[0]), "--out", str(tmp_path / "r"), "--task", "anomaly",
+                             "--image-size", str(SIZE), "--bank", "64", "--json", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["task"] == "anomaly"
+    r = runner.invoke(main, ["train", str(plates[0]), "--out", str(tmp_path / "r2"), "--task", "anomaly",
+                             "--ok-classes", "fine"])
+    assert r.exit_code != 0 and "--ok-classes" in r.output and "fine" in r.output
+    r = runner.invoke(main, ["train", str(plates[0]), "--out", str(tmp_path / "r3"), "--task", "anomaly",
+                             "--strategy", "linear"])
+    assert r.exit_code != 0 and "--strategy" in r.output
+    r = runner.invoke(main, ["train", str(plates[0]), "--out", str(tmp_path / "r4"), "--false-reject", "0.01"])
+    assert r.exit_code != 0 and "--task anomaly" in r.output
+
+
+def test_lognormal_threshold_matches_the_quantile_it_promises():
+    from lineside.train.anomaly import lognormal_threshold
+
+    rng = np.random.default_rng(0)
+    logs = rng.normal(0.3, 0.2, 20000)
+    thr, sigma, z = lognormal_threshold(np.exp(logs), 0.01)
+    assert sigma == pytest.approx(0.2, rel=0.05)
+    assert float((logs > math.log(thr)).mean()) == pytest.approx(0.01, abs=0.003)
+
+
+def test_coreset_spreads_over_the_patches():
+    import torch
+
+    from lineside.train.anomaly import greedy_coreset
+
+    # four tight clusters: a coreset of four takes one point of each
+    rng = np.random.default_rng(0)
+    centres = np.eye(4, 16) * 10
+    pts = np.concatenate([c + rng.normal(0, 0.01, (50, 16)) for c in centres]).astype(np.float32)
+    chosen = greedy_coreset(torch.from_numpy(pts), 4, 0, "cpu").numpy()
+    assert len(set(chosen // 50)) == 4
+    assert len(greedy_coreset(torch.from_numpy(pts[:3]), 4, 0, "cpu")) == 3
+
+
+def test_metadata_refuses_a_bad_anomaly_block():
+    from lineside.metadata import ModelMetadata
+    from lineside.spec import InputSpec
+
+    spec = InputSpec(height=64, width=64)
+    good = {"threshold": 1.5, "ok_classes": ["good"], "score_output": "anomaly_score", "map_output": "anomaly_map"}
+    m = ModelMetadata(labels=("good", "anomalous"), spec=spec, anomaly=good)
+    assert ModelMetadata.from_json(m.to_json()).anomaly == m.anomaly and m.task == "anomaly"
+    for bad in ({**good, "threshold": 0}, {**good, "threshold": float("nan")}, {**good, "ok_classes": []},
+                {**good, "map_output": None}, "x"):
+        with pytest.raises(LinesideError, match="anomaly"):
+            ModelMetadata(labels=("good", "anomalous"), spec=spec, anomaly=bad)
+
+
+def test_opening_and_scoring_an_anomaly_bundle_loads_no_torch(anomaly_bundle):
+    code = ("import sys, numpy as np\n"
+            "from lineside.runtime.model import open_model\n"
+            f"m = open_model({str(anomaly_bundle[0])!r}, backend='onnxruntime')\n"
+            "s, maps = m.anomaly(np.zeros((1, m.spec.height, m.spec.width, 3), np.uint8))\n"
+            "assert s.shape == (1,) and maps.ndim == 3\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_synth_draws_good_and_defective_parts(tmp_path):
+    from lineside.synth import write_anomaly_dataset
+
+    counts = write_anomaly_dataset(tmp_path, "card", good=4, defective=2, size=48, seed=0)
+    assert counts == {"good": 4, "scratch": 2, "spot": 2}
+    assert len(list((tmp_path / "spot").glob("*.png"))) == 2
+    with pytest.raises(LinesideError):
+        write_anomaly_dataset(tmp_path / "x", "widget")
