@@ -224,7 +224,8 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
         _check_save_outside_source(Path(options.save_dir), info)
         save = SavePolicy(Path(options.save_dir), tuple(w.strip() for w in options.save_when.split(",") if w.strip()),
                           options.save_max_files, options.save_max_mb, per_hour=options.capture_per_hour,
-                          reject_below=decider.reject_below)
+                          reject_below=decider.reject_below,
+                          heatmap=frame_heatmap(model, roi) if model.metadata.anomaly is not None else None)
     status = StatusLine(options.status and not options.trigger == "stdin", options.display)
     station = options.station or socket.gethostname()
     settle_heap()   # before anything that answers the line starts (see settle_heap)
@@ -464,6 +465,26 @@ def _triggers(options: RunOptions, deciders: list[Decider]):
 
     n, m = decider.vote or (1, 1)
     return Triggers(options.trigger_timeout_ms / 1000.0, frames=m, votes=n, on_answer=deliver), answer_to
+
+
+def frame_heatmap(model: RuntimeModel, roi):
+    """An anomaly model's overlay of a camera frame (BGR): the ROI's crop with the map
+    drawn over it, for --save beside each NG frame. Runs the model once more, in the
+    recorder's thread, for the NG frames saved only."""
+    import cv2
+
+    from lineside.heatmap import overlay
+    from lineside.spec import resize_to_spec
+
+    def draw(image):
+        if roi:
+            x, y, w, h = roi
+            image = image[y:y + h, x:x + w]
+        rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        score, maps = model.anomaly(resize_to_spec(rgb, model.spec)[None])
+        return overlay(rgb, maps[0], f"score {float(score[0]) / model.metadata.anomaly['threshold']:.2f}x threshold")
+
+    return draw
 
 
 def _recorder(options: RunOptions, model: RuntimeModel, info, save, station: str, peers) -> Recorder:

@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import cv2
@@ -153,6 +153,8 @@ class SavePolicy:
     per_hour: int = 120
     reject_below: float | None = None
     seed: int = 0
+    # an anomaly model's frame -> heatmap overlay (BGR), saved beside each NG frame it saves
+    heatmap: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         bad = [w for w in self.when if w not in SAVE_WHEN]
@@ -250,10 +252,31 @@ class FrameSaver:
         self.files.append((path, len(data)))
         self.bytes += len(data)
         self.saved += 1
+        if self.policy.heatmap is not None and row.verdict == "NG" and row.label != "unknown":
+            self._save_heatmap(path, image)
         while self.files and (len(self.files) > self.policy.max_files or self.bytes > self.policy.max_mb * 2**20):
             old, size = self.files.pop(0)
             old.unlink(missing_ok=True)
             self.bytes -= size
+
+
+    def _save_heatmap(self, frame_path: Path, image: np.ndarray):
+        """NAME.heatmap.jpg beside the frame NAME.jpg (a name housekeeping counts and
+        deletes like the frames'). Whatever goes wrong costs the overlay only, never the
+        frame or the writer thread: it is counted as a failed save and logged."""
+        path = frame_path.with_name(frame_path.stem + ".heatmap.jpg")
+        try:
+            ok, data = cv2.imencode(".jpg", self.policy.heatmap(image), [cv2.IMWRITE_JPEG_QUALITY, 90])
+            if not ok:
+                raise OSError("the overlay could not be encoded as JPEG")
+            path.write_bytes(data.tobytes())
+        except Exception as exc:  # noqa: BLE001 - a heatmap is a courtesy, the frame is saved
+            path.unlink(missing_ok=True)
+            self.failed += 1
+            log.warning("%s: heatmap not saved (%s)", path, _reason(exc) if isinstance(exc, OSError) else exc)
+            return
+        self.files.append((path, len(data)))
+        self.bytes += len(data)
 
 
 # --- the log writers: one interface, one class per format -------------------------------

@@ -243,3 +243,27 @@ def test_synth_draws_good_and_defective_parts(tmp_path):
     assert len(list((tmp_path / "spot").glob("*.png"))) == 2
     with pytest.raises(LinesideError):
         write_anomaly_dataset(tmp_path / "x", "widget")
+
+
+def test_run_saves_a_heatmap_beside_every_ng_frame(anomaly_bundle, plates, tmp_path):
+    from click.testing import CliRunner
+
+    from lineside.cli import main
+    from lineside.video import write_video
+
+    video = tmp_path / "parts.avi"
+    write_video(plates[1], video, size=(SIZE, SIZE), hold=1, noise=0.0)
+    save = tmp_path / "saved"
+    r = CliRunner().invoke(main, ["run", str(anomaly_bundle[0]), "--source", str(video), "--quiet", "--save",
+                                  str(save), "--save-when", "all", "--log", str(tmp_path / "d.jsonl")])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    decisions = [d for d in rows if d.get("type") == "decision"]
+    assert len(decisions) == 24 and {d["verdict"] for d in decisions} <= {"OK", "NG"}
+    ng = sum(d["verdict"] == "NG" for d in decisions)
+    assert ng >= 4     # most of the 8 dented plates
+    heatmaps = sorted(save.glob("lineside_*.heatmap.jpg"))
+    assert len(heatmaps) == ng
+    for h in heatmaps:
+        assert (save / h.name.replace(".heatmap.jpg", ".jpg")).is_file()
+        assert cv2.imread(str(h)).shape == (SIZE, SIZE, 3)
