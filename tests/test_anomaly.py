@@ -190,9 +190,24 @@ def test_lognormal_threshold_matches_the_quantile_it_promises():
 
     rng = np.random.default_rng(0)
     logs = rng.normal(0.3, 0.2, 20000)
-    thr, sigma, z = lognormal_threshold(np.exp(logs), 0.01)
+    thr, sigma, k = lognormal_threshold(np.exp(logs), 0.01)
     assert sigma == pytest.approx(0.2, rel=0.05)
     assert float((logs > math.log(thr)).mean()) == pytest.approx(0.01, abs=0.003)
+    # from few images the threshold widens: new good images from the same log-normal
+    # exceed it at about the promised rate (averaged over many draws of 20 images)
+    rates = []
+    for _ in range(400):
+        thr, _, k = lognormal_threshold(np.exp(rng.normal(0.3, 0.2, 20)), 0.01)
+        rates.append(float((logs > math.log(thr)).mean()))
+    assert k > 2.33 and np.mean(rates) == pytest.approx(0.01, abs=0.003)
+
+
+@pytest.mark.parametrize("p,dof,table", [(0.99, 31, 2.4528), (0.995, 10, 3.1693), (0.975, 5, 2.5706),
+                                         (0.999, 3, 10.2145)])
+def test_t_quantile_matches_the_tables(p, dof, table):
+    from lineside.train.anomaly import t_quantile
+
+    assert t_quantile(p, dof) == pytest.approx(table, abs=1e-4)
 
 
 def test_coreset_spreads_over_the_patches():

@@ -14,7 +14,8 @@ threshold (1.0 = the threshold), is a second output for heatmaps.
 
 The threshold comes from good images alone: each is scored by a bank built without it
 (k folds), a log-normal is fitted to those out-of-fold scores, and the threshold is its
-quantile at the false-reject rate asked for (default 1%).
+predictive quantile at the false-reject rate asked for (default 1%): the normal
+quantile widened for having estimated mean and spread from only n images.
 """
 
 from __future__ import annotations
@@ -191,17 +192,43 @@ def folds_of(n: int, k: int, seed: int) -> np.ndarray:
     return fold
 
 
-def lognormal_threshold(scores: np.ndarray, false_reject: float) -> tuple[float, float, float]:
-    """(threshold, sigma of log-scores, z): the (1 - false_reject) quantile of a log-normal
-    fitted to out-of-fold scores of good images."""
+def t_quantile(p: float, dof: float) -> float:
+    """Student's t quantile: the Cornish-Fisher expansion around the normal's, polished by
+    Newton steps on the t distribution function (integrated numerically)."""
     from statistics import NormalDist
 
+    z = NormalDist().inv_cdf(p)
+    v = float(dof)
+    t = (z + (z ** 3 + z) / (4 * v) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * v ** 2)
+         + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * v ** 3))
+    c = math.exp(math.lgamma((v + 1) / 2) - math.lgamma(v / 2)) / math.sqrt(v * math.pi)
+
+    def pdf(x):
+        return c * (1.0 + x * x / v) ** (-(v + 1) / 2)
+
+    integrate = getattr(np, "trapezoid", None) or np.trapz   # numpy 2 renamed it
+    for _ in range(4):
+        grid = np.linspace(0.0, t, 4001)
+        cdf = 0.5 + float(integrate(pdf(grid), grid))
+        t -= (cdf - p) / pdf(t)
+    return float(t)
+
+
+def lognormal_threshold(scores: np.ndarray, false_reject: float) -> tuple[float, float, float]:
+    """(threshold, sigma of log-scores, k): the (1 - false_reject) quantile of the
+    predictive distribution of a new good image's log-score under a normal fitted to the
+    out-of-fold log-scores: mean + k * sigma with k = t(1 - false_reject, n - 1) * sqrt(1 + 1/n),
+    which widens the plain normal quantile for the uncertainty of mean and sigma from n
+    images (elpv, 32 and 100 good cells, 3 draws each: false reject measured on the
+    ~1400 unseen good cells 1.8% on average for 1% promised, against 2.0% with the plain
+    normal quantile)."""
     logs = np.log(np.maximum(scores, 1e-12))
+    n = len(logs)
     mu = float(logs.mean())
-    sigma = float(logs.std(ddof=1)) if len(logs) > 1 else 0.0
+    sigma = float(logs.std(ddof=1)) if n > 1 else 0.0
     sigma = max(sigma, 1e-3)
-    z = NormalDist().inv_cdf(1.0 - false_reject)
-    return math.exp(mu + z * sigma), sigma, z
+    k = t_quantile(1.0 - false_reject, max(n - 1, 1)) * math.sqrt(1.0 + 1.0 / max(n, 1))
+    return math.exp(mu + k * sigma), sigma, k
 
 
 def expected_false_reject(scores: np.ndarray, threshold: float, seed: int = 0, draws: int = 2000) -> dict:
@@ -282,8 +309,8 @@ def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientn
         "task": "anomaly", "backbone": entry.name, "taps": list(taps), "bank": int(len(bank)),
         "patches_per_image": int(grid[0] * grid[1]), "grid": list(grid),
         "threshold": threshold, "scale": float(model.scale), "false_reject_target": false_reject,
-        "threshold_fit": {"method": "log-normal fitted to out-of-fold scores of the good images",
-                          "folds": k, "sigma_log": sigma, "z": z},
+        "threshold_fit": {"method": "predictive quantile of a log-normal fitted to out-of-fold scores of the "
+                                    "good images", "folds": k, "sigma_log": sigma, "k": z},
         "false_reject_expected": expected_false_reject(oof, threshold, seed),
         "out_of_fold_scores": [float(v) for v in oof],
         "seconds": {"features": round(t_feat, 2), "total": round(time.perf_counter() - t0, 2)},
