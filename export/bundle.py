@@ -72,7 +72,7 @@ def model_metadata(loaded, run_dir: Path, precision: str) -> ModelMetadata:
 
         anomaly = {"threshold": float(loaded.model.threshold), "ok_classes": list(loaded.info.get("ok_classes") or
                                                                                    ["good"]),
-                   "score_output": SCORE_NAME, "map_output": MAP_NAME}
+                   "score_output": SCORE_NAME, "map_output": MAP_NAME, "scale": float(loaded.model.scale)}
     return ModelMetadata(
         anomaly=anomaly,
         labels=tuple(loaded.labels), spec=loaded.spec, input_name=INPUT_NAME,

@@ -31,7 +31,9 @@ def check_labels(labels, where: str) -> tuple[str, ...]:
 
 
 def check_anomaly(a) -> dict:
-    """An anomaly block: a positive finite threshold, the good classes, the output names."""
+    """An anomaly block: a positive finite threshold, the good classes, the output names,
+    and the scale of the probabilities' log-odds (P(anomalous) = sigmoid((score -
+    threshold) / scale)), from which a decision recovers the score."""
     import math
 
     ok = (isinstance(a, dict) and isinstance(a.get("threshold"), (int, float))
@@ -42,7 +44,11 @@ def check_anomaly(a) -> dict:
     if not ok:
         raise LinesideError("model metadata: invalid anomaly block (threshold > 0, ok_classes, score_output, "
                             "map_output)")
+    scale = a.get("scale")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise LinesideError("model metadata: the anomaly block's scale must be a positive number")
     return {"threshold": float(a["threshold"]), "ok_classes": list(a["ok_classes"]),
+            **({"scale": float(scale)} if scale is not None else {}),
             "score_output": a["score_output"], "map_output": a["map_output"],
             **({"map_size": [int(v) for v in a["map_size"]]} if isinstance(a.get("map_size"), list) else {})}
 

@@ -84,7 +84,7 @@ def make_decider(model: RuntimeModel, options: RunOptions) -> Decider:
     ok = parse_classes(options.ok_classes, model.labels, "--ok-classes")
     if ok is None and model.metadata.anomaly is not None:
         ok = ("good",)   # an anomaly model's answer is a verdict: good is OK, anomalous NG
-    return Decider(model.labels, reject_below=reject, ok_classes=ok,
+    return Decider(model.labels, reject_below=reject, ok_classes=ok, anomaly=model.metadata.anomaly,
                    vote=parse_vote(options.vote))
 
 

@@ -48,17 +48,22 @@ class Decision:
     top: str                  # the top class even when rejected
     verdict: str | None       # OK / NG, or None without --ok-classes
     decision: str | None      # the voted label (= label without --vote)
+    anomaly_score: float | None = None   # an anomaly model's score / its threshold (above 1: anomalous)
 
 
 class Decider:
     def __init__(self, labels: list[str], reject_below: float | None = None,
-                 ok_classes: tuple[str, ...] | None = None, vote: tuple[int, int] | None = None):
+                 ok_classes: tuple[str, ...] | None = None, vote: tuple[int, int] | None = None,
+                 anomaly: dict | None = None):
         if reject_below is not None and not 0.0 <= reject_below <= 1.0:
             raise LinesideError(f"--reject-below: {reject_below} is outside 0..1")
         self.labels = list(labels)
         self.reject_below = reject_below
         self.ok_classes = set(ok_classes) if ok_classes else None
         self.vote = vote
+        # an anomaly model's probabilities are sigmoid((score - threshold) / scale): their
+        # log-odds give back the score, relative to the threshold
+        self.anomaly_scale = (anomaly["scale"] / anomaly["threshold"]) if anomaly and anomaly.get("scale") else None
         self._recent: deque[str] = deque(maxlen=vote[1] if vote else 1)
 
     def __call__(self, probs: np.ndarray) -> Decision:
@@ -67,7 +72,14 @@ class Decider:
         top = self.labels[i]
         label = UNKNOWN if self.reject_below is not None and confidence < self.reject_below else top
         verdict = None if self.ok_classes is None else ("OK" if label in self.ok_classes else "NG")
-        return Decision(label, confidence, top, verdict, self._voted(label))
+        return Decision(label, confidence, top, verdict, self._voted(label), self._anomaly_score(probs))
+
+    def _anomaly_score(self, probs) -> float | None:
+        if self.anomaly_scale is None or len(probs) != 2:
+            return None
+        p = np.clip(np.asarray(probs, np.float64), 1e-300, None)
+        score = 1.0 + self.anomaly_scale * float(np.log(p[1]) - np.log(p[0]))
+        return round(max(0.0, score), 6) if np.isfinite(score) else None
 
     def not_inspected(self) -> Decision:
         """The fail-safe decision for a frame that could not be classified: unknown (NG

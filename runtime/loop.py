@@ -215,12 +215,13 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
     def record(frame: Frame, decision, probabilities: dict, flags: list, t_submit: float, t_decided: float):
         nonlocal last_voted
         part = None if triggers is None else triggers.offer(frame.t_capture, decision.label, decision.verdict,
-                                                            decision.confidence)
+                                                            decision.confidence, decision.anomaly_score)
         row = DecisionRow(time.time(), frame.index, info.shown, frame.origin, decision.label,
                           round(decision.confidence, 6), decision.top, decision.verdict, decision.decision,
                           probabilities, flags, round((t_decided - t_submit) * 1000, 3),
                           round((t_decided - frame.t_capture) * 1000, 3), model.checksum, part,
-                          product=switch.active.name if switch is not None else None)
+                          product=switch.active.name if switch is not None else None,
+                          anomaly_score=decision.anomaly_score)
         recorder.decision(row, frame.image)
         if switch is not None:
             switch.decided()

@@ -20,7 +20,8 @@ Station-owned, read only (a write is refused with exception 02, illegal address)
     6  ResultOutcome       0 none yet, 1 OK, 2 NG
     7  ResultClass         the label's index in the model's labels; 65535 for unknown
     8  ResultConfidence    x1000 (0..1000)
-    9  ResultAnomalyScore  x1000; 65535 when the model has no anomaly score
+    9  ResultAnomalyScore  the anomaly score / the threshold, x1000 (1000: at the threshold, above:
+                           anomalous; saturates at 65534); 65535 when the model has none
     10 ResultReason        1 decided, 2 no_frame, 3 timeout, 4 stopped, 5 error
     11 ResultSequence      +1 with every result (wraps at 65535)
     12-13 ResultPartNumber the part number of the trigger this result answers (uint32)
@@ -198,6 +199,8 @@ class RegisterMap:
             r[RESULT_OUTCOME] = 1 if answer.verdict == "OK" else 2
             r[RESULT_CLASS] = label_index
             r[RESULT_CONFIDENCE] = max(0, min(1000, round(answer.confidence * 1000)))
+            score = getattr(answer, "anomaly_score", None)
+            r[RESULT_ANOMALY] = NO_VALUE if score is None else max(0, min(NO_VALUE - 1, round(score * 1000)))
             r[RESULT_REASON] = REASON_CODES.get(answer.reason, 5)
             r[RESULT_PART:RESULT_PART + 2] = words32(self.part_number)
             r[RESULT_PRODUCT] = r[ACTIVE_PRODUCT]

@@ -208,6 +208,8 @@ class MqttOutput:
                    "labels_version": self.labels_version}
         if row.product is not None:
             payload["product"] = row.product
+        if row.anomaly_score is not None:
+            payload["anomaly_score"] = row.anomaly_score
         self._publish(self.topic("decision"), payload)
         self._publish_status()
 

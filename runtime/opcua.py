@@ -6,7 +6,8 @@ or subscribes to (names after OPC 40100, Machine Vision, where that is simple):
     State            online / offline
     SourceState      starting / live / reconnecting / ended
     ResultCounter    decisions so far (subscribe to it: it changes with every result)
-    LastLabel, LastClassIndex (-1 for unknown), LastConfidence, LastVerdict (OK/NG or
+    LastLabel, LastClassIndex (-1 for unknown), LastConfidence, LastAnomalyScore (an
+    anomaly model's score / its threshold, above 1 anomalous; -1 for a classifier), LastVerdict (OK/NG or
     empty), LastResultOK, LastFrame, LastPartId, LastAnswer (JSON of the last triggered
     part's answer)
     OkCount, NgCount, UnknownCount, ModelSha256, LastError
@@ -102,7 +103,7 @@ class OpcUaOutput:
                 raise LinesideError(f"{option} {path}: no such file")
         self.cert, self.key = cert, key
         self.values = {"State": "online", "SourceState": "starting", "ResultCounter": 0, "LastLabel": "",
-                       "LastClassIndex": -1, "LastConfidence": 0.0, "LastVerdict": "", "LastResultOK": False,
+                       "LastClassIndex": -1, "LastConfidence": 0.0, "LastAnomalyScore": -1.0, "LastVerdict": "", "LastResultOK": False,
                        "LastFrame": 0, "LastPartId": "", "LastAnswer": "", "OkCount": 0, "NgCount": 0,
                        "UnknownCount": 0, "ModelSha256": model_sha256, "LastError": "", "Product": ""}
         self._dirty = threading.Event()
@@ -212,6 +213,7 @@ class OpcUaOutput:
         v["LastLabel"] = row.label
         v["LastClassIndex"] = self.labels.index(row.label) if row.label in self.labels else -1
         v["LastConfidence"] = float(row.confidence)
+        v["LastAnomalyScore"] = -1.0 if row.anomaly_score is None else float(row.anomaly_score)
         v["LastVerdict"] = row.verdict or ""
         v["LastResultOK"] = row.verdict == "OK"
         v["LastFrame"] = int(row.frame)

@@ -76,6 +76,7 @@ class DecisionRow:
     saved: str | None = None       # the file name of the frame in the --save folder, when it was saved
     product: str | None = None     # the product (--products) whose model and settings decided it
     capture: str | None = None     # why --save-when worth kept it: unknown, near_threshold, disagreement, random
+    anomaly_score: float | None = None   # an anomaly model's score / its threshold (above 1: anomalous)
 
     def __post_init__(self):
         # Every output writes these as UTF-8: a file name that is not UTF-8 (or any text from
@@ -130,7 +131,7 @@ CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY, run INTEGER, ts REAL, frame INTEGER, source TEXT, origin TEXT,
     label TEXT, confidence REAL, top TEXT, verdict TEXT, decision TEXT, probabilities TEXT,
     flags TEXT, latency_ms REAL, capture_to_decision_ms REAL, model_sha256 TEXT, part_id TEXT, saved TEXT,
-    product TEXT, capture TEXT);
+    product TEXT, capture TEXT, anomaly_score REAL);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, run INTEGER, ts REAL, kind TEXT, detail TEXT);
 CREATE TABLE IF NOT EXISTS shadow (
     id INTEGER PRIMARY KEY, run INTEGER, ts REAL, frame INTEGER, label TEXT, confidence REAL, verdict TEXT,
@@ -339,6 +340,8 @@ class SqliteLog(LogFile):
             for column in ("part_id", "saved", "product", "capture"):      # a log started by an older lineside
                 if column not in columns:
                     self.db.execute(f"ALTER TABLE decisions ADD COLUMN {column} TEXT")
+            if "anomaly_score" not in columns:
+                self.db.execute("ALTER TABLE decisions ADD COLUMN anomaly_score REAL")
             info = self.run_info
             cur = self.db.execute(
                 "INSERT INTO runs (started, source, model, model_sha256, labels, settings) VALUES (?,?,?,?,?,?)",
@@ -358,7 +361,7 @@ class SqliteLog(LogFile):
                 f"INSERT INTO decisions ({','.join(DECISION_COLUMNS)}) VALUES ({','.join('?' * len(DECISION_COLUMNS))})",
                 [(run, r.ts, r.frame, r.source, r.origin, r.label, r.confidence, r.top, r.verdict, r.decision,
                   json.dumps(r.probabilities), json.dumps(r.flags), r.latency_ms, r.capture_to_decision_ms,
-                  r.model_sha256, r.part_id, r.saved, r.product, r.capture) for r in decisions])
+                  r.model_sha256, r.part_id, r.saved, r.product, r.capture, r.anomaly_score) for r in decisions])
             self.db.executemany("INSERT INTO events (run, ts, kind, detail) VALUES (?,?,?,?)",
                                 [(run, e.ts, e.kind, e.detail) for e in events])
             if shadows:

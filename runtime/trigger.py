@@ -49,6 +49,7 @@ class Request:
     labels: list = field(default_factory=list)
     verdicts: list = field(default_factory=list)
     confidences: list = field(default_factory=list)
+    scores: list = field(default_factory=list)       # an anomaly model's scores / threshold
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,13 @@ class Answer:
     confidence: float
     latency_ms: float
     ts: float
+    anomaly_score: float | None = None   # the highest of its frames' (anomaly models)
 
     def as_dict(self) -> dict:
         return {"part_id": self.part_id, "label": self.label, "verdict": self.verdict, "reason": self.reason,
                 "frames": self.frames, "confidence": round(self.confidence, 6), "latency_ms": round(self.latency_ms, 3),
                 "time": datetime.datetime.fromtimestamp(self.ts).astimezone().isoformat(timespec="milliseconds"),
-                "ts": self.ts}
+                "ts": self.ts, **({"anomaly_score": self.anomaly_score} if self.anomaly_score is not None else {})}
 
 
 class Triggers:
@@ -102,7 +104,8 @@ class Triggers:
             self._wake.notify()
         return part
 
-    def offer(self, t_capture: float, label: str, verdict: str | None, confidence: float) -> str | None:
+    def offer(self, t_capture: float, label: str, verdict: str | None, confidence: float,
+              anomaly_score: float | None = None) -> str | None:
         """A decided frame (the loop): it counts for every part whose trigger came before the
         frame was captured and that still waits for frames. Returns the ids of those parts
         (joined by ',' when several), or None."""
@@ -113,6 +116,8 @@ class Triggers:
                     req.labels.append(label)
                     req.verdicts.append(verdict)
                     req.confidences.append(confidence)
+                    if anomaly_score is not None:
+                        req.scores.append(anomaly_score)
                     parts.append(req.part_id)
                     if len(req.labels) == self.frames:
                         self._pending.remove(req)
@@ -130,6 +135,7 @@ class Triggers:
                 req.labels.clear()
                 req.verdicts.clear()
                 req.confidences.clear()
+                req.scores.clear()
                 req.after = max(req.after, t)
 
     def close(self, reason: str = "stopped"):
@@ -152,7 +158,7 @@ class Triggers:
         verdict = "OK" if label != "unknown" and picked and all(v == "OK" for v in picked) else "NG"
         conf = max((c for lab, c in zip(req.labels, req.confidences) if lab == label), default=0.0)
         return Answer(req.part_id, label, verdict, "decided", len(req.labels), conf,
-                      (time.perf_counter() - req.t) * 1000, time.time())
+                      (time.perf_counter() - req.t) * 1000, time.time(), max(req.scores) if req.scores else None)
 
     def _failsafe(self, req: Request, reason: str) -> Answer:
         return Answer(req.part_id, "unknown", "NG", reason, len(req.labels), 0.0,

@@ -277,8 +277,52 @@ def test_run_saves_a_heatmap_beside_every_ng_frame(anomaly_bundle, plates, tmp_p
     assert len(decisions) == 24 and {d["verdict"] for d in decisions} <= {"OK", "NG"}
     ng = sum(d["verdict"] == "NG" for d in decisions)
     assert ng >= 4     # most of the 8 dented plates
+    # every decision carries the score relative to the threshold, NG exactly above 1
+    assert all((d["anomaly_score"] > 1.0) == (d["verdict"] == "NG") for d in decisions)
     heatmaps = sorted(save.glob("lineside_*.heatmap.jpg"))
     assert len(heatmaps) == ng
     for h in heatmaps:
         assert (save / h.name.replace(".heatmap.jpg", ".jpg")).is_file()
         assert cv2.imread(str(h)).shape == (SIZE, SIZE, 3)
+
+
+def test_the_decision_recovers_the_score_from_the_probabilities():
+    """The camera loop reads only the probabilities; their log-odds give back the score."""
+    from lineside.runtime.decide import Decider
+
+    thr, scale = 2.0, 0.3
+    d = Decider(["good", "anomalous"], ok_classes=("good",),
+                anomaly={"threshold": thr, "scale": scale, "ok_classes": ["good"]})
+    for score in (0.5, 1.9, 2.0, 2.4, 9.0):
+        z = np.float32((score - thr) / scale)
+        p = np.exp(np.array([0, z], np.float32) - max(0, z))
+        p = (p / p.sum()).astype(np.float32)
+        decision = d(p)
+        assert decision.anomaly_score == pytest.approx(score / thr, rel=1e-5)
+        assert decision.verdict == ("NG" if score > thr else "OK")
+    assert Decider(["a", "b"])(np.array([0.3, 0.7], np.float32)).anomaly_score is None
+
+
+def test_a_trigger_answer_and_the_modbus_register_carry_the_worst_score():
+    import time
+
+    from lineside.runtime import modbus as mb
+    from lineside.runtime.trigger import Triggers
+
+    answers = []
+    t = Triggers(5.0, frames=2, votes=1, on_answer=lambda a: (answers.append(a), regs.answer(a)))
+    regs = mb.RegisterMap(t, ["good", "anomalous"])
+    assert regs.read(mb.RESULT_ANOMALY, 1) == [mb.NO_VALUE]          # no result yet
+    assert regs.write(mb.TRIGGER, [1])
+    now = time.perf_counter() + 0.001
+    t.offer(now, "good", "OK", 0.9, 0.7)
+    t.offer(now, "anomalous", "NG", 0.8, 1.6)
+    assert answers and answers[0].anomaly_score == pytest.approx(1.6)
+    assert answers[0].as_dict()["anomaly_score"] == pytest.approx(1.6)
+    assert regs.read(mb.RESULT_ANOMALY, 1) == [1600]
+    regs.write(mb.RESULTS_ACK, [1])
+    regs.write(mb.TRIGGER, [1])
+    t.offer(time.perf_counter() + 0.001, "good", "OK", 0.9)        # a classifier's frame: no score
+    t.offer(time.perf_counter() + 0.001, "good", "OK", 0.9)
+    assert regs.read(mb.RESULT_ANOMALY, 1) == [mb.NO_VALUE]
+    t.close()
