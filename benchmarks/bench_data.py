@@ -25,14 +25,14 @@ def open_benchmark_data(name: str | Path) -> ImageSet:
 def _elpv_folder() -> Path:
     import cv2
 
-    try:
-        from elpv_dataset.utils import load_dataset
-    except ImportError:
-        raise SystemExit("elpv: pip install elpv-dataset (the images ship in that package)")
     root = Path(os.environ.get("LINESIDE_BENCH_CACHE", Path.home() / ".cache" / "lineside-benchmarks")) / "elpv"
     done = root / ".complete"
     if done.exists():
         return root
+    try:
+        from elpv_dataset.utils import load_dataset
+    except ImportError:
+        raise SystemExit("elpv: pip install elpv-dataset (the images ship in that package)")
     images, proba, _ = load_dataset()
     for i, (im, p) in enumerate(zip(images, proba)):
         label = {0.0: "functional", 1.0: "defective"}.get(float(p))

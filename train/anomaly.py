@@ -1,7 +1,8 @@
 """Inspection from good parts alone: a PatchCore-style anomaly model on a frozen backbone.
 
 Every image becomes a grid of patch features (middle stages of the ImageNet backbone,
-the deeper one upsampled onto the finer grid, each averaged over its 3x3 neighbourhood).
+the deeper one upsampled onto the finer grid, mapped onto the good patches' 64 principal
+axes, each averaged over its 3x3 neighbourhood).
 The good images' patches, thinned by greedy coreset selection to a bank of at most
 `bank_size`, are the memory; a patch's anomaly is its distance to the nearest patch in
 the bank, the image's score the largest over the (lightly smoothed) map.
@@ -41,6 +42,12 @@ DEFAULT_SHORT_SIDE = 256
 FOLDS = 5
 MAX_PATCHES = 60_000     # patches the coreset is chosen from (a random sample beyond that)
 PROJECTION = 64          # dimensions of the random projection the coreset search runs in
+# Principal axes the patch features are mapped onto (272 dimensions for stages 3 and 5 of
+# Lite0): the bank of 2048 then takes 0.5 MB instead of 2.2 MB, which the CPU's caches
+# hold. Exported to OpenVINO on this 2-core CPU (bottle, 32 good images, 256x256): 232 FPS
+# against 164 without it, 0.80x the default classifier's 291 FPS; elpv AUROC with 100
+# good cells, 2 draws: 86.7 against 86.8 without it (128 axes: 87.4, but 173 FPS).
+DEFAULT_PROJECT = 64
 CHUNK = 8                # images per distance computation (N x patches x bank floats)
 
 
@@ -53,7 +60,7 @@ class AnomalyModel(nn.Module):
     views = None
 
     def __init__(self, stages: nn.ModuleList, spec: InputSpec, taps: tuple[int, ...], feature_dim: int,
-                 bank_size: int, threshold: float = 1.0, scale: float = 1.0):
+                 bank_size: int, threshold: float = 1.0, scale: float = 1.0, project: int = 0):
         super().__init__()
         self.taps = tuple(int(t) for t in taps)
         if not self.taps or sorted(set(self.taps)) != list(self.taps) or self.taps[-1] >= len(stages):
@@ -63,7 +70,13 @@ class AnomalyModel(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("channel_scale", torch.ones(feature_dim))
-        self.register_buffer("bank", torch.zeros(bank_size, feature_dim))
+        # an optional linear map of the patch features onto their `project` principal axes
+        # (fitted on the good patches): distances in fewer dimensions, a faster scorer
+        self.project = int(project)
+        dim = self.project or feature_dim
+        if self.project:
+            self.register_buffer("projection", torch.zeros(feature_dim, self.project))
+        self.register_buffer("bank", torch.zeros(bank_size, dim))
         self.register_buffer("bank_sq", torch.zeros(bank_size))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self.register_buffer("scale", torch.tensor(float(scale)))
@@ -79,15 +92,23 @@ class AnomalyModel(nn.Module):
         size = maps[0].shape[-2:]
         maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
                 for m in maps]
-        f = F.avg_pool2d(torch.cat(maps, 1), 3, stride=1, padding=1, count_include_pad=False)
-        return f * self.channel_scale.view(1, -1, 1, 1)
+        f = torch.cat(maps, 1) * self.channel_scale.view(1, -1, 1, 1)
+        if self.project:   # before the pooling, which commutes with it: fewer channels to pool
+            f = torch.einsum("nchw,ck->nkhw", f, self.projection)
+        return F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False)
 
     def distances(self, f: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) -> (N, h, w): each patch's distance to its nearest bank patch."""
         n, c, hh, ww = f.shape
         flat = f.permute(0, 2, 3, 1).reshape(n, hh * ww, c)
-        d2 = (flat * flat).sum(-1, keepdim=True) - 2.0 * flat @ self.bank.t() + self.bank_sq
-        return torch.sqrt(torch.clamp(d2.amin(-1), min=0.0)).reshape(n, hh, ww)
+        # |f - b|^2 = |f|^2 + (|b|^2 - 2 f.b): the bracket as one product with the bank
+        # extended by a row (a constant in an exported graph), so that the patches x bank
+        # matrix is touched once more only, by the minimum
+        ones = torch.ones_like(flat[..., :1])
+        extended = torch.cat([-2.0 * self.bank.t(), self.bank_sq.unsqueeze(0)], 0)
+        nearest = (torch.cat([flat, ones], -1) @ extended).amin(-1)
+        d2 = (flat * flat).sum(-1) + nearest
+        return torch.sqrt(torch.clamp(d2, min=0.0)).reshape(n, hh, ww)
 
     def raw_map(self, x: torch.Tensor) -> torch.Tensor:
         d = self.distances(self.patch_features(x)).unsqueeze(1)
@@ -259,7 +280,8 @@ class AnomalyFit:
 
 def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientnet_lite0", weights: str = "imagenet",
                 taps=DEFAULT_TAPS, bank_size: int = DEFAULT_BANK, false_reject: float = DEFAULT_FALSE_REJECT,
-                seed: int = 0, device: str | torch.device = "cpu", progress=None) -> AnomalyFit:
+                seed: int = 0, device: str | torch.device = "cpu", progress=None,
+                project: int = DEFAULT_PROJECT) -> AnomalyFit:
     """Fit on good images only: uint8 (N, H, W, 3) at `spec`'s size."""
     from .backbones import build_backbone
     from .model import stage_widths
@@ -277,6 +299,7 @@ def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientn
     if taps[-1] >= len(widths):
         raise LinesideError(f"--taps: stages of {backbone} are 0..{len(widths) - 1}")
     dim = sum(widths[t] for t in taps)
+    project = int(project) if project and project < dim else 0
     model = AnomalyModel(net.stages, spec, taps, dim, bank_size).to(device).eval()
     feats = extract(model, x_good, device, progress)
     # each tap's channels weighed so that the taps count alike in a distance (else the
@@ -288,6 +311,13 @@ def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientn
         weight[a:b] = 1.0 / max(rms, 1e-6)
     feats *= weight
     model.channel_scale.copy_(weight.to(device))
+    if project:
+        axes = principal_axes(feats.reshape(-1, dim), project, seed)
+        feats = feats @ axes
+        stages_scale = model.channel_scale.clone()
+        model = AnomalyModel(model.stages, spec, taps, dim, bank_size, project=project).to(device).eval()
+        model.channel_scale.copy_(stages_scale)
+        model.projection.copy_(axes.to(device))
     n = len(x_good)
     grid = _grid(model, spec, device)
     t_feat = time.perf_counter() - t0
@@ -306,7 +336,7 @@ def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientn
     model.threshold.fill_(threshold)
     model.scale.fill_(max(threshold * sigma, 1e-6))
     info = {
-        "task": "anomaly", "backbone": entry.name, "taps": list(taps), "bank": int(len(bank)),
+        "task": "anomaly", "backbone": entry.name, "taps": list(taps), "bank": int(len(bank)), "projection": project or None,
         "patches_per_image": int(grid[0] * grid[1]), "grid": list(grid),
         "threshold": threshold, "scale": float(model.scale), "false_reject_target": false_reject,
         "threshold_fit": {"method": "predictive quantile of a log-normal fitted to out-of-fold scores of the "
@@ -316,6 +346,16 @@ def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientn
         "seconds": {"features": round(t_feat, 2), "total": round(time.perf_counter() - t0, 2)},
     }
     return AnomalyFit(model, info)
+
+
+def principal_axes(patches: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """(C, k): the k principal axes of (a sample of up to MAX_PATCHES) patch features."""
+    if len(patches) > MAX_PATCHES:
+        g = torch.Generator().manual_seed(seed + 2)
+        patches = patches[torch.randperm(len(patches), generator=g)[:MAX_PATCHES]]
+    x = patches.double() - patches.double().mean(0)
+    _, vectors = torch.linalg.eigh(x.t() @ x)
+    return vectors[:, -k:].flip(1).float().contiguous()
 
 
 def _grid(model: AnomalyModel, spec: InputSpec, device) -> tuple[int, int]:

@@ -108,6 +108,14 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
       lineside train parts/ --out runs/parts
       lineside train parts/ --out runs/p2 --strategy linear
       lineside train parts/ --out runs/p3 --backbone resnet18 --weights resnet18.pth --no-rot90
+
+    With --task anomaly it learns from good parts alone (DATA/good, or
+    --ok-classes) and flags whatever differs from them; other folders are only
+    scored, to report what its threshold catches:
+
+    \b
+      lineside train bottle/train --task anomaly --out runs/bottle
+      lineside train cells/ --task anomaly --ok-classes functional --false-reject 0.005 --out runs/cells
     """
     if task == "anomaly":
         return _train_anomaly(data_dirs, out, force, quiet, as_json, ok_classes, false_reject, bank, options)
