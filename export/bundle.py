@@ -345,7 +345,7 @@ def _int8_models(loaded, files, out: Path, meta: ModelMetadata, calib, eval_data
     oof = None
     if eval_data is not None:
         x_eval, y_eval, eval_paths = _labelled_arrays(loaded, eval_data, None, progress, "evaluation images")
-        judged = {"source": f"{len(y_eval)} images from {eval_data}", "held_out": True}
+        judged = {"source": f"{len(y_eval)} images from {eval_data}", "held_out": True, "from_eval": True}
     elif validation is not None:
         x_val, y_val, val_paths = _labelled_arrays(loaded, validation, None, progress, "validation images")
         x_eval, y_eval, eval_paths, judged = judge_views(x_val, y_val, val_paths, augment, "validation images of the run",
@@ -533,9 +533,14 @@ def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_pa
         v = gate["judged_views"]
         reasons.append(f"gave FP32's label on {v['top1_agreement']:.2%} of the judged views themselves "
                        f"({v['drop_points']:+.2f} points of balanced accuracy lost there)")
+    tried = f"{len(attempts)} recipe{'s' if len(attempts) != 1 else ''} tried"
+    next_step = ("more labelled images in --eval (few images make a strict judge), or more calibration images "
+                 "with --calib DIR; or keep FP32" if judged.get("from_eval") else
+                 "pass --eval DIR with labelled images the run never trained on, so that the gate judges INT8 "
+                 "there; or keep FP32")
     return {"verdict": "refused", "eval_images": judged["source"], "judged": judged, "gate": gate,
-            "attempts": attempts,
-            "why": f"INT8 {' and '.join(reasons)} with every recipe tried; FP32 kept"}
+            "attempts": attempts, "reasons": [f"INT8 {r}" for r in reasons], "next": next_step,
+            "why": f"INT8 {' and '.join(reasons)} ({tried}); FP32 kept"}
 
 
 def _run_openvino_int8(xml: Path, x: np.ndarray) -> np.ndarray:

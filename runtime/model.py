@@ -323,6 +323,23 @@ def bundle_precisions(folder: Path) -> set[str]:
     return {str(key).rsplit("_", 1)[-1] for key in read_bundle_doc(folder)["models"]}
 
 
+def _int8_refusal(folder: Path, precision: str, order) -> str:
+    """Why an INT8 model is missing, from the export report beside bundle.json: the gate
+    refused it (naming the report and --precision fp32), or it was skipped."""
+    if precision != "int8":
+        return ""
+    try:
+        report = json.loads((folder / "export_report.json").read_bytes()[:4_000_000]).get("int8") or {}
+    except (OSError, ValueError, AttributeError):
+        return ""
+    verdicts = {r: q.get("verdict") for r, q in report.items() if isinstance(q, dict) and r in order}
+    if not verdicts:
+        return ""
+    said = ", ".join(f"{r} {v}" for r, v in verdicts.items())
+    return (f"; the export's INT8 gate: {said} (see {folder / 'export_report.md'}); run with --precision fp32, "
+            "or export again with --eval DIR")
+
+
 def _bundle_files(folder: Path, backend: str, precision: str, manifest: bytes | None = None) -> ModelFiles:
     """The model a bundle holds for backend and precision, every file of it read once and
     checked against bundle.json: a file the model reads that bundle.json does not list (an
@@ -336,7 +353,8 @@ def _bundle_files(folder: Path, backend: str, precision: str, manifest: bytes | 
             break
     else:
         have = ", ".join(sorted(printable(k) for k in models)) or "none"
-        raise LinesideError(f"{folder}: bundle has no {precision} model for {'/'.join(order)} (it has: {have})")
+        raise LinesideError(f"{folder}: bundle has no {precision} model for {'/'.join(order)} (it has: {have})"
+                            + _int8_refusal(folder, precision, order))
     entry = models[keys[b]]["files"]
     model_names = [n for n in entry if Path(n).suffix in (".onnx", ".xml")]
     if len(model_names) != 1:

@@ -163,6 +163,15 @@ def test_gate_refuses_a_broken_int8_model(tiny_run, tmp_path, monkeypatch):
     assert not (tmp_path / "model_int8.xml").exists() and not (tmp_path / "model_int8.bin").exists()
     doc = json.loads((tmp_path / "bundle.json").read_text())
     assert set(doc["models"]) == {"openvino_fp32"}
+    # the refusal says how many recipes were tried, each reason on its own, and what to do next
+    assert f"({len(RECIPES)} recipe" in q["why"] and "every recipe" not in q["why"]
+    assert q["reasons"] and all(r.startswith("INT8 ") for r in q["reasons"]) and "--eval DIR" in q["next"]
+    # and a run that asks for the INT8 model learns that the gate refused it, and where to read why
+    from lineside.errors import LinesideError
+    from lineside.runtime.model import open_model
+
+    with pytest.raises(LinesideError, match=r"INT8 gate: openvino refused .*export_report.md.*--precision fp32"):
+        open_model(tmp_path, backend="openvino", precision="int8")
 
 
 def test_onnxruntime_int8_is_written_checked_and_self_describing(int8_bundle, synth_test_dir):

@@ -89,7 +89,13 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agr
                        f"FP32 {g['fp32_balanced_accuracy']:.2%} (drop {g['drop_points']:.2f} points, limit "
                        f"{g['max_drop_points']}), top-1 agreement {g['top1_agreement']:.1%} on {judged_on(q)}")
         elif q["verdict"] == "refused" and "gate" in q:
-            click.echo(f"INT8 {runtime} refused: {q['why']} (judged on {judged_on(q)})")
+            click.echo(f"INT8 {runtime} refused, FP32 kept:")
+            for reason in q.get("reasons") or [q["why"]]:
+                click.echo(f"  - {reason}")
+            click.echo(f"  judged on {judged_on(q)}; {len(q['attempts'])} recipe(s) tried "
+                       f"({', '.join(a['recipe'] for a in q['attempts'])}); details in {out}/export_report.md")
+            if q.get("next"):
+                click.echo(f"  next: {q['next']}")
         else:
             click.echo(f"INT8 {runtime} {q['verdict']}: {q['why']}")
     for key, r in result["report"]["models"].items():
