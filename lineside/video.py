@@ -25,13 +25,19 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def placement(image_hw: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """x, y, w, h of an image of (height, width) centred on a frame of `size`, scaled to fit."""
+    w, h = size
+    scale = min(w / image_hw[1], h / image_hw[0])
+    iw, ih = max(1, round(image_hw[1] * scale)), max(1, round(image_hw[0] * scale))
+    return (w - iw) // 2, (h - ih) // 2, iw, ih
+
+
 def frame_from_image(image_rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The image centred on a neutral grey frame, scaled to fit (BGR, as cameras deliver)."""
     w, h = size
-    scale = min(w / image_rgb.shape[1], h / image_rgb.shape[0])
-    iw, ih = max(1, round(image_rgb.shape[1] * scale)), max(1, round(image_rgb.shape[0] * scale))
+    x, y, iw, ih = placement(image_rgb.shape[:2], size)
     frame = np.full((h, w, 3), 96, np.uint8)
-    x, y = (w - iw) // 2, (h - ih) // 2
     frame[y:y + ih, x:x + iw] = cv2.resize(image_rgb, (iw, ih), interpolation=cv2.INTER_LINEAR)[:, :, ::-1]
     return frame
 
@@ -59,10 +65,15 @@ def write_video(data, out: Path, size=(640, 480), fps: float = 30.0, hold: int =
     if not writer.isOpened():
         raise LinesideError(f"{out}: OpenCV cannot write this video (codec {codec})")
     parts = []
+    box = None     # the union of the parts' places: the region of interest for lineside run
     rng = np.random.default_rng(shuffle_seed)
     try:
         for i in order:
-            frame = frame_from_image(read_image(images.paths[i]), size)
+            image = read_image(images.paths[i])
+            x, y, iw, ih = placement(image.shape[:2], size)
+            box = (x, y, x + iw, y + ih) if box is None else (min(box[0], x), min(box[1], y), max(box[2], x + iw),
+                                                              max(box[3], y + ih))
+            frame = frame_from_image(image, size)
             for _ in range(hold):
                 if noise > 0:
                     jitter = rng.normal(0, noise, frame.shape).astype(np.float32)
@@ -72,5 +83,6 @@ def write_video(data, out: Path, size=(640, 480), fps: float = 30.0, hold: int =
             parts.append(images.classes[images.targets[i]])
     finally:
         writer.release()
+    roi = None if box is None else [box[0], box[1], box[2] - box[0], box[3] - box[1]]
     return {"path": str(out), "frames": len(parts) * hold, "parts": len(parts), "fps": fps,
-            "size": list(size), "labels": parts}
+            "size": list(size), "roi": roi, "labels": parts}

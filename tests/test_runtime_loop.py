@@ -900,3 +900,20 @@ def test_faults_during_a_live_run_lose_no_decision(tiny_bundle, rtsp, small_disk
     assert [d for k, d in events if k == "log_unwritable" and "locked" in d]
     assert "source_lost" in kinds and "source_back" in kinds and summary["reconnects"] >= 1
     assert json.loads(con.execute("SELECT summary FROM runs").fetchone()[0])["logged"] == rows
+
+
+def test_data_video_says_where_the_parts_sit(video, tmp_path):
+    """The square 64-px parts centred on a 160x120 frame sit in its middle 120x120: the
+    --roi that lineside run needs, or the grey bars beside them are inspected too."""
+    import cv2
+
+    out, info = video
+    assert info["roi"] == [20, 0, 120, 120]
+    cap = cv2.VideoCapture(str(out))
+    ok, frame = cap.read()
+    cap.release()
+    assert ok
+    x, y, w, h = info["roi"]
+    outside = np.concatenate([frame[:, :x].ravel(), frame[:, x + w:].ravel()]).astype(float)
+    assert abs(outside.mean() - 96) < 8            # the grey of the bars, with the video's noise
+    assert frame[y:y + h, x:x + w].astype(float).std() > outside.std() * 2

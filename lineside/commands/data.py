@@ -62,13 +62,17 @@ def data_video(data_dir: Path, out: Path, size: str, fps: float, hold: int, limi
     """Make a conveyor-style video (OUT.mp4 or OUT.avi) from the labelled images in DATA.
 
     Each image is centred on a grey frame for HOLD frames, in a seeded random
-    order: a stand-in camera for `lineside run` and `lineside bench`."""
+    order: a stand-in camera for `lineside run` and `lineside bench`. It prints
+    the region the parts sit in (JSON: "roi"), for lineside run --roi."""
     from lineside.video import parse_size, write_video
 
     r = write_video(data_dir, out, size=parse_size(size), fps=fps, hold=hold, shuffle_seed=seed, limit=limit,
                     noise=noise)
+    roi = ",".join(map(str, r["roi"])) if r["roi"] else None
     emit(r, as_json, f"wrote {r['frames']} frames ({r['parts']} parts, {r['size'][0]}x{r['size'][1]} at "
-                      f"{r['fps']:g} fps) to {out}")
+                      f"{r['fps']:g} fps) to {out}"
+                      + (f"; the parts sit in --roi {roi} (give it to lineside run, or the grey around them is "
+                         f"inspected too)" if roi else ""))
 
 
 # --- train --------------------------------------------------------------------------
