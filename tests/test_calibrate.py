@@ -83,6 +83,8 @@ def test_a_default_run_is_calibrated_out_of_fold_and_the_bundle_carries_its_reje
     assert (tmp_path / "run" / "calibration.png").stat().st_size > 5000
     assert load_checkpoint(tmp_path / "run").info["reject_below"] == c["reject_below"]
     assert (tmp_path / "run" / "out_of_fold.npz").is_file()
+    # its confusion matrix is of those out-of-fold answers, not of the images it trained on
+    assert m["confusion_matrix_of"].startswith("out of fold (60 training images")
     res = export_bundle(tmp_path / "run", tmp_path / "b", formats=["openvino"])
     assert open_model(tmp_path / "b", backend="openvino").metadata.reject_below == c["reject_below"]
     # INT8 is judged on what it is estimated to do to unseen images: the out-of-fold margins

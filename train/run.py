@@ -113,6 +113,12 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
         probs = trainer.predict_proba(x_train)
         cm_title = f"training images ({len(y_train)}; no validation split)"
     cm_report = report or classification_report(y_train, probs.argmax(1), images.classes)
+    if report is None and calibration and calibration["source"].startswith("out-of-fold"):
+        # the images predicted by models that did not train on them: a picture of new parts,
+        # where the training images themselves would draw a perfect diagonal
+        cm_report = classification_report(calibration["_y"], np.asarray(calibration["_logits"]).argmax(1),
+                                          images.classes)
+        cm_title = f"out of fold ({len(calibration['_y'])} training images, each by a model that did not see it)"
     score_s = time.perf_counter() - t0
 
     metrics = {
@@ -170,6 +176,7 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
 
         reliability_diagram(*calibration["_probs"], calibration["_y"], out / "calibration.png",
                             f"{calibration['source']}; temperature {calibration['temperature']:.2f}")
+    metrics["confusion_matrix_of"] = cm_title
     metrics["seconds"]["write_s"] = round(time.perf_counter() - t0, 2)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
