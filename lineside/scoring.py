@@ -31,8 +31,11 @@ def predict_batched(predict: PredictFn, x: np.ndarray, progress: bool = False) -
     return np.concatenate(out)
 
 
+GALLERY_WRONG = 60   # misclassified images drawn by eval --out, the most confident first
+
+
 def evaluate(predict: PredictFn, labels, spec: InputSpec, data, skip_bad=False, progress=True,
-             reject_below: float | None = None) -> dict:
+             reject_below: float | None = None, out: Path | None = None) -> dict:
     images = load_image_set(data, classes=list(labels))
     x, images, bad = load_arrays(images, spec, skip_bad, progress, "reading images")
     probs = predict_batched(predict, x, progress)
@@ -44,7 +47,36 @@ def evaluate(predict: PredictFn, labels, spec: InputSpec, data, skip_bad=False, 
     ]
     report["confidence"] = confidence_report(probs, images.targets, reject_below)
     report.update(data=str(data), skipped_images=bad)
+    if out is not None:
+        report["out"] = write_eval_figures(Path(out), report, x, images, probs, labels)
     return report
+
+
+def write_eval_figures(out: Path, report: dict, x, images, probs, labels) -> dict:
+    """eval --out: confusion_matrix.png, the misclassified images (the most confident
+    first) as captioned PNGs, and index.html showing both."""
+    import json
+
+    from .figures import confusion_image, gallery_page, thumbnail, write_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_png(out / "confusion_matrix.png", confusion_image(
+        np.asarray(report["confusion_matrix"]), labels,
+        f"{report['n']} images of {Path(str(report['data'])).name}: balanced accuracy "
+        f"{report['balanced_accuracy']:.1%}"))
+    wrong = [i for i in np.argsort(-probs.max(1)) if images.targets[i] != int(probs[i].argmax())][:GALLERY_WRONG]
+    items = []
+    for rank, i in enumerate(wrong):
+        t, q = labels[images.targets[i]], labels[int(probs[i].argmax())]
+        name = f"wrong-{rank:03d}-{Path(images.paths[i]).stem[:40]}.png"
+        write_png(out / name, thumbnail(x[i], f"{t} -> {q} {probs[i].max():.0%}"))
+        items.append((name, f"{images.paths[i]}: true {t}, predicted {q} ({probs[i].max():.1%})"))
+    gallery_page(out / "index.html", f"lineside eval: {report['data']}",
+                 [("confusion matrix (rows: true class)", [("confusion_matrix.png", "")]),
+                  ("misclassified, the most confident first", items)])
+    (out / "report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "out"}, indent=2))
+    return {"folder": str(out), "files": ["confusion_matrix.png", "index.html", "report.json"]
+            + [n for n, _ in items]}
 
 
 def expand_images(paths) -> list[Path]:
@@ -129,11 +161,12 @@ def anomaly_in_batches(score, x: np.ndarray, progress: bool = False, batch: int 
 
 
 def evaluate_anomaly(anomaly: dict, spec: InputSpec, data, skip_bad=False, progress=True,
-                     gallery: Path | None = None) -> dict:
+                     out: Path | None = None) -> dict:
     """An anomaly model on DATA: the good classes against every other folder (whatever the
     defect is called). Reports the AUROC, the false-reject rate on the good images and
     the detection rate on the others at the model's threshold, per folder, the worst
-    good parts and the missed defects; with `gallery`, their overlays as PNGs there."""
+    good parts and the missed defects; with `out`, their overlays as PNGs there, with
+    index.html and report.json."""
     from .metrics import auroc
 
     raw = load_image_set(data, min_classes=1)
@@ -166,20 +199,29 @@ def evaluate_anomaly(anomaly: dict, spec: InputSpec, data, skip_bad=False, progr
         "per_class": per_class, "worst_good": worst_good, "missed": missed,
         "data": str(data), "skipped_images": bad,
     }
-    if gallery is not None:
+    if out is not None:
+        import json
+
+        from .figures import gallery_page
         from .heatmap import write_overlay
 
-        gallery = Path(gallery)
-        gallery.mkdir(parents=True, exist_ok=True)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
         index = {str(p): i for i, p in enumerate(kept.paths)}
-        written = []
-        for kind, items in (("worst-good", worst_good), ("missed", missed)):
+        written, sections = [], []
+        for kind, heading, items in (("worst-good", "good parts scored highest", worst_good),
+                                     ("missed", "defects below the threshold", missed)):
+            shown = []
             for rank, r in enumerate(items):
                 i = index[r["path"]]
-                name = f"{kind}-{rank:02d}-{Path(r['path']).stem}.png"
-                write_overlay(gallery / name, x[i], maps[i], f"{r['class']} {r['relative']:.2f}x threshold")
+                name = f"{kind}-{rank:02d}-{Path(r['path']).stem[:40]}.png"
+                write_overlay(out / name, x[i], maps[i], f"{r['class']} {r['relative']:.2f}x threshold")
                 written.append(name)
-        report["gallery"] = {"folder": str(gallery), "files": written}
+                shown.append((name, f"{r['path']}: {r['relative']:.2f}x the threshold"))
+            sections.append((heading, shown))
+        gallery_page(out / "index.html", f"lineside eval (anomaly): {data}", sections)
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        report["out"] = {"folder": str(out), "files": ["index.html", "report.json"] + written}
     return report
 
 

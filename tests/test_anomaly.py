@@ -124,15 +124,18 @@ def test_eval_counts_every_other_folder_as_anomalous_and_draws_a_gallery(anomaly
     from lineside.scoring import evaluate_anomaly, open_scorer
 
     _, _, spec, about = open_scorer(anomaly_bundle[0], "onnxruntime", "fp32", None, None)
-    r = evaluate_anomaly(about["anomaly"], spec, plates[1], progress=False, gallery=tmp_path / "gallery")
+    r = evaluate_anomaly(about["anomaly"], spec, plates[1], progress=False, out=tmp_path / "gallery")
     assert r["good_images"] == 16 and r["other_images"] == 8
     assert r["auroc"] >= 90
     flagged_good = r["per_class"]["good"]["flagged"]
     assert r["false_reject"] == pytest.approx(flagged_good / 16)
     assert r["detection"] == pytest.approx(r["per_class"]["dent"]["flagged"] / 8)
-    files = r["gallery"]["files"]
-    assert len(files) == len(r["worst_good"]) + len(r["missed"]) and files
-    for name in files:
+    files = r["out"]["files"]
+    assert files[:2] == ["index.html", "report.json"]
+    assert len(files) == 2 + len(r["worst_good"]) + len(r["missed"]) and len(files) > 2
+    page = (tmp_path / "gallery" / "index.html").read_text()
+    assert all(name in page for name in files[2:])
+    for name in files[2:]:
         image = cv2.imread(str(tmp_path / "gallery" / name))
         assert image is not None and image.shape[:2] == (SIZE, SIZE)
 

@@ -54,6 +54,18 @@ def test_train_eval_predict_json(runner, synth_dir, synth_test_dir, tmp_path):
     res = runner.invoke(main, ["eval", str(out), str(synth_test_dir), "--device", "cpu", "--json"])
     on_cpu = json.loads(res.output)
     assert on_cpu["device"] == "cpu" and on_cpu["confusion_matrix"] == report["confusion_matrix"]
+    figures = tmp_path / "figures"
+    res = runner.invoke(main, ["eval", str(out), str(synth_test_dir), "--device", "cpu", "--out", str(figures)])
+    assert res.exit_code == 0 and "confusion_matrix.png" in res.output
+    import cv2
+
+    cm = cv2.imread(str(figures / "confusion_matrix.png"))
+    assert cm is not None and min(cm.shape[:2]) > 200
+    wrong = sorted(figures.glob("wrong-*.png"))
+    assert len(wrong) == min(60, len(report["misclassified"]))
+    page = (figures / "index.html").read_text()
+    assert "confusion_matrix.png" in page and all(w.name in page for w in wrong)
+    assert json.loads((figures / "report.json").read_text())["confusion_matrix"] == report["confusion_matrix"]
     res = runner.invoke(main, ["eval", str(out), str(synth_test_dir), "--device", "NPU"])
     assert res.exit_code == 2 and res.output.startswith("error: --device NPU: a training run scores in PyTorch")
 

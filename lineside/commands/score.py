@@ -17,10 +17,11 @@ from .common import model_options
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images with a warning instead of failing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--gallery", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Anomaly models: write heatmap overlays of the worst good parts and the missed defects "
-                   "to this folder.")
-def eval_cmd(model, data_dir, backend, precision, device, threads, skip_bad, quiet, as_json, gallery):
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write figures to this folder: the confusion matrix (PNG) and the misclassified images, or "
+                   "for an anomaly model heatmaps of the worst good parts and the missed defects; index.html "
+                   "shows them, report.json holds the report.")
+def eval_cmd(model, data_dir, backend, precision, device, threads, skip_bad, quiet, as_json, out):
     """Score MODEL on DATA (a folder per class, or a path,label CSV).
 
     MODEL is a training run folder (or its model.pt), an exported bundle folder,
@@ -33,7 +34,8 @@ def eval_cmd(model, data_dir, backend, precision, device, threads, skip_bad, qui
     good parts flagged (false reject) and of the others caught, per folder.
 
     \b
-      lineside eval runs/bottle bottle/test --gallery review/   # + overlays of the worst"""
+      lineside eval runs/parts test-parts/ --out review/        # + confusion matrix, wrong images
+      lineside eval runs/bottle bottle/test --out review/       # anomaly: + heatmaps of the worst"""
     from lineside.errors import LinesideError
     from lineside.scoring import evaluate, evaluate_anomaly, open_scorer
 
@@ -42,14 +44,12 @@ def eval_cmd(model, data_dir, backend, precision, device, threads, skip_bad, qui
     with libraries_to_stderr(as_json):
         predict_fn, labels, spec, about = open_scorer(model, backend, precision, device, threads)
         anomaly = about.pop("anomaly", None)
-        if anomaly is None and gallery is not None:
-            raise LinesideError("--gallery: only for anomaly models (lineside train --task anomaly)")
         if anomaly is not None:
             r = evaluate_anomaly(anomaly, spec, data_dir, skip_bad=skip_bad, progress=not quiet and not as_json,
-                                 gallery=gallery)
+                                 out=out)
         else:
             r = evaluate(predict_fn, labels, spec, data_dir, skip_bad=skip_bad, progress=not quiet and not as_json,
-                         reject_below=about.get("reject_below"))
+                         reject_below=about.get("reject_below"), out=out)
     r.update(about)
     if anomaly is not None:
         return _print_anomaly_eval(r, as_json)
@@ -71,6 +71,9 @@ def eval_cmd(model, data_dir, backend, precision, device, threads, skip_bad, qui
     click.echo(line)
     if r["misclassified"]:
         click.echo(f"{len(r['misclassified'])} misclassified (see --json for the list)")
+    if r.get("out"):
+        click.echo(f"wrote confusion_matrix.png, {len(r['out']['files']) - 3} misclassified images and index.html "
+                   f"to {r['out']['folder']}")
 
 
 def _print_anomaly_eval(r: dict, as_json: bool) -> None:
@@ -86,8 +89,8 @@ def _print_anomaly_eval(r: dict, as_json: bool) -> None:
     for name, c in r["per_class"].items():
         click.echo(f"{name + (' (good)' if c['good'] else ''):24s} {c['images']:6d} {c['flagged']:7d} "
                    f"{c['score_median']:12.4g}")
-    if r.get("gallery"):
-        click.echo(f"wrote {len(r['gallery']['files'])} overlays to {r['gallery']['folder']}")
+    if r.get("out"):
+        click.echo(f"wrote {len(r['out']['files']) - 2} overlays and index.html to {r['out']['folder']}")
 
 
 @click.command()
