@@ -16,7 +16,7 @@ from .commands.data import data
 from .commands.devices import devices
 from .commands.export import export
 from .commands.keys import keys
-from .commands.run import bench_cmd, compare_cmd, review_cmd, run_cmd
+from .commands.run import bench_cmd, compare_cmd, review_cmd, run_cmd, score_cmd
 from .commands.score import eval_cmd, predict
 from .commands.study import study
 from .commands.train import train
@@ -79,7 +79,7 @@ def main(verbose: bool):
 
 
 for command in (data, train, eval_cmd, predict, study, export, keys, run_cmd, bench_cmd, review_cmd, compare_cmd,
-                devices):
+                score_cmd, devices):
     main.add_command(command)
 
 

@@ -917,3 +917,53 @@ def test_data_video_says_where_the_parts_sit(video, tmp_path):
     outside = np.concatenate([frame[:, :x].ravel(), frame[:, x + w:].ravel()]).astype(float)
     assert abs(outside.mean() - 96) < 8            # the grey of the bars, with the video's noise
     assert frame[y:y + h, x:x + w].astype(float).std() > outside.std() * 2
+
+
+def test_part_label_is_the_first_label_n_of_m_frames_agree_on():
+    from lineside.runtime.linescore import part_label
+
+    assert part_label(["a", "b", "b"], (1, 1)) == "a"
+    assert part_label(["a", "b", "b"], (2, 3)) == "b"
+    assert part_label(["a", "b", "a"], (2, 2)) == "unknown"
+    assert part_label(["a", "a", "b"], (2, 3)) == "a"
+
+
+def test_score_a_replay_against_the_truth_and_sweep_the_settings(model, video, tmp_path):
+    """The video's labels are known: every part's answer is worked out again from the log,
+    and escapes and false calls counted for each --reject-below and --vote."""
+    path, info = video
+    truth = tmp_path / "truth.json"
+    truth.write_text(json.dumps(info))
+    db = tmp_path / "replay.sqlite"
+    ok = "card,cube"
+    run_app(model, RunOptions(source=str(path), log=str(db), ok_classes=ok, roi=",".join(map(str, info["roi"]))))
+    res = CliRunner().invoke(main, ["score", str(db), "--truth", str(truth), "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    n = info["parts"]
+    assert r["parts"] == n and r["frames_per_part"] == 2 and r["frames_decided"] == info["frames"]
+    assert r["good_parts"] == sum(label in ("card", "cube") for label in info["labels"])
+    assert {row["vote"] for row in r["sweep"]} == {"1/1", "2/2"}     # votes over at most 2 frames
+    for row in r["sweep"]:
+        assert 0 <= row["escapes"] <= r["defective_parts"] and 0 <= row["false_calls"] <= r["good_parts"]
+    first = [row for row in r["sweep"] if row["vote"] == "1/1"]
+    # the first frame decides alone: a stricter threshold only turns answers into unknown (NG),
+    # so escapes never rise and false calls never fall
+    assert all(a["escapes"] >= b["escapes"] and a["false_calls"] <= b["false_calls"] for a, b in zip(first, first[1:]))
+    b = r["best"]
+    assert (b["escapes"], b["false_calls"]) == min((x["escapes"], x["false_calls"]) for x in r["sweep"])
+    # recomputed by hand for one setting: no threshold, the first frame of each part (the
+    # loop numbers frames from 1)
+    con = sqlite3.connect(db)
+    labels = json.loads(con.execute("SELECT labels FROM runs").fetchone()[0])
+    probs = dict(con.execute("SELECT frame, probabilities FROM decisions").fetchall())
+    con.close()
+    right = sum(max(labels, key=lambda k, p=json.loads(probs[2 * i + 1]): p[k]) == t for i, t in enumerate(info["labels"]))
+    assert first[0]["reject_below"] is None and first[0]["right"] == right
+    # the settings a run needs: which labels are OK
+    plain = tmp_path / "plain.sqlite"
+    run_app(model, RunOptions(source=str(path), log=str(plain), max_frames=4))
+    res = CliRunner().invoke(main, ["score", str(plain), "--truth", str(truth)])
+    assert res.exit_code == 2 and "--ok-classes" in res.output
+    res = CliRunner().invoke(main, ["score", str(db), "--truth", str(tmp_path / "none.json")])
+    assert res.exit_code == 2 and "--truth" in res.output

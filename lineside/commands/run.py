@@ -379,3 +379,40 @@ def compare_cmd(log_path, run_id, as_json):
     for d in report["disagreements"]:
         click.echo(f"  frame {d['frame']}: line {d['line']}, shadow {d['shadow']}"
                    + (f" ({d['saved']})" if d["saved"] else ""))
+
+
+@click.command("score")
+@click.argument("log_path", metavar="LOG", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--truth", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="What was really in front of the camera: the JSON of lineside data video --json.")
+@click.option("--ok-classes", default=None, help="Labels that mean OK. [the run's own --ok-classes]")
+@click.option("--run", "run_id", type=int, default=None, help="The run in the log. [the last]")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as one JSON object.")
+def score_cmd(log_path, truth, ok_classes, run_id, as_json):
+    """Score a run of the line against the truth, and sweep --reject-below and --vote.
+
+    Every part's answer is worked out again from the logged probabilities for each
+    --reject-below and --vote N/M, and counted: escapes (defective parts called
+    OK) and false calls (good parts called NG). The best setting has the fewest
+    escapes, then the fewest false calls.
+
+    \b
+      lineside data video test-parts/ parts.avi --hold 3 --json > truth.json
+      lineside run bundles/parts --source parts.avi --roi 80,0,480,480 --ok-classes ok --log replay.sqlite
+      lineside score replay.sqlite --truth truth.json"""
+    from lineside.runtime.linescore import score_log
+
+    r = score_log(log_path, truth, ok_classes, run_id)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(f"run {r['run']}: {r['parts']} parts ({r['good_parts']} good, {r['defective_parts']} defective), "
+               f"{r['frames_per_part']} frames each, {r['frames_decided']} frames decided; OK: "
+               f"{', '.join(r['ok_classes'])}")
+    click.echo(f"{'reject-below':>12s} {'vote':>5s} {'escapes':>8s} {'false calls':>11s} {'right':>6s}")
+    for row in r["sweep"]:
+        rb = "-" if row["reject_below"] is None else f"{row['reject_below']:.2f}"
+        click.echo(f"{rb:>12s} {row['vote']:>5s} {row['escapes']:8d} {row['false_calls']:11d} {row['right']:6d}")
+    b = r["best"]
+    click.echo(f"best: --reject-below {b['reject_below'] if b['reject_below'] is not None else 'none'} --vote "
+               f"{b['vote']}: {b['escapes']} escapes, {b['false_calls']} false calls of {r['parts']} parts")
