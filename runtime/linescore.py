@@ -20,7 +20,7 @@ import numpy as np
 
 from lineside.errors import LinesideError
 
-from .records import log_kind
+from .records import open_sqlite_log
 
 REJECT_GRID = (None, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 VOTES = ((1, 1), (2, 2), (2, 3), (3, 3), (3, 5))
@@ -43,12 +43,8 @@ def read_run(path, run: int | None = None) -> dict:
     """The decisions of one run (the last, or `run`) of a SQLite log: labels, settings and,
     per frame, the probabilities."""
     path = Path(path)
-    if not path.is_file():
-        raise LinesideError(f"{path}: no such log")
-    if log_kind(path) != "sqlite":
-        raise LinesideError(f"{path}: score reads a SQLite log (--log FILE.sqlite)")
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = open_sqlite_log(path, "score")
         try:
             if run is None:
                 run = (db.execute("SELECT max(id) FROM runs").fetchone() or [None])[0]

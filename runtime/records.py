@@ -285,6 +285,17 @@ class FrameSaver:
 LOG_KINDS = {".jsonl": "jsonl", ".sqlite": "sqlite", ".sqlite3": "sqlite", ".db": "sqlite"}
 
 
+def open_sqlite_log(path, command: str) -> sqlite3.Connection:
+    """A SQLite decision log opened read-only for `command` (compare, score), with one-line
+    errors for a missing file or a log of another kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise LinesideError(f"{path}: no such log")
+    if log_kind(path) != "sqlite":
+        raise LinesideError(f"{path}: {command} reads a SQLite log (--log FILE.sqlite)")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
 def log_kind(path: Path) -> str:
     """The log format a --log path asks for, by its extension (any case)."""
     kind = LOG_KINDS.get(path.suffix.lower())

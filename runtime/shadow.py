@@ -132,15 +132,11 @@ def compare_log(path, run: int | None = None, limit: int = 50) -> dict:
     import sqlite3
     from pathlib import Path
 
-    from .records import log_kind
+    from .records import open_sqlite_log
 
     path = Path(path)
-    if not path.is_file():
-        raise LinesideError(f"{path}: no such log")
-    if log_kind(path) != "sqlite":
-        raise LinesideError(f"{path}: compare reads a SQLite log (--log FILE.sqlite)")
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = open_sqlite_log(path, "compare")
         try:
             if run is None:
                 found = db.execute("SELECT max(run) FROM shadow").fetchone()
