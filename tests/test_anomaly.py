@@ -329,3 +329,18 @@ def test_a_trigger_answer_and_the_modbus_register_carry_the_worst_score():
     t.offer(time.perf_counter() + 0.001, "good", "OK", 0.9)
     assert regs.read(mb.RESULT_ANOMALY, 1) == [mb.NO_VALUE]
     t.close()
+
+
+def test_int8_of_an_anomaly_model_quantizes_the_convolutions_only(anomaly_bundle):
+    """The scorer (distances to the bank, the maximum) stays in float under NNCF: a distance
+    between nearly equal 8-bit vectors would be mostly rounding."""
+    import openvino as ov
+
+    from lineside.export.quantize import openvino_beyond_convolutions
+
+    model = ov.Core().read_model(str(anomaly_bundle[0] / "model_fp32.xml"))
+    kinds = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()}
+    ignored = set(openvino_beyond_convolutions(model))
+    assert {"MatMul", "ReduceMax"} <= {kinds[n] for n in ignored}
+    convolutions = {n for n, k in kinds.items() if k in ("Convolution", "GroupConvolution")}
+    assert convolutions and not convolutions & ignored
