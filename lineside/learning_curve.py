@@ -100,8 +100,8 @@ def estimate_size(sizes, scores_by_size: dict, target: float, boots: int = 500, 
     interval = [None if lo >= huge else float(np.ceil(lo)), None if hi >= huge else float(np.ceil(hi))]
     out.update(estimate=float(np.ceil(estimate)), interval=interval)
     if estimate > FAR * largest:
-        out["statement"] = (f"about {np.ceil(estimate):.0f} images per class by the curve, more than {FAR:.0f}x the "
-                            f"largest size measured ({largest}): too far to trust; measure larger sizes")
+        out["statement"] = (f"more than {FAR * largest:.0f} images per class ({FAR:.0f}x the largest size "
+                            f"measured, {largest}): the curve cannot say how many more; measure larger sizes")
     elif interval[1] is None or interval[0] is None:
         out["statement"] = (f"about {np.ceil(estimate):.0f} images per class, but in {1 - reach:.0%} of bootstrap "
                             f"fits the target is never reached: treat it as uncertain")

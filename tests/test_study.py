@@ -60,6 +60,21 @@ def test_estimate_says_when_the_target_is_out_of_reach():
     reached = estimate_size(n, scores, target=0.84, boots=100)
     assert reached["estimate"] == 10 and reached["statement"].startswith("reached")
     assert estimate_size([1, 2], {1: [0.5], 2: [0.6]}, 0.9)["estimate"] is None   # too few sizes
+    # far beyond the sizes measured: a plain "more than", never a number of 18 digits
+    slow = {k: list(0.999 - 0.5 * k ** -0.05 + rng.normal(0, 0.001, 4)) for k in n}
+    far = estimate_size(n, slow, target=0.95, boots=50)
+    assert far["estimate"] > 10 * max(n) and far["statement"].startswith("more than 200 images per class")
+    assert str(int(far["estimate"])) not in far["statement"]
+
+
+def test_default_sizes_that_a_pilot_set_cannot_hold_are_left_out():
+    from lineside.errors import LinesideError
+    from lineside.train.study import DEFAULT_SHOTS, StudyData, _check_shots
+
+    d = StudyData(None, np.zeros((0, 1, 1, 3), np.uint8), np.repeat(np.arange(3), 12), ["a", "b", "c"], None, [])
+    assert _check_shots(d, DEFAULT_SHOTS, drop_too_big=True) == [1, 2, 5, 10]
+    with pytest.raises(LinesideError, match="--shots: 20, 50"):
+        _check_shots(d, DEFAULT_SHOTS)
 
 
 def test_sample_size_study_end_to_end(synth_dir, tmp_path):

@@ -187,12 +187,19 @@ def _public(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
-def _check_shots(data: StudyData, shots) -> list[int]:
+def _check_shots(data: StudyData, shots, drop_too_big: bool = False) -> list[int]:
+    """The sizes to study. Each must leave an image of the smallest class to score on;
+    with `drop_too_big` (the default sizes of sample-size), those that do not are left
+    out with a warning, as long as two remain."""
     shots = sorted({int(s) for s in shots})
     smallest = int(np.bincount(data.y, minlength=len(data.classes)).min())
     if not shots or shots[0] < 1:
         raise LinesideError("--shots: sizes must be positive integers")
     too_big = [s for s in shots if s >= smallest]
+    if too_big and drop_too_big and len(shots) - len(too_big) >= 2:
+        log.warning("--shots: %s left out: the smallest class has %d images, and each size must leave some "
+                    "to score on", ", ".join(map(str, too_big)), smallest)
+        return [s for s in shots if s < smallest]
     if too_big:
         raise LinesideError(f"--shots: {', '.join(map(str, too_big))} leave(s) no image of the smallest class "
                             f"({smallest} images) for evaluation; use sizes below {smallest}")
@@ -201,11 +208,14 @@ def _check_shots(data: StudyData, shots) -> list[int]:
 
 # --- sample size --------------------------------------------------------------------------
 
-def sample_size(data, out: Path, cfg: TrainConfig, shots=(1, 2, 5, 10, 20, 50), repeats: int = 5,
+DEFAULT_SHOTS = (1, 2, 5, 10, 20, 50)
+
+
+def sample_size(data, out: Path, cfg: TrainConfig, shots=DEFAULT_SHOTS, repeats: int = 5,
                 target: float = 0.99, views: int = STUDY_VIEWS, progress: bool = True) -> dict:
     t_start, out, study = _start(data, out, cfg, views, progress)
     d = study.data
-    shots = _check_shots(d, shots)
+    shots = _check_shots(d, shots, drop_too_big=tuple(shots) == DEFAULT_SHOTS)
     rows = []
     bar = tqdm(total=len(shots) * repeats, desc="sample-size study", unit="fit", disable=not progress)
     for k in shots:
