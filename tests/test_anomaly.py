@@ -344,3 +344,16 @@ def test_int8_of_an_anomaly_model_quantizes_the_convolutions_only(anomaly_bundle
     assert {"MatMul", "ReduceMax"} <= {kinds[n] for n in ignored}
     convolutions = {n for n, k in kinds.items() if k in ("Convolution", "GroupConvolution")}
     assert convolutions and not convolutions & ignored
+
+
+def test_the_empirical_threshold_is_exceeded_at_the_promised_rate_whatever_the_tail():
+    """At the Weibull position a new image exceeds the threshold with probability exactly
+    the rate asked for, for any distribution (here exponential scores: P(X > t) = exp(-t));
+    with too few images for that quantile there is none."""
+    from lineside.train.anomaly import empirical_threshold
+
+    rng = np.random.default_rng(0)
+    rates = [math.exp(-empirical_threshold(rng.exponential(1.0, 199), 0.01)) for _ in range(400)]
+    assert np.mean(rates) == pytest.approx(0.01, abs=0.0015)
+    assert empirical_threshold(rng.exponential(1.0, 98), 0.01) is None
+    assert empirical_threshold(rng.exponential(1.0, 98), 0.02) is not None
