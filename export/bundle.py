@@ -65,7 +65,21 @@ def clear_old_bundle(out: Path, force: bool) -> None:
             (out / name).unlink(missing_ok=True)
 
 
-def model_metadata(loaded, run_dir: Path, precision: str) -> ModelMetadata:
+def training_size(data) -> list[int] | None:
+    """[height, width] typical of the training images, when they are at hand: the runtime
+    compares the camera's frames with it (a frame much larger, or of another shape, without
+    --roi: the model is shown more than it learned on)."""
+    from lineside.dataset import typical_size
+
+    if data is None or not Path(data).exists():
+        return None
+    try:
+        return typical_size(load_image_set(data, min_classes=1).paths)
+    except LinesideError:
+        return None
+
+
+def model_metadata(loaded, run_dir: Path, precision: str, train_size: list[int] | None = None) -> ModelMetadata:
     anomaly = None
     if getattr(loaded.model, "task", None) == "anomaly":
         from .onnx_export import MAP_NAME, SCORE_NAME
@@ -81,7 +95,8 @@ def model_metadata(loaded, run_dir: Path, precision: str) -> ModelMetadata:
         provenance={"source_run": str(run_dir), "backbone": loaded.backbone,
                     "strategy": loaded.info.get("strategy"),
                     "data_fingerprint": loaded.info.get("data_fingerprint"),
-                    "lineside_version": lineside.__version__, "precision": precision})
+                    "lineside_version": lineside.__version__, "precision": precision,
+                    **({"train_image_size": train_size} if train_size else {})})
 
 
 def ok_classes(loaded) -> list[str] | None:
@@ -133,7 +148,10 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
     if not tta:
         loaded.model.views = None  # one pass per image: faster, a little less accurate
     out.mkdir(parents=True, exist_ok=True)
-    meta = model_metadata(loaded, run_dir, "fp32")
+    if data is None:
+        metrics_file = run_dir / "metrics.json"
+        data = json.loads(metrics_file.read_text()).get("data") if metrics_file.is_file() else None
+    meta = model_metadata(loaded, run_dir, "fp32", training_size(data))
     t0 = time.perf_counter()
     onnx_path = export_onnx(loaded.model, loaded.spec.height, loaded.spec.width, out / "model_fp32.onnx", meta)
     files = {"onnx_fp32": [onnx_path]}
@@ -141,9 +159,6 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
         xml = export_openvino(onnx_path, out / "model_fp32.xml", meta)
         files["openvino_fp32"] = [xml, xml.with_suffix(".bin")]
 
-    if data is None:
-        metrics_file = run_dir / "metrics.json"
-        data = json.loads(metrics_file.read_text()).get("data") if metrics_file.is_file() else None
     x, parity_source = parity_images(loaded, data)
     reference = predict_proba(loaded.model, x)
     outputs = {"onnxruntime_fp32": _run_onnxruntime(onnx_path, x)}

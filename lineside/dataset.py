@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LinesideError
-from .images import BadImage, is_image_file, read_image
+from .images import BadImage, image_size, is_image_file, read_image
 from .spec import InputSpec, resize_to_spec
 
 log = logging.getLogger(__name__)
@@ -263,3 +263,28 @@ def load_arrays(images: ImageSet, spec: InputSpec, skip_bad: bool = False, progr
     if not arrays:
         raise LinesideError(f"{images.root}: no readable images")
     return np.stack(arrays), images.subset(keep), bad
+
+
+def image_sizes(paths, limit: int = 64) -> list[tuple[int, int]]:
+    """(height, width) of up to `limit` images, read from their headers where possible."""
+    out = []
+    for p in list(paths)[:limit]:
+        try:
+            size = image_size(Path(p).read_bytes()[:65536])
+        except OSError:
+            size = None
+        if size is None:
+            try:
+                size = read_image(p).shape[:2]
+            except LinesideError:
+                continue
+        out.append(tuple(int(v) for v in size))
+    return out
+
+
+def typical_size(paths, limit: int = 64) -> list[int] | None:
+    """[height, width]: the median of up to `limit` images' sizes; None when none reads."""
+    sizes = image_sizes(paths, limit)
+    if not sizes:
+        return None
+    return [int(np.median([s[0] for s in sizes])), int(np.median([s[1] for s in sizes]))]

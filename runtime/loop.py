@@ -169,6 +169,31 @@ class _InFlight:
     image_stats: tuple = (0.0, 0.0)    # brightness, contrast of the model's input
 
 
+SHAPE_RATIO = 1.25    # frame aspect against the training images' beyond which, without --roi, a run warns
+AREA_RATIO = 4.0      # frame area against the training images' beyond which it warns
+
+
+def shape_warning(size: tuple[int, int], roi, train_size) -> str | None:
+    """Why the first frame, without --roi, shows the model other than what it learned on:
+    another shape than the training images (the part squeezed or stretched, the background
+    beside it inspected too) or a frame many times their size (the part a small patch of
+    it). None when it fits, with --roi, or when the bundle does not know its training size."""
+    if roi or not train_size or len(train_size) != 2 or min(train_size) <= 0:
+        return None
+    w, h = size
+    th, tw = train_size
+    aspect = (w / h) / (tw / th)
+    if max(aspect, 1 / aspect) > SHAPE_RATIO:
+        why = f"of another shape ({w}x{h} against about {tw}x{th})"
+    elif w * h > AREA_RATIO * tw * th:
+        why = f"{w * h / (tw * th):.0f}x their size ({w}x{h} against about {tw}x{th})"
+    else:
+        return None
+    return (f"the frames are {why} than the training images and no --roi is given: the model sees the whole "
+            "frame, squeezed to its input; give --roi x,y,w,h around the part (lineside data video prints it for "
+            "its videos)")
+
+
 def settle_heap():
     """Everything loaded so far (the runtimes' Python objects, OpenCV, the model) lives as
     long as the loop: keep it out of the garbage collector's full passes, which would
@@ -210,6 +235,7 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
     deadline = time.monotonic() + settings.seconds if settings.seconds else None
     last_voted = None
     frozen_reported = False
+    shape_checked = False
     roi_outside_run = 0
 
     def record(frame: Frame, decision, probabilities: dict, flags: list, t_submit: float, t_decided: float):
@@ -339,6 +365,12 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
                 recorder.event("roi_fits", f"frame {frame.index}: the --roi fits the frames again "
                                            f"({roi_outside_run} frames were not inspected)")
                 roi_outside_run = 0
+            if not shape_checked:
+                shape_checked = True
+                warning = shape_warning(prep.size, settings.roi, model.metadata.provenance.get("train_image_size"))
+                if warning:
+                    log.warning("%s", warning)
+                    recorder.event("roi_missing", warning)
             if prep.new_size:           # once per size: a folder of mixed sizes is no flood of events
                 w, h = prep.size
                 recorder.event("frame_size", f"frame {frame.index} is {w}x{h}, the first frame was "

@@ -967,3 +967,26 @@ def test_score_a_replay_against_the_truth_and_sweep_the_settings(model, video, t
     assert res.exit_code == 2 and "--ok-classes" in res.output
     res = CliRunner().invoke(main, ["score", str(db), "--truth", str(tmp_path / "none.json")])
     assert res.exit_code == 2 and "--truth" in res.output
+
+
+def test_shape_warning_names_a_frame_unlike_the_training_images():
+    from lineside.runtime.loop import shape_warning
+
+    assert shape_warning((64, 64), None, [64, 64]) is None
+    assert "another shape" in shape_warning((160, 120), None, [64, 64])
+    assert "25x their size" in shape_warning((320, 320), None, [64, 64])
+    assert shape_warning((160, 120), (20, 0, 120, 120), [64, 64]) is None       # --roi given
+    assert shape_warning((160, 120), None, None) is None                        # size unknown
+
+
+def test_a_run_without_roi_on_frames_unlike_the_training_images_says_so(model, video, tmp_path):
+    path, info = video
+    assert model.metadata.provenance["train_image_size"] == [64, 64]
+    for roi, expected in ((None, 1), (",".join(map(str, info["roi"])), 0)):
+        log = tmp_path / f"{expected}.jsonl"
+        run_app(model, RunOptions(source=str(path), log=str(log), roi=roi, max_frames=6))
+        events = [json.loads(line) for line in log.read_text().splitlines()]
+        missing = [e for e in events if e.get("type") == "event" and e["kind"] == "roi_missing"]
+        assert len(missing) == expected
+        if expected:
+            assert "--roi" in missing[0]["detail"] and "160x120" in missing[0]["detail"]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import lineside
-from lineside.dataset import load_arrays, load_image_set
+from lineside.dataset import image_sizes, load_arrays, load_image_set
 from lineside.errors import LinesideError
 
 from . import anomaly as A
@@ -48,25 +48,6 @@ def ok_classes_of(classes, ok_classes) -> tuple[str, ...]:
         raise LinesideError(f"--task anomaly: no class named good among {', '.join(classes)}; "
                             "name the good ones with --ok-classes")
     return (found[0],)
-
-
-def image_sizes(paths, limit: int = 64) -> list[tuple[int, int]]:
-    """(height, width) of up to `limit` images, read from their headers where possible."""
-    from lineside.images import image_size, read_image
-
-    out = []
-    for p in list(paths)[:limit]:
-        try:
-            size = image_size(Path(p).read_bytes()[:65536])
-        except OSError:
-            size = None
-        if size is None:
-            try:
-                size = read_image(p).shape[:2]
-            except LinesideError:
-                continue
-        out.append(tuple(int(v) for v in size))
-    return out
 
 
 def train_anomaly_run(data, out, ok_classes=None, false_reject: float = A.DEFAULT_FALSE_REJECT,
