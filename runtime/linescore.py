@@ -95,6 +95,8 @@ def score_log(log, truth, ok_classes=None, run: int | None = None) -> dict:
     unknown = sorted(ok - set(labels))
     if unknown:
         raise LinesideError(f"--ok-classes: {', '.join(unknown)} not among the model's labels ({', '.join(labels)})")
+    if list(labels) == ["good", "anomalous"]:   # an anomaly model: every folder but the good ones is a defect
+        parts = ["good" if p in ok or p == "good" else "anomalous" for p in parts]
     missing = sorted(set(parts) - set(labels))
     if missing:
         raise LinesideError(f"--truth: label(s) {', '.join(missing)} are not the model's ({', '.join(labels)})")

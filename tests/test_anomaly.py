@@ -357,3 +357,20 @@ def test_the_empirical_threshold_is_exceeded_at_the_promised_rate_whatever_the_t
     assert np.mean(rates) == pytest.approx(0.01, abs=0.0015)
     assert empirical_threshold(rng.exponential(1.0, 98), 0.01) is None
     assert empirical_threshold(rng.exponential(1.0, 98), 0.02) is not None
+
+
+def test_score_maps_the_truths_defect_folders_onto_anomalous(anomaly_bundle, plates, tmp_path):
+    from lineside.runtime.app import RunOptions, run_app
+    from lineside.runtime.linescore import score_log
+    from lineside.runtime.model import open_model
+    from lineside.video import write_video
+
+    video = tmp_path / "parts.avi"
+    info = write_video(plates[1], video, size=(SIZE, SIZE), hold=1, noise=0.0)
+    (tmp_path / "truth.json").write_text(json.dumps(info))
+    model = open_model(anomaly_bundle[0], backend="onnxruntime")
+    run_app(model, RunOptions(source=str(video), log=str(tmp_path / "d.sqlite")))
+    r = score_log(tmp_path / "d.sqlite", tmp_path / "truth.json", "good")
+    assert r["good_parts"] == 16 and r["defective_parts"] == 8
+    one = next(row for row in r["sweep"] if row["reject_below"] is None and row["vote"] == "1/1")
+    assert one["escapes"] + one["false_calls"] + one["right"] == 24
