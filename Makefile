@@ -43,6 +43,10 @@ demo: $(STAMP)
 	fi; \
 	$(LS) run $(DEMO)/bundle --profile auto --source $(DEMO)/parts.avi --pace 30 --roi 80,0,480,480 --vote 2/3 --quiet \
 		--log $(DEMO)/decisions.sqlite --save $(DEMO)/review --save-when all --save-max-files 60 --reject-below 0.5 $$MQTT
+	$(LS) data synth $(DEMO)/cards --defects card --per-class 40 --size 128 --seed 0
+	$(LS) data synth $(DEMO)/cards-test --defects card --per-class 20 --size 128 --seed 1
+	$(LS) train $(DEMO)/cards --task anomaly --out $(DEMO)/cards-run --quiet
+	$(LS) eval $(DEMO)/cards-run $(DEMO)/cards-test --out $(DEMO)/cards-eval --quiet
 	@echo "review the last 60 frames the run saved (open http://127.0.0.1:8080/review; add --http-token-file FILE to relabel):"
 	@echo "  $(LS) review $(DEMO)/decisions.sqlite --save $(DEMO)/review"
 
