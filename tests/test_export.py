@@ -40,7 +40,11 @@ def test_bundle_files_and_checksums(bundle):
 def test_metadata_round_trips_through_both_model_files(bundle, tiny_run):
     out, result = bundle
     run, _ = tiny_run
-    expected = model_metadata(load_checkpoint(run), run, "fp32")
+    from lineside.export.bundle import training_size
+
+    data = json.loads((run / "metrics.json").read_text())["data"]
+    expected = model_metadata(load_checkpoint(run), run, "fp32", training_size(data))
+    assert expected.provenance["train_image_size"] == [64, 64]      # the runtime compares frames with it
     from_onnx = open_model(out / "model_fp32.onnx", backend="onnxruntime").metadata
     from_ir = open_model(out / "model_fp32.xml", backend="openvino").metadata
     from_bundle = ModelMetadata.from_dict(json.loads((out / "bundle.json").read_text())["metadata"])

@@ -30,14 +30,14 @@ def test_a_plc_reads_subscribes_and_triggers_over_opcua(tiny_bundle, synth_test_
     caplog.set_level(logging.INFO)
 
     video = tmp_path / "parts.avi"
-    write_video(synth_test_dir, video, size=(160, 120), hold=2)
+    roi = ",".join(map(str, write_video(synth_test_dir, video, size=(160, 120), hold=2)["roi"]))
     model = open_model(tiny_bundle[0], backend="openvino")
     endpoint = free_endpoint()
     monkeypatch.setenv("LINESIDE_OPCUA_PASSWORD", "s3cret")
     db = tmp_path / "log.sqlite"
     result = {}
     run = threading.Thread(target=lambda: result.update(run_app(model, RunOptions(
-        source=str(video), log=str(db), pace=30, loop=True, seconds=10, opcua=endpoint, opcua_user="plc",
+        source=str(video), log=str(db), pace=30, loop=True, seconds=10, opcua=endpoint, opcua_user="plc", roi=roi,
         trigger="opcua", station="station7", ok_classes=model.labels[0]))))
     run.start()
 
