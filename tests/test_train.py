@@ -42,6 +42,7 @@ def test_run_folder_has_every_output(tiny_run):
     assert cfg.image_size == TINY["image_size"] and cfg.strategy == "finetune"
     rows = list(csv.DictReader(open(run / "history.csv")))
     assert rows[0]["stage"] == "head" and any(r["stage"] == "finetune" for r in rows)
+    assert rows[0]["train_loss"] == "" and "nan" not in (run / "history.csv").read_text()   # none, not nan
     # where the time went: reading, building the model, each phase, the final scoring, writing
     seconds = saved["seconds"]
     assert {"total", "read_s", "setup_s", "bank_s", "head_s", "finetune_s", "score_s", "write_s"} <= set(seconds)

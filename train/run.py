@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import platform
 import time
 from pathlib import Path
@@ -189,7 +190,10 @@ def _write_history(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for row in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            # a value there is none of (the head fitted by L-BFGS reports no per-epoch training
+            # loss) is an empty cell, not "nan"
+            w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else
+                            f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def check_out_dir(out: Path, force: bool) -> None:
