@@ -103,18 +103,10 @@ class AnomalyModel(nn.Module):
         """(N, C, h, w) -> (N, h, w): each patch's distance to its nearest bank patch."""
         n, c, hh, ww = f.shape
         flat = f.permute(0, 2, 3, 1).reshape(n, hh * ww, c)
-        # |f - b|^2 = |f|^2 + (|b|^2 - 2 f.b): the bracket as one product with the bank
-        # extended by a row (a constant in an exported graph), so that the patches x bank
-        # matrix is touched once more only, by the minimum
-        ones = torch.ones_like(flat[..., :1])
-        extended = torch.cat([-2.0 * self.bank.t(), self.bank_sq.unsqueeze(0)], 0)
-        nearest = (torch.cat([flat, ones], -1) @ extended).amin(-1)
-        d2 = (flat * flat).sum(-1) + nearest
-        return torch.sqrt(torch.clamp(d2, min=0.0)).reshape(n, hh, ww)
+        return nearest_distance(flat, self.bank, self.bank_sq).reshape(n, hh, ww)
 
     def raw_map(self, x: torch.Tensor) -> torch.Tensor:
-        d = self.distances(self.patch_features(x)).unsqueeze(1)
-        return F.avg_pool2d(d, 3, stride=1, padding=1, count_include_pad=False)[:, 0]
+        return smooth(self.distances(self.patch_features(x)))
 
     def score_and_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.raw_map(x)
@@ -192,19 +184,32 @@ def build_bank(feats: torch.Tensor, size: int, seed: int, device) -> torch.Tenso
     return flat[greedy_coreset(flat, size, seed, device)].clone()
 
 
+def nearest_distance(flat: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor) -> torch.Tensor:
+    """(N, P, C) patches -> (N, P): the distance of each to its nearest bank patch.
+    |f - b|^2 = |f|^2 + (|b|^2 - 2 f.b): the bracket as one product with the bank extended by
+    a row (a constant in an exported graph), so that the patches x bank matrix is touched
+    once more only, by the minimum."""
+    ones = torch.ones_like(flat[..., :1])
+    extended = torch.cat([-2.0 * bank.t(), bank_sq.unsqueeze(0)], 0)
+    d2 = (flat * flat).sum(-1) + (torch.cat([flat, ones], -1) @ extended).amin(-1)
+    return torch.sqrt(torch.clamp(d2, min=0.0))
+
+
+def smooth(d: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) patch distances averaged over each 3x3 neighbourhood: the anomaly map."""
+    return F.avg_pool2d(d.unsqueeze(1), 3, stride=1, padding=1, count_include_pad=False)[:, 0]
+
+
 @torch.no_grad()
-def score_with_bank(model: AnomalyModel, feats: torch.Tensor, bank: torch.Tensor, hw: tuple[int, int],
-                    device) -> np.ndarray:
-    """Image scores of patch features (N, P, C) against `bank`, as the model would give them."""
+def score_with_bank(feats: torch.Tensor, bank: torch.Tensor, hw: tuple[int, int], device) -> np.ndarray:
+    """Image scores of patch features (N, P, C) against `bank`, as the model gives them."""
     bank = bank.to(device)
     bank_sq = (bank * bank).sum(1)
     out = []
     for s in range(0, len(feats), CHUNK):
         f = feats[s:s + CHUNK].to(device)
-        d2 = (f * f).sum(-1, keepdim=True) - 2.0 * f @ bank.t() + bank_sq
-        d = torch.sqrt(torch.clamp(d2.amin(-1), min=0.0)).reshape(len(f), 1, *hw)
-        m = F.avg_pool2d(d, 3, stride=1, padding=1, count_include_pad=False)
-        out.append(torch.amax(m, dim=(1, 2, 3)).cpu())
+        m = smooth(nearest_distance(f, bank, bank_sq).reshape(len(f), *hw))
+        out.append(torch.amax(m, dim=(1, 2)).cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
 
@@ -343,7 +348,7 @@ def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientn
     for f in range(k):
         held = fold == f
         bank = build_bank(feats[torch.from_numpy(~held)], bank_size, seed + f, device)
-        oof[held] = score_with_bank(model, feats[torch.from_numpy(held)], bank, grid, device)
+        oof[held] = score_with_bank(feats[torch.from_numpy(held)], bank, grid, device)
     threshold, sigma, z = lognormal_threshold(oof, false_reject)
     fitted, empirical = threshold, empirical_threshold(oof, false_reject)
     if empirical is not None:
