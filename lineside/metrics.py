@@ -11,6 +11,15 @@ def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
     return cm
 
 
+def balanced_accuracy(y_true, y_pred) -> float:
+    """The mean recall over the classes present in y_true (0.0 for no images): fair when
+    the classes hold different numbers of images."""
+    y_true = np.asarray(y_true, dtype=int)
+    y_pred = np.asarray(y_pred, dtype=int)
+    recalls = [float(np.mean(y_pred[y_true == c] == c)) for c in np.unique(y_true)]
+    return float(np.mean(recalls)) if recalls else 0.0
+
+
 def classification_report(y_true, y_pred, labels) -> dict:
     """accuracy, balanced_accuracy (mean recall over classes present), per-class
     precision/recall/f1/support, confusion_matrix (rows: truth), n."""
@@ -22,20 +31,17 @@ def classification_report(y_true, y_pred, labels) -> dict:
     predicted = cm.sum(axis=0)
     tp = np.diag(cm)
     per_class = {}
-    recalls = []
     for i, name in enumerate(labels):
         precision = tp[i] / predicted[i] if predicted[i] else 0.0
         recall = tp[i] / support[i] if support[i] else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
                            "support": int(support[i])}
-        if support[i]:
-            recalls.append(recall)
     n = int(len(y_true))
     return {
         "n": n,
         "accuracy": float(tp.sum() / n) if n else 0.0,
-        "balanced_accuracy": float(np.mean(recalls)) if recalls else 0.0,
+        "balanced_accuracy": balanced_accuracy(y_true, y_pred),
         "labels": labels,
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),

@@ -27,6 +27,7 @@ from lineside.errors import LinesideError
 from . import anomaly as A
 from .backbones import BACKBONES
 from .checkpoint import save_checkpoint
+from .device import pick_device
 
 DEFAULT_OK = ("good", "ok", "OK", "functional", "normal")
 
@@ -65,9 +66,7 @@ def train_anomaly_run(data, out, ok_classes=None, false_reject: float = A.DEFAUL
     base = BACKBONES.get(backbone).input_spec
     sizes = image_sizes(good_set.paths)
     spec = A.spec_for(sizes, base, image_size or A.DEFAULT_SHORT_SIDE)
-    where = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    if device == "cuda" and where.type != "cuda":
-        raise LinesideError("--device cuda: PyTorch sees no CUDA GPU on this machine")
+    where = pick_device(device)
     out.mkdir(parents=True, exist_ok=True)
     x_good, good_set, bad = load_arrays(good_set, spec, skip_bad, progress, "reading good images")
     read_s = time.perf_counter() - t_start

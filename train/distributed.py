@@ -31,6 +31,8 @@ import torch
 
 from lineside.errors import LinesideError
 
+from .device import pick_device
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -62,9 +64,7 @@ def setup(dist: Dist, device: str) -> torch.device | None:
         return None
     import torch.distributed as td
 
-    cuda = device != "cpu" and torch.cuda.is_available()
-    if device == "cuda" and not cuda:
-        raise LinesideError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    cuda = pick_device(device).type == "cuda"
     if not td.is_initialized():
         td.init_process_group("nccl" if cuda else "gloo")
     if cuda:

@@ -7,30 +7,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lineside.errors import LinesideError
 from lineside.scoring import evaluate, predict_paths
 
-from . import trainer
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .data import place
+from .device import pick_device as run_device  # tests stand a CUDA device in here
 from .trainer import score
-
-
-def run_device(name: str | None) -> torch.device:
-    """Where a training run scores: --device cpu or cuda[:N] (OpenVINO's CPU and GPU are
-    read as these), or by default CUDA when present."""
-    if name is None or name.upper() == "AUTO":
-        return trainer.pick_device("auto")
-    wanted = {"CPU": "cpu", "GPU": "cuda"}.get(name.upper(), name.lower())
-    if wanted != "cpu" and not wanted.startswith("cuda"):
-        raise LinesideError(f"--device {name}: a training run scores in PyTorch, on cpu or cuda; "
-                            f"export it (lineside export) for {name}")
-    if wanted.startswith("cuda") and not torch.cuda.is_available():
-        raise LinesideError(f"--device {name}: no CUDA device is available (use --device cpu)")
-    try:
-        return trainer.pick_device(wanted)
-    except RuntimeError as exc:
-        raise LinesideError(f"--device {name}: {exc}") from None
 
 
 class RunScorer:

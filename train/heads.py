@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lineside.metrics import balanced_accuracy
+
 from .infer import FrozenForward
 from .model import Classifier, pool_map
 from .optim import without_dynamo
@@ -83,16 +85,12 @@ def cross_validated_probe(feats: np.ndarray, y: np.ndarray, seed: int, folds: in
     by points with the split alone."""
     from .calibrate import stratified_folds
 
-    counts = np.bincount(y)
-    present = counts > 0
     scores = []
     for r in range(repeats):
         fold, k = stratified_folds(y, [seed, r], folds, min_folds=2)
-        recalls = np.zeros(len(counts))
+        pred = np.empty_like(y)
         for f in range(k):
             tr, te = fold != f, fold == f
-            pred = fit_probe(feats[tr], y[tr], len(counts))(feats[te])
-            for c in np.flatnonzero(counts):
-                recalls[c] += np.sum((pred == c) & (y[te] == c))
-        scores.append(float(np.mean(recalls[present] / counts[present])))
+            pred[te] = fit_probe(feats[tr], y[tr], int(y.max()) + 1)(feats[te])
+        scores.append(balanced_accuracy(y, pred))
     return float(np.mean(scores))

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lineside.metrics import balanced_accuracy
+
 from . import distributed
 from .data import nchw
 from .distributed import Dist
@@ -286,11 +288,10 @@ def device_logits(model: Classifier, images: torch.Tensor, batch_size: int, amp:
     return torch.cat(out).cpu() if out else torch.zeros(0, model.head.out_features)
 
 
-def val_metrics(logits: torch.Tensor, y, num_classes) -> dict:
+def val_metrics(logits: torch.Tensor, y) -> dict:
     """Validation loss, balanced accuracy and accuracy of logits (CPU) for labels y."""
     y_t = torch.from_numpy(np.asarray(y, dtype=np.int64))
     loss = float(F.cross_entropy(logits, y_t))
     pred = logits.argmax(1).numpy()
-    recalls = [float(np.mean(pred[y == c] == c)) for c in range(num_classes) if np.any(y == c)]
-    return {"val_loss": loss, "val_balanced_accuracy": float(np.mean(recalls)),
+    return {"val_loss": loss, "val_balanced_accuracy": balanced_accuracy(y, pred),
             "val_accuracy": float(np.mean(pred == y))}

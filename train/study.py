@@ -30,6 +30,7 @@ from lineside.metrics import classification_report
 
 from .augment import Augmenter
 from .backbones import BACKBONES
+from .calibrate import stratified_folds
 from .config import TrainConfig
 from .infer import FrozenForward, embed_tensors, frozen_forward
 from .heads import INFER_BATCH
@@ -414,20 +415,6 @@ def _compare_report(r: dict) -> str:
 
 # --- cross-validation ---------------------------------------------------------------------
 
-def stratified_folds(targets, k: int, seed: int = 0) -> list[np.ndarray]:
-    """k disjoint test folds covering every image once, each class spread evenly across them."""
-    targets = np.asarray(targets, dtype=int)
-    rng = np.random.default_rng(seed)
-    folds = [[] for _ in range(k)]
-    offset = 0
-    for c in np.unique(targets):
-        idx = rng.permutation(np.flatnonzero(targets == c))
-        for j, i in enumerate(idx):
-            folds[(j + offset) % k].append(int(i))
-        offset += len(idx)      # the next class starts where this one stopped: fold sizes stay even
-    return [np.sort(np.array(f, dtype=int)) for f in folds]
-
-
 def cross_validate(data, out: Path, cfg: TrainConfig, folds: int = 5, views: int = STUDY_VIEWS,
                    progress: bool = True) -> dict:
     t_start, out, study = _start(data, out, cfg, views, progress)
@@ -435,7 +422,8 @@ def cross_validate(data, out: Path, cfg: TrainConfig, folds: int = 5, views: int
     smallest = int(np.bincount(d.y, minlength=len(d.classes)).min())
     if not 2 <= folds <= smallest:
         raise LinesideError(f"--folds: {folds} needs 2 <= folds <= the smallest class ({smallest} images)")
-    test_folds = stratified_folds(d.y, folds, cfg.seed)
+    fold, _ = stratified_folds(d.y, cfg.seed, max_folds=folds, min_folds=folds)
+    test_folds = [np.flatnonzero(fold == f) for f in range(folds)]
     pred = np.full(len(d.y), -1)
     probs = np.zeros((len(d.y), len(d.classes)), dtype=np.float32)
     fold_of = np.zeros(len(d.y), dtype=int)

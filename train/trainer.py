@@ -36,6 +36,7 @@ from .backbones import build_backbone
 from .config import TrainConfig
 from . import distributed
 from .data import in_layout, place, to_tensor
+from .device import pick_device
 from .distributed import Dist
 from .heads import INFER_BATCH, fit_linear_head
 from .infer import FrozenForward, backend_for, embed_tensors, exact_fp32, frozen_forward
@@ -84,14 +85,6 @@ class TrainResult:
     best_epoch: int | None = None
     auto_cv: dict | None = None
     interrupted: bool = False
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LinesideError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def resolve_strategy(cfg: TrainConfig, per_class_min: int) -> tuple[str, str]:
@@ -400,7 +393,7 @@ class Trainer:
             for hb, real in row_batches(bank, self.cfg.batch_size, self.device):
                 with amp.autocast():
                     out.append(self.model.head(self.model.features(hb.float(), frozen))[:real].float())
-        return val_metrics(torch.cat(out).cpu(), y, len(self.classes))
+        return val_metrics(torch.cat(out).cpu(), y)
 
     def fit_head(self, bank, y, frozen: int):
         """The head as a multinomial logistic regression on pooled features (fit_linear_head).
@@ -469,8 +462,7 @@ class Trainer:
         def validate():
             if val_t is None:
                 return {}
-            return val_metrics(device_logits(self.model, val_t, self.cfg.batch_size, val_amp), y_val,
-                                len(self.classes))
+            return val_metrics(device_logits(self.model, val_t, self.cfg.batch_size, val_amp), y_val)
 
         t0 = time.perf_counter()
         forward = distributed.wrap(self.model, self.dist, self.device)   # data-parallel under torchrun
