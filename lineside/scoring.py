@@ -1,5 +1,6 @@
 """Evaluation and prediction around any `predict_proba(uint8 images) -> probabilities`:
-a training run (PyTorch) and an exported model (ONNX Runtime / OpenVINO) report alike."""
+a training run (PyTorch) and an exported model (ONNX Runtime / OpenVINO) report alike.
+The ground floor: it sees neither; lineside.commands.scorer opens either as a predictor."""
 
 from __future__ import annotations
 
@@ -103,41 +104,6 @@ def predict_paths(predict: PredictFn, labels, spec: InputSpec, paths) -> list[di
          "probabilities": {name: float(v) for name, v in zip(labels, row)}}
         for p, row in zip(paths, probs)
     ]
-
-
-def is_exported(path: Path) -> bool:
-    return (path.is_dir() and (path / "bundle.json").is_file()) or path.name == "bundle.json" \
-        or path.suffix in (".onnx", ".xml")
-
-
-def open_scorer(model: Path, backend, precision, device, threads):
-    """(predict_proba, labels, spec, description) for a run folder or an exported model.
-    Exported models never import torch."""
-    if is_exported(model):
-        from lineside.runtime.model import open_model
-
-        m = open_model(model, backend=backend, precision=precision, device=device or "CPU", threads=threads)
-        about = {"model": str(m.path), "backend": m.backend, "reject_below": m.metadata.reject_below}
-        if m.metadata.anomaly is not None:
-            about["anomaly"] = {"threshold": m.metadata.anomaly["threshold"],
-                                "ok_classes": m.metadata.anomaly["ok_classes"], "score": m.anomaly}
-        # the model itself as the predictor: its whole() scores all the images at once
-        return m, m.labels, m.spec, about
-    from lineside.train.checkpoint import load_checkpoint, resolve_checkpoint
-    from lineside.train.evaluate import RunScorer, run_device
-
-    where = run_device(device)
-    loaded = load_checkpoint(model)
-    scorer = RunScorer(loaded.model, where)
-    about = {"model": str(resolve_checkpoint(model)), "backend": "pytorch", "device": where.type,
-             "reject_below": loaded.info.get("reject_below")}
-    if getattr(loaded.model, "task", None) == "anomaly":
-        from lineside.train.anomaly import anomaly_scores
-
-        about["anomaly"] = {"threshold": float(loaded.model.threshold),
-                            "ok_classes": list(loaded.info.get("ok_classes") or ["good"]),
-                            "score": lambda x: anomaly_scores(scorer.model, x, maps=True)}
-    return scorer, loaded.labels, loaded.spec, about
 
 
 # --- anomaly models -----------------------------------------------------------------

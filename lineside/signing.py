@@ -25,11 +25,12 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bundles import BUNDLE_JSON, SIGNATURE_JSON, bundle_folder
 from .errors import LinesideError, require
 from .files import sha256
 from .text import printable
 
-SIGNATURE_FILE = "signature.json"
+SIGNATURE_FILE = SIGNATURE_JSON
 SIGNATURE_SCHEMA = "lineside.signature/1"
 MAX_BUNDLE_FILES = 64
 
@@ -127,8 +128,8 @@ def sign_bundle(folder, private_key_path) -> dict:
     """Write FOLDER/signature.json over every file in the folder; returns the signed document."""
     folder = Path(folder)
     key = load_private_key(private_key_path)
-    if not (folder / "bundle.json").is_file():
-        raise LinesideError(f"{folder}: not a bundle (no bundle.json)")
+    if not (folder / BUNDLE_JSON).is_file():
+        raise LinesideError(f"{folder}: not a bundle (no {BUNDLE_JSON})")
     doc = {"schema": SIGNATURE_SCHEMA, "key_id": key_id(key.public_key()),
            "signed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "files": {name: sha256(path) for name, path in _bundle_files(folder).items()}}
@@ -154,8 +155,7 @@ def verify_bundle(folder, trusted: dict) -> Verified:
     a one-line LinesideError naming the file at fault otherwise."""
     _, ed25519 = _crypto()
     folder = Path(folder)
-    if folder.name == "bundle.json":
-        folder = folder.parent
+    folder = bundle_folder(folder)
     sig_path = folder / SIGNATURE_FILE
     if not folder.is_dir():
         raise LinesideError(f"{folder}: --trust needs a bundle folder (a lone model file carries no signature)")
@@ -187,8 +187,8 @@ def verify_bundle(folder, trusted: dict) -> Verified:
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != files[name]:
             raise LinesideError(f"{path}: changed since the bundle was signed")
-        if name == "bundle.json":
+        if name == BUNDLE_JSON:
             manifest = data
     if manifest is None:
-        raise LinesideError(f"{folder}: not a bundle (no bundle.json)")
+        raise LinesideError(f"{folder}: not a bundle (no {BUNDLE_JSON})")
     return Verified(kid, str(doc.get("signed_at", "")), manifest)

@@ -121,7 +121,8 @@ def test_exported_scores_agree_with_pytorch_on_both_runtimes(anomaly_bundle, ano
 
 
 def test_eval_counts_every_other_folder_as_anomalous_and_draws_a_gallery(anomaly_bundle, plates, tmp_path):
-    from lineside.scoring import evaluate_anomaly, open_scorer
+    from lineside.commands.scorer import open_scorer
+    from lineside.scoring import evaluate_anomaly
 
     _, _, spec, about = open_scorer(anomaly_bundle[0], "onnxruntime", "fp32", None, None)
     r = evaluate_anomaly(about["anomaly"], spec, plates[1], progress=False, out=tmp_path / "gallery")
@@ -141,7 +142,8 @@ def test_eval_counts_every_other_folder_as_anomalous_and_draws_a_gallery(anomaly
 
 
 def test_predict_writes_overlays_and_the_verdict_follows_the_threshold(anomaly_run, plates, tmp_path):
-    from lineside.scoring import open_scorer, predict_anomaly
+    from lineside.commands.scorer import open_scorer
+    from lineside.scoring import predict_anomaly
 
     _, _, spec, about = open_scorer(anomaly_run[0], None, "fp32", "cpu", None)
     paths = sorted((plates[1] / "dent").iterdir())[:2] + sorted((plates[1] / "good").iterdir())[:2]

@@ -81,7 +81,7 @@ def test_a_default_run_is_calibrated_out_of_fold_and_the_bundle_carries_its_reje
     assert c["source"].startswith("out-of-fold predictions of the 60 training images (5 folds)")
     assert c["temperature"] > 0 and 0 <= c["ece_after"] <= 1 and 0 < c["reject_below"] <= 1
     assert (tmp_path / "run" / "calibration.png").stat().st_size > 5000
-    assert load_checkpoint(tmp_path / "run").info["reject_below"] == c["reject_below"]
+    assert load_checkpoint(tmp_path / "run").trained.reject_below == c["reject_below"]
     assert (tmp_path / "run" / "out_of_fold.npz").is_file()
     # its confusion matrix is of those out-of-fold answers, not of the images it trained on
     assert m["confusion_matrix_of"].startswith("out of fold (60 training images")

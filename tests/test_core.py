@@ -168,3 +168,30 @@ def test_a_manifest_saved_by_excel_with_a_byte_order_mark_reads(synth_dir, tmp_p
     manifest.write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())
     again = load_image_set(manifest)
     assert [p.name for p in again.paths] == [images.paths[i].name for i in picked]
+
+
+def test_model_keys_name_their_runtime_precision_and_file_in_one_place():
+    from lineside.bundles import ModelKey
+
+    for runtime in ("openvino", "onnxruntime"):
+        for precision in ("fp32", "int8"):
+            k = ModelKey(runtime, precision)
+            assert ModelKey.parse(k.key) == k
+            assert k.file.startswith(f"model_{precision}.")
+    assert ModelKey("onnxruntime", "int8").key == "onnx_int8" and ModelKey("openvino", "fp32").file == "model_fp32.xml"
+    assert ModelKey.parse("tensorrt_fp16") is None and ModelKey.parse("onnx") is None
+
+
+def test_trained_info_round_trips_and_reads_wrong_types_as_missing():
+    from lineside.runs import TrainedInfo
+
+    classifier = TrainedInfo(strategy="linear", weights="imagenet", data_fingerprint="ab", lineside_version="0.1.0",
+                             val_balanced_accuracy=None, reject_below=0.42)
+    assert TrainedInfo.from_dict(classifier.to_dict()) == classifier
+    assert list(classifier.to_dict()) == ["strategy", "weights", "data_fingerprint", "lineside_version",
+                                          "val_balanced_accuracy", "reject_below"]
+    anomaly = TrainedInfo(strategy="anomaly", task="anomaly", ok_classes=("good", "ok"), threshold=1.5)
+    assert TrainedInfo.from_dict(anomaly.to_dict()) == anomaly and anomaly.good_classes == ["good", "ok"]
+    odd = TrainedInfo.from_dict({"reject_below": "0.5", "ok_classes": [1, 2], "strategy": True, "threshold": True})
+    assert odd == TrainedInfo() and odd.good_classes == ["good"]
+    assert TrainedInfo.from_dict(None) == TrainedInfo()

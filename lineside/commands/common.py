@@ -99,7 +99,7 @@ def model_options(f):
 def int8_or_fp32(model) -> str:
     """A profile prefers INT8; a bundle whose INT8 model the accuracy gate refused has
     none, and then the profile's preference yields to FP32 (said on stderr)."""
-    from lineside.runtime.model import bundle_precisions
+    from lineside.bundles import bundle_precisions
 
     folder = Path(model or "")
     try:

@@ -36,10 +36,10 @@ def eval_cmd(model, data_dir, backend, precision, device, threads, skip_bad, qui
     \b
       lineside eval runs/parts test-parts/ --out review/        # + confusion matrix, wrong images
       lineside eval runs/bottle bottle/test --out review/       # anomaly: + heatmaps of the worst"""
-    from lineside.errors import LinesideError
-    from lineside.scoring import evaluate, evaluate_anomaly, open_scorer
+    from lineside.scoring import evaluate, evaluate_anomaly
 
     from .common import libraries_to_stderr
+    from .scorer import open_scorer
 
     with libraries_to_stderr(as_json):
         predict_fn, labels, spec, about = open_scorer(model, backend, precision, device, threads)
@@ -108,9 +108,10 @@ def predict(model, images, backend, precision, device, threads, as_json, overlay
     anomaly model, good or anomalous, its score and the score relative to the
     threshold (above 1.0 is anomalous), and with --overlays a heatmap per image."""
     from lineside.errors import LinesideError
-    from lineside.scoring import open_scorer, predict_anomaly, predict_paths
+    from lineside.scoring import predict_anomaly, predict_paths
 
     from .common import libraries_to_stderr
+    from .scorer import open_scorer
 
     with libraries_to_stderr(as_json):
         predict_fn, labels, spec, about = open_scorer(model, backend, precision, device, threads)

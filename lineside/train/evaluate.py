@@ -35,7 +35,7 @@ def evaluate_run(model_path, data, skip_bad: bool = False, progress: bool = True
                  device: str | None = None) -> dict:
     loaded = load_checkpoint(model_path)
     report = evaluate(RunScorer(loaded.model, run_device(device)), loaded.labels, loaded.spec, data, skip_bad,
-                      progress, reject_below=loaded.info.get("reject_below"))
+                      progress, reject_below=loaded.trained.reject_below)
     report["model"] = str(resolve_checkpoint(model_path))
     return report
 

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 
 import lineside
+from lineside import runs
 from lineside.dataset import image_sizes, load_arrays, load_image_set
 from lineside.errors import LinesideError
+from lineside.runs import TrainedInfo
 
 from . import anomaly as A
 from .backbones import BACKBONES
@@ -97,14 +99,14 @@ def train_anomaly_run(data, out, ok_classes=None, false_reject: float = A.DEFAUL
         "seconds": {"total": round(seconds, 2), "read_s": round(read_s, 2), **info["seconds"]},
         "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
     }
-    ckpt_info = {"strategy": "anomaly", "weights": weights, "data_fingerprint": metrics["data_fingerprint"],
-                 "lineside_version": lineside.__version__, "reject_below": None, "task": "anomaly",
-                 "ok_classes": list(ok), "threshold": info["threshold"], "false_reject_target": false_reject}
-    save_checkpoint(out / "model.pt", fit.model, A.ANOMALY_LABELS, backbone, spec, ckpt_info)
-    np.savez(out / "scores.npz", good_out_of_fold=oof.astype(np.float32), other=other_scores.astype(np.float32),
+    trained = TrainedInfo(strategy="anomaly", weights=weights, data_fingerprint=metrics["data_fingerprint"],
+                          lineside_version=lineside.__version__, task="anomaly", ok_classes=tuple(ok),
+                          threshold=info["threshold"], false_reject_target=false_reject)
+    save_checkpoint(out / runs.MODEL, fit.model, A.ANOMALY_LABELS, backbone, spec, trained)
+    np.savez(out / runs.SCORES_NPZ, good_out_of_fold=oof.astype(np.float32), other=other_scores.astype(np.float32),
              threshold=np.float32(info["threshold"]))
-    plot_scores(oof, other_scores, info["threshold"], out / "scores.png")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_scores(oof, other_scores, info["threshold"], out / runs.SCORES_PNG)
+    (out / runs.METRICS).write_text(json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -15,12 +15,12 @@ old one stays; it is tried again only when its bundle.json changes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from pathlib import Path
 
+from lineside.bundles import is_bundle, manifest_digest
 from lineside.errors import LinesideError
 from lineside.text import printable
 
@@ -29,13 +29,6 @@ log = logging.getLogger(__name__)
 UPDATE_SETTLE_SECONDS = 2.0
 SCAN_SECONDS = 0.5
 RELEASE_AFTER = 30          # frames the new model decides before the old one is released
-
-
-def bundle_key(folder: Path) -> str | None:
-    try:
-        return hashlib.sha256((folder / "bundle.json").read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 class UpdateWatcher(threading.Thread):
@@ -51,7 +44,7 @@ class UpdateWatcher(threading.Thread):
         self.refused = 0
         self.released = 0
         active_dir = Path(switch.active.model.path).parent
-        key = bundle_key(active_dir)
+        key = manifest_digest(active_dir)
         if key:
             self.seen.add(key)          # the bundle running now is no update
 
@@ -65,12 +58,12 @@ class UpdateWatcher(threading.Thread):
 
     def scan(self):
         try:
-            candidates = sorted(p for p in self.folder.iterdir() if (p / "bundle.json").is_file())
+            candidates = sorted(p for p in self.folder.iterdir() if p.is_dir() and is_bundle(p))
         except OSError:
             return
         now = time.time()
         for candidate in candidates:
-            key = bundle_key(candidate)
+            key = manifest_digest(candidate)
             if key is None or key in self.seen:
                 continue
             try:

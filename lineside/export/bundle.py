@@ -1,9 +1,6 @@
-"""`lineside export`: a training run -> a bundle folder of self-describing FP32 models.
-
-    BUNDLE/model_fp32.onnx        uint8 NHWC in, probabilities out, metadata inside
-    BUNDLE/model_fp32.xml/.bin    the same as OpenVINO IR, metadata in rt_info
-    BUNDLE/bundle.json            schema version, metadata, sha256 of every file, parity
-    BUNDLE/export_report.json     the parity check against PyTorch
+"""`lineside export`: a training run -> a bundle folder (lineside.bundles names its files)
+of self-describing models: uint8 NHWC in, probabilities out, metadata inside (ONNX) or
+in rt_info (OpenVINO IR), FP32 and, where the gate keeps it, INT8.
 
 Every export checks that ONNX Runtime and OpenVINO give the probabilities PyTorch
 gives, on the same images, and fails when they do not.
@@ -19,11 +16,14 @@ from pathlib import Path
 import numpy as np
 
 import lineside
+from lineside import runs
+from lineside.bundles import (BUNDLE_JSON, EXPORT_REPORT_JSON, EXPORT_REPORT_MD, ModelKey, listed_files,
+                              write_bundle_doc)
 from lineside.dataset import load_for_model, load_image_set
 from lineside.errors import LinesideError
-from lineside.files import sha256
 from lineside.images import read_image
-from lineside.metadata import BUNDLE_SCHEMA, ModelMetadata
+from lineside.metadata import ModelMetadata
+from lineside.runs import RunFolder
 from lineside.runtime.model import open_model
 from lineside.spec import resize_to_spec
 
@@ -42,27 +42,16 @@ MAX_DROP = 0.3          # points of balanced accuracy INT8 may lose against FP32
 MIN_AGREEMENT = 99.5    # percent of images on which INT8 must give FP32's label
 
 
-REPORT_FILES = ("bundle.json", "export_report.json", "export_report.md", "signature.json")
-
-
 def clear_old_bundle(out: Path, force: bool) -> None:
     """A bundle already in `out` is replaced only with force, and then its files (those its
     bundle.json lists, and the reports) are removed first, so no old model stays beside
     the new ones. Nothing else in the folder is touched."""
-    doc_path = out / "bundle.json"
-    if not doc_path.exists():
+    if not (out / BUNDLE_JSON).exists():
         return
     if not force:
         raise LinesideError(f"--out {out}: already holds a bundle; choose another folder or pass --force to replace it")
-    try:
-        models = json.loads(doc_path.read_text()).get("models") or {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        models = {}
-    names = {name for entry in models.values() if isinstance(entry, dict)
-             for name in (entry.get("files") or {}) if isinstance(name, str)}
-    for name in sorted(names | set(REPORT_FILES)):
-        if Path(name).name == name:
-            (out / name).unlink(missing_ok=True)
+    for name in sorted(listed_files(out)):
+        (out / name).unlink(missing_ok=True)
 
 
 def training_size(data) -> list[int] | None:
@@ -84,17 +73,16 @@ def model_metadata(loaded, run_dir: Path, precision: str, train_size: list[int] 
     if getattr(loaded.model, "task", None) == "anomaly":
         from .onnx_export import MAP_NAME, SCORE_NAME
 
-        anomaly = {"threshold": float(loaded.model.threshold), "ok_classes": list(loaded.info.get("ok_classes") or
-                                                                                   ["good"]),
+        anomaly = {"threshold": float(loaded.model.threshold), "ok_classes": loaded.trained.good_classes,
                    "score_output": SCORE_NAME, "map_output": MAP_NAME, "scale": float(loaded.model.scale)}
     return ModelMetadata(
         anomaly=anomaly,
         labels=tuple(loaded.labels), spec=loaded.spec, input_name=INPUT_NAME,
         test_views=tuple(loaded.model.views) if loaded.model.views else None,
-        reject_below=loaded.info.get("reject_below"),
+        reject_below=loaded.trained.reject_below,
         provenance={"source_run": str(run_dir), "backbone": loaded.backbone,
-                    "strategy": loaded.info.get("strategy"),
-                    "data_fingerprint": loaded.info.get("data_fingerprint"),
+                    "strategy": loaded.trained.strategy,
+                    "data_fingerprint": loaded.trained.data_fingerprint,
                     "lineside_version": lineside.__version__, "precision": precision,
                     **({"train_image_size": train_size} if train_size else {})})
 
@@ -104,7 +92,7 @@ def ok_classes(loaded) -> list[str] | None:
     for a classifier."""
     if getattr(loaded.model, "task", None) != "anomaly":
         return None
-    return list(loaded.info.get("ok_classes") or ["good"])
+    return loaded.trained.good_classes
 
 
 def parity_images(loaded, data, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -149,26 +137,26 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
         loaded.model.views = None  # one pass per image: faster, a little less accurate
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
-        metrics_file = run_dir / "metrics.json"
-        data = json.loads(metrics_file.read_text()).get("data") if metrics_file.is_file() else None
+        data = RunFolder.at(run_dir).data()
     meta = model_metadata(loaded, run_dir, "fp32", training_size(data))
     t0 = time.perf_counter()
-    onnx_path = export_onnx(loaded.model, loaded.spec.height, loaded.spec.width, out / "model_fp32.onnx", meta)
-    files = {"onnx_fp32": [onnx_path]}
+    onnx_fp32, ov_fp32 = ModelKey("onnxruntime", "fp32"), ModelKey("openvino", "fp32")
+    onnx_path = export_onnx(loaded.model, loaded.spec.height, loaded.spec.width, out / onnx_fp32.file, meta)
+    files = {onnx_fp32.key: [onnx_path]}
     if "openvino" in formats:
-        xml = export_openvino(onnx_path, out / "model_fp32.xml", meta)
-        files["openvino_fp32"] = [xml, xml.with_suffix(".bin")]
+        xml = export_openvino(onnx_path, out / ov_fp32.file, meta)
+        files[ov_fp32.key] = [xml, xml.with_suffix(".bin")]
 
     x, parity_source = parity_images(loaded, data)
     reference = predict_proba(loaded.model, x)
     outputs = {"onnxruntime_fp32": _run_onnxruntime(onnx_path, x)}
-    if "openvino_fp32" in files:
-        outputs["openvino_fp32"] = _run_openvino(files["openvino_fp32"][0], x)
+    if ov_fp32.key in files:
+        outputs["openvino_fp32"] = _run_openvino(files[ov_fp32.key][0], x)
     parity = check_parity(reference, outputs)
     parity_ok = all(r["max_abs_diff"] <= tolerance for r in parity.values())
     if "onnx" not in formats:
         onnx_path.unlink()
-        del files["onnx_fp32"]
+        del files[onnx_fp32.key]
 
     report = {"parity": {"images": parity_source, "tolerance": tolerance, "passed": parity_ok, "results": parity}}
     if int8 and parity_ok:
@@ -176,19 +164,9 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
                                       (max_drop, min_agreement), progress, run_dir)
     report["models"] = _sizes_and_speed(files, speed_seconds) if parity_ok else {}
     report["seconds"] = round(time.perf_counter() - t0, 2)
-    (out / "export_report.json").write_text(json.dumps(report, indent=2))
-    (out / "export_report.md").write_text(report_markdown(report, out))
-    bundle = {
-        "bundle_schema": BUNDLE_SCHEMA,
-        "metadata": meta.to_dict(),
-        "models": {key: {"files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in paths}}
-                   for key, paths in files.items()},
-        "parity_passed": parity_ok,
-    }
-    reference = drift_reference(loaded, data, run_dir)
-    if reference is not None:
-        bundle["drift_reference"] = reference
-    (out / "bundle.json").write_text(json.dumps(bundle, indent=2))
+    (out / EXPORT_REPORT_JSON).write_text(json.dumps(report, indent=2))
+    (out / EXPORT_REPORT_MD).write_text(report_markdown(report, out))
+    bundle = write_bundle_doc(out, meta.to_dict(), files, parity_ok, drift_reference(loaded, data, run_dir))
     if not parity_ok:
         worst = max(parity.items(), key=lambda kv: kv[1]["max_abs_diff"])
         raise LinesideError(f"{out}: exported model disagrees with PyTorch ({worst[0]}: max probability "
@@ -205,8 +183,8 @@ def _sizes_and_speed(files: dict, seconds: float) -> dict:
     for key, paths in files.items():
         row = {"bytes": sum(p.stat().st_size for p in paths)}
         if seconds > 0:
-            backend = "openvino" if key.startswith("openvino") else "onnxruntime"
-            model = open_model(paths[0], backend=backend, precision=key.rsplit("_", 1)[1])
+            which = ModelKey.parse(key)
+            model = open_model(paths[0], backend=which.runtime, precision=which.precision)
             row["latency_ms"] = round(1000.0 / raw_fps(model, seconds, "latency"), 3)
             row["throughput_fps"] = round(raw_fps(model, seconds, "throughput"), 1)
         rows[key] = row
@@ -308,14 +286,15 @@ def _labelled_arrays(loaded, data, limit: int | None, progress: bool, desc: str,
 def _int8_targets(files: dict) -> list[dict]:
     """The INT8 models to try: one per runtime whose FP32 model was exported."""
     targets = []
-    if "openvino_fp32" in files:
-        targets.append({"runtime": "openvino", "src": "openvino_fp32", "key": "openvino_int8",
-                        "out": "model_int8.xml", "recipes": RECIPES, "quantize": quantize_openvino,
+    ov, onnx = ModelKey("openvino", "int8"), ModelKey("onnxruntime", "int8")
+    if ModelKey("openvino", "fp32").key in files:
+        targets.append({"runtime": "openvino", "src": ModelKey("openvino", "fp32").key, "key": ov.key,
+                        "out": ov.file, "recipes": RECIPES, "quantize": quantize_openvino,
                         "run_fp32": _run_openvino, "run_int8": lambda p, x: _run_openvino_int8(p, x),
                         "files": lambda p: [p, p.with_suffix(".bin")]})
-    if "onnx_fp32" in files:
-        targets.append({"runtime": "onnxruntime", "src": "onnx_fp32", "key": "onnx_int8",
-                        "out": "model_int8.onnx", "recipes": ORT_RECIPES, "quantize": quantize_onnxruntime,
+    if ModelKey("onnxruntime", "fp32").key in files:
+        targets.append({"runtime": "onnxruntime", "src": ModelKey("onnxruntime", "fp32").key, "key": onnx.key,
+                        "out": onnx.file, "recipes": ORT_RECIPES, "quantize": quantize_onnxruntime,
                         "run_fp32": _run_onnxruntime, "run_int8": lambda p, x: _run_onnxruntime_int8(p, x),
                         "files": lambda p: [p]})
     return targets
@@ -368,7 +347,7 @@ def _int8_models(loaded, files, out: Path, meta: ModelMetadata, calib, eval_data
     else:
         oof = run_out_of_fold(run_dir, loaded)
         if oof is None and trained_end_to_end(loaded):
-            why = (f"the network was trained ({loaded.info.get('strategy')}) on every labelled image, so none is "
+            why = (f"the network was trained ({loaded.trained.strategy}) on every labelled image, so none is "
                    "left to judge INT8 on (a fine-tuned model is sure of its own training images); pass --eval DIR "
                    "with labelled images the run did not train on, or train with --val-fraction; FP32 kept")
             return {t["runtime"]: {"verdict": "refused", "why": why, "judged": {"held_out": False, "why": why},
@@ -399,16 +378,14 @@ def drift_reference(loaded, data, run_dir: Path | None) -> dict | None:
         z = oof[0] - oof[0].max(axis=1, keepdims=True)
         p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
         confidences = p.max(axis=1)
-    return build_reference(x, confidences, f"{len(x)} training images", loaded.info.get("reject_below"))
+    return build_reference(x, confidences, f"{len(x)} training images", loaded.trained.reject_below)
 
 
 def run_out_of_fold(run_dir: Path | None, loaded):
-    """The run's out-of-fold logits and labels (train/run.py), when it has them for these labels."""
-    from lineside.train.run import OUT_OF_FOLD
-
+    """The run's out-of-fold logits and labels (lineside.runs), when it has them for these labels."""
     if run_dir is None:
         return None
-    path = (run_dir if run_dir.is_dir() else run_dir.parent) / OUT_OF_FOLD
+    path = RunFolder.at(run_dir) / runs.OUT_OF_FOLD
     if not path.is_file():
         return None
     try:
@@ -424,12 +401,10 @@ def run_out_of_fold(run_dir: Path | None, loaded):
 
 
 def run_validation(run_dir: Path | None) -> Path | None:
-    """The run's validation manifest (see train/run.py), when it has one whose images all exist."""
-    from lineside.train.run import VALIDATION_MANIFEST
-
+    """The run's validation manifest (lineside.runs), when it has one whose images all exist."""
     if run_dir is None:
         return None
-    path = (run_dir if run_dir.is_dir() else run_dir.parent) / VALIDATION_MANIFEST
+    path = RunFolder.at(run_dir) / runs.VALIDATION
     try:
         load_image_set(path)
     except LinesideError as exc:
@@ -441,7 +416,7 @@ def run_validation(run_dir: Path | None) -> Path | None:
 
 def trained_end_to_end(loaded) -> bool:
     """Whether the network's own layers learned from the training images (not only a head)."""
-    return loaded.info.get("strategy") in ("finetune", "full", "scratch")
+    return loaded.trained.trained_end_to_end()
 
 
 def judge_views(x, y, paths, augment, what: str, note: str, seed: int = 1):
@@ -494,7 +469,7 @@ def _run_augment(run_dir: Path | None):
 
     if run_dir is None:
         return AugmentConfig()
-    config = (run_dir if run_dir.is_dir() else run_dir.parent) / "config.yaml"
+    config = RunFolder.at(run_dir) / runs.CONFIG
     return TrainConfig.from_yaml(config).augment if config.is_file() else AugmentConfig()
 
 

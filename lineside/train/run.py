@@ -1,5 +1,4 @@
-"""`lineside train`: data folder in, run folder out (model.pt, config.yaml, metrics.json,
-history.csv, confusion_matrix.png)."""
+"""`lineside train`: data folder in, run folder out (lineside.runs names its files)."""
 
 from __future__ import annotations
 
@@ -15,9 +14,11 @@ import numpy as np
 import torch
 
 import lineside
+from lineside import runs
 from lineside.dataset import ImageSet, load_arrays, load_image_set, stratified_split
 from lineside.errors import LinesideError
 from lineside.metrics import classification_report
+from lineside.runs import RunFolder, TrainedInfo
 
 from . import distributed
 from .backbones import BACKBONES
@@ -30,10 +31,6 @@ from .trainer import Trainer
 log = logging.getLogger(__name__)
 
 AUTO_VAL_MIN_PER_CLASS = 25
-# The images held out for validation, as a `path,label` manifest in the run folder: export
-# judges INT8 on them (the network never trained on them) and calibrates on the others.
-VALIDATION_MANIFEST = "validation.csv"
-OUT_OF_FOLD = "out_of_fold.npz"   # calibrated out-of-fold logits and labels of the training images
 
 
 def gpu_name(device: torch.device) -> str | None:
@@ -81,7 +78,7 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
     spec = BACKBONES.get(cfg.backbone).input_spec.with_size(cfg.image_size)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        cfg.dump(out / "config.yaml")  # written first, so a failed run still says what it tried
+        cfg.dump(out / runs.CONFIG)  # written first, so a failed run still says what it tried
 
     x_train, train_set, bad = load_arrays(train_set, spec, cfg.skip_bad, progress, "reading training images")
     x_val = y_val = None
@@ -142,7 +139,7 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
         "train_counts": train_set.counts(),
         "val_counts": val_set.counts() if val_set is not None else None,
         "split": split_note,
-        "validation_images": VALIDATION_MANIFEST if val_set is not None else None,
+        "validation_images": runs.VALIDATION if val_set is not None else None,
         "data": str(Path(data).resolve()),
         "data_fingerprint": images.fingerprint(),
         "skipped_images": bad,
@@ -158,28 +155,29 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
     if not dist.main:
         return metrics
     t0 = time.perf_counter()
-    info = {k: metrics[k] for k in ("strategy", "weights", "data_fingerprint", "lineside_version")}
-    info["val_balanced_accuracy"] = report["balanced_accuracy"] if report else None
-    info["reject_below"] = calibration["reject_below"] if calibration else None
-    save_checkpoint(out / "model.pt", trainer.model, images.classes, cfg.backbone, spec, info)
+    trained = TrainedInfo(strategy=metrics["strategy"], weights=metrics["weights"],
+                          data_fingerprint=metrics["data_fingerprint"], lineside_version=metrics["lineside_version"],
+                          val_balanced_accuracy=report["balanced_accuracy"] if report else None,
+                          reject_below=calibration["reject_below"] if calibration else None)
+    save_checkpoint(out / runs.MODEL, trainer.model, images.classes, cfg.backbone, spec, trained)
     if val_set is not None:
-        val_set.write_manifest(out / VALIDATION_MANIFEST)
-    _write_history(out / "history.csv", result.history.rows)
-    plot_confusion(np.asarray(cm_report["confusion_matrix"]), images.classes, out / "confusion_matrix.png", cm_title)
+        val_set.write_manifest(out / runs.VALIDATION)
+    _write_history(out / runs.HISTORY, result.history.rows)
+    plot_confusion(np.asarray(cm_report["confusion_matrix"]), images.classes, out / runs.CONFUSION, cm_title)
     if calibration:
         from .calibrate import reliability_diagram
 
         if calibration["source"].startswith("out-of-fold"):
             # what the model says of images it did not train on (calibrated): the INT8 gate's
             # picture of unseen images when nothing else is held out (export/bundle.py)
-            np.savez(out / OUT_OF_FOLD, logits=calibration["_logits"].astype(np.float32),
+            np.savez(out / runs.OUT_OF_FOLD, logits=calibration["_logits"].astype(np.float32),
                      labels=np.asarray(calibration["_y"], np.int64))
 
-        reliability_diagram(*calibration["_probs"], calibration["_y"], out / "calibration.png",
+        reliability_diagram(*calibration["_probs"], calibration["_y"], out / runs.CALIBRATION,
                             f"{calibration['source']}; temperature {calibration['temperature']:.2f}")
     metrics["confusion_matrix_of"] = cm_title
     metrics["seconds"]["write_s"] = round(time.perf_counter() - t0, 2)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / runs.METRICS).write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -197,5 +195,5 @@ def _write_history(path: Path, rows: list[dict]) -> None:
 
 
 def check_out_dir(out: Path, force: bool) -> None:
-    if (out / "model.pt").exists() and not force:
+    if RunFolder(out).holds_model() and not force:
         raise LinesideError(f"{out}: already holds a trained model; choose another --out or pass --force")

@@ -8,26 +8,24 @@ metadata (labels, input spec) and needs nothing else.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from lineside.bundles import (BUNDLE_JSON, EXPORT_REPORT_MD, PRECISIONS, ModelKey, bundle_folder, int8_verdicts,
+                              is_bundle, model_digest, read_bundle_doc)
 from lineside.errors import LinesideError, require
 from lineside.files import sha256  # noqa: F401 - where tests and older callers find it
+from lineside.metadata import METADATA_KEY, ModelMetadata
 from lineside.text import printable
-from lineside.metadata import BUNDLE_SCHEMA, METADATA_KEY, ModelMetadata
 from lineside.spec import InputSpec
 
 BACKENDS = ("auto", "onnxruntime", "openvino")
-PRECISIONS = ("fp32", "int8")
 HINTS = ("latency", "throughput")
 # OpenVINO's CPU plugin would otherwise run FP32 models in bfloat16 where the CPU supports it.
 OPENVINO_FP32 = {"INFERENCE_PRECISION_HINT": "f32"}
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -211,8 +209,8 @@ def open_model(path, backend: str = "auto", precision: str = "fp32", device: str
     if precision not in PRECISIONS:
         raise LinesideError(f"--precision: '{precision}' is not one of {', '.join(PRECISIONS)}")
     path = Path(path)
-    if path.is_dir() or path.name == "bundle.json":
-        files = _bundle_files(path if path.is_dir() else path.parent, backend, precision, manifest)
+    if is_bundle(path):
+        files = _bundle_files(bundle_folder(path), backend, precision, manifest)
     else:
         files = _lone_files(path)
     path = files.model
@@ -236,8 +234,7 @@ def open_checked(path, trusted: dict | None = None, **kw) -> RuntimeModel:
         model.signature = {"state": "verified", "key_id": verified.key_id, "signed_at": verified.signed_at}
         return model
     model = open_model(path, **kw)
-    folder = path if path.is_dir() else path.parent
-    model.signature = {"state": signature_state(folder) if (folder / "bundle.json").is_file() else "unsigned"}
+    model.signature = {"state": signature_state(bundle_folder(path)) if is_bundle(path) else "unsigned"}
     return model
 
 
@@ -251,15 +248,6 @@ class ModelFiles:
     digest: str                      # the model hash that the log records: covers every file
     declared: ModelMetadata | None   # a bundle's own metadata, which the model file must match
     drift_reference: dict | None = None
-
-
-def model_digest(hashes: dict[str, str]) -> str:
-    """One hash for a model's files: a lone file's own SHA-256; for several, the SHA-256
-    of their sorted 'name sha256' lines, so that a changed weights file changes it too."""
-    if len(hashes) == 1:
-        return next(iter(hashes.values()))
-    lines = "".join(f"{name} {digest}\n" for name, digest in sorted(hashes.items()))
-    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def _read(path: Path) -> bytes:
@@ -286,57 +274,16 @@ def _lone_files(path: Path) -> ModelFiles:
     return ModelFiles(path, data, weights, model_digest(hashes), None)
 
 
-def read_bundle_doc(folder: Path, data: bytes | None = None) -> dict:
-    """bundle.json of a bundle folder (or its bytes, `data`), checked to be one this
-    lineside reads: its schema, and the shape of its model entries (each file a plain name
-    with a SHA-256)."""
-    doc_path = folder / "bundle.json"
-    if data is None and not doc_path.is_file():
-        raise LinesideError(f"{folder}: not a bundle (no bundle.json)")
-    try:
-        doc = json.loads(data.decode("utf-8") if data is not None else doc_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise LinesideError(f"{doc_path}: unreadable bundle.json ({str(exc)[:200]})") from None
-    if not isinstance(doc, dict) or doc.get("bundle_schema") != BUNDLE_SCHEMA:
-        version = doc.get("bundle_schema") if isinstance(doc, dict) else None
-        raise LinesideError(f"{doc_path}: bundle schema {printable(repr(version))[:40]} is not supported (this lineside reads "
-                            f"{BUNDLE_SCHEMA})")
-    models = doc.get("models")
-    if not isinstance(models, dict):
-        raise LinesideError(f"{doc_path}: 'models' must be a mapping of model entries")
-    for key, entry in models.items():
-        files = entry.get("files") if isinstance(entry, dict) else None
-        if not isinstance(files, dict) or not files:
-            raise LinesideError(f"{doc_path}: model {printable(key)[:60]!r} lists no files")
-        for name, info in files.items():
-            if not (isinstance(name, str) and name and Path(name).name == name and name not in (".", "..")):
-                raise LinesideError(f"{doc_path}: model {printable(key)[:60]!r}: {printable(name)[:80]!r} "
-                                    "is not a plain file name")
-            digest = info.get("sha256") if isinstance(info, dict) else None
-            if not (isinstance(digest, str) and SHA256.match(digest)):
-                raise LinesideError(f"{doc_path}: {printable(name)[:80]}: no valid sha256 for it")
-    return doc
-
-
-def bundle_precisions(folder: Path) -> set[str]:
-    """The precisions a bundle has a model for ("fp32", "int8")."""
-    return {str(key).rsplit("_", 1)[-1] for key in read_bundle_doc(folder)["models"]}
-
-
 def _int8_refusal(folder: Path, precision: str, order) -> str:
     """Why an INT8 model is missing, from the export report beside bundle.json: the gate
     refused it (naming the report and --precision fp32), or it was skipped."""
     if precision != "int8":
         return ""
-    try:
-        report = json.loads((folder / "export_report.json").read_bytes()[:4_000_000]).get("int8") or {}
-    except (OSError, ValueError, AttributeError):
-        return ""
-    verdicts = {r: q.get("verdict") for r, q in report.items() if isinstance(q, dict) and r in order}
+    verdicts = {r: v for r, v in int8_verdicts(folder).items() if r in order}
     if not verdicts:
         return ""
     said = ", ".join(f"{r} {v}" for r, v in verdicts.items())
-    return (f"; the export's INT8 gate: {said} (see {folder / 'export_report.md'}); run with --precision fp32, "
+    return (f"; the export's INT8 gate: {said} (see {folder / EXPORT_REPORT_MD}); run with --precision fp32, "
             "or export again with --eval DIR")
 
 
@@ -347,7 +294,7 @@ def _bundle_files(folder: Path, backend: str, precision: str, manifest: bytes | 
     doc = read_bundle_doc(folder, manifest)
     models = doc["models"]
     order = ["openvino", "onnxruntime"] if backend == "auto" else [backend]
-    keys = {"openvino": f"openvino_{precision}", "onnxruntime": f"onnx_{precision}"}
+    keys = {b: ModelKey(b, precision).key for b in order}
     for b in order:
         if keys[b] in models:
             break
@@ -374,13 +321,13 @@ def _bundle_files(folder: Path, backend: str, precision: str, manifest: bytes | 
         if hashes[name] != info["sha256"]:
             raise LinesideError(f"{f}: checksum does not match bundle.json (file changed or corrupt)")
     try:
-        declared = ModelMetadata.from_dict(doc.get("metadata"), f"{folder / 'bundle.json'}")
+        declared = ModelMetadata.from_dict(doc.get("metadata"), f"{folder / BUNDLE_JSON}")
     except LinesideError as exc:
         raise LinesideError(f"{exc} (bundle.json's metadata)") from None
     weights = contents.get(model.with_suffix(".bin").name) if model.suffix == ".xml" else None
     from .drift import check_reference
 
-    reference = check_reference(doc.get("drift_reference"), str(folder / "bundle.json"))
+    reference = check_reference(doc.get("drift_reference"), str(folder / BUNDLE_JSON))
     return ModelFiles(model, contents[model.name], weights, model_digest(hashes), declared, reference)
 
 
@@ -392,7 +339,7 @@ def _checked_metadata(files: ModelFiles, text: str | None) -> tuple[ModelMetadat
     if declared is not None and declared != meta:
         what = [name for name in ("labels", "spec", "test_views", "reject_below")
                 if getattr(declared, name) != getattr(meta, name)]
-        raise LinesideError(f"{files.model.parent / 'bundle.json'}: its metadata ({', '.join(what)}) does not match "
+        raise LinesideError(f"{files.model.parent / BUNDLE_JSON}: its metadata ({', '.join(what)}) does not match "
                             f"{files.model.name}'s own (bundle.json edited, or files from two bundles)")
     return meta, list(meta.labels), meta.spec
 

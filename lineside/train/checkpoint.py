@@ -14,6 +14,7 @@ import torch
 
 from lineside.errors import LinesideError
 from lineside.metadata import check_labels
+from lineside.runs import MODEL, TrainedInfo
 from lineside.spec import InputSpec
 
 from .backbones import BACKBONES
@@ -29,10 +30,11 @@ class LoadedModel:
     labels: list[str]
     backbone: str
     spec: InputSpec
-    info: dict
+    trained: TrainedInfo
 
 
-def save_checkpoint(path: Path, model: Classifier, labels, backbone: str, spec: InputSpec, info: dict) -> None:
+def save_checkpoint(path: Path, model: Classifier, labels, backbone: str, spec: InputSpec,
+                    trained: TrainedInfo) -> None:
     if getattr(model, "task", None) == "anomaly":
         payload = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "task": "anomaly",
@@ -40,7 +42,7 @@ def save_checkpoint(path: Path, model: Classifier, labels, backbone: str, spec: 
             "anomaly": {"taps": list(model.taps), "feature_dim": int(model.channel_scale.shape[0]),
                         "bank_size": int(model.bank.shape[0]), "projection": int(model.project)},
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            "info": info,
+            "info": trained.to_dict(),
         }
         return _write(path, payload)
     payload = {
@@ -54,7 +56,7 @@ def save_checkpoint(path: Path, model: Classifier, labels, backbone: str, spec: 
         "views": list(model.views) if model.views else None,
         "pool": model.pool,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "info": info,
+        "info": trained.to_dict(),
     }
     _write(path, payload)
 
@@ -68,7 +70,7 @@ def _write(path: Path, payload: dict) -> None:
 def resolve_checkpoint(path) -> Path:
     path = Path(path)
     if path.is_dir():
-        path = path / "model.pt"
+        path = path / MODEL
     if not path.is_file():
         raise LinesideError(f"{path}: no such model file (give a training run folder or its model.pt)")
     return path
@@ -108,7 +110,7 @@ def load_checkpoint(path) -> LoadedModel:
         raise LinesideError(f"{path}: weights do not match backbone {entry.name} "
                             f"with {len(labels)} classes ({str(exc).splitlines()[0]})") from exc
     model.eval()
-    return LoadedModel(model, labels, entry.name, spec, dict(payload.get("info") or {}))
+    return LoadedModel(model, labels, entry.name, spec, TrainedInfo.from_dict(payload.get("info")))
 
 
 def _load_anomaly(path: Path, payload: dict, labels, spec: InputSpec, entry) -> LoadedModel:
@@ -129,4 +131,4 @@ def _load_anomaly(path: Path, payload: dict, labels, spec: InputSpec, entry) -> 
         raise LinesideError(f"{path}: anomaly model does not match backbone {entry.name} "
                             f"({str(exc).splitlines()[0]})") from exc
     model.eval()
-    return LoadedModel(model, labels, entry.name, spec, dict(payload.get("info") or {}))
+    return LoadedModel(model, labels, entry.name, spec, TrainedInfo.from_dict(payload.get("info")))
