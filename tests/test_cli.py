@@ -141,3 +141,18 @@ def test_help_and_core_never_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("CLEAN")
+
+
+def test_every_run_option_is_a_field_of_run_options_by_the_same_name():
+    """`lineside run` builds its RunOptions from its parameters by name: a field the CLI
+    has no option for (or names otherwise) would silently keep its default."""
+    from dataclasses import fields
+
+    from lineside.commands.run import run_cmd
+    from lineside.runtime.app import RunOptions
+
+    params = {p.name for p in run_cmd.params}
+    assert {f.name for f in fields(RunOptions)} - params == {"log", "status"}    # from --log and --quiet/--json
+    options = RunOptions.from_params({p.name: p.default for p in run_cmd.params} | {"source": "0", "pace": 5.0,
+                                                                                     "log_path": "none"})
+    assert options.pace == 5.0 and options.log is None and options.status and options.http_hosts == ()

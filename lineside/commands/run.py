@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
@@ -142,12 +143,7 @@ def _open_runtime_model(bundle, backend, precision, device, threads, trusted=Non
 @click.option("--display", is_flag=True, help="Show frames with label, confidence, OK/NG and FPS (needs a screen).")
 @click.option("--quiet", is_flag=True, help="No live status line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loop, roi, reject_below, ok_classes,
-            vote, log_path, save_dir, save_when, save_max_files, save_max_mb, max_frames, seconds, source_timeout,
-            mqtt, mqtt_ca, mqtt_queue, station, opcua, opcua_user, opcua_cert, opcua_key, modbus, modbus_allow,
-            trigger, trigger_timeout_ms, products_file, product, trust, updates, drift, drift_window,
-            capture_per_hour, shadow,
-            http, http_token_file, http_hosts, review_out, display, quiet, as_json):
+def run_cmd(**params):
     """Classify every frame from --source with an exported BUNDLE and record each decision.
 
     \b
@@ -181,61 +177,61 @@ def run_cmd(bundle, source, pace, hint, backend, precision, device, threads, loo
          and unwritable_rows: kept only as row_unwritable events)"""
     from lineside.runtime.app import RunOptions, run_app
 
-    if source is None:
-        raise click.UsageError("--source is required (a camera index, file, folder, URL or pipeline)")
-    if (bundle is None) == (products_file is None):
-        raise click.UsageError("give either BUNDLE or --products FILE (one bundle per product)")
-    for name, value in (("--roi", roi), ("--reject-below", reject_below), ("--ok-classes", ok_classes),
-                        ("--vote", vote)):
-        if products_file is not None and value is not None:
-            raise click.UsageError(f"{name}: with --products, each product sets its own (in the products file)")
-    options = RunOptions(source=source, pace=pace, hint=hint, loop=loop, roi=roi, reject_below=reject_below,
-                         ok_classes=ok_classes, vote=vote, log=None if log_path == "none" else log_path,
-                         save_dir=save_dir, save_when=save_when, save_max_files=save_max_files,
-                         save_max_mb=save_max_mb, max_frames=max_frames, seconds=seconds,
-                         source_timeout=source_timeout, mqtt=mqtt, mqtt_ca=mqtt_ca, mqtt_queue=mqtt_queue,
-                         station=station, trigger=trigger, trigger_timeout_ms=trigger_timeout_ms, opcua=opcua,
-                         opcua_user=opcua_user, opcua_cert=opcua_cert, opcua_key=opcua_key, modbus=modbus,
-                         modbus_allow=modbus_allow, http=http,
-                         http_token_file=http_token_file, http_hosts=tuple(http_hosts), review_out=review_out,
-                         display=display, product=product, updates=updates, drift=drift,
-                         drift_window=drift_window, capture_per_hour=capture_per_hour, shadow=shadow,
-                         status=not quiet and not as_json)
-    trusted = None
-    if trust is not None:
-        from lineside.signing import load_public_keys
-
-        trusted = load_public_keys(trust)
-    from functools import partial
-
-    from lineside.runtime.model import open_checked
-
-    load_bundle = partial(open_checked, trusted=trusted, backend=backend, precision=precision, device=device,
-                          threads=threads)
-    if products_file is not None:
-        from lineside.runtime.app import make_decider
-        from lineside.runtime.products import open_products
-
-        products = open_products(products_file, backend, precision, device, threads,
-                                 partial(open_checked, trusted=trusted), make_decider)
-        summary = run_app(None, options, products=products, load_bundle=load_bundle)
-    else:
-        model = load_bundle(bundle)
-        summary = run_app(model, options, load_bundle=load_bundle)
-    if as_json:
+    _check_run_params(params)
+    p = SimpleNamespace(**params)
+    options = RunOptions.from_params(params)
+    load_bundle, products = _bundles(p)
+    summary = run_app(None if products else load_bundle(p.bundle), options, products=products,
+                      load_bundle=load_bundle)
+    if p.as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        _print_run_summary(summary, vote)
+        _print_run_summary(summary, p.vote)
     code = summary["exit_code"]
     if code == 3:
         click.echo(f"error: --source {summary['source']}: " + (
-            f"no frame for {source_timeout:g} s (--source-timeout)" if summary.get("source_timeout")
+            f"no frame for {p.source_timeout:g} s (--source-timeout)" if summary.get("source_timeout")
             else "no frame was ever received (see the source_unavailable events in the log)"), err=True)
     elif code == 4:
         click.echo(f"error: {summary['not_logged'] + summary.get('unwritable_rows', 0)} decisions are not in the "
                    f"log {summary['log']} as rows (see the log_unwritable and row_unwritable events)", err=True)
     if code:
         sys.exit(code)
+
+
+def _check_run_params(params: dict) -> None:
+    """What click cannot say of `lineside run`'s options by itself."""
+    if params["source"] is None:
+        raise click.UsageError("--source is required (a camera index, file, folder, URL or pipeline)")
+    if (params["bundle"] is None) == (params["products_file"] is None):
+        raise click.UsageError("give either BUNDLE or --products FILE (one bundle per product)")
+    for name in ("roi", "reject_below", "ok_classes", "vote"):
+        if params["products_file"] is not None and params[name] is not None:
+            raise click.UsageError(f"--{name.replace('_', '-')}: with --products, each product sets its own "
+                                   "(in the products file)")
+
+
+def _bundles(p):
+    """(how to open a bundle with the run's backend and trusted keys, the products of
+    --products or None)."""
+    from functools import partial
+
+    from lineside.runtime.model import open_checked
+
+    trusted = None
+    if p.trust is not None:
+        from lineside.signing import load_public_keys
+
+        trusted = load_public_keys(p.trust)
+    load_bundle = partial(open_checked, trusted=trusted, backend=p.backend, precision=p.precision, device=p.device,
+                          threads=p.threads)
+    if p.products_file is None:
+        return load_bundle, None
+    from lineside.runtime.app import make_decider
+    from lineside.runtime.products import open_products
+
+    return load_bundle, open_products(p.products_file, p.backend, p.precision, p.device, p.threads,
+                                      partial(open_checked, trusted=trusted), make_decider)
 
 
 def _print_run_summary(summary: dict, vote) -> None:

@@ -11,7 +11,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from lineside.errors import LinesideError
@@ -67,6 +67,17 @@ class RunOptions:
     review_out: Path | None = None
     display: bool = False
     status: bool = False
+
+    @classmethod
+    def from_params(cls, params: dict) -> RunOptions:
+        """The options from `lineside run`'s parameters, matched by name (a new field is
+        one new option of the same name); the few the CLI names otherwise are mapped here."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in params.items() if k in names}
+        log_path = params.get("log_path", "decisions.sqlite")
+        values.update(log=None if log_path == "none" else log_path, http_hosts=tuple(params.get("http_hosts") or ()),
+                      status=not params.get("quiet") and not params.get("as_json"))
+        return cls(**values)
 
     def __post_init__(self):
         if self.pace is not None and not 0 < self.pace <= 1000:
@@ -186,26 +197,8 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
     options.product names, active at the start; see runtime/products.py). With
     options.updates, `load_bundle(folder)` opens an update (runtime/updates.py)."""
     info = describe_source(options.source)
-    switch = None
-    if options.updates and not Path(options.updates).is_dir():
-        raise LinesideError(f"--updates {options.updates}: no such folder")
-    if (options.updates or options.shadow) and not products:   # one product: they switch as changeovers do
-        from .products import Product
-
-        if load_bundle is None:
-            raise LinesideError("--updates / --shadow: this run cannot open bundles (give a bundle folder)")
-        products = [Product(0, Path(model.path).parent.name, model, make_decider(model, options),
-                            parse_roi(options.roi), settings=options)]
-    if products:
-        from .products import ProductSwitch
-
-        switch = ProductSwitch(products)
-        if options.product is not None:
-            first = switch.find(options.product)
-            if first is None:
-                raise LinesideError(f"--product {options.product}: no such product (known: "
-                                    f"{', '.join(p.name for p in products)})")
-            switch.active = first
+    products, switch = _products(model, options, products, load_bundle)
+    if switch:
         model, decider, roi = switch.active.model, switch.active.decider, switch.active.roi
     else:
         decider, roi = make_decider(model, options), parse_roi(options.roi)
@@ -219,104 +212,17 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
     settings = LoopSettings(roi=roi, loop=options.loop, pace=options.pace, hint=options.hint,
                             max_frames=options.max_frames, seconds=options.seconds,
                             source_timeout=options.source_timeout)
-    save = None
-    if options.save_dir:
-        _check_save_outside_source(Path(options.save_dir), info)
-        save = SavePolicy(Path(options.save_dir), tuple(w.strip() for w in options.save_when.split(",") if w.strip()),
-                          options.save_max_files, options.save_max_mb, per_hour=options.capture_per_hour,
-                          reject_below=decider.reject_below,
-                          heatmap=frame_heatmap(model, roi) if model.metadata.anomaly is not None else None)
+    save = _save_policy(options, info, model, decider, roi)
     status = StatusLine(options.status and not options.trigger == "stdin", options.display)
-    station = options.station or socket.gethostname()
     settle_heap()   # before anything that answers the line starts (see settle_heap)
-    triggers, peers, server = None, [], None
-    try:
-        triggers, answer_to = _triggers(options, [p.decider for p in products] if products else [decider])
-        if options.mqtt:
-            from .mqtt import MqttOutput
-
-            if options.mqtt_queue < 1:
-                raise LinesideError("--mqtt-queue: must be positive")
-            peers.append(MqttOutput(options.mqtt, station, model.checksum, model.labels, options.mqtt_ca,
-                                    options.mqtt_queue, source=info.shown,
-                                    on_trigger=triggers.request if options.trigger == "mqtt" else None,
-                                    on_product=switch.request if switch else None))
-            if triggers:
-                answer_to.append(peers[-1].answer)
-        if options.opcua:
-            from .opcua import OpcUaOutput
-
-            peers.append(OpcUaOutput(options.opcua, station, model.checksum, model.labels, user=options.opcua_user,
-                                     on_trigger=triggers.request if options.trigger == "opcua" else None,
-                                     cert=options.opcua_cert, key=options.opcua_key,
-                                     on_product=switch.request if switch and options.opcua_user else None))
-            if switch:
-                peers[-1].labels_by_product = {p.name: list(p.model.labels) for p in products}
-            if triggers:
-                answer_to.append(peers[-1].answer)
-        if options.modbus:
-            from .modbus import ModbusOutput
-
-            peers.append(ModbusOutput(options.modbus, model.labels,
-                                      triggers=triggers if options.trigger == "modbus" else None,
-                                      allow=options.modbus_allow,
-                                      on_product=switch.request if switch else None,
-                                      product=switch.active.index if switch else 0))
-            if triggers:
-                answer_to.append(peers[-1].answer)
-            if switch:
-                switch.listeners.append(peers[-1].product_changed)
-        actions: dict = {}      # what the page may ask for with the token: filled once the recorder exists
-        if options.http:
-            server, page = _status_server(options, model, info, station, switch, actions)
-            peers.append(page)
-        observers = [peer.observe for peer in peers if hasattr(peer, "observe")]
-        if observers:
-            status = _Observed(status, observers)
-        recorder = _recorder(options, model, info, save, station, peers)
-        if switch:
-            switch.on_event = recorder.event
-    except BaseException:
-        for peer in peers:
-            peer.close(None)
-        if triggers:
-            triggers.close()
-        if server:
-            server.close()
-        gc.unfreeze()
-        raise
-    if server:
-        server.start()
-        log.info("status page on %s", server.url)
-        if options.status:
-            print(f"status page: {server.url}", file=sys.stderr)
-    if triggers:
-        answer_to.append(lambda a: recorder.event("part_answer", json.dumps(a.as_dict())))
-        if options.trigger == "stdin":
-            from .trigger import StdinTrigger, print_answer
-
-            answer_to.append(print_answer)
-            StdinTrigger(triggers).start()
+    actions: dict = {}      # what the page may ask for with the token: filled once the recorder exists
+    triggers, answer_to, server, recorder = _open_line(options, model, info, save, decider, switch, products,
+                                                       actions)
+    status = _Observed(status, recorder)
+    _start_serving(options, server, triggers, answer_to, recorder)
     stop = threading.Event()
     watcher = _update_watcher(options, switch, load_bundle, recorder, stop)
-    shadow = None
-    if candidate is not None:
-        from .shadow import ShadowRunner
-
-        shadow = ShadowRunner(*candidate, switch.active.roi, recorder)
-        shadow.start()
-        actions.update(_promotion(switch, shadow, recorder))
-        for peer in peers:
-            if hasattr(peer, "shadow"):
-                peer.shadow = shadow
-    drift = None
-    if options.drift:
-        from .drift import DriftMonitor
-
-        drift = DriftMonitor(model.drift_reference, recorder.event, window=options.drift_window)
-        for peer in peers:
-            if hasattr(peer, "drift"):
-                peer.drift = drift
+    shadow, drift = _shadow_and_drift(options, candidate, switch, model, recorder, actions)
     summary = None
     try:
         with StopOnSignal(stop) as signals:
@@ -337,8 +243,78 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
             server.close()
         gc.unfreeze()   # the loop does too; not when it failed before it started
     summary.update(log=options.log, **recorder.counts(), model=str(model.path), backend=model.backend,
-                   signature=model.signature,
-                   source=info.shown)
+                   signature=model.signature, source=info.shown)
+    return _summary(summary, triggers, switch, shadow, watcher)
+
+
+def _open_line(options: RunOptions, model: RuntimeModel, info, save, decider: Decider, switch, products,
+               actions: dict):
+    """The trigger requests, the outputs and the recorder they hang off, wired together:
+    answers and product switches reach every output. If one fails to start, those
+    started before it are closed. Returns (triggers, where answers go, the page's server,
+    the recorder)."""
+    station = options.station or socket.gethostname()
+    triggers, outputs, server = None, [], None
+    try:
+        triggers, answer_to = _triggers(options, [p.decider for p in products] if products else [decider])
+        server = _open_outputs(outputs, options, model, info, station, triggers, switch, products, actions)
+        recorder = _recorder(options, model, info, save, station, outputs)
+    except BaseException:
+        for output in outputs:
+            output.close(None)
+        if triggers:
+            triggers.close()
+        if server:
+            server.close()
+        gc.unfreeze()
+        raise
+    if triggers:
+        answer_to.append(lambda answer: recorder.to_outputs("answer", answer))
+    if switch:
+        switch.on_event = recorder.event
+        switch.listeners.append(lambda product, refused: recorder.to_outputs("product_changed", product, refused))
+    return triggers, answer_to, server, recorder
+
+
+def _start_serving(options: RunOptions, server, triggers, answer_to: list, recorder: Recorder) -> None:
+    """The status page starts serving; every answer to a triggered part is logged as an
+    event (and with --trigger stdin, printed; stdin read)."""
+    if server:
+        server.start()
+        log.info("status page on %s", server.url)
+        if options.status:
+            print(f"status page: {server.url}", file=sys.stderr)
+    if triggers:
+        answer_to.append(lambda a: recorder.event("part_answer", json.dumps(a.as_dict())))
+        if options.trigger == "stdin":
+            from .trigger import StdinTrigger, print_answer
+
+            answer_to.append(print_answer)
+            StdinTrigger(triggers).start()
+
+
+def _shadow_and_drift(options: RunOptions, candidate, switch, model: RuntimeModel, recorder: Recorder,
+                      actions: dict):
+    """The shadow model's runner (with the page's promote and rollback) and the drift
+    monitor, when the run has them; every output is told of both."""
+    shadow = drift = None
+    if candidate is not None:
+        from .shadow import ShadowRunner
+
+        shadow = ShadowRunner(*candidate, switch.active.roi, recorder)
+        shadow.start()
+        actions.update(_promotion(switch, shadow, recorder))
+    if options.drift:
+        from .drift import DriftMonitor
+
+        drift = DriftMonitor(model.drift_reference, recorder.event, window=options.drift_window)
+    recorder.to_outputs("watch", drift, shadow)
+    return shadow, drift
+
+
+def _summary(summary: dict, triggers, switch, shadow, watcher) -> dict:
+    """The run's summary: the loop's and the recorder's counts, then what each part of
+    the station did, and the exit code."""
     if triggers:
         summary["answers"] = dict(triggers.answered)
     if switch:
@@ -352,16 +328,55 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
     return summary
 
 
-class _Observed:
-    """The loop's per-decision hook: the outputs that watch the loop itself (the status
-    page, MQTT's status: frames dropped, FPS), then the status line."""
+def _products(model: RuntimeModel | None, options: RunOptions, products: list | None, load_bundle):
+    """(products, their ProductSwitch), or (None, None) for a run on one model with
+    neither --updates nor --shadow: with those, one model is one product, switched as a
+    changeover is."""
+    if options.updates and not Path(options.updates).is_dir():
+        raise LinesideError(f"--updates {options.updates}: no such folder")
+    if (options.updates or options.shadow) and not products:
+        from .products import Product
 
-    def __init__(self, status, observers):
-        self.status, self.observers = status, observers
+        if load_bundle is None:
+            raise LinesideError("--updates / --shadow: this run cannot open bundles (give a bundle folder)")
+        products = [Product(0, Path(model.path).parent.name, model, make_decider(model, options),
+                            parse_roi(options.roi), settings=options)]
+    if not products:
+        return None, None
+    from .products import ProductSwitch
+
+    switch = ProductSwitch(products)
+    if options.product is not None:
+        first = switch.find(options.product)
+        if first is None:
+            raise LinesideError(f"--product {options.product}: no such product (known: "
+                                f"{', '.join(p.name for p in products)})")
+        switch.active = first
+    return products, switch
+
+
+def _save_policy(options: RunOptions, info, model: RuntimeModel, decider: Decider, roi) -> SavePolicy | None:
+    """--save DIR: which frames are kept, within which limits (with an anomaly model's
+    heatmap beside each NG frame)."""
+    if not options.save_dir:
+        return None
+    _check_save_outside_source(Path(options.save_dir), info)
+    return SavePolicy(Path(options.save_dir), tuple(w.strip() for w in options.save_when.split(",") if w.strip()),
+                      options.save_max_files, options.save_max_mb, per_hour=options.capture_per_hour,
+                      reject_below=decider.reject_below,
+                      heatmap=frame_heatmap(model, roi) if model.metadata.anomaly is not None else None)
+
+
+class _Observed:
+    """The loop's per-decision hook: every output's observe (the status page's frame,
+    MQTT's dropped frames, Modbus's frame counters), then the status line."""
+
+    def __init__(self, status, recorder: Recorder):
+        self.status, self.recorder = status, recorder
 
     def __call__(self, frame, decision, stats):
-        for observe in self.observers:
-            observe(frame, decision, stats)
+        if self.recorder.outputs:
+            self.recorder.to_outputs("observe", frame, decision, stats)
         self.status(frame, decision, stats)
 
     def close(self):
@@ -487,7 +502,43 @@ def frame_heatmap(model: RuntimeModel, roi):
     return draw
 
 
-def _recorder(options: RunOptions, model: RuntimeModel, info, save, station: str, peers) -> Recorder:
+def _open_outputs(outputs: list, options: RunOptions, model: RuntimeModel, info, station: str, triggers, switch,
+                  products, actions: dict):
+    """The outputs the options ask for, appended to `outputs` as each starts (so that a
+    failure to start one closes those before it); returns the status page's server."""
+    if options.mqtt:
+        from .mqtt import MqttOutput
+
+        if options.mqtt_queue < 1:
+            raise LinesideError("--mqtt-queue: must be positive")
+        outputs.append(MqttOutput(options.mqtt, station, model.checksum, model.labels, options.mqtt_ca,
+                                  options.mqtt_queue, source=info.shown,
+                                  on_trigger=triggers.request if options.trigger == "mqtt" else None,
+                                  on_product=switch.request if switch else None))
+    if options.opcua:
+        from .opcua import OpcUaOutput
+
+        outputs.append(OpcUaOutput(options.opcua, station, model.checksum, model.labels, user=options.opcua_user,
+                                   on_trigger=triggers.request if options.trigger == "opcua" else None,
+                                   cert=options.opcua_cert, key=options.opcua_key,
+                                   on_product=switch.request if switch and options.opcua_user else None))
+        if switch:
+            outputs[-1].labels_by_product = {p.name: list(p.model.labels) for p in products}
+    if options.modbus:
+        from .modbus import ModbusOutput
+
+        outputs.append(ModbusOutput(options.modbus, model.labels,
+                                    triggers=triggers if options.trigger == "modbus" else None,
+                                    allow=options.modbus_allow, on_product=switch.request if switch else None,
+                                    product=switch.active.index if switch else 0))
+    if options.http:
+        server, page = _status_server(options, model, info, station, switch, actions)
+        outputs.append(page)
+        return server
+    return None
+
+
+def _recorder(options: RunOptions, model: RuntimeModel, info, save, station: str, outputs) -> Recorder:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in options.__dict__.items()
                 if k != "mqtt"}      # the broker URL may hold a password
     settings["source"] = info.shown  # and so may a camera's
@@ -495,7 +546,7 @@ def _recorder(options: RunOptions, model: RuntimeModel, info, save, station: str
     return Recorder(Path(options.log) if options.log else None,
                     {"source": info.shown, "model": str(model.path), "model_sha256": model.checksum,
                      "signature": model.signature,
-                     "labels": model.labels, "settings": settings, "station": station}, save, peers=peers)
+                     "labels": model.labels, "settings": settings, "station": station}, save, outputs=outputs)
 
 
 # `lineside run` exit codes (the CLI's --help lists them)

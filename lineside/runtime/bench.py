@@ -165,7 +165,7 @@ def bench(model: RuntimeModel, source: str | None, seconds: float = 10.0, pace: 
             page, reader = _open_page(model, info, http)
         recorder = Recorder(tmp / "bench.sqlite" if log else None,
                             {"source": info.shown, "model": str(model.path), "model_sha256": model.checksum,
-                             "labels": model.labels, "settings": {"bench": True}}, peers=(page,) if page else ())
+                             "labels": model.labels, "settings": {"bench": True}}, outputs=(page,) if page else ())
         stop = threading.Event()
         try:
             summary = run_loop(model, info, settings, Decider(model.labels), recorder, stop,

@@ -209,6 +209,167 @@ def settle_heap():
     gc.freeze()
 
 
+class FrameHealth:
+    """What the frames themselves say of the camera and the --roi, as events, one per run
+    of a condition: frames the ROI does not fit (and when it fits again), a first frame
+    unlike the training images without --roi, a change of frame size, a frozen source."""
+
+    def __init__(self, recorder: Recorder, roi):
+        self.recorder, self.roi = recorder, roi
+        self.roi_outside_run = 0
+        self.frozen_reported = False
+        self.shape_checked = False
+
+    def outside(self, frame: Frame, reason: RoiOutside) -> None:
+        if self.roi_outside_run == 0:
+            self.recorder.event("roi_outside", f"frame {frame.index}: {reason}; decided unknown until the frames fit")
+        self.roi_outside_run += 1
+
+    def inspected(self, frame: Frame, prep: Preprocessor, model: RuntimeModel) -> None:
+        """A frame the model will see, after its preprocessing."""
+        event = self.recorder.event
+        if self.roi_outside_run:
+            event("roi_fits", f"frame {frame.index}: the --roi fits the frames again "
+                              f"({self.roi_outside_run} frames were not inspected)")
+            self.roi_outside_run = 0
+        if not self.shape_checked:
+            self.shape_checked = True
+            warning = shape_warning(prep.size, self.roi, model.metadata.provenance.get("train_image_size"))
+            if warning:
+                log.warning("%s", warning)
+                event("roi_missing", warning)
+        if prep.new_size:           # once per size: a folder of mixed sizes is no flood of events
+            w, h = prep.size
+            event("frame_size", f"frame {frame.index} is {w}x{h}, the first frame was "
+                                f"{prep.first_size[0]}x{prep.first_size[1]}")
+        frozen_run = prep.frozen_run
+        if frozen_run >= FROZEN_EVENT_FRAMES and not self.frozen_reported:
+            event("source_frozen", f"{frozen_run} identical frames in a row at frame {frame.index}")
+            self.frozen_reported = True
+        elif frozen_run == 0:
+            self.frozen_reported = False
+
+
+class FramePipeline:
+    """The frames in flight, from a preprocessed frame to a recorded decision: up to
+    `engine.depth` requests, finished in frame order; the active product's model, engine,
+    preprocessing and decider, swapped between two frames by change_product."""
+
+    def __init__(self, model: RuntimeModel, engine, prep: Preprocessor, decider: Decider, recorder: Recorder,
+                 info: SourceInfo, stats: LoopStats, on_decision=None, triggers=None, switch=None, drift=None,
+                 shadow=None):
+        self.model, self.engine, self.prep, self.decider = model, engine, prep, decider
+        self.recorder, self.source, self.stats, self.on_decision = recorder, info.shown, stats, on_decision
+        self.triggers, self.switch, self.drift, self.shadow = triggers, switch, drift, shadow
+        self.pending: deque[_InFlight] = deque()
+        self.free = list(range(engine.depth))[::-1]
+        self.last_voted = None
+
+    def record(self, frame: Frame, decision, probabilities: dict, flags: list, t_submit: float, t_decided: float):
+        triggers, switch, stats = self.triggers, self.switch, self.stats
+        part = None if triggers is None else triggers.offer(frame.t_capture, decision.label, decision.verdict,
+                                                            decision.confidence, decision.anomaly_score)
+        row = DecisionRow(time.time(), frame.index, self.source, frame.origin, decision.label,
+                          round(decision.confidence, 6), decision.top, decision.verdict, decision.decision,
+                          probabilities, flags, round((t_decided - t_submit) * 1000, 3),
+                          round((t_decided - frame.t_capture) * 1000, 3), self.model.checksum, part,
+                          product=switch.active.name if switch is not None else None,
+                          anomaly_score=decision.anomaly_score)
+        self.recorder.decision(row, frame.image)
+        if switch is not None:
+            switch.decided()
+        if self.shadow is not None:
+            self.shadow.offer(frame.image, row, self.prep.first_size)
+        stats.capture_to_decision.add((t_decided - frame.t_capture) * 1000)
+        stats.frames += 1
+        stats.labels[decision.label] += 1
+        if decision.verdict:
+            stats.verdicts[decision.verdict] += 1
+        for f in flags:
+            stats.flags[f] += 1
+        if decision.decision is not None and decision.decision != self.last_voted:
+            stats.voted_runs[decision.decision] += 1
+        self.last_voted = decision.decision
+        if self.on_decision:
+            self.on_decision(frame, decision, stats)
+
+    def after_gap(self, frame: Frame):
+        """Frames before a gap in the source say nothing about the part after it."""
+        if frame.after_gap:
+            self.decider.reset()
+            self.last_voted = None
+
+    def finish_oldest(self):
+        item = self.pending.popleft()
+        probs = self.engine.wait(item.slot)
+        self.free.append(item.slot)
+        t_done = time.perf_counter()
+        self.after_gap(item.frame)
+        decision = self.decider(probs)
+        t_decided = time.perf_counter()
+        if self.drift is not None:
+            self.drift.add(*item.image_stats, decision.confidence, decision.label == "unknown")
+        self.record(item.frame, decision, {n: round(float(p), 6) for n, p in zip(self.model.labels, probs)},
+                    item.flags, item.t_submit, t_decided)
+        st = self.stats.stages
+        st["infer"].add((t_done - item.t_submit) * 1000)
+        st["postprocess"].add((t_decided - t_done) * 1000)
+        st["record"].add((time.perf_counter() - t_decided) * 1000)
+
+    def drain(self):
+        """Every frame taken is decided and recorded."""
+        while self.pending:
+            self.finish_oldest()
+
+    def not_inspected(self, frame: Frame, t0: float):
+        """A frame the ROI does not fit: the fail-safe answer (unknown, NG with
+        --ok-classes), decided in frame order."""
+        self.drain()
+        self.after_gap(frame)
+        self.record(frame, self.decider.not_inspected(), {}, ["roi_outside"], t0, time.perf_counter())
+
+    def submit(self, frame: Frame, slot: int, flags: list):
+        self.free.pop()
+        t_submit = time.perf_counter()
+        self.engine.submit(slot)
+        self.pending.append(_InFlight(slot, frame, flags, t_submit, (self.prep.brightness, self.prep.contrast)))
+
+    def change_product(self, product, asked_at: float):
+        """Between two frames: the frames in flight decided by the old product, then the
+        new one's model, engine, ROI and decider (its vote afresh) for the next frame."""
+        t0 = time.perf_counter()
+        self.drain()
+        old = self.switch.active
+        self.model, self.engine, self.decider = product.model, product.engine, product.decider
+        self.decider.reset()
+        self.prep = Preprocessor(self.model, product.roi, first_size=self.prep.first_size)
+        self.free = list(range(self.engine.depth))[::-1]
+        self.last_voted = None
+        if self.triggers is not None:
+            self.triggers.restart(time.perf_counter())
+        self.switch.switched(product)
+        if self.drift is not None:
+            self.drift.rebase(product.model.drift_reference)
+        now = time.perf_counter()
+        self.recorder.event("product_switch", f"{old.name} -> {product.name} (index {product.index}) after frame "
+                                              f"{self.stats.frames}, {(now - asked_at) * 1000:.1f} ms after it was "
+                                              f"asked for (the switch itself, frames in flight included: "
+                                              f"{(now - t0) * 1000:.2f} ms)")
+
+
+def _engines(model: RuntimeModel, hint: str, switch):
+    """The model's engine for `hint`; with a product switch, every product's engine made
+    now, so that a switch loads nothing."""
+    engine = model.engine(hint)
+    if switch is not None:
+        switch.active.engine = engine
+        switch.hint = hint
+        for product in switch.products:
+            if product.engine is None:
+                product.engine = product.model.engine(hint)
+    return engine
+
+
 def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, decider: Decider,
              recorder: Recorder, stop: threading.Event, on_decision: Callable | None = None,
              opener: Callable | None = None, triggers=None, switch=None, drift=None, shadow=None) -> dict:
@@ -217,178 +378,20 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
     `switch` (a ProductSwitch), the product it asks for takes over between two frames.
     Returns the summary (also written to the log)."""
     hint = settings.engine_hint(info)
-    engine = model.engine(hint)
-    if switch is not None:     # every product's engine made now: a switch loads nothing
-        switch.active.engine = engine
-        switch.hint = hint
-        for product in switch.products:
-            if product.engine is None:
-                product.engine = product.model.engine(hint)
+    engine = _engines(model, hint, switch)
     slot = FrameSlot(block=not info.live and not settings.pace)
-    prep = Preprocessor(model, settings.roi)
     capture = Capture(info, slot, stop, loop=settings.loop, pace=settings.pace, on_event=recorder.event,
                       opener=opener, max_frames=settings.max_frames)
     stats = LoopStats()
     stats.dropped = lambda: slot.dropped
-    pending: deque[_InFlight] = deque()
-    free = list(range(engine.depth))[::-1]
-    deadline = time.monotonic() + settings.seconds if settings.seconds else None
-    last_voted = None
-    frozen_reported = False
-    shape_checked = False
-    roi_outside_run = 0
-
-    def record(frame: Frame, decision, probabilities: dict, flags: list, t_submit: float, t_decided: float):
-        nonlocal last_voted
-        part = None if triggers is None else triggers.offer(frame.t_capture, decision.label, decision.verdict,
-                                                            decision.confidence, decision.anomaly_score)
-        row = DecisionRow(time.time(), frame.index, info.shown, frame.origin, decision.label,
-                          round(decision.confidence, 6), decision.top, decision.verdict, decision.decision,
-                          probabilities, flags, round((t_decided - t_submit) * 1000, 3),
-                          round((t_decided - frame.t_capture) * 1000, 3), model.checksum, part,
-                          product=switch.active.name if switch is not None else None,
-                          anomaly_score=decision.anomaly_score)
-        recorder.decision(row, frame.image)
-        if switch is not None:
-            switch.decided()
-        if shadow is not None:
-            shadow.offer(frame.image, row, prep.first_size)
-        stats.capture_to_decision.add((t_decided - frame.t_capture) * 1000)
-        stats.frames += 1
-        stats.labels[decision.label] += 1
-        if decision.verdict:
-            stats.verdicts[decision.verdict] += 1
-        for f in flags:
-            stats.flags[f] += 1
-        if decision.decision is not None and decision.decision != last_voted:
-            stats.voted_runs[decision.decision] += 1
-        last_voted = decision.decision
-        if on_decision:
-            on_decision(frame, decision, stats)
-
-    def after_gap(frame: Frame):
-        """Frames before a gap in the source say nothing about the part after it."""
-        nonlocal last_voted
-        if frame.after_gap:
-            decider.reset()
-            last_voted = None
-
-    def finish(item: _InFlight):
-        probs = engine.wait(item.slot)
-        free.append(item.slot)
-        t_done = time.perf_counter()
-        after_gap(item.frame)
-        decision = decider(probs)
-        t_decided = time.perf_counter()
-        if drift is not None:
-            drift.add(*item.image_stats, decision.confidence, decision.label == "unknown")
-        record(item.frame, decision, {n: round(float(p), 6) for n, p in zip(model.labels, probs)}, item.flags,
-               item.t_submit, t_decided)
-        st = stats.stages
-        st["infer"].add((t_done - item.t_submit) * 1000)
-        st["postprocess"].add((t_decided - t_done) * 1000)
-        st["record"].add((time.perf_counter() - t_decided) * 1000)
-
-    def not_inspected(frame: Frame, reason: RoiOutside, t0: float):
-        """A frame the ROI does not fit: the fail-safe answer (unknown, NG with
-        --ok-classes), decided in frame order, and one event per run of such frames."""
-        nonlocal roi_outside_run
-        while pending:
-            finish(pending.popleft())
-        if roi_outside_run == 0:
-            recorder.event("roi_outside", f"frame {frame.index}: {reason}; decided unknown until the frames fit")
-        roi_outside_run += 1
-        after_gap(frame)
-        record(frame, decider.not_inspected(), {}, ["roi_outside"], t0, time.perf_counter())
-
-    def change_product(product, asked_at: float):
-        """Between two frames: the frames in flight decided by the old product, then the
-        new one's model, engine, ROI and decider (its vote afresh) for the next frame."""
-        nonlocal model, engine, prep, decider, free, last_voted
-        t0 = time.perf_counter()
-        while pending:
-            finish(pending.popleft())
-        old = switch.active
-        model, engine, decider = product.model, product.engine, product.decider
-        decider.reset()
-        prep = Preprocessor(model, product.roi, first_size=prep.first_size)
-        free = list(range(engine.depth))[::-1]
-        last_voted = None
-        if triggers is not None:
-            triggers.restart(time.perf_counter())
-        switch.switched(product)
-        if drift is not None:
-            drift.rebase(product.model.drift_reference)
-        now = time.perf_counter()
-        recorder.event("product_switch", f"{old.name} -> {product.name} (index {product.index}) after frame "
-                                         f"{stats.frames}, {(now - asked_at) * 1000:.1f} ms after it was asked for "
-                                         f"(the switch itself, frames in flight included: {(now - t0) * 1000:.2f} ms)")
-
+    run = FramePipeline(model, engine, Preprocessor(model, settings.roi), decider, recorder, info, stats,
+                        on_decision, triggers, switch, drift, shadow)
+    health = FrameHealth(recorder, settings.roi)
     settle_heap()
     capture.start()
     stats.started = time.perf_counter()
-    last_frame_at = time.monotonic()
     try:
-        while not stop.is_set():
-            now = time.monotonic()
-            if deadline and now > deadline:
-                break
-            if switch is not None and (taken := switch.take()) is not None:
-                change_product(*taken)
-            if settings.source_timeout and now - last_frame_at > settings.source_timeout:
-                stats.source_timeout = True
-                recorder.event("source_timeout", f"no frame from '{info.shown}' for {now - last_frame_at:.1f} s "
-                                                 f"(--source-timeout {settings.source_timeout:g}); the run ends")
-                break
-            try:
-                frame = slot.get(timeout=0 if pending else 0.25)
-            except Closed:
-                break
-            if frame is None:
-                if pending:
-                    finish(pending.popleft())
-                continue
-            last_frame_at = time.monotonic()
-            if not free:
-                finish(pending.popleft())
-            s = free[-1]
-            t0 = time.perf_counter()
-            try:
-                _, flags = prep(frame.image, engine.buffer(s))
-            except RoiOutside as exc:
-                not_inspected(frame, exc, t0)
-                continue
-            except BadFrame as exc:      # record, skip, go on
-                recorder.event("bad_frame", f"frame {frame.index}: {exc}")
-                continue
-            if roi_outside_run:
-                recorder.event("roi_fits", f"frame {frame.index}: the --roi fits the frames again "
-                                           f"({roi_outside_run} frames were not inspected)")
-                roi_outside_run = 0
-            if not shape_checked:
-                shape_checked = True
-                warning = shape_warning(prep.size, settings.roi, model.metadata.provenance.get("train_image_size"))
-                if warning:
-                    log.warning("%s", warning)
-                    recorder.event("roi_missing", warning)
-            if prep.new_size:           # once per size: a folder of mixed sizes is no flood of events
-                w, h = prep.size
-                recorder.event("frame_size", f"frame {frame.index} is {w}x{h}, the first frame was "
-                                             f"{prep.first_size[0]}x{prep.first_size[1]}")
-            frozen_run = prep.frozen_run
-            if frozen_run >= FROZEN_EVENT_FRAMES and not frozen_reported:
-                recorder.event("source_frozen", f"{frozen_run} identical frames in a row at frame {frame.index}")
-                frozen_reported = True
-            elif frozen_run == 0:
-                frozen_reported = False
-            stats.stages["capture"].add(frame.t_read_ms)
-            stats.stages["preprocess"].add((time.perf_counter() - t0) * 1000)
-            free.pop()
-            t_submit = time.perf_counter()
-            engine.submit(s)
-            pending.append(_InFlight(s, frame, flags, t_submit, (prep.brightness, prep.contrast)))
-        while pending:                       # drain: every frame taken is decided and recorded
-            finish(pending.popleft())
+        _frames(run, health, slot, settings, stop, info)
     finally:
         stats.ended = time.perf_counter()
         stop.set()
@@ -403,6 +406,53 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
     if drift is not None:
         summary["drift"] = drift.summary()
     return summary
+
+
+def _frames(run: FramePipeline, health: FrameHealth, slot: FrameSlot, settings: LoopSettings,
+            stop: threading.Event, info: SourceInfo) -> None:
+    """The loop itself: the newest frame in, preprocessed into a free request, submitted;
+    the oldest request finished when no frame waits or none is free."""
+    deadline = time.monotonic() + settings.seconds if settings.seconds else None
+    last_frame_at = time.monotonic()
+    while not stop.is_set():
+        now = time.monotonic()
+        if deadline and now > deadline:
+            break
+        if run.switch is not None and (taken := run.switch.take()) is not None:
+            run.change_product(*taken)
+        if settings.source_timeout and now - last_frame_at > settings.source_timeout:
+            run.stats.source_timeout = True
+            run.recorder.event("source_timeout", f"no frame from '{info.shown}' for {now - last_frame_at:.1f} s "
+                                                 f"(--source-timeout {settings.source_timeout:g}); the run ends")
+            break
+        try:
+            frame = slot.get(timeout=0 if run.pending else 0.25)
+        except Closed:
+            break
+        if frame is None:
+            if run.pending:
+                run.finish_oldest()
+            continue
+        last_frame_at = time.monotonic()
+        if not run.free:
+            run.finish_oldest()
+        s = run.free[-1]
+        t0 = time.perf_counter()
+        try:
+            _, flags = run.prep(frame.image, run.engine.buffer(s))
+        except RoiOutside as exc:
+            run.drain()
+            health.outside(frame, exc)
+            run.not_inspected(frame, t0)
+            continue
+        except BadFrame as exc:      # record, skip, go on
+            run.recorder.event("bad_frame", f"frame {frame.index}: {exc}")
+            continue
+        health.inspected(frame, run.prep, run.model)
+        run.stats.stages["capture"].add(frame.t_read_ms)
+        run.stats.stages["preprocess"].add((time.perf_counter() - t0) * 1000)
+        run.submit(frame, s, flags)
+    run.drain()
 
 
 def summarize(stats: LoopStats, capture: Capture, slot: FrameSlot, hint: str, depth: int) -> dict:

@@ -65,7 +65,8 @@ import time
 
 from lineside.errors import LinesideError, require
 
-from .records import DecisionRow, Event
+from .outputs import Output
+from .records import Event
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +263,9 @@ class RegisterMap:
         self._status(clear=ERROR, set_=ERROR if code else 0)
 
 
-class ModbusOutput:
-    """A peer of the decision log (decision, event, observe, answer, counters, close) that
-    serves the RegisterMap over Modbus TCP in its own thread; it never blocks the loop."""
+class ModbusOutput(Output):
+    """Serves the RegisterMap over Modbus TCP in its own thread; the loop only sets
+    registers, it never waits for the PLC."""
 
     def __init__(self, address: str, labels, triggers=None, allow: str | None = None, on_product=None,
                  product: int = 0):
@@ -347,15 +348,9 @@ class ModbusOutput:
             self.map.source("live")
         self.map.frames(stats.frames, stats.dropped())
 
-    def decision(self, row: DecisionRow):
-        pass
-
     def event(self, event: Event):
-        from .records import SOURCE_STATES
-
-        state = SOURCE_STATES.get(event.kind)
-        if state:
-            self.map.source(state)
+        if self.state.source_state != "starting":
+            self.map.source(self.state.source_state)
 
     def answer(self, answer):
         self.map.answer(answer)

@@ -33,7 +33,8 @@ from urllib.parse import unquote, urlsplit
 from lineside.errors import LinesideError, require
 from lineside.text import printable, redact_url
 
-from .records import NOT_ERRORS, SOURCE_STATES, DecisionRow, Event, outcome
+from .outputs import Output
+from .records import DecisionRow, Event
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,9 @@ def iso_time(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="milliseconds")
 
 
-class MqttOutput:
-    """A peer of the decision log (see Recorder's `peers`): decision(), event(), close()
-    are called from the camera loop and never block it."""
+class MqttOutput(Output):
+    """Decisions, events, answers and the station's status to an MQTT broker; paho's
+    network thread sends them, so the loop never waits for the broker."""
 
     def __init__(self, url: str, station: str, model_sha256: str, labels: list[str], ca_file: str | None = None,
                  queue: int = DEFAULT_QUEUE, source: str = "", on_trigger=None, on_product=None):
@@ -108,12 +109,9 @@ class MqttOutput:
         self.model_sha256 = model_sha256
         self.labels_version = hashlib.sha256(json.dumps(list(labels)).encode()).hexdigest()[:12]
         self.source = source
-        self.counts = {"OK": 0, "NG": 0, "unknown": 0}
-        self.decisions = 0
         self.published = 0
         self.dropped = 0
-        self.source_state = "starting"
-        self.last_error = None
+        self._state_sent = None
         self.connected = threading.Event()
         self._last_status = 0.0
         self._stats = None
@@ -152,8 +150,8 @@ class MqttOutput:
 
     def _on_connect(self, client, userdata, flags, reason, properties):
         if reason.is_failure:
-            self.last_error = f"broker refused the connection ({reason})"
-            log.warning("mqtt: %s", self.last_error)
+            self.state.error(f"mqtt: broker refused the connection ({reason})")
+            log.warning("%s", self.state.last_error)
             return
         self.connected.set()
         log.info("mqtt: connected to %s", self.url_shown)
@@ -166,8 +164,8 @@ class MqttOutput:
     def _on_disconnect(self, client, userdata, flags, reason, properties):
         self.connected.clear()
         if reason.is_failure:
-            self.last_error = f"connection to the broker lost ({reason}); reconnecting"
-            log.warning("mqtt: %s", self.last_error)
+            self.state.error(f"mqtt: connection to the broker lost ({reason}); reconnecting")
+            log.warning("%s", self.state.last_error)
 
     def _on_message(self, client, userdata, msg):
         """PREFIX/trigger: a JSON object with a part_id, a bare part id, or nothing.
@@ -193,13 +191,7 @@ class MqttOutput:
         self._stats = stats
 
     def decision(self, row: DecisionRow):
-        self.decisions += 1
         verdict = row.verdict
-        counted = outcome(row)
-        if counted:
-            self.counts[counted] += 1
-        if self.source_state == "starting":
-            self.source_state = "live"
         payload = {"time": iso_time(row.ts), "ts": row.ts, "station": self.station, "source": row.source,
                    "frame": row.frame, "part_id": getattr(row, "part_id", None), "label": row.label,
                    "confidence": row.confidence, "verdict": verdict, "decision": row.decision,
@@ -214,12 +206,7 @@ class MqttOutput:
         self._publish_status()
 
     def event(self, event: Event):
-        state = SOURCE_STATES.get(event.kind)
-        changed = state is not None and state != self.source_state
-        if state:
-            self.source_state = state
-        if event.kind not in NOT_ERRORS:
-            self.last_error = f"{event.kind}: {event.detail}"
+        changed = self.state.source_state != self._state_sent
         self._publish(self.topic("event"), {"time": iso_time(event.ts), "ts": event.ts, "station": self.station,
                                             "kind": event.kind, "detail": event.detail})
         self._publish_status(force=changed)
@@ -227,7 +214,6 @@ class MqttOutput:
     def close(self, summary: dict | None = None):
         """Publish the final status (offline, retained), give queued messages a few
         seconds to go out, and disconnect."""
-        self.source_state = "ended"
         info = self.client.publish(self.topic("status"), json.dumps(self._status("offline", summary)), qos=1,
                                    retain=True)
         deadline = time.monotonic() + 5.0
@@ -255,10 +241,12 @@ class MqttOutput:
 
     def _status(self, state: str, summary: dict | None = None) -> dict:
         elapsed = max(time.monotonic() - self._t0, 1e-9)
+        s = self.state
+        self._state_sent = s.source_state
         status = {"state": state, "time": iso_time(time.time()), "ts": time.time(), "station": self.station,
-                  "host": socket.gethostname(), "source": self.source, "source_state": self.source_state,
-                  "fps": round(self.decisions / elapsed, 2), "counts": dict(self.counts),
-                  "decisions": self.decisions, "mqtt_dropped": self.dropped, "last_error": self.last_error,
+                  "host": socket.gethostname(), "source": self.source, "source_state": s.source_state,
+                  "fps": round(s.decisions / elapsed, 2), "counts": dict(s.counts),
+                  "decisions": s.decisions, "mqtt_dropped": self.dropped, "last_error": s.last_error,
                   "model_sha256": self.model_sha256}
         if summary:
             status["dropped_frames"] = summary.get("dropped")

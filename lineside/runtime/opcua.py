@@ -35,7 +35,8 @@ from urllib.parse import urlsplit
 from lineside.errors import LinesideError, require
 from lineside.text import printable
 
-from .records import NOT_ERRORS, SOURCE_STATES, DecisionRow, Event, outcome
+from .outputs import Output
+from .records import DecisionRow, Event
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,9 @@ def check_endpoint(url: str) -> tuple[str, int]:
         raise LinesideError(f"--opcua {url}: bad port") from None
 
 
-class OpcUaOutput:
-    """A peer of the decision log (see Recorder's `peers`)."""
+class OpcUaOutput(Output):
+    """An OPC UA server whose variables show the last decision and the station's state; a
+    thread of its own serves them, the loop only sets values."""
 
     def __init__(self, endpoint: str, station: str, model_sha256: str, labels: list[str], user: str | None = None,
                  password: str | None = None, on_trigger=None, cert: str | None = None, key: str | None = None,
@@ -169,24 +171,7 @@ class OpcUaOutput:
         self.nodes = {}
         for name, value in self.values.items():
             self.nodes[name] = await station.add_variable(idx, name, value, kinds[type(value)])
-        if self.on_trigger is not None:
-            async def trigger(parent, part_id):
-                part = self.on_trigger(str(part_id.Value) if part_id is not None and part_id.Value else None)
-                return [ua.Variant(part, ua.VariantType.String)]
-
-            arg = ua.Argument()
-            arg.Name, arg.DataType, arg.ValueRank = "PartId", ua.NodeId(ua.ObjectIds.String), -1
-            await station.add_method(idx, "Trigger", trigger, [arg], [ua.VariantType.String])
-        if self.on_product is not None:
-            async def set_product(parent, product):
-                chosen = self.on_product(str(product.Value) if product is not None else "")
-                if chosen is None:
-                    return [ua.Variant("", ua.VariantType.String)]
-                return [ua.Variant(chosen.name, ua.VariantType.String)]
-
-            arg = ua.Argument()
-            arg.Name, arg.DataType, arg.ValueRank = "Product", ua.NodeId(ua.ObjectIds.String), -1
-            await station.add_method(idx, "SetProduct", set_product, [arg], [ua.VariantType.String])
+        await _add_methods(self, station, idx)
         await server.start()
         self.server = server
         self._writer = asyncio.ensure_future(self._write_loop())
@@ -225,19 +210,16 @@ class OpcUaOutput:
         if row.product is not None and row.product != self._labels_of:
             self._labels_of = row.product
             self.labels = list(self.labels_by_product.get(row.product, self.labels))
-        counted = outcome(row)
-        if counted:
-            v[{"unknown": "UnknownCount", "OK": "OkCount", "NG": "NgCount"}[counted]] += 1
-        if v["SourceState"] == "starting":
-            v["SourceState"] = "live"
-        self._dirty.set()
+        self._station_state()
 
     def event(self, event: Event):
-        state = SOURCE_STATES.get(event.kind)
-        if state:
-            self.values["SourceState"] = state
-        if event.kind not in NOT_ERRORS:
-            self.values["LastError"] = f"{event.kind}: {event.detail}"[:500]
+        self._station_state()
+
+    def _station_state(self):
+        v, s = self.values, self.state
+        v["OkCount"], v["NgCount"], v["UnknownCount"] = s.counts["OK"], s.counts["NG"], s.counts["unknown"]
+        v["SourceState"] = s.source_state
+        v["LastError"] = (s.last_error or "")[:500]
         self._dirty.set()
 
     def answer(self, answer):
@@ -247,10 +229,8 @@ class OpcUaOutput:
         self.values["LastAnswer"] = json.dumps(answer.as_dict())
         self._dirty.set()
 
-    def counters(self) -> dict:
-        return {}
-
     def close(self, summary: dict | None = None):
+        self._station_state()
         self.values["State"] = "offline"
         self.values["SourceState"] = "ended"
         self._dirty.set()
@@ -266,3 +246,28 @@ class OpcUaOutput:
             log.warning("OPC UA server did not stop cleanly: %s", exc)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+
+async def _add_methods(output: OpcUaOutput, station, idx):
+    """The station object's methods Trigger(PartId) and SetProduct(Product), where the run
+    takes them."""
+    from asyncua import ua
+
+    if output.on_trigger is not None:
+        async def trigger(parent, part_id):
+            part = output.on_trigger(str(part_id.Value) if part_id is not None and part_id.Value else None)
+            return [ua.Variant(part, ua.VariantType.String)]
+
+        arg = ua.Argument()
+        arg.Name, arg.DataType, arg.ValueRank = "PartId", ua.NodeId(ua.ObjectIds.String), -1
+        await station.add_method(idx, "Trigger", trigger, [arg], [ua.VariantType.String])
+    if output.on_product is not None:
+        async def set_product(parent, product):
+            chosen = output.on_product(str(product.Value) if product is not None else "")
+            if chosen is None:
+                return [ua.Variant("", ua.VariantType.String)]
+            return [ua.Variant(chosen.name, ua.VariantType.String)]
+
+        arg = ua.Argument()
+        arg.Name, arg.DataType, arg.ValueRank = "Product", ua.NodeId(ua.ObjectIds.String), -1
+        await station.add_method(idx, "SetProduct", set_product, [arg], [ua.VariantType.String])

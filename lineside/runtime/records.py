@@ -38,6 +38,8 @@ import numpy as np
 from lineside.errors import LinesideError
 from lineside.text import printable
 
+from .outputs import NOT_ERRORS, Output, StationState
+
 log = logging.getLogger(__name__)
 
 SAVE_WHEN = ("ng", "unknown", "all", "flagged", "worth")
@@ -108,19 +110,6 @@ class Event:
 
     def __post_init__(self):
         self.kind, self.detail = printable(self.kind), printable(self.detail)
-
-
-# What the outputs beside the log (MQTT, OPC UA) make of rows and events, in one place.
-SOURCE_STATES = {"source_lost": "reconnecting", "source_unavailable": "reconnecting", "source_back": "live",
-                 "source_timeout": "ended"}
-NOT_ERRORS = ("source_back", "roi_fits", "frame_size", "part_answer")   # events that report no fault
-
-
-def outcome(row: DecisionRow) -> str | None:
-    """The count a decision goes to: unknown, OK or NG (None without --ok-classes)."""
-    if row.label == "unknown":
-        return "unknown"
-    return row.verdict if row.verdict in ("OK", "NG") else None
 
 
 SCHEMA = """
@@ -260,6 +249,41 @@ class FrameSaver:
             old.unlink(missing_ok=True)
             self.bytes -= size
 
+
+    def save_batch(self, images, events: deque) -> None:
+        """The writer's batch of frames to keep (row, image), saved before their rows are
+        written: a frame that could not be saved is not named in the log (its row's
+        `saved` cleared, a save_failed event added to `events`)."""
+        failures = 0
+        for row, image in images:
+            try:
+                self.save(row, image)
+            except OSError as exc:
+                row.saved = None
+                self.failed += 1
+                failures += 1
+                events.append(Event(time.time(), "save_failed", f"frame {row.frame}: {self.policy.folder}: "
+                                                                f"{_reason(exc)}"))
+        if failures:
+            log.warning("save_failed: %d frame(s) not saved (%s)", failures, events[-1].detail)
+
+    def keep_after(self, keeps, log_file, events: deque) -> None:
+        """Frames kept after their decision was written (runtime/shadow.py): saved, then
+        their row in `log_file` annotated with the file's name."""
+        for row, image in keeps:
+            try:
+                self.save(row, image)
+            except OSError as exc:
+                self.failed += 1
+                events.append(Event(time.time(), "save_failed", f"frame {row.frame}: {self.policy.folder}: "
+                                                                f"{_reason(exc)}"))
+                continue
+            if log_file is not None:
+                try:
+                    log_file.annotate(row)
+                except (OSError, sqlite3.Error) as exc:
+                    log.error("%s: frame %d kept as %s, but its row could not name it (%s)", log_file.path,
+                              row.frame, row.saved, _reason(exc))
 
     def _save_heatmap(self, frame_path: Path, image: np.ndarray):
         """NAME.heatmap.jpg beside the frame NAME.jpg (a name housekeeping counts and
@@ -490,29 +514,23 @@ class Recorder:
     thread writes them to the log (see open_log) and saves the frames `save` asks for."""
 
     def __init__(self, log_path: Path | None, run_info: dict, save: SavePolicy | None = None,
-                 buffer_rows: int = LOG_BUFFER_ROWS, peers: tuple = ()):
-        self.peers = list(peers)  # other outputs (MQTT...): fed every decision and event, never blocking
-        self.peer_errors = 0
+                 buffer_rows: int = LOG_BUFFER_ROWS, outputs: tuple[Output, ...] = ()):
+        self.state = StationState()     # what every output reports of the station, updated here first
+        self.outputs = list(outputs)    # fed every decision and event, never blocking (runtime/outputs.py)
+        for output in self.outputs:
+            output.attach(self.state)
+        self.output_errors = 0
         self.path = Path(log_path) if log_path else None
         self.saver = FrameSaver(save) if save else None
-        self.log = open_log(self.path, run_info) if self.path else None
-        self.buffer_rows = buffer_rows
-        self._queue: queue.Queue = queue.Queue()
-        self._rows: deque[DecisionRow] = deque()
-        self._events: deque[Event] = deque()
-        self._shadows: deque = deque(maxlen=LOG_BUFFER_ROWS)   # a shadow model's decisions: the log alone gets them
-        self._images_queued = 0   # counted by the loop's thread...
-        self._images_taken = 0    # ...and by the writer's: their difference is what waits
-        self.written = 0          # decisions in the log file now
-        self.not_logged = 0       # decisions that never reached the log (buffer full, or unwritable at the end)
-        self.deleted_with_log = 0  # decisions written to a log file that was then deleted or replaced
-        self.recreated = 0
+        self._images_queued = 0   # frames put on the writer's queue (it counts those it took)
         self.save_skipped = 0     # frames not saved because saving fell behind
-        self.unwritable_rows = 0  # decisions the log refused for their content: kept as row_unwritable events
-        self.error: BaseException | None = None   # the writer thread itself failed (a bug, not a fault)
-        self._failing: dict | None = None
-        self._thread = threading.Thread(target=self._run, name="lineside-recorder", daemon=True)
-        self._thread.start()
+        self.writer = LogWriter(self.path, run_info, self.saver, buffer_rows, self.counts)
+        self._queue = self.writer.queue
+
+    # the writer's counters, read here
+    written = property(lambda self: self.writer.written)
+    not_logged = property(lambda self: self.writer.not_logged)
+    error = property(lambda self: self.writer.error)
 
     @property
     def save_failed(self) -> int:
@@ -525,7 +543,7 @@ class Recorder:
             raise LinesideError(f"the recorder stopped ({self.error})")
         keep = None
         if image is not None and self.saver is not None and self.saver.policy.wants(row):
-            if self._images_queued - self._images_taken < MAX_QUEUED_IMAGES:
+            if self._images_queued - self.writer.images_taken < MAX_QUEUED_IMAGES:
                 keep = image
                 self._images_queued += 1
                 row.saved = self.saver.name(row)
@@ -534,8 +552,9 @@ class Recorder:
                 self.event("save_failed", f"frame {row.frame}: not saved, saving is behind "
                                           f"({MAX_QUEUED_IMAGES} frames waiting)")
         self._queue.put((row, keep))
-        for peer in self.peers:
-            self._to_peer(peer.decision, row)
+        self.state.on_decision(row)
+        for output in self.outputs:
+            self._to_output(output.decision, row)
 
     def shadow(self, row):
         """A shadow model's decision (runtime/shadow.py): to the log alone, never to the outputs."""
@@ -559,33 +578,81 @@ class Recorder:
         event = Event(time.time(), kind, detail)
         log.log(logging.INFO if kind in NOT_ERRORS else logging.WARNING, "%s: %s", event.kind, event.detail)
         self._queue.put(event)
-        for peer in self.peers:
-            self._to_peer(peer.event, event)
+        self.state.on_event(event)
+        for output in self.outputs:
+            self._to_output(output.event, event)
 
-    def _to_peer(self, call, item):
+    def _to_output(self, call, *args):
         """One failing output never stops the log, the other outputs or the loop."""
         try:
-            call(item)
+            call(*args)
         except Exception as exc:  # noqa: BLE001 - counted and logged, never raised into the loop
-            self.peer_errors += 1
-            if self.peer_errors == 1 or self.peer_errors % 1000 == 0:
-                log.error("output %s failed (%d so far): %s", type(call.__self__).__name__, self.peer_errors, exc)
+            self.output_errors += 1
+            if self.output_errors == 1 or self.output_errors % 1000 == 0:
+                log.error("output %s failed (%d so far): %s", type(call.__self__).__name__, self.output_errors, exc)
+
+    def to_outputs(self, method: str, *args):
+        """Call `method` of every output (observe, answer, product_changed, watch), each
+        failure counted as in decision()."""
+        for output in self.outputs:
+            self._to_output(getattr(output, method), *args)
 
     def close(self, summary: dict | None = None):
         """Write everything queued, then the run summary, and close the file; then close
         the other outputs."""
         self._queue.put(("close", summary or {}))
-        self._thread.join()
-        for peer in self.peers:
+        self.writer.join()
+        self.state.end()
+        for output in self.outputs:
             try:
-                peer.close(summary)
+                output.close(summary)
             except Exception as exc:  # noqa: BLE001
-                self.peer_errors += 1
-                log.error("output %s failed to close: %s", type(peer).__name__, exc)
+                self.output_errors += 1
+                log.error("output %s failed to close: %s", type(output).__name__, exc)
         if self.error:
             raise LinesideError(f"the recorder stopped ({self.error})")
 
-    # -- the writer thread -----------------------------------------------------------------
+    def counts(self) -> dict:
+        w = self.writer
+        out = {"logged": w.written, "not_logged": w.not_logged, "unwritable_rows": w.unwritable_rows,
+               "log_recreated": w.recreated, "deleted_with_log": w.deleted_with_log,
+               "saved": self.saver.saved if self.saver else 0, "save_failed": self.save_failed}
+        for output in self.outputs:
+            out.update(output.counters())
+        if self.output_errors:
+            out["output_errors"] = self.output_errors
+        return out
+
+
+class LogWriter:  # over 200 lines: writing, retrying, salvaging and recreating the log share one buffer
+    """The Recorder's writer thread: takes decisions, events and frames off its queue in
+    batches, saves the frames, writes the log (keeping what the file refuses, bounded,
+    and retrying), and writes the run's summary at the end. Its counters are the run's."""
+
+    def __init__(self, path: Path | None, run_info: dict, saver: FrameSaver | None, buffer_rows: int,
+                 summary_counts):
+        self.path = path
+        self.saver = saver
+        self.log = open_log(self.path, run_info) if self.path else None
+        self.buffer_rows = buffer_rows
+        self.summary_counts = summary_counts      # () -> the run's counts, for the summary at the end
+        self.queue: queue.Queue = queue.Queue()
+        self._rows: deque[DecisionRow] = deque()
+        self._events: deque[Event] = deque()
+        self._shadows: deque = deque(maxlen=LOG_BUFFER_ROWS)   # a shadow model's decisions: the log alone gets them
+        self.images_taken = 0     # frames taken off the queue (the Recorder counts those put on it)
+        self.written = 0          # decisions in the log file now
+        self.not_logged = 0       # decisions that never reached the log (buffer full, or unwritable at the end)
+        self.deleted_with_log = 0  # decisions written to a log file that was then deleted or replaced
+        self.recreated = 0
+        self.unwritable_rows = 0  # decisions the log refused for their content: kept as row_unwritable events
+        self.error: BaseException | None = None   # the thread itself failed (a bug, not a fault)
+        self._failing: dict | None = None
+        self._thread = threading.Thread(target=self._run, name="lineside-recorder", daemon=True)
+        self._thread.start()
+
+    def join(self):
+        self._thread.join()
 
     def _run(self):
         try:
@@ -600,7 +667,7 @@ class Recorder:
             images, keeps = [], []
             wait = RETRY_SECONDS if self._failing else None
             try:
-                item = self._queue.get(timeout=wait)
+                item = self.queue.get(timeout=wait)
             except queue.Empty:
                 item = None
             deadline = time.monotonic() + BATCH_SECONDS
@@ -624,49 +691,18 @@ class Recorder:
                 if n >= BATCH_ROWS:
                     break
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
             if images:       # first, so that a frame that could not be saved is not named in the log
-                self._save(images)
+                self.images_taken += len(images)
+                self.saver.save_batch(images, self._events)
             self._flush()
             if keeps:
-                self._keep(keeps)
+                self.saver.keep_after(keeps, self.log, self._events)
             if closing is not None:
                 self._close(closing)
                 return
-
-    def _keep(self, keeps):
-        """Frames kept after their decision was written: saved, then their row annotated."""
-        for row, image in keeps:
-            try:
-                self.saver.save(row, image)
-            except OSError as exc:
-                self.saver.failed += 1
-                self._events.append(Event(time.time(), "save_failed",
-                                          f"frame {row.frame}: {self.saver.policy.folder}: {_reason(exc)}"))
-                continue
-            if self.log is not None:
-                try:
-                    self.log.annotate(row)
-                except (OSError, sqlite3.Error) as exc:
-                    log.error("%s: frame %d kept as %s, but its row could not name it (%s)", self.path, row.frame,
-                              row.saved, _reason(exc))
-
-    def _save(self, images):
-        failures = 0
-        for row, image in images:
-            self._images_taken += 1
-            try:
-                self.saver.save(row, image)
-            except OSError as exc:
-                row.saved = None
-                self.saver.failed += 1
-                failures += 1
-                self._events.append(Event(time.time(), "save_failed",
-                                          f"frame {row.frame}: {self.saver.policy.folder}: {_reason(exc)}"))
-        if failures:
-            log.warning("save_failed: %d frame(s) not saved (%s)", failures, self._events[-1].detail)
 
     def _flush(self) -> bool:
         """Write the waiting decisions and events; keep them (bounded) when the log fails."""
@@ -796,21 +832,10 @@ class Recorder:
                       self.path, len(self._rows), self._failing["reason"] if self._failing else "")
             self._rows.clear()
         try:
-            self.log.finish(dict(summary, **self.counts()))
+            self.log.finish(dict(summary, **self.summary_counts()))
         except (OSError, sqlite3.Error) as exc:
             log.error("%s: the run's summary could not be written (%s)", self.path, _reason(exc))
         try:
             self.log.close()
         except (OSError, sqlite3.Error):
             pass
-
-    def counts(self) -> dict:
-        out = {"logged": self.written, "not_logged": self.not_logged, "unwritable_rows": self.unwritable_rows,
-               "log_recreated": self.recreated,
-               "deleted_with_log": self.deleted_with_log,
-               "saved": self.saver.saved if self.saver else 0, "save_failed": self.save_failed}
-        for peer in self.peers:
-            out.update(peer.counters())
-        if self.peer_errors:
-            out["output_errors"] = self.peer_errors
-        return out

@@ -39,7 +39,8 @@ import cv2
 from lineside.errors import LinesideError
 from lineside.text import printable
 
-from .records import NOT_ERRORS, SOURCE_STATES, DecisionRow, Event, outcome
+from .outputs import Output, outcome
+from .records import DecisionRow, Event
 
 log = logging.getLogger(__name__)
 
@@ -98,25 +99,21 @@ def model_summary(model) -> dict:
             "signature": getattr(model, "signature", None) or {"state": "unsigned"}}
 
 
-class LivePage:
-    """What the live page shows. A peer of the log (decision, event, close, called by the
-    recorder) and an observer of the loop (observe, called for every decision); both only
-    store references and counters. snapshot() builds the page's figures in the server thread."""
+class LivePage(Output):
+    """What the live page shows: an output (runtime/outputs.py) whose methods only store
+    references and counters; snapshot() builds the page's figures in the server thread."""
 
     def __init__(self, station: str, model: dict, source: str):
         self.station = station
         self.model = model
         self.source = source
         self.started = time.time()
-        self.state = "starting"
-        self.state_since = self.started
         self.counts: Counter = Counter()
         self.labels: Counter = Counter()
         self.hour: deque = deque()              # (minute, Counter) for the last 60 minutes
         self.events: deque = deque(maxlen=EVENTS_KEPT)
         self.event_counts: Counter = Counter()
         self.last_row: DecisionRow | None = None
-        self.last_error = None
         self.drift = None                       # the run's DriftMonitor, when it has one
         self.shadow = None                      # the run's ShadowRunner (--shadow)
         self._frame = None                      # (frame index, image) of the last decision
@@ -142,27 +139,13 @@ class LivePage:
             while self.hour and self.hour[0][0] <= minute - 60:
                 self.hour.popleft()
         self.hour[-1][1][counted] += 1
-        if self.state == "starting":
-            self._set_state("live")
 
     def event(self, event: Event):
         self.events.append(event)
         self.event_counts[event.kind] += 1
-        state = SOURCE_STATES.get(event.kind)
-        if state:
-            self._set_state(state)
-        if event.kind not in NOT_ERRORS:
-            self.last_error = f"{event.kind}: {event.detail}"
 
-    def close(self, summary=None):
-        self._set_state("ended")
-
-    def counters(self) -> dict:
-        return {}
-
-    def _set_state(self, state: str):
-        if state != self.state:
-            self.state, self.state_since = state, time.time()
+    def watch(self, drift=None, shadow=None):
+        self.drift, self.shadow = drift, shadow
 
     # -- the server's thread --------------------------------------------------------------
 
@@ -189,7 +172,7 @@ class LivePage:
         return {
             "station": self.station, "host": socket.gethostname(), "time": now, "started": self.started,
             "uptime_s": round(now - self.started, 1), "model": self.model,
-            "source": {"text": self.source, "state": self.state, "since": self.state_since},
+            "source": {"text": self.source, "state": self.state.source_state, "since": self.state.since},
             "frames": frames, "fps": round(fps, 2), "capture_to_decision_ms": latency,
             "dropped_frames": stats.dropped() if stats else 0,
             "counts": {"since_start": dict(self.counts), "last_hour": dict(last_hour), "labels": dict(self.labels)},
@@ -197,7 +180,7 @@ class LivePage:
                 "frame": row.frame, "time": row.ts, "label": row.label, "confidence": row.confidence,
                 "verdict": row.verdict, "decision": row.decision, "part_id": row.part_id, "flags": row.flags},
             "events": [{"time": e.ts, "kind": e.kind, "detail": e.detail} for e in reversed(list(self.events))][:20],
-            "event_counts": dict(self.event_counts), "last_error": self.last_error,
+            "event_counts": dict(self.event_counts), "last_error": self.state.last_error,
             "drift": self.drift.summary() if self.drift is not None else None,
             "shadow": self.shadow.summary() if self.shadow is not None else None,
         }
