@@ -268,9 +268,13 @@ def job(args: list[str]) -> dict:
         loop.Amp.autocast = autocast
         loop.train_one_epoch = during("training", loop.train_one_epoch)
         trainer.device_logits = during("validation", loop.device_logits)
-        trainer.Trainer._evaluate_bank = during("validation", trainer.Trainer._evaluate_bank)
-        trainer.Trainer.calibrate = during("calibration and scoring", trainer.Trainer.calibrate)
+        trainer.evaluate_bank = during("validation", trainer.evaluate_bank)
         trainer.score = during("calibration and scoring", trainer.score)
+        from lineside.train import run as run_module
+
+        for module in (trainer, run_module):    # run.py calls the steps it imported by name
+            module.calibrate_temperature = during("calibration and scoring", trainer.calibrate_temperature)
+        run_module.score = trainer.score
         with Convolutions():
             train_run(Path(args[1]), Path(args[2]), TrainConfig(**json.loads(args[3])), progress=False)
         counts: dict[str, int] = {}

@@ -137,12 +137,12 @@ def test_out_of_fold_logits_of_a_linear_head_from_the_runs_bank_match_a_training
         t = Trainer(cfg, train.classes, trainer.spec, progress=False)
         t.fit(x[fold != f], y[fold != f])
         per_fold[fold == f] = score(t.model, x[fold == f], logits=True)
-    assert trainer._linear_bank is not None      # kept by fit for calibrate
+    assert trainer.result.linear_bank is not None      # kept in the result for calibration
     report = trainer.calibrate(x, y, plan)
     assert report["source"] == "out-of-fold predictions of the 60 training images (5 folds)"
     from_bank = report["_logits"] * report["temperature"]
     assert np.abs(from_bank - per_fold).max() < 1e-3 * np.abs(per_fold).max()
-    assert trainer._linear_bank is None          # the bank is freed once used
+    assert trainer.result.linear_bank is None          # the bank is freed once used
 
 
 def test_the_train_summary_says_when_the_temperature_was_raised_to_the_ceiling():

@@ -302,10 +302,8 @@ def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientn
                 taps=DEFAULT_TAPS, bank_size: int = DEFAULT_BANK, false_reject: float = DEFAULT_FALSE_REJECT,
                 seed: int = 0, device: str | torch.device = "cpu", progress=None,
                 project: int = DEFAULT_PROJECT) -> AnomalyFit:
-    """Fit on good images only: uint8 (N, H, W, 3) at `spec`'s size."""
-    from .backbones import build_backbone
-    from .model import stage_widths
-
+    """Fit on good images only: uint8 (N, H, W, 3) at `spec`'s size: their patch features
+    (good_features), the threshold from out-of-fold scores, the bank of all of them."""
     if len(x_good) < 4:
         raise LinesideError(f"anomaly training needs at least 4 good images (found {len(x_good)})")
     if not 0.0001 <= false_reject <= 0.2:
@@ -313,6 +311,57 @@ def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientn
     device = torch.device(device)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
+    entry, model, feats = good_features(x_good, spec, backbone, weights, taps, bank_size, seed, device, progress,
+                                        project)
+    grid = _grid(model, spec, device)
+    t_feat = time.perf_counter() - t0
+    oof, k = out_of_fold_scores(feats, grid, bank_size, seed, device)
+    threshold, sigma, z = lognormal_threshold(oof, false_reject)
+    fitted, empirical = threshold, empirical_threshold(oof, false_reject)
+    if empirical is not None:
+        threshold = max(threshold, empirical)
+    bank = build_bank(feats, bank_size, seed, device)
+    model.bank = bank.to(device)
+    model.bank_sq = (model.bank * model.bank).sum(1)
+    model.threshold.fill_(threshold)
+    model.scale.fill_(max(threshold * sigma, 1e-6))
+    info = {
+        "task": "anomaly", "backbone": entry.name, "taps": list(model.taps), "bank": int(len(bank)),
+        "projection": model.project or None, "patches_per_image": int(grid[0] * grid[1]), "grid": list(grid),
+        "threshold": threshold, "scale": float(model.scale), "false_reject_target": false_reject,
+        "threshold_fit": {"method": "the larger of the predictive quantile of a log-normal fitted to the "
+                                    "out-of-fold scores of the good images and, with enough images, their "
+                                    "empirical quantile", "folds": k, "sigma_log": sigma, "k": z,
+                          "log_normal": fitted, "empirical": empirical,
+                          "chosen": "empirical" if empirical is not None and empirical > fitted else "log-normal"},
+        "false_reject_expected": expected_false_reject(oof, threshold, seed),
+        "out_of_fold_scores": [float(v) for v in oof],
+        "seconds": {"features": round(t_feat, 2), "total": round(time.perf_counter() - t0, 2)},
+    }
+    return AnomalyFit(model, info)
+
+
+def out_of_fold_scores(feats: torch.Tensor, grid, bank_size: int, seed: int, device) -> tuple[np.ndarray, int]:
+    """Each good image's score against a bank built without it (FOLDS folds), and the folds."""
+    n = len(feats)
+    k = min(FOLDS, n)
+    fold = folds_of(n, k, seed)
+    oof = np.empty(n)
+    for f in range(k):
+        held = fold == f
+        bank = build_bank(feats[torch.from_numpy(~held)], bank_size, seed + f, device)
+        oof[held] = score_with_bank(feats[torch.from_numpy(held)], bank, grid, device)
+    return oof, k
+
+
+def good_features(x_good, spec: InputSpec, backbone: str, weights: str, taps, bank_size: int, seed: int, device,
+                  progress, project: int):
+    """(backbone entry, the model without its bank, the good images' patch features):
+    each tap's channels weighed alike and, with `project`, mapped onto the patches'
+    principal axes."""
+    from .backbones import build_backbone
+    from .model import stage_widths
+
     entry, net = build_backbone(backbone, weights)
     widths = stage_widths(net)
     taps = tuple(sorted(set(int(t) for t in taps)))
@@ -338,40 +387,7 @@ def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientn
         model = AnomalyModel(model.stages, spec, taps, dim, bank_size, project=project).to(device).eval()
         model.channel_scale.copy_(stages_scale)
         model.projection.copy_(axes.to(device))
-    n = len(x_good)
-    grid = _grid(model, spec, device)
-    t_feat = time.perf_counter() - t0
-
-    k = min(FOLDS, n)
-    fold = folds_of(n, k, seed)
-    oof = np.empty(n)
-    for f in range(k):
-        held = fold == f
-        bank = build_bank(feats[torch.from_numpy(~held)], bank_size, seed + f, device)
-        oof[held] = score_with_bank(feats[torch.from_numpy(held)], bank, grid, device)
-    threshold, sigma, z = lognormal_threshold(oof, false_reject)
-    fitted, empirical = threshold, empirical_threshold(oof, false_reject)
-    if empirical is not None:
-        threshold = max(threshold, empirical)
-    bank = build_bank(feats, bank_size, seed, device)
-    model.bank = bank.to(device)
-    model.bank_sq = (model.bank * model.bank).sum(1)
-    model.threshold.fill_(threshold)
-    model.scale.fill_(max(threshold * sigma, 1e-6))
-    info = {
-        "task": "anomaly", "backbone": entry.name, "taps": list(taps), "bank": int(len(bank)), "projection": project or None,
-        "patches_per_image": int(grid[0] * grid[1]), "grid": list(grid),
-        "threshold": threshold, "scale": float(model.scale), "false_reject_target": false_reject,
-        "threshold_fit": {"method": "the larger of the predictive quantile of a log-normal fitted to the "
-                                    "out-of-fold scores of the good images and, with enough images, their "
-                                    "empirical quantile", "folds": k, "sigma_log": sigma, "k": z,
-                          "log_normal": fitted, "empirical": empirical,
-                          "chosen": "empirical" if empirical is not None and empirical > fitted else "log-normal"},
-        "false_reject_expected": expected_false_reject(oof, threshold, seed),
-        "out_of_fold_scores": [float(v) for v in oof],
-        "seconds": {"features": round(t_feat, 2), "total": round(time.perf_counter() - t0, 2)},
-    }
-    return AnomalyFit(model, info)
+    return entry, model, feats
 
 
 def principal_axes(patches: torch.Tensor, k: int, seed: int) -> torch.Tensor:

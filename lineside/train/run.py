@@ -8,6 +8,7 @@ import logging
 import math
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .data import layout
 from .plots import plot_confusion
-from .trainer import Trainer
+from .trainer import calibrate_temperature, score, start, train
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +72,57 @@ def train_run(data, out, cfg: TrainConfig, val=None, progress: bool = True) -> d
         distributed.teardown(dist)
 
 
+@dataclass
+class _Data:
+    """The run's images, read: training and validation arrays, and what was skipped."""
+    images: ImageSet
+    train_set: ImageSet
+    val_set: ImageSet | None
+    split_note: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None
+    bad: list
+
+
 def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, device) -> dict:
+    """Read the images, train (trainer.start, train, calibrate_temperature), score, and
+    (rank 0) write the run folder."""
     t_start = time.perf_counter()
+    spec = BACKBONES.get(cfg.backbone).input_spec.with_size(cfg.image_size)
+    d = _read(data, out, cfg, val, spec, progress, dist)
+    read_s = time.perf_counter() - t_start
+
+    t0 = time.perf_counter()
+    run, model = start(cfg, d.images.classes, spec, progress, dist=dist, device=device)
+    setup_s = time.perf_counter() - t0
+    result = train(run, model, d.x_train, d.y_train, d.x_val, d.y_val)
+    calibration = None
+    if cfg.calibrate == "auto" and dist.main:
+        t0 = time.perf_counter()
+        calibration = calibrate_temperature(run, result, d.x_train, d.y_train, d.x_val, d.y_val)
+        result.timings["calibrate_s"] = time.perf_counter() - t0
+    train_seconds = time.perf_counter() - t_start
+
+    t0 = time.perf_counter()
+    report, cm_report, cm_title = _scored(run, result, d, calibration)
+    score_s = time.perf_counter() - t0
+    # total: reading to calibration; then the final scoring and (below) writing the run folder
+    seconds = {"total": round(train_seconds, 2), "read_s": round(read_s, 2), "setup_s": round(setup_s, 2),
+               **{k: round(v, 2) for k, v in result.timings.items()}, "score_s": round(score_s, 2)}
+    metrics = _metrics(data, cfg, run, result, d, spec, report, calibration, cm_report, seconds)
+    if dist.main:
+        _write_run(out, cfg, run, result, d, spec, metrics, report, calibration, cm_report, cm_title)
+    return metrics
+
+
+def _read(data, out: Path, cfg: TrainConfig, val, spec, progress: bool, dist) -> _Data:
     images = load_image_set(data)
     train_set, val_set, split_note = split_data(images, cfg, val)
-    spec = BACKBONES.get(cfg.backbone).input_spec.with_size(cfg.image_size)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.dump(out / runs.CONFIG)  # written first, so a failed run still says what it tried
-
     x_train, train_set, bad = load_arrays(train_set, spec, cfg.skip_bad, progress, "reading training images")
     x_val = y_val = None
     if val_set is not None:
@@ -87,83 +130,77 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
         y_val = np.asarray(val_set.targets, dtype=np.int64)
         bad += bad_val
     y_train = np.asarray(train_set.targets, dtype=np.int64)
-    read_s = time.perf_counter() - t_start
+    return _Data(images, train_set, val_set, split_note, x_train, y_train, x_val, y_val, bad)
 
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, images.classes, spec, progress, dist=dist, device=device)
-    setup_s = time.perf_counter() - t0
-    result = trainer.fit(x_train, y_train, x_val, y_val)
-    plan = result.plan
-    calibration = None
-    if cfg.calibrate == "auto" and dist.main:
-        t0 = time.perf_counter()
-        calibration = trainer.calibrate(x_train, y_train, plan, x_val, y_val)
-        result.timings["calibrate_s"] = time.perf_counter() - t0
-    train_seconds = time.perf_counter() - t_start
 
-    t0 = time.perf_counter()
-    if x_val is not None:
-        probs = trainer.predict_proba(x_val)
-        report = classification_report(y_val, probs.argmax(1), images.classes)
-        cm_title = f"validation ({len(y_val)} images)"
-    else:
-        report = None
-        probs = trainer.predict_proba(x_train)
-        cm_title = f"training images ({len(y_train)}; no validation split)"
-    cm_report = report or classification_report(y_train, probs.argmax(1), images.classes)
-    if report is None and calibration and calibration["source"].startswith("out-of-fold"):
+def _scored(run, result, d: _Data, calibration) -> tuple[dict | None, dict, str]:
+    """The validation report (None without validation images), and the confusion matrix's
+    report and title: validation's, the out-of-fold answers', or the training images'."""
+    classes = d.images.classes
+    if d.x_val is not None:
+        probs = score(result.model, d.x_val, run.device)
+        report = classification_report(d.y_val, probs.argmax(1), classes)
+        return report, report, f"validation ({len(d.y_val)} images)"
+    if calibration and calibration["source"].startswith("out-of-fold"):
         # the images predicted by models that did not train on them: a picture of new parts,
         # where the training images themselves would draw a perfect diagonal
-        cm_report = classification_report(calibration["_y"], np.asarray(calibration["_logits"]).argmax(1),
-                                          images.classes)
-        cm_title = f"out of fold ({len(calibration['_y'])} training images, each by a model that did not see it)"
-    score_s = time.perf_counter() - t0
+        return None, classification_report(calibration["_y"], np.asarray(calibration["_logits"]).argmax(1),
+                                           classes), \
+            f"out of fold ({len(calibration['_y'])} training images, each by a model that did not see it)"
+    probs = score(result.model, d.x_train, run.device)
+    return None, classification_report(d.y_train, probs.argmax(1), classes), \
+        f"training images ({len(d.y_train)}; no validation split)"
 
-    metrics = {
+
+def _metrics(data, cfg: TrainConfig, run, result, d: _Data, spec, report, calibration, cm_report,
+             seconds: dict) -> dict:
+    """metrics.json: what was trained, how, on what, and how well."""
+    return {
         "lineside_version": lineside.__version__,
         "backbone": cfg.backbone,
-        "weights": cfg.weights if plan.strategy != "scratch" else "none",
-        "strategy": plan.strategy,
-        "strategy_reason": plan.reason,
+        "weights": cfg.weights if result.plan.strategy != "scratch" else "none",
+        "strategy": result.plan.strategy,
+        "strategy_reason": result.plan.reason,
         "auto_cross_validation": result.auto_cv,
-        "plan": {"frozen_stages": plan.frozen, "total_stages": len(trainer.model.stages),
-                 "views": plan.views, "epochs": plan.epochs,
-                 "test_views": list(trainer.model.views) if trainer.model.views else None,
+        "plan": {"frozen_stages": result.plan.frozen, "total_stages": len(result.model.stages),
+                 "views": result.plan.views, "epochs": result.plan.epochs,
+                 "test_views": list(result.model.views) if result.model.views else None,
                  "best_epoch": result.best_epoch},
         "interrupted": result.interrupted,
-        "device": str(trainer.device),
-        "processes": dist.world,
+        "device": str(run.device),
+        "processes": run.dist.world,
         "threads": torch.get_num_threads(),
         "input_spec": spec.to_dict(),
-        "labels": list(images.classes),
-        "train_counts": train_set.counts(),
-        "val_counts": val_set.counts() if val_set is not None else None,
-        "split": split_note,
-        "validation_images": runs.VALIDATION if val_set is not None else None,
+        "labels": list(d.images.classes),
+        "train_counts": d.train_set.counts(),
+        "val_counts": d.val_set.counts() if d.val_set is not None else None,
+        "split": d.split_note,
+        "validation_images": runs.VALIDATION if d.val_set is not None else None,
         "data": str(Path(data).resolve()),
-        "data_fingerprint": images.fingerprint(),
-        "skipped_images": bad,
+        "data_fingerprint": d.images.fingerprint(),
+        "skipped_images": d.bad,
         "validation": report,
         "calibration": {k: v for k, v in calibration.items() if not k.startswith("_")} if calibration else None,
         "training_set": None if report else cm_report,
-        # total: reading to calibration; then the final scoring and (below) writing the run folder
-        "seconds": {"total": round(train_seconds, 2), "read_s": round(read_s, 2), "setup_s": round(setup_s, 2),
-                    **{k: round(v, 2) for k, v in result.timings.items()}, "score_s": round(score_s, 2)},
+        "seconds": seconds,
         "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-                 "gpu": gpu_name(trainer.device), "layout": layout(trainer.device)},
+                 "gpu": gpu_name(run.device), "layout": layout(run.device)},
     }
-    if not dist.main:
-        return metrics
+
+
+def _write_run(out: Path, cfg: TrainConfig, run, result, d: _Data, spec, metrics: dict, report, calibration,
+               cm_report, cm_title: str) -> None:
+    """The run folder (lineside.runs names its files), metrics.json last."""
     t0 = time.perf_counter()
     trained = TrainedInfo(strategy=metrics["strategy"], weights=metrics["weights"],
                           data_fingerprint=metrics["data_fingerprint"], lineside_version=metrics["lineside_version"],
                           val_balanced_accuracy=report["balanced_accuracy"] if report else None,
                           reject_below=calibration["reject_below"] if calibration else None)
-    save_checkpoint(out / runs.MODEL, trainer.model, images.classes, cfg.backbone, spec, trained)
-    if val_set is not None:
-        val_set.write_manifest(out / runs.VALIDATION)
+    save_checkpoint(out / runs.MODEL, result.model, d.images.classes, cfg.backbone, spec, trained)
+    if d.val_set is not None:
+        d.val_set.write_manifest(out / runs.VALIDATION)
     _write_history(out / runs.HISTORY, result.history.rows)
-    plot_confusion(np.asarray(cm_report["confusion_matrix"]), images.classes, out / runs.CONFUSION, cm_title)
+    plot_confusion(np.asarray(cm_report["confusion_matrix"]), d.images.classes, out / runs.CONFUSION, cm_title)
     if calibration:
         from .calibrate import reliability_diagram
 
@@ -178,7 +215,6 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
     metrics["confusion_matrix_of"] = cm_title
     metrics["seconds"]["write_s"] = round(time.perf_counter() - t0, 2)
     (out / runs.METRICS).write_text(json.dumps(metrics, indent=2))
-    return metrics
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
