@@ -166,29 +166,34 @@ def evaluate_anomaly(anomaly: dict, spec: InputSpec, data, skip_bad=False, progr
         "data": str(data), "skipped_images": bad,
     }
     if out is not None:
-        import json
-
-        from .figures import gallery_page
-        from .heatmap import write_overlay
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        index = {str(p): i for i, p in enumerate(kept.paths)}
-        written, sections = [], []
-        for kind, heading, items in (("worst-good", "good parts scored highest", worst_good),
-                                     ("missed", "defects below the threshold", missed)):
-            shown = []
-            for rank, r in enumerate(items):
-                i = index[r["path"]]
-                name = f"{kind}-{rank:02d}-{Path(r['path']).stem[:40]}.png"
-                write_overlay(out / name, x[i], maps[i], f"{r['class']} {r['relative']:.2f}x threshold")
-                written.append(name)
-                shown.append((name, f"{r['path']}: {r['relative']:.2f}x the threshold"))
-            sections.append((heading, shown))
-        gallery_page(out / "index.html", f"lineside eval (anomaly): {data}", sections)
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-        report["out"] = {"folder": str(out), "files": ["index.html", "report.json"] + written}
+        report["out"] = write_anomaly_figures(Path(out), report, x, maps, kept.paths)
     return report
+
+
+def write_anomaly_figures(out: Path, report: dict, x, maps, paths) -> dict:
+    """eval --out for an anomaly model: the heatmaps of the worst good parts and the missed
+    defects as PNGs, with index.html and report.json."""
+    import json
+
+    from .figures import gallery_page
+    from .heatmap import write_overlay
+
+    out.mkdir(parents=True, exist_ok=True)
+    index = {str(p): i for i, p in enumerate(paths)}
+    written, sections = [], []
+    for kind, heading, items in (("worst-good", "good parts scored highest", report["worst_good"]),
+                                 ("missed", "defects below the threshold", report["missed"])):
+        shown = []
+        for rank, r in enumerate(items):
+            i = index[r["path"]]
+            name = f"{kind}-{rank:02d}-{Path(r['path']).stem[:40]}.png"
+            write_overlay(out / name, x[i], maps[i], f"{r['class']} {r['relative']:.2f}x threshold")
+            written.append(name)
+            shown.append((name, f"{r['path']}: {r['relative']:.2f}x the threshold"))
+        sections.append((heading, shown))
+    gallery_page(out / "index.html", f"lineside eval (anomaly): {report['data']}", sections)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return {"folder": str(out), "files": ["index.html", "report.json"] + written}
 
 
 def predict_anomaly(anomaly: dict, spec: InputSpec, paths, overlays: Path | None = None) -> list[dict]:

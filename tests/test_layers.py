@@ -53,3 +53,23 @@ def test_a_lazy_import_of_a_higher_floor_breaks_the_contract(tmp_path):
     r = _lint(tmp_path)
     assert r.returncode == 1, r.stdout[-2000:]
     assert "BROKEN" in r.stdout and "lineside.spec -> lineside.train.checkpoint" in r.stdout, r.stdout[-3000:]
+
+
+MAX_FUNCTION_LINES, MAX_CLASS_LINES = 60, 200
+
+
+def test_no_function_over_60_lines_and_no_class_over_200_without_a_reason():
+    """A function longer than a screen or a class longer than 200 lines says why on its
+    first line (a comment starting 'over 200 lines:'), or it is split."""
+    import ast
+
+    too_long = []
+    for path in sorted((ROOT / "lineside").rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                limit = MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES
+                length = node.end_lineno - node.lineno + 1
+                if length > limit and "# over " not in lines[node.lineno - 1]:
+                    too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert not too_long, too_long

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from lineside.bundles import BUNDLE_JSON, EXPORT_REPORT_JSON, EXPORT_REPORT_MD, SIGNATURE_JSON
+
 
 @click.command()
 @click.argument("run", type=click.Path(path_type=Path))
@@ -53,7 +55,7 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agr
     and in bundle.json, with a sha256 of every file. Every export checks that
     ONNX Runtime and OpenVINO agree with PyTorch (max probability difference
     <= 1e-4) and fails if they do not."""
-    from lineside.export.bundle import export_bundle, judged_on
+    from lineside.export.bundle import export_bundle
 
     if sign_key is not None:      # a bad key fails now, not after minutes of export
         from lineside.signing import load_private_key
@@ -77,7 +79,20 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agr
     for name, r in parity["results"].items():
         click.echo(f"parity {name}: max |p - p_torch| = {r['max_abs_diff']:.1e}, "
                    f"top-1 agreement {r['top1_agreement']:.1%} ({parity['images']})")
-    for runtime, q in result["report"].get("int8", {}).items():
+    _print_int8(result["report"].get("int8", {}), out)
+    for key, r in result["report"]["models"].items():
+        speed = (f", {r['latency_ms']:.2f} ms per image, {r['throughput_fps']:.0f} FPS" if "latency_ms" in r else "")
+        extra = f" ({r['speedup_vs_fp32']:.2f}x FP32)" if "speedup_vs_fp32" in r else ""
+        click.echo(f"{key}: {r['bytes'] / 2**20:.1f} MiB{speed}{extra}")
+    click.echo(f"wrote {out}/{BUNDLE_JSON}, {EXPORT_REPORT_JSON}, {EXPORT_REPORT_MD}"
+               + (f", {SIGNATURE_JSON} (key {result['signature']['key_id']})" if sign_key is not None else ""))
+
+
+def _print_int8(int8: dict, out) -> None:
+    """What the INT8 gate decided, runtime by runtime."""
+    from lineside.export.bundle import judged_on
+
+    for runtime, q in int8.items():
         if q["verdict"] == "kept" and "estimated" in q["gate"]:
             g = q["gate"]
             click.echo(f"INT8 {runtime} kept ({q['recipe']}): estimated drop {g['drop_points']:.2f} points of balanced "
@@ -93,14 +108,8 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agr
             for reason in q.get("reasons") or [q["why"]]:
                 click.echo(f"  - {reason}")
             click.echo(f"  judged on {judged_on(q)}; {len(q['attempts'])} recipe(s) tried "
-                       f"({', '.join(a['recipe'] for a in q['attempts'])}); details in {out}/export_report.md")
+                       f"({', '.join(a['recipe'] for a in q['attempts'])}); details in {out}/{EXPORT_REPORT_MD}")
             if q.get("next"):
                 click.echo(f"  next: {q['next']}")
         else:
             click.echo(f"INT8 {runtime} {q['verdict']}: {q['why']}")
-    for key, r in result["report"]["models"].items():
-        speed = (f", {r['latency_ms']:.2f} ms per image, {r['throughput_fps']:.0f} FPS" if "latency_ms" in r else "")
-        extra = f" ({r['speedup_vs_fp32']:.2f}x FP32)" if "speedup_vs_fp32" in r else ""
-        click.echo(f"{key}: {r['bytes'] / 2**20:.1f} MiB{speed}{extra}")
-    click.echo(f"wrote {out}/bundle.json, export_report.json, export_report.md"
-               + (f", signature.json (key {result['signature']['key_id']})" if sign_key is not None else ""))

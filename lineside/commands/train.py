@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from lineside import runs
 from lineside.errors import LinesideError
 
 
@@ -133,21 +134,11 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
     if processes is not None and processes < 1:
         raise LinesideError(f"--gpus: {processes} is not a number of processes (1 or more)")
     if processes and processes > 1 and not dist.active:
-        import subprocess
-        import tempfile
-
-        import torch
-
-        if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < processes:
-            raise LinesideError(f"--gpus {processes}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        argv = distributed.without_option(sys.argv[1:], "--gpus")
-        with tempfile.TemporaryDirectory(prefix="lineside-torchrun-") as logs:   # removed after the run
-            code = subprocess.run(distributed.torchrun_args(processes, argv, logs)).returncode
-        sys.exit(code)
+        sys.exit(_torchrun(cfg, processes))
     if len(data_dirs) > 1:
         from lineside.dataset import combine_sources
 
-        data_dir = combine_sources(data_dirs, out / "data.csv")
+        data_dir = combine_sources(data_dirs, out / runs.DATA_MANIFEST)
     else:
         data_dir = data_dirs[0]
     from .common import libraries_to_stderr
@@ -159,6 +150,26 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return
+    _print_summary(m, out)
+
+
+def _torchrun(cfg, processes: int) -> int:
+    """--gpus N: this command again under torchrun, N processes; its exit status."""
+    import subprocess
+    import tempfile
+
+    import torch
+
+    from lineside.train import distributed
+
+    if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < processes:
+        raise LinesideError(f"--gpus {processes}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    argv = distributed.without_option(sys.argv[1:], "--gpus")
+    with tempfile.TemporaryDirectory(prefix="lineside-torchrun-") as logs:   # removed after the run
+        return subprocess.run(distributed.torchrun_args(processes, argv, logs)).returncode
+
+
+def _print_summary(m: dict, out) -> None:
     click.echo(m["strategy_reason"])
     gpu = (m.get("host") or {}).get("gpu")
     where = m["device"] + (f" ({gpu})" if gpu else "") + (f", {m['processes']} processes"

@@ -417,12 +417,11 @@ def _check_device(core, device: str):
                             f"{', '.join(available) or 'none'}; see lineside devices probe)")
 
 
-def _open_openvino(files: ModelFiles, device: str, threads: int | None, precision: str) -> RuntimeModel:
-    ov = require("openvino", None)
-    core = ov.Core()
-    # Read from the files' bytes, as for ONNX Runtime: an IR's weights come from the .bin
-    # read with it (checksummed in a bundle), and an ONNX file may not pull weights from an
-    # external data file, which OpenVINO would look for even in the working directory.
+def _read_openvino(core, ov, files: ModelFiles):
+    """The model OpenVINO reads from the files' bytes, and its metadata text. As for ONNX
+    Runtime: an IR's weights come from the .bin read with it (checksummed in a bundle),
+    and an ONNX file may not pull weights from an external data file, which OpenVINO
+    would look for even in the working directory."""
     path, data = files.model, files.data
     text = None
     if path.suffix == ".onnx":
@@ -445,6 +444,14 @@ def _open_openvino(files: ModelFiles, device: str, threads: int | None, precisio
         raise LinesideError(f"{path}: OpenVINO cannot read this model ({library_reason(exc)})") from exc
     if model.has_rt_info([METADATA_KEY]):
         text = model.get_rt_info([METADATA_KEY]).astype(str)
+    return model, text
+
+
+def _open_openvino(files: ModelFiles, device: str, threads: int | None, precision: str) -> RuntimeModel:
+    ov = require("openvino", None)
+    core = ov.Core()
+    path = files.model
+    model, text = _read_openvino(core, ov, files)
     meta, labels, spec = _checked_metadata(files, text)
     _check_device(core, device)   # fail at open, naming what there is, not mid-run
     config = dict(OPENVINO_FP32) if precision == "fp32" and device.upper().startswith("CPU") else {}
