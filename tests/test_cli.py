@@ -153,6 +153,9 @@ def test_every_run_option_is_a_field_of_run_options_by_the_same_name():
 
     params = {p.name for p in run_cmd.params}
     assert {f.name for f in fields(RunOptions)} - params == {"log", "status"}    # from --log and --quiet/--json
-    options = RunOptions.from_params({p.name: p.default for p in run_cmd.params} | {"source": "0", "pace": 5.0,
-                                                                                     "log_path": "none"})
-    assert options.pace == 5.0 and options.log is None and options.status and options.http_hosts == ()
+    ctx = run_cmd.make_context("run", ["bundle", "--source", "0", "--pace", "5", "--log", "none", "--mqtt-queue",
+                                       "7", "--http-host", "box.local"])
+    options = RunOptions.from_params(ctx.params)
+    assert (options.pace, options.log, options.mqtt_queue, options.http_hosts) == (5.0, None, 7, ("box.local",))
+    assert options.status and options.save_when == "ng,unknown"        # defaults as the CLI gives them
+    assert not RunOptions.from_params(run_cmd.make_context("run", ["b", "--source", "0", "--json"]).params).status
