@@ -157,3 +157,27 @@ def test_the_train_summary_says_when_the_temperature_was_raised_to_the_ceiling()
     assert line.endswith("0.001 -> 0.024; default --reject-below 0.88 (keeps 99% of the right answers)")
     assert "raised" not in calibration_line(dict(c, confidence_ceiling=None))
 
+
+
+def test_ctrl_c_during_out_of_fold_calibration_ends_the_run_and_says_so(synth_dir, tmp_path, monkeypatch):
+    """Ctrl-C while a fold of the out-of-fold calibration trains (most of a fine-tuning
+    run's time with few images): the run stops there, keeps its trained model
+    uncalibrated, and metrics.json says "interrupted": true (it said false)."""
+    from lineside.train import loop
+    from lineside.train.config import TrainConfig
+    from lineside.train.run import train_run
+
+    real, calls = loop.train_one_epoch, []
+
+    def one_epoch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:          # the first fold's training: the main training ran its one epoch
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "train_one_epoch", one_epoch)
+    cfg = TrainConfig(strategy="finetune", epochs=1, image_size=64, batch_size=8, views=2)
+    m = train_run(synth_dir, tmp_path / "run", cfg, progress=False)
+    assert m["interrupted"] is True and m["calibration"] is None
+    assert len(calls) == 2                       # no fold trained after the Ctrl-C
+    assert (tmp_path / "run" / "model.pt").is_file()

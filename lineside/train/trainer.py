@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -227,6 +228,8 @@ def train(run: Run, model: Classifier, x_train: np.ndarray, y_train: np.ndarray,
     plan = run.plan(strategy, reason, model, len(y_train))
     result = TrainResult(plan, History(), {}, auto_cv=auto_cv, model=model)
     log.info("%s", reason)
+    if run.progress:       # before the work: what will be trained, and auto's estimate of its time
+        tqdm.write(f"plan: {plan.strategy}, {plan.epochs} epoch(s); {reason}", file=sys.stderr)
     if plan.frozen > 0:
         result.linear_bank = fit_on_bank(run, result, x_train, y_train, x_val, y_val)
     else:
@@ -543,6 +546,10 @@ def out_of_fold_logits(run: Run, result: TrainResult, x_train, y_train) -> tuple
         tr, te = fold != f, fold == f
         fold_run, fold_model = start(cfg, run.classes, run.spec, progress=False, device=run.device)
         fitted = train(fold_run, fold_model, x_train[tr], y_train[tr])
+        if fitted.interrupted:      # Ctrl-C in a fold's training: the user wants the run to end now
+            log.warning("interrupted during calibration: the trained model is kept, uncalibrated")
+            result.interrupted = True
+            return None, k
         logits[te] = score(fitted.model, x_train[te], run.device, logits=True)
     return logits, k
 
