@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from lineside.cli import main
 from lineside.dataset import draw_per_class
+from lineside.errors import LinesideError
 from lineside.learning_curve import estimate_size, extrapolation_check, fit_power_law
 from lineside.train.config import TrainConfig
 from lineside.train.calibrate import stratified_folds
@@ -163,3 +164,34 @@ def test_a_study_of_auto_measures_what_lineside_train_would_choose(synth_dir, mo
     row = study.run_one("auto", drawn, rest, 0)
     assert row["strategy"] == "linear" and row["requested"] == "auto" and "stages" in row["note"]
     assert row["balanced_accuracy"] >= 0.5 and len(row["_pred"]) == len(rest)
+
+
+def test_an_interrupted_sample_size_study_keeps_its_fits_and_carries_on(synth_dir, tmp_path, monkeypatch):
+    """Ctrl-C in the middle: one line, the finished fits kept in fits.jsonl; the same
+    command then fits only the rest and reports every fit, as one uninterrupted run does."""
+    from lineside.train import study as S
+
+    cfg = TrainConfig(strategy="linear", image_size=64)
+    real, calls = S.Study.run_one, []
+
+    def run_one(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(S.Study, "run_one", run_one)
+    out = tmp_path / "ss"
+    with pytest.raises(LinesideError, match=r"interrupted: 3 of 6 fits are saved in .*fits.jsonl"):
+        S.sample_size(synth_dir, out, cfg, shots=(1, 2, 4), repeats=2, views=2, progress=False)
+    assert len((out / "fits.jsonl").read_text().splitlines()) == 3
+    calls.clear()
+    monkeypatch.setattr(S.Study, "run_one", real)
+    resumed = S.sample_size(synth_dir, out, cfg, shots=(1, 2, 4), repeats=2, views=2, progress=False)
+    whole = S.sample_size(synth_dir, tmp_path / "whole", cfg, shots=(1, 2, 4), repeats=2, views=2, progress=False)
+    strip = [{k: v for k, v in r.items() if k != "train_s" and k != "note"} for r in resumed["runs"]]
+    assert strip == [{k: v for k, v in r.items() if k != "train_s" and k != "note"} for r in whole["runs"]]
+    assert [s["mean"] for s in resumed["sizes"]] == [s["mean"] for s in whole["sizes"]]
+    # another study (other options) in the same folder takes none of them up
+    other = S.sample_size(synth_dir, out, cfg.override(seed=1), shots=(1, 2), repeats=1, views=2, progress=False)
+    assert len(other["runs"]) == 2 and len((out / "fits.jsonl").read_text().splitlines()) == 8

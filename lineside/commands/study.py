@@ -66,7 +66,10 @@ def study_sample_size(data_dir, shots, repeats, strategy, target, out, config_fi
     times), trains, and scores on every image not drawn. Fits a learning curve
     (inverse power law), estimates the size for the target with an 80% interval,
     and says so plainly when the data cannot support an estimate. Writes
-    learning_curve.png, sample_size.json and report.md (with per-class curves)."""
+    learning_curve.png, sample_size.json and report.md (with per-class curves).
+
+    Every finished fit is kept in OUT/fits.jsonl as it ends: after Ctrl-C the
+    same command carries on where it stopped."""
     from lineside.train.study import sample_size
 
     if not 0 < target < 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +160,10 @@ class Study:
             # auto keeps its own choice between fine-tuning and a head on the middle stages
             auto = strategy == "auto" and chosen == "finetune"
             trainer = Trainer(cfg if auto else cfg.override(strategy=chosen), d.classes, d.spec, progress=False)
-            plan = trainer.fit(d.x[train_idx], d.y[train_idx]).plan
+            fitted = trainer.fit(d.x[train_idx], d.y[train_idx])
+            if fitted.interrupted:      # Ctrl-C in the epoch loop: a study stops, it keeps no cut-short fit
+                raise KeyboardInterrupt
+            plan = fitted.plan
             train_s = time.perf_counter() - t0
             chosen, note = plan.strategy, ""
             if trainer.model.taps:
@@ -212,22 +216,78 @@ def _check_shots(data: StudyData, shots, drop_too_big: bool = False) -> list[int
 DEFAULT_SHOTS = (1, 2, 5, 10, 20, 50)
 
 
+FITS = "fits.jsonl"      # sample-size: one line per finished fit, so that Ctrl-C loses none
+
+
+def _fit_key(d: StudyData, cfg: TrainConfig, views: int) -> str:
+    """What a saved fit was made of (the images, every option, the views): only fits with
+    this key are taken up again."""
+    what = {"data": d.images.fingerprint(), "config": cfg.to_dict(), "views": views}
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _saved_fits(path: Path, key: str) -> dict[tuple[int, int], dict]:
+    """The fits an earlier, interrupted run of the same study finished: (shots, repeat) -> row."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                if row.get("key") == key:
+                    done[(int(row["shots"]), int(row["repeat"]))] = row
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue        # a line cut short by the interruption: that fit runs again
+    return done
+
+
+def _measure_sizes(study: Study, cfg: TrainConfig, shots: list[int], repeats: int, out: Path, views: int,
+                   progress: bool) -> list[dict]:
+    """One fit per (size, draw), in rounds of every size (so that the time per round, and
+    the estimate of what is left, holds from the first round on); each finished fit is
+    appended to OUT/fits.jsonl, and those an interrupted run of the same study left there
+    are taken up, not fitted again."""
+    d = study.data
+    key, path = _fit_key(d, cfg, views), out / FITS
+    done = _saved_fits(path, key)
+    todo = [(k, r) for r in range(repeats) for k in shots if (k, r) not in done]
+    if done and progress:
+        tqdm.write(f"sample-size study: {len(shots) * repeats - len(todo)} fits taken up from {path}",
+                   file=sys.stderr)
+    if todo and cfg.strategy == "linear":
+        study.cache()        # the shared features first: the fits' times then say what the rest will take
+    bar = tqdm(total=len(todo), desc="sample-size study", unit="fit", disable=not progress)
+    t0 = time.perf_counter()
+    try:
+        with open(path, "a") as f:
+            for i, (k, r) in enumerate(todo):
+                drawn, rest = draw_per_class(d.y, k, r)
+                row = _public(study.run_one(cfg.strategy, drawn, rest, r))
+                row.update(shots=k, repeat=r, key=key)
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                done[(k, r)] = row
+                bar.set_postfix_str(f"{k}/class: {row['balanced_accuracy']:.2%}")
+                bar.update()
+                if progress and i + 1 == len(shots) and len(todo) > len(shots):
+                    left = (time.perf_counter() - t0) / len(shots) * (len(todo) - i - 1)
+                    tqdm.write(f"sample-size study: about {left / 60:.1f} min for the other {len(todo) - i - 1} "
+                               f"fits (the first round of {len(shots)} sizes took {time.perf_counter() - t0:.0f} s)",
+                               file=sys.stderr)
+    except KeyboardInterrupt:
+        bar.close()
+        raise LinesideError(f"interrupted: {len(done)} of {len(shots) * repeats} fits are saved in {path}; "
+                            "the same command carries on from there") from None
+    bar.close()
+    return [{name: v for name, v in done[(k, r)].items() if name not in ("repeat", "key")}
+            for k in shots for r in range(repeats)]
+
+
 def sample_size(data, out: Path, cfg: TrainConfig, shots=DEFAULT_SHOTS, repeats: int = 5,
                 target: float = 0.99, views: int = STUDY_VIEWS, progress: bool = True) -> dict:
     t_start, out, study = _start(data, out, cfg, views, progress)
     d = study.data
     shots = _check_shots(d, shots, drop_too_big=tuple(shots) == DEFAULT_SHOTS)
-    rows = []
-    bar = tqdm(total=len(shots) * repeats, desc="sample-size study", unit="fit", disable=not progress)
-    for k in shots:
-        for r in range(repeats):
-            drawn, rest = draw_per_class(d.y, k, r)
-            row = _public(study.run_one(cfg.strategy, drawn, rest, r))
-            row["shots"] = k
-            rows.append(row)
-            bar.set_postfix_str(f"{k}/class: {row['balanced_accuracy']:.2%}")
-            bar.update()
-    bar.close()
+    rows = _measure_sizes(study, cfg, shots, repeats, out, views, progress)
     by_size = {k: [r["balanced_accuracy"] for r in rows if r["shots"] == k] for k in shots}
     overall = estimate_size(shots, by_size, target)
     per_class = {}
