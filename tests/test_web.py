@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -234,6 +235,22 @@ def test_review_after_the_run_writes_roi_crops_and_a_manifest_lineside_trains_on
         assert get(port, "/api/status")[0] == 404            # no live page after the run
         items = listing["items"]
         assert len(items) == 4 and [i["id"] for i in items] == sorted((i["id"] for i in items), reverse=True)
+        db = sqlite3.connect(s.log)
+        assert listing["total"] == db.execute("SELECT COUNT(*) FROM decisions WHERE saved IS NOT NULL").fetchone()[0]
+        db.close()
+        # the video holds each part for 2 frames: a part's frames share a group, shown once
+        many = json.loads(get(port, "/api/review?limit=40")[2])["items"]
+        groups = {}
+        for i in many:
+            groups.setdefault(i["group"], []).append(i)
+        assert max(map(len, groups.values())) == 2 and len(groups) < len(many)
+        for g in groups.values():
+            assert len({i["label"] for i in g}) == 1 and [i["frame"] for i in g] == list(range(g[0]["frame"],
+                                                                                           g[0]["frame"] - len(g), -1))
+        x, y, w, h = (int(v) for v in ROI.split(","))
+        status, _, crop = get(port, f"/api/frames/{items[0]['id']}.jpg?crop=roi")
+        whole = cv2.imdecode(np.frombuffer(get(port, f"/api/frames/{items[0]['id']}.jpg")[2], np.uint8), 1)
+        assert status == 200 and cv2.imdecode(np.frombuffer(crop, np.uint8), 1).shape == (h, w, 3) != whole.shape
         first, second = items[0], items[1]
         confirmed = second["label"] if second["label"] != "unknown" else listing["labels"][0]
         status, entry = post(port, f"/api/review/{first['id']}", {"label": "scratch"}, {"X-Lineside-Token": TOKEN})
@@ -325,3 +342,17 @@ def test_a_frame_relabelled_on_the_review_page_is_in_the_manifest(station, brows
     rows = list(csv.DictReader(open(station.save / "reviewed" / "manifest.csv")))
     entry = next(r for r in rows if r["decision_id"] == ident)
     assert entry["label"] == "scratch" and (station.save / "reviewed" / entry["path"]).is_file()
+
+
+def test_frames_of_one_part_are_grouped_and_other_parts_are_not():
+    """Consecutive frames with the same label and scene are one part; a different part of
+    the same class right after it, a gap in the frames or another part id starts a new one."""
+    from lineside.runtime.review import group_parts
+
+    def item(i, frame, label="scratch", scene="a", part=None):
+        return {"id": i, "frame": frame, "label": label, "part_id": part, "source": "cam", "scene": scene}
+
+    items = [item(9, 20), item(8, 19), item(7, 18, scene="b"), item(6, 17, scene="b"), item(5, 15, scene="b"),
+             item(4, 14, label="dent", scene="b"), item(3, 13, label="dent", scene="b", part="p1")]
+    grouped = group_parts(items, lambda a, b: a["scene"] == b["scene"])
+    assert [i["group"] for i in grouped] == [9, 9, 7, 7, 5, 4, 3]

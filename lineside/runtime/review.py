@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 
 from lineside.errors import LinesideError
 from lineside.files import write_atomic
@@ -37,6 +38,7 @@ MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ("path", "label", "model_label", "confidence", "verdict", "decision_id", "frame_time",
                    "reviewed_at", "station", "model_sha256", "product", "capture")   # provenance after the label
 MAX_ITEMS = 500
+SAME_PART_DIFFERENCE = 6.0   # mean grey difference (0..255) of 16x16 thumbnails below which frames show one part
 
 
 class ReviewStore:
@@ -50,6 +52,7 @@ class ReviewStore:
             raise LinesideError(f"{self.log_path}: review reads a SQLite log (run with --log FILE.sqlite)")
         self.labels = list(labels) if labels else None
         self._lock = threading.Lock()
+        self._thumbs = Thumbnails(self._frame_file)
 
     # -- reading the log ---------------------------------------------------------------
 
@@ -79,25 +82,20 @@ class ReviewStore:
         rows = self._query("SELECT labels FROM runs ORDER BY id DESC LIMIT 1")
         return json.loads(rows[0]["labels"]) if rows and rows[0]["labels"] else []
 
+
+    def count(self, label: str | None = None, verdict: str | None = None) -> int:
+        """How many decisions the filter matches that had a frame saved (some may since have
+        been removed by --save-max-files / --save-max-mb)."""
+        where, args = review_filters(label, verdict)
+        rows = self._query(f"SELECT COUNT(*) AS n FROM decisions WHERE {' AND '.join(where)}", args)
+        return int(rows[0]["n"]) if rows else 0
+
     def items(self, label: str | None = None, verdict: str | None = None, limit: int = 100,
               before: int | None = None) -> list[dict]:
         """Decisions with a saved frame that still exists, newest first (ids below `before`),
-        filtered by the model's label and by verdict (OK, NG, unknown or flagged)."""
-        if verdict is not None and verdict not in VERDICTS:
-            raise LinesideError(f"verdict: '{verdict}' is not one of {', '.join(VERDICTS)}")
-        where, args = ["saved IS NOT NULL"], []
-        if label:
-            where.append("label = ?")
-            args.append(label)
-        if verdict == "unknown":
-            where.append("label = 'unknown'")
-        elif verdict == "worth":
-            where.append("capture IS NOT NULL")
-        elif verdict == "flagged":
-            where.append("flags NOT IN ('[]', '')")
-        elif verdict:
-            where.append("verdict = ?")
-            args.append(verdict)
+        filtered by the model's label and by verdict (OK, NG, unknown or flagged). Frames of
+        one part share a `group` (see group_parts)."""
+        where, args = review_filters(label, verdict)
         if before is not None:
             where.append("id < ?")
             args.append(int(before))
@@ -116,7 +114,9 @@ class ReviewStore:
                         "reviewed": reviewed.get(r["id"])})
             if len(out) >= limit:
                 break
-        return out
+        thumbs = {r["id"]: r["saved"] for r in rows}
+        return group_parts(out, lambda a, b: self._thumbs.alike(thumbs[a["id"]], thumbs[b["id"]]))
+
 
     def _row(self, decision_id: int) -> sqlite3.Row | None:
         rows = self._query("SELECT d.*, r.settings AS settings FROM decisions d LEFT JOIN runs r ON r.id = d.run "
@@ -138,10 +138,23 @@ class ReviewStore:
         row = self._row(decision_id)
         return self._frame_file(row["saved"]) if row is not None else None
 
-    def frame_bytes(self, decision_id: int) -> bytes | None:
-        """The saved frame's bytes, read without following a link (O_NOFOLLOW), or None."""
-        path = self.frame_path(decision_id)
-        return None if path is None else read_plain_file(path)
+    def frame_bytes(self, decision_id: int, crop: bool = False) -> bytes | None:
+        """The saved frame's bytes, read without following a link (O_NOFOLLOW), or None;
+        with `crop`, the part of it the model saw (the run's --roi) as a JPEG."""
+        row = self._row(decision_id)
+        path = self._frame_file(row["saved"]) if row is not None else None
+        data = None if path is None else read_plain_file(path)
+        if data is None or not crop:
+            return data
+        settings = json.loads(row["settings"] or "{}")
+        if not settings.get("roi"):
+            return data
+        try:
+            image = decode_image(data, path, cv2.IMREAD_COLOR)
+        except LinesideError:
+            return None
+        ok, jpeg = cv2.imencode(".jpg", roi_crop(image, settings["roi"]), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        return jpeg.tobytes() if ok else None
 
     # -- the reviewed dataset --------------------------------------------------------------
 
@@ -215,6 +228,71 @@ class ReviewStore:
         w.writeheader()
         w.writerows(entries)
         write_atomic(self.out_dir / MANIFEST, buf.getvalue().encode("utf-8"))
+
+
+def review_filters(label: str | None, verdict: str | None) -> tuple[list[str], list]:
+    """The WHERE clauses (and their arguments) of the saved frames a filter shows."""
+    if verdict is not None and verdict not in VERDICTS:
+        raise LinesideError(f"verdict: '{verdict}' is not one of {', '.join(VERDICTS)}")
+    where, args = ["saved IS NOT NULL"], []
+    if label:
+        where.append("label = ?")
+        args.append(label)
+    if verdict == "unknown":
+        where.append("label = 'unknown'")
+    elif verdict == "worth":
+        where.append("capture IS NOT NULL")
+    elif verdict == "flagged":
+        where.append("flags NOT IN ('[]', '')")
+    elif verdict:
+        where.append("verdict = ?")
+        args.append(verdict)
+    return where, args
+
+
+class Thumbnails:
+    """16x16 grey thumbnails of saved frames, cached by file name, to tell whether two
+    frames show the same scene."""
+
+    def __init__(self, frame_file):
+        self.frame_file = frame_file      # name -> the saved frame's path, or None
+        self._cache: dict = {}
+
+    def get(self, name: str):
+        """A saved frame's thumbnail (decoded at an eighth of its size), or None."""
+        if name not in self._cache:
+            path = self.frame_file(name)
+            data = read_plain_file(path) if path is not None else None
+            image = None
+            if data:
+                image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
+            if len(self._cache) > 4 * MAX_ITEMS:
+                self._cache.clear()
+            self._cache[name] = None if image is None else cv2.resize(image, (16, 16),
+                                                                        interpolation=cv2.INTER_AREA).astype(float)
+        return self._cache[name]
+
+    def alike(self, a: str, b: str) -> bool:
+        """Whether two saved frames show the same scene (mean grey difference of their
+        thumbnails under SAME_PART_DIFFERENCE)."""
+        ta, tb = self.get(a), self.get(b)
+        return ta is not None and tb is not None and float(abs(ta - tb).mean()) < SAME_PART_DIFFERENCE
+
+
+def group_parts(items: list[dict], alike) -> list[dict]:
+    """Give each item (newest first) a `group`: the id of the newest frame of its part. A
+    part in front of the camera is decided on several frames in a row: consecutive frames
+    of one source with the same label and part id (when triggered) are one part when
+    `alike(a, b)` says the two frames show the same scene (a different part of the same
+    class does not)."""
+    previous = None
+    for item in items:
+        same = (previous is not None and item["frame"] == previous["frame"] - 1
+                and item["label"] == previous["label"] and item["part_id"] == previous["part_id"]
+                and item["source"] == previous["source"] and alike(item, previous))
+        item["group"] = previous["group"] if same else item["id"]
+        previous = item
+    return items
 
 
 def _column(row, name: str) -> str:

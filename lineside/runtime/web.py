@@ -6,8 +6,9 @@
     GET  /api/status         the live page's figures as JSON
     GET  /metrics            the same in Prometheus' text format
     GET  /frame/last.jpg     the last frame decided
-    GET  /api/review         saved frames with their decisions (?label= &verdict= &before= &limit=)
-    GET  /api/frames/ID.jpg  the saved frame of decision ID in the log
+    GET  /api/review         saved frames with their decisions (?label= &verdict= &before= &limit=), the
+                             frames of one part sharing a `group`, and how many the filter matches
+    GET  /api/frames/ID.jpg  the saved frame of decision ID in the log (?crop=roi: the part the model saw)
     POST /api/review/ID      {"label": "..."}: the true label of that frame (needs the token)
 
 The server binds to loopback unless an address is given. Without a token the page is
@@ -513,11 +514,16 @@ class _Handler(BaseHTTPRequestHandler):
                                          _number(q, "limit", 100), _number(q, "before", None))
             except LinesideError as exc:
                 raise BadRequest(400, str(exc)) from None
-            self._json({"items": items, "labels": app.review.known_labels(), "writable": app.token is not None,
+            self._json({"items": items, "total": app.review.count(q.get("label") or None, q.get("verdict") or None),
+                        "labels": app.review.known_labels(), "writable": app.token is not None,
                         "dataset": str(app.review.out_dir)})
         elif path.startswith("/api/frames/") and app.review is not None:
             ident = _ident(path[len("/api/frames/"):].removesuffix(".jpg"))
-            data = app.review.frame_bytes(ident) if ident is not None else None
+            try:
+                crop = parse_qs(url.query, max_num_fields=5).get("crop", [""])[-1] == "roi"
+            except ValueError:
+                raise BadRequest(400, "too many query fields") from None
+            data = app.review.frame_bytes(ident, crop=crop) if ident is not None else None
             if data is None:
                 self._error(404, "no saved frame for that decision")
             else:

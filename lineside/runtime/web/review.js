@@ -1,18 +1,25 @@
 // lineside review page: the saved frames, newest first; confirm or correct each label.
 "use strict";
 const $ = (id) => document.getElementById(id);
-let writable = false, oldest = null;
+let writable = false, oldest = null, shown = [], frames = 0;
 
 function message(text) { const m = $("message"); m.textContent = text; m.hidden = !text; }
 
-function card(item) {
+function frameUrl(item) {
+  return `/api/frames/${item.id}.jpg` + ($("whole").checked ? "" : "?crop=roi");
+}
+
+// One card per part: the frames of a part held in front of the camera (the same `group`)
+// are shown once, the newest, and a label given to the card goes to each of them.
+function card(group) {
+  const item = group[0];
   const div = document.createElement("div");
-  div.className = "card" + (item.reviewed ? " done" : "");
+  div.className = "card" + (group.every((g) => g.reviewed) ? " done" : "");
   div.dataset.id = item.id;
   const img = document.createElement("img");
   img.loading = "lazy";
   img.alt = `frame ${item.frame}`;
-  img.src = `/api/frames/${item.id}.jpg`;
+  img.src = frameUrl(item);
   const info = document.createElement("div");
   const verdict = item.label === "unknown" ? "unknown" : (item.verdict || "");
   const title = document.createElement("strong");
@@ -21,7 +28,9 @@ function card(item) {
   if (verdict) title.className = `${verdict}-text`;
   const meta = document.createElement("div");
   meta.className = "muted";
-  meta.textContent = `${new Date(item.time * 1000).toLocaleString()} · frame ${item.frame}` +
+  const frames = group.length > 1 ? `frames ${group[group.length - 1].frame}-${item.frame} (one part, ` +
+    `${group.length} frames)` : `frame ${item.frame}`;
+  meta.textContent = `${new Date(item.time * 1000).toLocaleString()} · ${frames}` +
     (item.part_id ? ` · part ${item.part_id}` : "") + (item.flags.length ? ` · ${item.flags.join(", ")}` : "");
   const state = document.createElement("div");
   state.className = "reviewed";
@@ -37,9 +46,12 @@ function card(item) {
     input.placeholder = "true label";
     const ok = document.createElement("button");
     ok.type = "submit";
-    ok.textContent = "save label";
+    ok.textContent = group.length > 1 ? `save label (${group.length} frames)` : "save label";
     form.append(input, ok);
-    form.addEventListener("submit", (ev) => { ev.preventDefault(); relabel(item, input.value, div, state); });
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      for (const g of group) { if (!(await relabel(g, input.value, div, state))) return; }
+    });
     div.append(form);
   }
   return div;
@@ -51,12 +63,13 @@ async function relabel(item, label, div, state) {
     body: JSON.stringify({ label: label.trim() }),
   });
   const body = await r.json().catch(() => ({}));
-  if (!r.ok) { message(`not saved: ${body.error || r.status}`); return; }
+  if (!r.ok) { message(`not saved: ${body.error || r.status}`); return false; }
   message("");
   sessionStorage.setItem("lineside-token", $("token").value);
   item.reviewed = { label: body.label, path: body.path };
   state.textContent = `reviewed: ${body.label} (${body.path})`;
   div.classList.add("done");
+  return true;
 }
 
 async function load(append) {
@@ -78,11 +91,22 @@ async function load(append) {
       if (filter.value) { load(false); return; }
     }
   }
-  const cards = body.items.map(card);
+  const groups = [];
+  for (const item of body.items) {
+    const last = groups[groups.length - 1];
+    if (last && last[0].group === item.group) last.push(item); else groups.push([item]);
+  }
+  if (append && groups.length && shown.length && shown[shown.length - 1][0].group === groups[0][0].group) {
+    groups.shift();      // the rest of a part whose newest frames the last page showed
+  }
+  shown = append ? shown.concat(groups) : groups;
+  const cards = groups.map(card);
   if (append) $("items").append(...cards); else $("items").replaceChildren(...cards);
   if (body.items.length) oldest = body.items[body.items.length - 1].id;
+  frames = (append ? frames : 0) + body.items.length;
   $("more").hidden = body.items.length < 60;
-  $("summary").textContent = `${$("items").children.length} frame(s); reviewed frames go to ${body.dataset}`;
+  $("summary").textContent = `${shown.length} part(s) in the ${frames} newest of ${body.total} saved ` +
+    `frame(s); reviewed frames go to ${body.dataset}`;
 }
 
 $("token").value = sessionStorage.getItem("lineside-token") || "";
@@ -91,6 +115,7 @@ if (asked.get("verdict")) $("verdict").value = asked.get("verdict");
 $("verdict").addEventListener("change", () => load(false));
 $("label").addEventListener("change", () => load(false));
 $("more").addEventListener("click", () => load(true));
+$("whole").addEventListener("change", () => load(false));
 
 async function start() {
   // The frames kept as worth labelling (--save-when worth) come first, when there are any.
