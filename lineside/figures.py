@@ -91,3 +91,49 @@ def gallery_page(path: Path, title: str, sections: list[tuple[str, list[tuple[st
                          "</figure>")
     write_atomic(Path(path), "\n".join(parts).encode("utf-8"))
     return Path(path)
+
+
+def tradeoff_image(rows: list[dict], parts: tuple[int, int], best: dict, title: str) -> np.ndarray:
+    """lineside score --plot: escapes (defective parts called OK) against false calls (good
+    parts called NG) for every --reject-below, one line per --vote, the best setting ringed.
+    `parts`: (good parts, defective parts), for the axes in percent."""
+    good, bad = max(parts[0], 1), max(parts[1], 1)
+    w, h, left, top, right, bottom = 640, 440, 64, 36, 150, 48
+    img = np.full((h, w, 3), 255, np.uint8)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    xs = [100.0 * r["false_calls"] / good for r in rows]
+    ys = [100.0 * r["escapes"] / bad for r in rows]
+    xmax, ymax = max(max(xs, default=0), 1.0) * 1.1, max(max(ys, default=0), 1.0) * 1.1
+    pw, ph = w - left - right, h - top - bottom
+
+    def at(x, y):
+        return int(left + pw * x / xmax), int(top + ph - ph * y / ymax)
+
+    cv2.rectangle(img, (left, top), (left + pw, top + ph), (160, 160, 160), 1)
+    for k in range(5):
+        fx, fy = xmax * k / 4, ymax * k / 4
+        cv2.putText(img, f"{fx:.1f}", (at(fx, 0)[0] - 10, top + ph + 16), font, 0.35, (80, 80, 80), 1, cv2.LINE_AA)
+        cv2.putText(img, f"{fy:.1f}", (left - 40, at(0, fy)[1] + 4), font, 0.35, (80, 80, 80), 1, cv2.LINE_AA)
+    colours = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148), (75, 86, 140)]
+    votes = sorted({r["vote"] for r in rows}, key=lambda v: [int(n) for n in v.split("/")])
+    for i, vote in enumerate(votes):
+        colour = colours[i % len(colours)]
+        pts = sorted(at(x, y) for x, y, r in zip(xs, ys, rows) if r["vote"] == vote)
+        for p, q in zip(pts, pts[1:]):
+            cv2.line(img, p, q, colour, 1, cv2.LINE_AA)
+        for p in pts:
+            cv2.circle(img, p, 3, colour, -1, cv2.LINE_AA)
+        cv2.putText(img, f"vote {vote}", (left + pw + 12, top + 16 + 18 * i), font, 0.45, colour, 1, cv2.LINE_AA)
+    bx, by = at(100.0 * best["false_calls"] / good, 100.0 * best["escapes"] / bad)
+    cv2.circle(img, (bx, by), 9, (0, 0, 0), 1, cv2.LINE_AA)
+    rb = "none" if best["reject_below"] is None else f"{best['reject_below']:.2f}"
+    cv2.putText(img, f"best: {rb}, {best['vote']}", (left + pw + 12, top + 16 + 18 * (len(votes) + 1)), font, 0.4,
+                (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, "false calls (% of good parts called NG)", (left, h - 12), font, 0.45, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    cv2.putText(img, title[:80], (6, 20), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    label = np.full((18, ph, 3), 255, np.uint8)
+    cv2.putText(label, "escapes (% of defective parts called OK)"[:60], (4, 13), font, 0.4, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    img[top:top + ph, 4:22] = cv2.rotate(label, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return img

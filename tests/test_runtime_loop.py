@@ -14,6 +14,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -937,9 +938,12 @@ def test_score_a_replay_against_the_truth_and_sweep_the_settings(model, video, t
     db = tmp_path / "replay.sqlite"
     ok = "card,cube"
     run_app(model, RunOptions(source=str(path), log=str(db), ok_classes=ok, roi=",".join(map(str, info["roi"]))))
-    res = CliRunner().invoke(main, ["score", str(db), "--truth", str(truth), "--json"])
+    res = CliRunner().invoke(main, ["score", str(db), "--truth", str(truth), "--json", "--plot",
+                                    str(tmp_path / "tradeoff.png")])
     assert res.exit_code == 0, res.output
     r = json.loads(res.output)
+    plot = cv2.imread(r["plot"])
+    assert plot is not None and plot.shape[0] > 200 and (plot < 128).any()      # drawn, and something on it
     n = info["parts"]
     assert r["parts"] == n and r["frames_per_part"] == 2 and r["frames_decided"] == info["frames"]
     assert r["good_parts"] == sum(label in ("card", "cube") for label in info["labels"])

@@ -383,8 +383,10 @@ def compare_cmd(log_path, run_id, as_json):
               help="What was really in front of the camera: the JSON of lineside data video --json.")
 @click.option("--ok-classes", default=None, help="Labels that mean OK. [the run's own --ok-classes]")
 @click.option("--run", "run_id", type=int, default=None, help="The run in the log. [the last]")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG of escapes against false calls, one line per --vote, the best setting ringed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as one JSON object.")
-def score_cmd(log_path, truth, ok_classes, run_id, as_json):
+def score_cmd(log_path, truth, ok_classes, run_id, plot, as_json):
     """Score a run of the line against the truth, and sweep --reject-below and --vote.
 
     Every part's answer is worked out again from the logged probabilities for each
@@ -395,10 +397,15 @@ def score_cmd(log_path, truth, ok_classes, run_id, as_json):
     \b
       lineside data video test-parts/ parts.avi --hold 3 --json > truth.json
       lineside run bundles/parts --source parts.avi --roi 80,0,480,480 --ok-classes ok --log replay.sqlite
-      lineside score replay.sqlite --truth truth.json"""
+      lineside score replay.sqlite --truth truth.json --plot tradeoff.png"""
     from lineside.runtime.linescore import score_log
 
     r = score_log(log_path, truth, ok_classes, run_id)
+    if plot is not None:
+        from lineside.figures import tradeoff_image, write_png
+
+        r["plot"] = str(write_png(plot, tradeoff_image(r["sweep"], (r["good_parts"], r["defective_parts"]), r["best"],
+                                                       f"{r['parts']} parts of {Path(str(r['log'])).name}")))
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
@@ -412,3 +419,5 @@ def score_cmd(log_path, truth, ok_classes, run_id, as_json):
     b = r["best"]
     click.echo(f"best: --reject-below {b['reject_below'] if b['reject_below'] is not None else 'none'} --vote "
                f"{b['vote']}: {b['escapes']} escapes, {b['false_calls']} false calls of {r['parts']} parts")
+    if plot is not None:
+        click.echo(f"wrote {plot}")
