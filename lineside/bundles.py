@@ -27,6 +27,10 @@ EXPORT_REPORT_MD = "export_report.md"
 SIGNATURE_JSON = "signature.json"
 REPORT_FILES = (BUNDLE_JSON, EXPORT_REPORT_JSON, EXPORT_REPORT_MD, SIGNATURE_JSON)
 PRECISIONS = ("fp32", "int8")
+# an anomaly model's IR for OpenVINO Model API's AnomalyDetection (export/openvino_export.py):
+# listed and hashed in bundle.json like the models, never opened by lineside itself
+MODEL_API_KEY = "model_api_anomaly"
+MODEL_API_FILE = "model_api.xml"
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_REPORT_BYTES = 4_000_000
 

@@ -376,3 +376,33 @@ def test_score_maps_the_truths_defect_folders_onto_anomalous(anomaly_bundle, pla
     assert r["good_parts"] == 16 and r["defective_parts"] == 8
     one = next(row for row in r["sweep"] if row["reject_below"] is None and row["vote"] == "1/1")
     assert one["escapes"] + one["false_calls"] + one["right"] == 24
+
+
+def test_openvino_model_api_loads_the_anomaly_ir_and_agrees_with_the_verdicts(anomaly_bundle, plates):
+    """Model API's AnomalyDetection loads the bundle's model_api.xml as it is (the IR
+    carries its model_info) and labels each image as lineside's own model does."""
+    cv2 = pytest.importorskip("cv2")
+    model_api = pytest.importorskip("model_api.models")
+    from lineside.runtime.model import open_model
+    from lineside.spec import resize_to_spec
+
+    bundle, result = anomaly_bundle
+    assert result["report"]["model_api"]["files"] == ["model_api.xml", "model_api.bin"]
+    doc = json.loads((bundle / "bundle.json").read_text())
+    assert set(doc["models"]["model_api_anomaly"]["files"]) == {"model_api.xml", "model_api.bin"}
+    api = model_api.AnomalyDetection.create_model(str(bundle / "model_api.xml"))
+    ours = open_model(bundle, backend="openvino")
+    thr = ours.metadata.anomaly["threshold"]
+    seen, close = set(), 0
+    for path in sorted(plates[1].rglob("*.png")):
+        bgr = cv2.imread(str(path))
+        relative = float(ours.anomaly(resize_to_spec(bgr[..., ::-1], ours.spec)[None])[0][0]) / thr
+        verdict = "anomalous" if relative > 1 else "good"
+        answer = api(bgr)
+        if abs(relative - 1) < 0.02:      # on the threshold, the two resizes may tip it either way
+            close += 1
+            continue
+        assert answer.pred_label == verdict, (path, relative, answer.pred_label)
+        assert answer.anomaly_map.shape == bgr.shape[:2]
+        seen.add(verdict)
+    assert seen == {"good", "anomalous"} and close <= 2

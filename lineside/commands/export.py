@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from lineside.bundles import BUNDLE_JSON, EXPORT_REPORT_JSON, EXPORT_REPORT_MD, SIGNATURE_JSON
+from lineside.bundles import BUNDLE_JSON, EXPORT_REPORT_JSON, EXPORT_REPORT_MD, MODEL_API_FILE, SIGNATURE_JSON
 
 
 @click.command()
@@ -84,6 +84,8 @@ def export(run, out, formats, data_dir, int8, calib, eval_dir, max_drop, min_agr
         speed = (f", {r['latency_ms']:.2f} ms per image, {r['throughput_fps']:.0f} FPS" if "latency_ms" in r else "")
         extra = f" ({r['speedup_vs_fp32']:.2f}x FP32)" if "speedup_vs_fp32" in r else ""
         click.echo(f"{key}: {r['bytes'] / 2**20:.1f} MiB{speed}{extra}")
+    if result["report"].get("model_api"):
+        click.echo(f"{MODEL_API_FILE}: the anomaly model for OpenVINO Model API's AnomalyDetection")
     click.echo(f"wrote {out}/{BUNDLE_JSON}, {EXPORT_REPORT_JSON}, {EXPORT_REPORT_MD}"
                + (f", {SIGNATURE_JSON} (key {result['signature']['key_id']})" if sign_key is not None else ""))
 

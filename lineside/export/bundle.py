@@ -17,8 +17,8 @@ import numpy as np
 
 import lineside
 from lineside import runs
-from lineside.bundles import (BUNDLE_JSON, EXPORT_REPORT_JSON, EXPORT_REPORT_MD, ModelKey, listed_files,
-                              write_bundle_doc)
+from lineside.bundles import (BUNDLE_JSON, EXPORT_REPORT_JSON, EXPORT_REPORT_MD, MODEL_API_FILE, MODEL_API_KEY,
+                              ModelKey, listed_files, write_bundle_doc)
 from lineside.dataset import load_for_model, load_image_set
 from lineside.errors import LinesideError
 from lineside.images import read_image
@@ -28,7 +28,7 @@ from lineside.runtime.model import open_model
 from lineside.spec import resize_to_spec
 
 from .onnx_export import INPUT_NAME, export_onnx
-from .openvino_export import export_openvino
+from .openvino_export import export_model_api_anomaly, export_openvino
 from .quantize import (ORT_RECIPES, RECIPES, int8_gate, margin_shifts, predicted_unseen, quantize_onnxruntime,
                        quantize_openvino)
 
@@ -164,9 +164,15 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
                                       (max_drop, min_agreement), progress, run_dir)
     report["models"] = _sizes_and_speed(files, speed_seconds) if parity_ok else {}
     report["seconds"] = round(time.perf_counter() - t0, 2)
+    listed = dict(files)
+    if meta.anomaly is not None and ov_fp32.key in files:      # for OpenVINO Model API's AnomalyDetection
+        api = export_model_api_anomaly(files[ov_fp32.key][0], out / MODEL_API_FILE, meta)
+        listed[MODEL_API_KEY] = [api, api.with_suffix(".bin")]
+        report["model_api"] = {"files": [api.name, api.with_suffix(".bin").name],
+                               "loads_with": "model_api.models.AnomalyDetection.create_model"}
     (out / EXPORT_REPORT_JSON).write_text(json.dumps(report, indent=2))
     (out / EXPORT_REPORT_MD).write_text(report_markdown(report, out))
-    bundle = write_bundle_doc(out, meta.to_dict(), files, parity_ok, drift_reference(loaded, data, run_dir))
+    bundle = write_bundle_doc(out, meta.to_dict(), listed, parity_ok, drift_reference(loaded, data, run_dir))
     if not parity_ok:
         worst = max(parity.items(), key=lambda kv: kv[1]["max_abs_diff"])
         raise LinesideError(f"{out}: exported model disagrees with PyTorch ({worst[0]}: max probability "
