@@ -406,3 +406,38 @@ def test_openvino_model_api_loads_the_anomaly_ir_and_agrees_with_the_verdicts(an
         assert answer.anomaly_map.shape == bgr.shape[:2]
         seen.add(verdict)
     assert seen == {"good", "anomalous"} and close <= 2
+
+
+def test_the_review_and_live_pages_show_an_anomaly_models_heatmaps(anomaly_bundle, plates, tmp_path):
+    """The review lists which saved NG frames have a heatmap and serves it; the live page
+    draws the last frame's heatmap on request, and none for a classifier."""
+    from types import SimpleNamespace
+
+    import cv2
+
+    from lineside.runtime.app import RunOptions, frame_heatmap, run_app
+    from lineside.runtime.model import open_model
+    from lineside.runtime.review import ReviewStore
+    from lineside.runtime.web import LivePage, model_summary
+    from lineside.video import write_video
+
+    video = tmp_path / "parts.avi"
+    write_video(plates[1], video, size=(SIZE, SIZE), hold=1, noise=0.0)
+    model = open_model(anomaly_bundle[0], backend="onnxruntime")
+    log, save = tmp_path / "d.sqlite", tmp_path / "saved"
+    run_app(model, RunOptions(source=str(video), log=str(log), save_dir=save, save_when="all"))
+    items = ReviewStore(log, save).items(limit=100)
+    ng = [i for i in items if i["verdict"] == "NG"]
+    assert ng and all(i["heatmap"] for i in ng) and not any(i["heatmap"] for i in items if i["verdict"] == "OK")
+    store = ReviewStore(log, save)
+    overlay = cv2.imdecode(np.frombuffer(store.frame_bytes(ng[0]["id"], heatmap=True), np.uint8), cv2.IMREAD_COLOR)
+    assert overlay is not None and overlay.shape[:2] == (SIZE, SIZE)
+    ok = next(i for i in items if i["verdict"] == "OK")
+    assert store.frame_bytes(ok["id"], heatmap=True) is None
+    page = LivePage("s", model_summary(model), "video", heatmap=frame_heatmap(model, None))
+    assert model_summary(model)["task"] == "anomaly"
+    frame = cv2.imread(str(sorted((plates[1] / "dent").glob("*.png"))[0]))
+    page.observe(SimpleNamespace(index=7, image=frame), None, None)
+    plain, heat = page.last_jpeg(), page.last_jpeg(heatmap=True)
+    assert plain and heat and plain != heat
+    assert LivePage("s", model_summary(model), "video").last_jpeg(heatmap=True) is None

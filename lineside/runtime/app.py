@@ -444,7 +444,10 @@ def _status_server(options: RunOptions, model: RuntimeModel, info, station: str,
         from .review import ReviewStore
 
         review = ReviewStore(options.log, options.save_dir, options.review_out, model.labels)
-    page = LivePage(station, model_summary(model), info.shown)
+    heatmap = None
+    if model.metadata.anomaly is not None:     # the page's heatmap of the last frame (the model as at the start)
+        heatmap = frame_heatmap(model, switch.active.roi if switch else parse_roi(options.roi))
+    page = LivePage(station, model_summary(model), info.shown, heatmap=heatmap)
     return StatusServer(options.http, page, review, read_token(options.http_token_file),
                         hosts=options.http_hosts, switch=switch, actions=actions), page
 

@@ -111,6 +111,7 @@ class ReviewStore:
                         "confidence": r["confidence"], "verdict": r["verdict"], "flags": json.loads(r["flags"] or "[]"),
                         "part_id": r["part_id"], "source": r["source"],
                         "capture": r["capture"] if "capture" in r.keys() else None,
+                        "heatmap": self._frame_file(heatmap_name(r["saved"])) is not None,
                         "reviewed": reviewed.get(r["id"])})
             if len(out) >= limit:
                 break
@@ -138,10 +139,14 @@ class ReviewStore:
         row = self._row(decision_id)
         return self._frame_file(row["saved"]) if row is not None else None
 
-    def frame_bytes(self, decision_id: int, crop: bool = False) -> bytes | None:
+    def frame_bytes(self, decision_id: int, crop: bool = False, heatmap: bool = False) -> bytes | None:
         """The saved frame's bytes, read without following a link (O_NOFOLLOW), or None;
-        with `crop`, the part of it the model saw (the run's --roi) as a JPEG."""
+        with `crop`, the part of it the model saw (the run's --roi) as a JPEG; with
+        `heatmap`, an anomaly model's overlay saved beside it (NAME.heatmap.jpg)."""
         row = self._row(decision_id)
+        if heatmap:
+            path = self._frame_file(heatmap_name(row["saved"])) if row is not None else None
+            return None if path is None else read_plain_file(path)
         path = self._frame_file(row["saved"]) if row is not None else None
         data = None if path is None else read_plain_file(path)
         if data is None or not crop:
@@ -228,6 +233,11 @@ class ReviewStore:
         w.writeheader()
         w.writerows(entries)
         write_atomic(self.out_dir / MANIFEST, buf.getvalue().encode("utf-8"))
+
+
+def heatmap_name(saved: str | None) -> str | None:
+    """The overlay --save writes beside an anomaly model's NG frame NAME.jpg: NAME.heatmap.jpg."""
+    return None if not saved else Path(saved).stem + ".heatmap.jpg"
 
 
 def review_filters(label: str | None, verdict: str | None) -> tuple[list[str], list]:

@@ -5,10 +5,11 @@
     GET  /review             the saved NG / unknown / flagged frames, newest first
     GET  /api/status         the live page's figures as JSON
     GET  /metrics            the same in Prometheus' text format
-    GET  /frame/last.jpg     the last frame decided
+    GET  /frame/last.jpg     the last frame decided (?heatmap=1: an anomaly model's overlay of it)
     GET  /api/review         saved frames with their decisions (?label= &verdict= &before= &limit=), the
                              frames of one part sharing a `group`, and how many the filter matches
-    GET  /api/frames/ID.jpg  the saved frame of decision ID in the log (?crop=roi: the part the model saw)
+    GET  /api/frames/ID.jpg  the saved frame of decision ID in the log (?crop=roi: the part the model saw;
+                             ?heatmap=1: an anomaly model's overlay saved beside it)
     POST /api/review/ID      {"label": "..."}: the true label of that frame (needs the token)
 
 The server binds to loopback unless an address is given. Without a token the page is
@@ -95,7 +96,7 @@ def model_summary(model) -> dict:
     from pathlib import Path
 
     path = Path(model.path)
-    return {"name": f"{path.parent.name}/{path.name}", "labels": list(model.labels),
+    return {"name": f"{path.parent.name}/{path.name}", "labels": list(model.labels), "task": model.metadata.task,
             "precision": model.metadata.precision, "sha256": model.checksum, "backend": model.backend,
             "signature": getattr(model, "signature", None) or {"state": "unsigned"}}
 
@@ -104,9 +105,10 @@ class LivePage(Output):
     """What the live page shows: an output (runtime/outputs.py) whose methods only store
     references and counters; snapshot() builds the page's figures in the server thread."""
 
-    def __init__(self, station: str, model: dict, source: str):
+    def __init__(self, station: str, model: dict, source: str, heatmap=None):
         self.station = station
         self.model = model
+        self.heatmap = heatmap                  # an anomaly model's frame -> overlay (BGR), for ?heatmap=1
         self.source = source
         self.started = time.time()
         self.counts: Counter = Counter()
@@ -120,6 +122,7 @@ class LivePage(Output):
         self._frame = None                      # (frame index, image) of the last decision
         self._stats = None
         self._jpeg = (None, b"")
+        self._heatmap_jpeg = (None, b"")
         self._rate = deque(maxlen=64)           # (time, frames) samples for a windowed FPS
         self._lock = threading.Lock()
 
@@ -186,18 +189,29 @@ class LivePage(Output):
             "shadow": self.shadow.summary() if self.shadow is not None else None,
         }
 
-    def last_jpeg(self) -> bytes | None:
+    def last_jpeg(self, heatmap: bool = False) -> bytes | None:
+        """The last frame decided as a JPEG (cached per frame); with `heatmap`, an anomaly
+        model's overlay of it instead, made here on request (the model runs once more, in
+        the server's thread, for the frames the page asks for only)."""
         frame = self._frame
-        if frame is None:
+        if frame is None or (heatmap and self.heatmap is None):
             return None
         index, image = frame
-        cached_index, data = self._jpeg
+        cached_index, data = self._heatmap_jpeg if heatmap else self._jpeg
         if cached_index != index:
-            ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])
+            try:
+                picture = self.heatmap(image) if heatmap else image
+            except Exception as exc:  # noqa: BLE001 - an overlay is a courtesy; the page shows the frame
+                log.warning("heatmap of frame %s not made: %s", index, exc)
+                return None
+            ok, buf = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, 80])
             if not ok:
                 return None
             data = buf.tobytes()
-            self._jpeg = (index, data)
+            if heatmap:
+                self._heatmap_jpeg = (index, data)
+            else:
+                self._jpeg = (index, data)
         return data
 
 
@@ -499,7 +513,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/metrics" and app.page is not None:
             self._send(200, prometheus(app.page.snapshot()).encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif path == "/frame/last.jpg" and app.page is not None:
-            data = app.page.last_jpeg()
+            data = app.page.last_jpeg(heatmap="heatmap=1" in (url.query or "").split("&"))
             if data is None:
                 self._error(404, "no frame decided yet")
             else:
@@ -520,10 +534,11 @@ class _Handler(BaseHTTPRequestHandler):
         elif path.startswith("/api/frames/") and app.review is not None:
             ident = _ident(path[len("/api/frames/"):].removesuffix(".jpg"))
             try:
-                crop = parse_qs(url.query, max_num_fields=5).get("crop", [""])[-1] == "roi"
+                q = {k: v[-1] for k, v in parse_qs(url.query, max_num_fields=5).items()}
             except ValueError:
                 raise BadRequest(400, "too many query fields") from None
-            data = app.review.frame_bytes(ident, crop=crop) if ident is not None else None
+            data = app.review.frame_bytes(ident, crop=q.get("crop") == "roi", heatmap=q.get("heatmap") == "1") \
+                if ident is not None else None
             if data is None:
                 self._error(404, "no saved frame for that decision")
             else:

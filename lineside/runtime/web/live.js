@@ -50,7 +50,10 @@ function render(s) {
     $("frame").className = `frame ${verdict}`;
     if (last.frame !== lastFrame) {
       lastFrame = last.frame;
-      $("last-frame").src = `/frame/last.jpg?frame=${last.frame}`;
+      // an anomaly model's NG frame: its heatmap, where the part differs from the good ones
+      const heat = s.model && s.model.task === "anomaly" && last.verdict === "NG";
+      $("last-frame").src = `/frame/last.jpg?frame=${last.frame}` + (heat ? "&heatmap=1" : "");
+      $("last-frame").onerror = heat ? () => { $("last-frame").src = `/frame/last.jpg?frame=${last.frame}`; } : null;
     }
   }
   const rows = s.events.map((e) => {

@@ -6,6 +6,7 @@ let writable = false, oldest = null, shown = [], frames = 0;
 function message(text) { const m = $("message"); m.textContent = text; m.hidden = !text; }
 
 function frameUrl(item) {
+  if (item.heatmap && !$("whole").checked) return `/api/frames/${item.id}.jpg?heatmap=1`;   // the part, with its map
   return `/api/frames/${item.id}.jpg` + ($("whole").checked ? "" : "?crop=roi");
 }
 
@@ -24,7 +25,7 @@ function card(group) {
   const verdict = item.label === "unknown" ? "unknown" : (item.verdict || "");
   const title = document.createElement("strong");
   title.textContent = `${item.label} ${(100 * item.confidence).toFixed(1)}% ${item.verdict || ""}` +
-    (item.capture ? ` · kept: ${item.capture.replace("_", " ")}` : "");
+    (item.capture ? ` · kept: ${item.capture.replace("_", " ")}` : "") + (item.heatmap ? " · heatmap" : "");
   if (verdict) title.className = `${verdict}-text`;
   const meta = document.createElement("div");
   meta.className = "muted";
