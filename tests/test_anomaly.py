@@ -441,3 +441,31 @@ def test_the_review_and_live_pages_show_an_anomaly_models_heatmaps(anomaly_bundl
     plain, heat = page.last_jpeg(), page.last_jpeg(heatmap=True)
     assert plain and heat and plain != heat
     assert LivePage("s", model_summary(model), "video").last_jpeg(heatmap=True) is None
+
+
+def test_sample_size_study_for_good_parts_alone(plates, tmp_path, monkeypatch):
+    """study sample-size --task anomaly: each fit on k good images drawn at random, scored
+    on every image not drawn (false rejects on the good ones, AUROC on the dents); the
+    fits are kept, so the same command again fits nothing."""
+    from click.testing import CliRunner
+
+    from lineside.cli import main
+    from lineside.train import anomaly_study
+
+    out = tmp_path / "ss"
+    args = ["study", "sample-size", str(plates[0]), "--task", "anomaly", "--shots", "4,8", "--repeats", "2",
+            "--image-size", str(SIZE), "--out", str(out), "--json"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["task"] == "anomaly" and r["good_images"] == 24 and r["other_images"] == 6
+    assert [(row["shots"], row["repeat"]) for row in r["runs"]] == [(4, 0), (4, 1), (8, 0), (8, 1)]
+    for row in r["runs"]:
+        assert row["good_scored"] == 24 - row["shots"] and 0 <= row["false_reject"] <= 1
+        assert 50 <= row["auroc"] <= 100                 # the dents score above the good plates
+    assert (out / "learning_curve.png").stat().st_size > 10_000 and "How many good parts" in (out / "report.md").read_text()
+    monkeypatch.setattr(anomaly_study, "_one_fit", lambda *a, **k: pytest.fail("fitted again"))
+    again = json.loads(CliRunner().invoke(main, args).stdout)
+    assert again["runs"] == r["runs"]
+    res = CliRunner().invoke(main, ["study", "sample-size", str(plates[0]), "--ok-classes", "good"])
+    assert res.exit_code == 2 and "--task anomaly" in res.output

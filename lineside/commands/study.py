@@ -50,16 +50,22 @@ def study():
 
 @study.command("sample-size")
 @click.argument("data_dir", metavar="DATA", type=click.Path(path_type=Path))
-@click.option("--shots", default="1,2,5,10,20,50", show_default=True, help="Training images per class to try.")
+@click.option("--task", type=click.Choice(["classify", "anomaly"]), default="classify", show_default=True,
+              help="anomaly: how many good parts an anomaly model needs (AUROC and false rejects).")
+@click.option("--shots", default=None, help="Training images per class to try (anomaly: good images). "
+              "[1,2,5,10,20,50; anomaly: 4,8,16,32,64]")
 @click.option("--repeats", default=5, show_default=True, help="Random draws per size.")
 @click.option("--strategy", type=click.Choice(["auto", "linear", "finetune", "full", "scratch"]), default="auto",
               show_default=True, help="Recipe to study (linear is by far the fastest: features are shared).")
-@click.option("--target", default=0.99, show_default=True, help="Balanced accuracy to reach (0..1).")
+@click.option("--target", default=0.99, show_default=True, help="Balanced accuracy (anomaly: AUROC) to reach (0..1).")
+@click.option("--ok-classes", default=None, help="anomaly: the good class folder(s). [good]")
+@click.option("--false-reject", type=float, default=None, help="anomaly: the share of good parts the threshold "
+              "may flag. [0.01]")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("study-sample-size"),
               show_default=True)
 @_study_options
-def study_sample_size(data_dir, shots, repeats, strategy, target, out, config_file, as_json, quiet, views,
-                      **options):
+def study_sample_size(data_dir, task, shots, repeats, strategy, target, ok_classes, false_reject, out, config_file,
+                      as_json, quiet, views, **options):
     """How many images per class does DATA need to reach --target?
 
     For each size, draws that many training images per class (seeded, --repeats
@@ -69,16 +75,30 @@ def study_sample_size(data_dir, shots, repeats, strategy, target, out, config_fi
     learning_curve.png, sample_size.json and report.md (with per-class curves).
 
     Every finished fit is kept in OUT/fits.jsonl as it ends: after Ctrl-C the
-    same command carries on where it stopped."""
+    same command carries on where it stopped.
+
+    With --task anomaly: how many good parts? Models fitted on 4, 8, 16... good
+    images (DATA/good, or --ok-classes) are scored on every image not drawn: the
+    false-reject rate on the good ones against the rate promised, and the AUROC
+    and detection rate on the other folders.
+
+    \b
+      lineside study sample-size bottle/ --task anomaly --repeats 3"""
     from lineside.train.study import sample_size
 
     if not 0 < target < 1:
         raise click.BadParameter("must be between 0 and 1 (0.99 means 99%)", param_hint="--target")
     if repeats < 1:
         raise click.BadParameter("must be at least 1", param_hint="--repeats")
+    if task == "anomaly":
+        return _anomaly_sample_size(data_dir, shots, repeats, target, ok_classes, false_reject, out, as_json, quiet,
+                                    options)
+    for name, value in (("--ok-classes", ok_classes), ("--false-reject", false_reject)):
+        if value is not None:
+            raise click.UsageError(f"{name}: only with --task anomaly")
     cfg = _study_config(config_file, strategy=strategy, **options)
-    r = sample_size(data_dir, out, cfg, shots=_ints(shots, "--shots"), repeats=repeats, target=target, views=views,
-                    progress=not quiet and not as_json)
+    r = sample_size(data_dir, out, cfg, shots=_ints(shots or "1,2,5,10,20,50", "--shots"), repeats=repeats,
+                    target=target, views=views, progress=not quiet and not as_json)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
@@ -89,6 +109,27 @@ def study_sample_size(data_dir, shots, repeats, strategy, target, out, config_fi
     if check:
         click.echo("check (fit on " + ",".join(map(str, check["fit_sizes"])) + "): " + "; ".join(
             f"{p['size']}/class predicted {p['predicted']:.2%}, measured {p['measured']:.2%}" for p in check["predictions"]))
+    click.echo(f"wrote {out}/learning_curve.png, sample_size.json, report.md ({r['seconds']:.0f} s)")
+
+
+def _anomaly_sample_size(data_dir, shots, repeats, target, ok_classes, false_reject, out, as_json, quiet, options):
+    from lineside.train import anomaly as A
+    from lineside.train.anomaly_study import ANOMALY_SHOTS, anomaly_sample_size
+
+    r = anomaly_sample_size(data_dir, out, shots=_ints(shots, "--shots") if shots else ANOMALY_SHOTS,
+                            repeats=repeats, target=target, ok_classes=ok_classes,
+                            false_reject=A.DEFAULT_FALSE_REJECT if false_reject is None else false_reject,
+                            image_size=options.get("image_size"), skip_bad=bool(options.get("skip_bad")),
+                            progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    for s in r["sizes"]:
+        auc = "" if s["auroc_mean"] is None else f"AUROC {s['auroc_mean']:.1f} ± {s['auroc_std']:.1f}, "
+        click.echo(f"{s['shots']:>4} good images: {auc}good parts flagged {s['false_reject_mean']:.1%} "
+                   f"(promised {r['false_reject_promised']:.1%})")
+    if r["estimate"]:
+        click.echo(f"estimate for AUROC {100 * target:.1f}: {r['estimate']['statement']}")
     click.echo(f"wrote {out}/learning_curve.png, sample_size.json, report.md ({r['seconds']:.0f} s)")
 
 

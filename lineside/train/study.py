@@ -226,7 +226,7 @@ def _fit_key(d: StudyData, cfg: TrainConfig, views: int) -> str:
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _saved_fits(path: Path, key: str) -> dict[tuple[int, int], dict]:
+def saved_fits(path: Path, key: str) -> dict[tuple[int, int], dict]:
     """The fits an earlier, interrupted run of the same study finished: (shots, repeat) -> row."""
     done = {}
     if path.is_file():
@@ -240,6 +240,12 @@ def _saved_fits(path: Path, key: str) -> dict[tuple[int, int], dict]:
     return done
 
 
+def fits_interrupted(done: int, total: int, path: Path) -> LinesideError:
+    """What a study says when Ctrl-C stops it: how many fits are kept, where."""
+    return LinesideError(f"interrupted: {done} of {total} fits are saved in {path}; the same command carries on "
+                         "from there")
+
+
 def _measure_sizes(study: Study, cfg: TrainConfig, shots: list[int], repeats: int, out: Path, views: int,
                    progress: bool) -> list[dict]:
     """One fit per (size, draw), in rounds of every size (so that the time per round, and
@@ -248,7 +254,7 @@ def _measure_sizes(study: Study, cfg: TrainConfig, shots: list[int], repeats: in
     are taken up, not fitted again."""
     d = study.data
     key, path = _fit_key(d, cfg, views), out / FITS
-    done = _saved_fits(path, key)
+    done = saved_fits(path, key)
     todo = [(k, r) for r in range(repeats) for k in shots if (k, r) not in done]
     if done and progress:
         tqdm.write(f"sample-size study: {len(shots) * repeats - len(todo)} fits taken up from {path}",
@@ -275,8 +281,7 @@ def _measure_sizes(study: Study, cfg: TrainConfig, shots: list[int], repeats: in
                                file=sys.stderr)
     except KeyboardInterrupt:
         bar.close()
-        raise LinesideError(f"interrupted: {len(done)} of {len(shots) * repeats} fits are saved in {path}; "
-                            "the same command carries on from there") from None
+        raise fits_interrupted(len(done), len(shots) * repeats, path) from None
     bar.close()
     return [{name: v for name, v in done[(k, r)].items() if name not in ("repeat", "key")}
             for k in shots for r in range(repeats)]
