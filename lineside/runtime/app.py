@@ -444,10 +444,15 @@ def _status_server(options: RunOptions, model: RuntimeModel, info, station: str,
         from .review import ReviewStore
 
         review = ReviewStore(options.log, options.save_dir, options.review_out, model.labels)
-    heatmap = None
-    if model.metadata.anomaly is not None:     # the page's heatmap of the last frame (the model as at the start)
-        heatmap = frame_heatmap(model, switch.active.roi if switch else parse_roi(options.roi))
-    page = LivePage(station, model_summary(model), info.shown, heatmap=heatmap)
+    def heatmap(image):
+        """The page's heatmap of the last frame, by the model active now (after a switch or update)."""
+        active, roi = (switch.active.model, switch.active.roi) if switch else (model, parse_roi(options.roi))
+        if active.metadata.anomaly is None:
+            raise ValueError("the active model is not an anomaly model")
+        return frame_heatmap(active, roi)(image)
+
+    page = LivePage(station, model_summary(model), info.shown,
+                    heatmap=heatmap if model.metadata.anomaly is not None else None)
     return StatusServer(options.http, page, review, read_token(options.http_token_file),
                         hosts=options.http_hosts, switch=switch, actions=actions), page
 

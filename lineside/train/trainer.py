@@ -604,7 +604,8 @@ class Trainer:
 
     def calibrate(self, x_train, y_train, plan: Plan, x_val=None, y_val=None) -> dict | None:
         """calibrate_temperature on the last fit (whose plan is `plan`)."""
-        assert self.result is not None and plan is self.result.plan, "calibrate the model the last fit made"
+        if self.result is None or plan is not self.result.plan:
+            raise ValueError("Trainer.calibrate: give the plan of the last fit (calibration refits that model)")
         return calibrate_temperature(self.run, self.result, x_train, y_train, x_val, y_val)
 
     def orientations(self) -> tuple[int, ...]:
