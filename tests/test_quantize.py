@@ -494,3 +494,27 @@ def test_an_estimate_of_unseen_images_does_not_keep_int8_that_changes_the_judged
     assert moved["gate"]["estimated"]["agreement"] == 1.0        # the estimate alone would keep it
     assert moved["verdict"] == "refused" and "judged views" in moved["why"]
     assert not (tmp_path / "model_int8.xml").exists()
+
+
+def test_the_gate_refuses_an_anomaly_int8_that_keeps_every_verdict_but_ranks_worse():
+    """An anomaly model's INT8 may give every image FP32's verdict and still rank two
+    missed defects below every good part: the AUROC drop refuses it (a classifier's gate
+    is unchanged)."""
+    from lineside.export.bundle import _refusal_reasons
+    from lineside.export.quantize import int8_gate
+
+    y = np.array([0] * 10 + [1] * 10)
+    good = np.linspace(0.1, 0.4, 10)
+    fp32_bad = np.r_[np.linspace(0.6, 0.9, 8), 0.45, 0.48]        # two defects missed, ranked above every good part
+    int8_bad = np.r_[np.linspace(0.6, 0.9, 8), 0.05, 0.06]        # still missed, now below every good part
+    p32 = np.stack([1 - np.r_[good, fp32_bad], np.r_[good, fp32_bad]], 1)
+    p8 = np.stack([1 - np.r_[good, int8_bad], np.r_[good, int8_bad]], 1)
+    labels = ["good", "anomalous"]
+    plain = int8_gate(y, p32, p8, labels, 0.3, min_agreement=99.5)
+    assert plain["passed"] and plain["top1_agreement"] == 1.0 and "int8_auroc" not in plain
+    gate = int8_gate(y, p32, p8, labels, 0.3, min_agreement=99.5, ranking=True)
+    assert gate["fp32_auroc"] == 100.0 and gate["int8_auroc"] == pytest.approx(80.0)
+    assert not gate["passed"] and not gate["auroc_passed"]
+    reasons = _refusal_reasons(gate, (0.3, 99.5), estimated=False)
+    assert len(reasons) == 1 and "AUROC of 80.00" in reasons[0]
+    assert int8_gate(y, p32, p32, labels, 0.3, min_agreement=99.5, ranking=True)["passed"]

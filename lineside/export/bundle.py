@@ -498,7 +498,8 @@ def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_pa
         t["quantize"](files[t["src"]][0], path, x_cal, int8_meta, recipe)
         seconds = round(time.perf_counter() - t0, 1)
         p_int8 = t["run_int8"](path, x_eval)
-        gate = int8_gate(y_eval, p_fp32, p_int8, loaded.labels, max_drop, eval_paths, min_agreement)
+        gate = int8_gate(y_eval, p_fp32, p_int8, loaded.labels, max_drop, eval_paths, min_agreement,
+                         ranking=getattr(getattr(loaded, "model", None), "task", None) == "anomaly")
         if oof is not None:
             estimate = predicted_unseen(margin_shifts(p_fp32, p_int8), oof[0], oof[1], loaded.labels)
             gate["judged_views"] = {k: gate[k] for k in ("fp32_balanced_accuracy", "int8_balanced_accuracy",
@@ -518,17 +519,7 @@ def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_pa
                     "gate": gate, "attempts": attempts}
     for f in t["files"](path):
         f.unlink(missing_ok=True)
-    reasons = []
-    estimated = "would lose an estimated" if oof is not None else "lost"
-    if gate["drop_points"] > max_drop:
-        reasons.append(f"{estimated} {gate['drop_points']:.2f} points of balanced accuracy (limit {max_drop:g})")
-    if 100.0 * gate["top1_agreement"] < min_agreement:
-        reasons.append(f"gave FP32's label on {'an estimated ' if oof is not None else ''}"
-                       f"{gate['top1_agreement']:.2%} of images (at least {min_agreement:g}% needed)")
-    if oof is not None and not gate["judged_views"]["passed"]:
-        v = gate["judged_views"]
-        reasons.append(f"gave FP32's label on {v['top1_agreement']:.2%} of the judged views themselves "
-                       f"({v['drop_points']:+.2f} points of balanced accuracy lost there)")
+    reasons = _refusal_reasons(gate, limits, estimated=oof is not None)
     tried = f"{len(attempts)} recipe{'s' if len(attempts) != 1 else ''} tried"
     next_step = ("more labelled images in --eval (few images make a strict judge), or more calibration images "
                  "with --calib DIR; or keep FP32" if judged.get("from_eval") else
@@ -537,6 +528,27 @@ def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_pa
     return {"verdict": "refused", "eval_images": judged["source"], "judged": judged, "gate": gate,
             "attempts": attempts, "reasons": [f"INT8 {r}" for r in reasons], "next": next_step,
             "why": f"INT8 {' and '.join(reasons)} ({tried}); FP32 kept"}
+
+
+def _refusal_reasons(gate: dict, limits: tuple[float, float], estimated: bool) -> list[str]:
+    """Why the gate refused INT8, a line per limit it broke."""
+    max_drop, min_agreement = limits
+    reasons = []
+    lost = "would lose an estimated" if estimated else "lost"
+    if gate["drop_points"] > max_drop:
+        reasons.append(f"{lost} {gate['drop_points']:.2f} points of balanced accuracy (limit {max_drop:g})")
+    if 100.0 * gate["top1_agreement"] < min_agreement:
+        reasons.append(f"gave FP32's label on {'an estimated ' if estimated else ''}"
+                       f"{gate['top1_agreement']:.2%} of images (at least {min_agreement:g}% needed)")
+    if gate.get("auroc_passed") is False:
+        reasons.append(f"ranked defects against good parts with an AUROC of {gate['int8_auroc']:.2f} against "
+                       f"FP32's {gate['fp32_auroc']:.2f} ({gate['auroc_drop_points']:.2f} points lost, limit "
+                       f"{max_drop:g})")
+    if estimated and not gate["judged_views"]["passed"]:
+        v = gate["judged_views"]
+        reasons.append(f"gave FP32's label on {v['top1_agreement']:.2%} of the judged views themselves "
+                       f"({v['drop_points']:+.2f} points of balanced accuracy lost there)")
+    return reasons
 
 
 def _run_openvino_int8(xml: Path, x: np.ndarray) -> np.ndarray:

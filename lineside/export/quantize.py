@@ -288,15 +288,18 @@ def openvino_linear_convs(model) -> list[str]:
 
 
 def int8_gate(y_true, p_fp32: np.ndarray, p_int8: np.ndarray, labels, max_drop: float, paths=None,
-              min_agreement: float = 0.0) -> dict:
+              min_agreement: float = 0.0, ranking: bool = False) -> dict:
     """Compare INT8 with FP32 on the same labelled images. max_drop is in percentage points
-    of balanced accuracy, min_agreement in percent of images with the same top-1 label."""
+    of balanced accuracy, min_agreement in percent of images with the same top-1 label.
+    With `ranking` (an anomaly model: labels good, anomalous), the AUROC of the anomalous
+    class's probability may not drop by more than max_drop points either: INT8 could keep
+    every verdict and still rank a missed defect below the good parts."""
     fp32 = classification_report(y_true, p_fp32.argmax(1), labels)
     int8 = classification_report(y_true, p_int8.argmax(1), labels)
     drop = 100.0 * (fp32["balanced_accuracy"] - int8["balanced_accuracy"])
     flipped = np.flatnonzero(p_fp32.argmax(1) != p_int8.argmax(1))
     agreement = float(np.mean(p_fp32.argmax(1) == p_int8.argmax(1)))
-    return {
+    gate = {
         "n": int(len(y_true)),
         "fp32_balanced_accuracy": fp32["balanced_accuracy"],
         "int8_balanced_accuracy": int8["balanced_accuracy"],
@@ -311,6 +314,23 @@ def int8_gate(y_true, p_fp32: np.ndarray, p_int8: np.ndarray, labels, max_drop: 
                     for i in flipped],
         "passed": bool(drop <= max_drop and 100.0 * agreement >= min_agreement),
     }
+    if ranking:
+        gate.update(_auroc_gate(y_true, p_fp32, p_int8, max_drop))
+        gate["passed"] = gate["passed"] and gate.get("auroc_passed", True)
+    return gate
+
+
+def _auroc_gate(y_true, p_fp32: np.ndarray, p_int8: np.ndarray, max_drop: float) -> dict:
+    """The anomaly model's AUROC under FP32 and INT8 (None without both classes judged)."""
+    from lineside.metrics import auroc
+
+    y = np.asarray(y_true) == 1
+    a32, a8 = auroc(y, p_fp32[:, 1]), auroc(y, p_int8[:, 1])
+    if a32 is None or a8 is None:
+        return {"fp32_auroc": None, "int8_auroc": None}
+    drop = 100.0 * (a32 - a8)
+    return {"fp32_auroc": 100.0 * a32, "int8_auroc": 100.0 * a8, "auroc_drop_points": drop,
+            "auroc_passed": bool(drop <= max_drop)}
 
 
 def _top_two(log_p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
