@@ -26,8 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lineside.train import anomaly as A  # noqa: E402
-from lineside.train import anomaly_study as S  # noqa: E402
 from lineside.train.anomaly import empirical_threshold, lognormal_threshold, t_quantile  # noqa: E402
+from lineside.train.anomaly_run import read_anomaly_data  # noqa: E402
 from lineside.train.device import pick_device  # noqa: E402
 
 BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec-bottle"
@@ -75,7 +75,8 @@ def main() -> None:
     shots, repeats, limit = PLANS[args.data]
     with tempfile.TemporaryDirectory() as tmp:
         path, ok = data_path(args.data, Path(tmp))
-        _, _, spec, x_good, _, _ = S._read(path, ok, None, False, True)
+        d = read_anomaly_data(path, ok)
+    spec, x_good = d.spec, d.x_good
     fits = []
     for k in shots:
         for r in range(repeats):

@@ -70,7 +70,7 @@ def training_size(data) -> list[int] | None:
 
 def model_metadata(loaded, run_dir: Path, precision: str, train_size: list[int] | None = None) -> ModelMetadata:
     anomaly = None
-    if getattr(loaded.model, "task", None) == "anomaly":
+    if is_anomaly(loaded):
         from .onnx_export import MAP_NAME, SCORE_NAME
 
         anomaly = {"threshold": float(loaded.model.threshold), "ok_classes": loaded.trained.good_classes,
@@ -87,10 +87,15 @@ def model_metadata(loaded, run_dir: Path, precision: str, train_size: list[int] 
                     **({"train_image_size": train_size} if train_size else {})})
 
 
+def is_anomaly(loaded) -> bool:
+    """Whether a loaded run is an anomaly model (its verdict good or anomalous)."""
+    return getattr(getattr(loaded, "model", None), "task", None) == "anomaly"
+
+
 def ok_classes(loaded) -> list[str] | None:
     """An anomaly model's good classes (the data's other folders are its anomalies); None
     for a classifier."""
-    if getattr(loaded.model, "task", None) != "anomaly":
+    if not is_anomaly(loaded):
         return None
     return loaded.trained.good_classes
 
@@ -292,15 +297,16 @@ def _labelled_arrays(loaded, data, limit: int | None, progress: bool, desc: str,
 def _int8_targets(files: dict) -> list[dict]:
     """The INT8 models to try: one per runtime whose FP32 model was exported."""
     targets = []
-    ov, onnx = ModelKey("openvino", "int8"), ModelKey("onnxruntime", "int8")
-    if ModelKey("openvino", "fp32").key in files:
-        targets.append({"runtime": "openvino", "src": ModelKey("openvino", "fp32").key, "key": ov.key,
-                        "out": ov.file, "recipes": RECIPES, "quantize": quantize_openvino,
+    ov32, ov8 = ModelKey("openvino", "fp32"), ModelKey("openvino", "int8")
+    onnx32, onnx8 = ModelKey("onnxruntime", "fp32"), ModelKey("onnxruntime", "int8")
+    if ov32.key in files:
+        targets.append({"runtime": "openvino", "src": ov32.key, "key": ov8.key,
+                        "out": ov8.file, "recipes": RECIPES, "quantize": quantize_openvino,
                         "run_fp32": _run_openvino, "run_int8": lambda p, x: _run_openvino_int8(p, x),
                         "files": lambda p: [p, p.with_suffix(".bin")]})
-    if ModelKey("onnxruntime", "fp32").key in files:
-        targets.append({"runtime": "onnxruntime", "src": ModelKey("onnxruntime", "fp32").key, "key": onnx.key,
-                        "out": onnx.file, "recipes": ORT_RECIPES, "quantize": quantize_onnxruntime,
+    if onnx32.key in files:
+        targets.append({"runtime": "onnxruntime", "src": onnx32.key, "key": onnx8.key,
+                        "out": onnx8.file, "recipes": ORT_RECIPES, "quantize": quantize_onnxruntime,
                         "run_fp32": _run_onnxruntime, "run_int8": lambda p, x: _run_onnxruntime_int8(p, x),
                         "files": lambda p: [p]})
     return targets
@@ -499,7 +505,7 @@ def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_pa
         seconds = round(time.perf_counter() - t0, 1)
         p_int8 = t["run_int8"](path, x_eval)
         gate = int8_gate(y_eval, p_fp32, p_int8, loaded.labels, max_drop, eval_paths, min_agreement,
-                         ranking=getattr(getattr(loaded, "model", None), "task", None) == "anomaly")
+                         ranking=is_anomaly(loaded))
         if oof is not None:
             estimate = predicted_unseen(margin_shifts(p_fp32, p_int8), oof[0], oof[1], loaded.labels)
             gate["judged_views"] = {k: gate[k] for k in ("fp32_balanced_accuracy", "int8_balanced_accuracy",

@@ -323,8 +323,7 @@ class FramePipeline:
 
     def not_inspected(self, frame: Frame, t0: float):
         """A frame the ROI does not fit: the fail-safe answer (unknown, NG with
-        --ok-classes), decided in frame order."""
-        self.drain()
+        --ok-classes), decided in frame order (the caller drained the frames in flight)."""
         self.after_gap(frame)
         self.record(frame, self.decider.not_inspected(), {}, ["roi_outside"], t0, time.perf_counter())
 

@@ -260,12 +260,14 @@ class FrameSaver:
                 self.save(row, image)
             except OSError as exc:
                 row.saved = None
-                self.failed += 1
                 failures += 1
-                events.append(Event(time.time(), "save_failed", f"frame {row.frame}: {self.policy.folder}: "
-                                                                f"{_reason(exc)}"))
+                self._failed(row, exc, events)
         if failures:
             log.warning("save_failed: %d frame(s) not saved (%s)", failures, events[-1].detail)
+
+    def _failed(self, row: DecisionRow, exc: OSError, events: deque) -> None:
+        self.failed += 1
+        events.append(Event(time.time(), "save_failed", f"frame {row.frame}: {self.policy.folder}: {_reason(exc)}"))
 
     def keep_after(self, keeps, log_file, events: deque) -> None:
         """Frames kept after their decision was written (runtime/shadow.py): saved, then
@@ -274,9 +276,7 @@ class FrameSaver:
             try:
                 self.save(row, image)
             except OSError as exc:
-                self.failed += 1
-                events.append(Event(time.time(), "save_failed", f"frame {row.frame}: {self.policy.folder}: "
-                                                                f"{_reason(exc)}"))
+                self._failed(row, exc, events)
                 continue
             if log_file is not None:
                 try:

@@ -389,6 +389,14 @@ class BadRequest(Exception):
         self.status, self.close = status, close
 
 
+def _query(url, max_fields: int) -> dict[str, str]:
+    """A request's query as name -> its last value; too many fields is a 400."""
+    try:
+        return {k: v[-1] for k, v in parse_qs(url.query, max_num_fields=max_fields).items()}
+    except ValueError:
+        raise BadRequest(400, "too many query fields") from None
+
+
 def _ident(text: str) -> int | None:
     """A decision id in a path: digits that fit SQLite's integers, else None."""
     return int(text) if text.isdigit() and len(text) <= 18 else None
@@ -513,16 +521,13 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/metrics" and app.page is not None:
             self._send(200, prometheus(app.page.snapshot()).encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif path == "/frame/last.jpg" and app.page is not None:
-            data = app.page.last_jpeg(heatmap="heatmap=1" in (url.query or "").split("&"))
+            data = app.page.last_jpeg(heatmap=_query(url, 5).get("heatmap") == "1")
             if data is None:
                 self._error(404, "no frame decided yet")
             else:
                 self._send(200, data, "image/jpeg")
         elif path == "/api/review" and app.review is not None:
-            try:
-                q = {k: v[-1] for k, v in parse_qs(url.query, max_num_fields=20).items()}
-            except ValueError:
-                raise BadRequest(400, "too many query fields") from None
+            q = _query(url, 20)
             try:
                 items = app.review.items(q.get("label") or None, q.get("verdict") or None,
                                          _number(q, "limit", 100), _number(q, "before", None))
@@ -533,10 +538,7 @@ class _Handler(BaseHTTPRequestHandler):
                         "dataset": str(app.review.out_dir)})
         elif path.startswith("/api/frames/") and app.review is not None:
             ident = _ident(path[len("/api/frames/"):].removesuffix(".jpg"))
-            try:
-                q = {k: v[-1] for k, v in parse_qs(url.query, max_num_fields=5).items()}
-            except ValueError:
-                raise BadRequest(400, "too many query fields") from None
+            q = _query(url, 5)
             data = app.review.frame_bytes(ident, crop=q.get("crop") == "roi", heatmap=q.get("heatmap") == "1") \
                 if ident is not None else None
             if data is None:

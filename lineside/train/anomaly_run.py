@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 
 import lineside
 from lineside import runs
-from lineside.dataset import image_sizes, load_arrays, load_image_set
+from lineside.dataset import ImageSet, image_sizes, load_arrays, load_image_set
 from lineside.errors import LinesideError
 from lineside.runs import TrainedInfo
 
@@ -53,24 +54,45 @@ def ok_classes_of(classes, ok_classes) -> tuple[str, ...]:
     return (found[0],)
 
 
+@dataclass
+class AnomalyData:
+    """An anomaly task's images, read at the input size its good images call for: the
+    good ones (trained on) and the other folders (only scored)."""
+    images: ImageSet
+    ok: tuple[str, ...]
+    spec: object
+    x_good: np.ndarray
+    x_other: np.ndarray
+    other_set: ImageSet
+    bad: list
+
+
+def read_anomaly_data(data, ok_classes=None, image_size: int | None = None, backbone: str = "efficientnet_lite0",
+                      skip_bad: bool = False, progress: bool = True) -> AnomalyData:
+    images = load_image_set(data, min_classes=1)
+    ok = ok_classes_of(images.classes, ok_classes)
+    is_good = np.isin(np.asarray(images.targets), [images.classes.index(c) for c in ok])
+    good_set, other_set = images.subset(np.flatnonzero(is_good)), images.subset(np.flatnonzero(~is_good))
+    spec = A.spec_for(image_sizes(good_set.paths), BACKBONES.get(backbone).input_spec,
+                      image_size or A.DEFAULT_SHORT_SIDE)
+    x_good, good_set, bad = load_arrays(good_set, spec, skip_bad, progress, "reading good images")
+    x_other = np.zeros((0, spec.height, spec.width, 3), np.uint8)
+    if len(other_set):
+        x_other, other_set, bad_other = load_arrays(other_set, spec, skip_bad, progress, "reading other images")
+        bad += bad_other
+    return AnomalyData(images, ok, spec, x_good, x_other, other_set, bad)
+
+
 def train_anomaly_run(data, out, ok_classes=None, false_reject: float = A.DEFAULT_FALSE_REJECT,
                       image_size: int | None = None, bank: int = A.DEFAULT_BANK, taps=A.DEFAULT_TAPS,
                       backbone: str = "efficientnet_lite0", weights: str = "imagenet", seed: int = 0,
                       device: str = "auto", skip_bad: bool = False, progress: bool = True) -> dict:
     t_start = time.perf_counter()
     out = Path(out)
-    images = load_image_set(data, min_classes=1)
-    ok = ok_classes_of(images.classes, ok_classes)
-    targets = np.asarray(images.targets)
-    is_good = np.isin(targets, [images.classes.index(c) for c in ok])
-    good_set = images.subset(np.flatnonzero(is_good))
-    other_set = images.subset(np.flatnonzero(~is_good))
-    base = BACKBONES.get(backbone).input_spec
-    sizes = image_sizes(good_set.paths)
-    spec = A.spec_for(sizes, base, image_size or A.DEFAULT_SHORT_SIDE)
     where = pick_device(device)
     out.mkdir(parents=True, exist_ok=True)
-    x_good, good_set, bad = load_arrays(good_set, spec, skip_bad, progress, "reading good images")
+    d = read_anomaly_data(data, ok_classes, image_size, backbone, skip_bad, progress)
+    images, ok, spec, x_good, other_set, bad = d.images, d.ok, d.spec, d.x_good, d.other_set, d.bad
     read_s = time.perf_counter() - t_start
     from tqdm import tqdm
 
@@ -81,9 +103,7 @@ def train_anomaly_run(data, out, ok_classes=None, false_reject: float = A.DEFAUL
     report = None
     other_scores = np.zeros(0)
     if len(other_set):
-        x_other, other_set, bad_other = load_arrays(other_set, spec, skip_bad, progress, "reading other images")
-        bad += bad_other
-        other_scores = A.anomaly_scores(fit.model, x_other, where).astype(np.float64)
+        other_scores = A.anomaly_scores(fit.model, d.x_other, where).astype(np.float64)
         report = defect_report(oof, other_scores, np.asarray(other_set.targets), other_set.classes, info["threshold"])
     seconds = time.perf_counter() - t_start
     metrics = {

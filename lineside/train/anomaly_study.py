@@ -18,23 +18,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from lineside.dataset import image_sizes, load_arrays, load_image_set
 from lineside.errors import LinesideError
 from lineside.learning_curve import estimate_size
 from lineside.metrics import auroc
 
 from . import anomaly as A
-from .anomaly_run import ok_classes_of
-from .backbones import BACKBONES
+from .anomaly_run import read_anomaly_data
 from .device import pick_device
-from .study import _pyplot, fits_interrupted, saved_fits
+from .study import FITS, _pyplot, run_fits
 
 log = logging.getLogger(__name__)
 
 ANOMALY_SHOTS = (4, 8, 16, 32, 64)
-FITS = "fits.jsonl"
 
 
 def _sizes(shots, n_good: int, default: bool) -> list[int]:
@@ -51,22 +47,6 @@ def _sizes(shots, n_good: int, default: bool) -> list[int]:
         log.warning("--shots: %s left out: %d good images", ", ".join(str(s) for s in shots if s not in fits),
                     n_good)
     return fits
-
-
-def _read(data, ok_classes, image_size, skip_bad: bool, progress: bool):
-    images = load_image_set(data, min_classes=1)
-    ok = ok_classes_of(images.classes, ok_classes)
-    targets = np.asarray(images.targets)
-    is_good = np.isin(targets, [images.classes.index(c) for c in ok])
-    good_set, other_set = images.subset(np.flatnonzero(is_good)), images.subset(np.flatnonzero(~is_good))
-    spec = A.spec_for(image_sizes(good_set.paths), BACKBONES.get("efficientnet_lite0").input_spec,
-                      image_size or A.DEFAULT_SHORT_SIDE)
-    x_good, good_set, bad = load_arrays(good_set, spec, skip_bad, progress, "reading good images")
-    x_other = np.zeros((0, spec.height, spec.width, 3), np.uint8)
-    if len(other_set):
-        x_other, other_set, bad_other = load_arrays(other_set, spec, skip_bad, progress, "reading other images")
-        bad += bad_other
-    return images, ok, spec, x_good, x_other, bad
 
 
 def _one_fit(x_good, x_other, spec, k: int, r: int, false_reject: float, bank: int, device) -> dict:
@@ -93,13 +73,16 @@ def anomaly_sample_size(data, out, shots=ANOMALY_SHOTS, repeats: int = 3, target
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    images, ok, spec, x_good, x_other, bad = _read(data, ok_classes, image_size, skip_bad, progress)
+    d = read_anomaly_data(data, ok_classes, image_size, skip_bad=skip_bad, progress=progress)
+    images, ok, spec, x_good, x_other, bad = d.images, d.ok, d.spec, d.x_good, d.x_other, d.bad
     shots = _sizes(shots, len(x_good), tuple(shots) == ANOMALY_SHOTS)
     where = pick_device(device)
     key = json.dumps({"data": images.fingerprint(), "ok": list(ok), "fr": false_reject, "size": spec.to_dict(),
                       "bank": bank}, sort_keys=True)
-    rows = _measure(out / FITS, key, shots, repeats, progress,
-                    lambda k, r: _one_fit(x_good, x_other, spec, k, r, false_reject, bank, where))
+    rows = run_fits(out / FITS, key, shots, repeats,
+                    lambda k, r: _one_fit(x_good, x_other, spec, k, r, false_reject, bank, where), progress,
+                    "sample-size study (anomaly)",
+                    lambda row: f"{row['shots']} good: AUROC {row['auroc']}, false reject {row['false_reject']:.1%}")
     sizes = []
     for k in shots:
         mine = [row for row in rows if row["shots"] == k]
@@ -123,28 +106,6 @@ def anomaly_sample_size(data, out, shots=ANOMALY_SHOTS, repeats: int = 3, target
     _plot(result, out / "learning_curve.png")
     (out / "report.md").write_text(_report(result))
     return result
-
-
-def _measure(path: Path, key: str, shots: list[int], repeats: int, progress: bool, fit) -> list[dict]:
-    """fit(k, r) for every size and draw, in rounds of every size, each row appended to
-    `path` as it ends; rows an interrupted run of the same study left there are taken up."""
-    done = saved_fits(path, key)
-    todo = [(k, r) for r in range(repeats) for k in shots if (k, r) not in done]
-    bar = tqdm(total=len(todo), desc="sample-size study (anomaly)", unit="fit", disable=not progress)
-    try:
-        with open(path, "a") as f:
-            for k, r in todo:
-                row = dict(fit(k, r), key=key)
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                done[(k, r)] = row
-                bar.set_postfix_str(f"{k} good: AUROC {row['auroc']}, false reject {row['false_reject']:.1%}")
-                bar.update()
-    except KeyboardInterrupt:
-        bar.close()
-        raise fits_interrupted(len(done), len(shots) * repeats, path) from None
-    bar.close()
-    return [{n: v for n, v in done[(k, r)].items() if n != "key"} for k in shots for r in range(repeats)]
 
 
 def _plot(result: dict, path: Path) -> None:

@@ -246,45 +246,54 @@ def fits_interrupted(done: int, total: int, path: Path) -> LinesideError:
                          "from there")
 
 
-def _measure_sizes(study: Study, cfg: TrainConfig, shots: list[int], repeats: int, out: Path, views: int,
-                   progress: bool) -> list[dict]:
-    """One fit per (size, draw), in rounds of every size (so that the time per round, and
-    the estimate of what is left, holds from the first round on); each finished fit is
-    appended to OUT/fits.jsonl, and those an interrupted run of the same study left there
-    are taken up, not fitted again."""
-    d = study.data
-    key, path = _fit_key(d, cfg, views), out / FITS
+def run_fits(path: Path, key: str, shots: list[int], repeats: int, fit, progress: bool, desc: str,
+             describe) -> list[dict]:
+    """fit(k, r) -> a row, for every size k and draw r, in rounds of every size (so that
+    the time per round, and the estimate of what is left, holds from the first round on);
+    each finished row is appended to `path` as it ends, and those an interrupted run of the
+    same study (`key`) left there are taken up, not fitted again. Returns the rows, size by
+    size, each with its `shots` and `repeat`."""
     done = saved_fits(path, key)
     todo = [(k, r) for r in range(repeats) for k in shots if (k, r) not in done]
     if done and progress:
-        tqdm.write(f"sample-size study: {len(shots) * repeats - len(todo)} fits taken up from {path}",
-                   file=sys.stderr)
-    if todo and cfg.strategy == "linear":
-        study.cache()        # the shared features first: the fits' times then say what the rest will take
-    bar = tqdm(total=len(todo), desc="sample-size study", unit="fit", disable=not progress)
+        tqdm.write(f"{desc}: {len(shots) * repeats - len(todo)} fits taken up from {path}", file=sys.stderr)
+    bar = tqdm(total=len(todo), desc=desc, unit="fit", disable=not progress)
     t0 = time.perf_counter()
     try:
         with open(path, "a") as f:
             for i, (k, r) in enumerate(todo):
-                drawn, rest = draw_per_class(d.y, k, r)
-                row = _public(study.run_one(cfg.strategy, drawn, rest, r))
-                row.update(shots=k, repeat=r, key=key)
+                row = dict(fit(k, r), shots=k, repeat=r, key=key)
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 done[(k, r)] = row
-                bar.set_postfix_str(f"{k}/class: {row['balanced_accuracy']:.2%}")
+                bar.set_postfix_str(describe(row))
                 bar.update()
                 if progress and i + 1 == len(shots) and len(todo) > len(shots):
                     left = (time.perf_counter() - t0) / len(shots) * (len(todo) - i - 1)
-                    tqdm.write(f"sample-size study: about {left / 60:.1f} min for the other {len(todo) - i - 1} "
-                               f"fits (the first round of {len(shots)} sizes took {time.perf_counter() - t0:.0f} s)",
+                    tqdm.write(f"{desc}: about {left / 60:.1f} min for the other {len(todo) - i - 1} fits (the "
+                               f"first round of {len(shots)} sizes took {time.perf_counter() - t0:.0f} s)",
                                file=sys.stderr)
     except KeyboardInterrupt:
         bar.close()
         raise fits_interrupted(len(done), len(shots) * repeats, path) from None
     bar.close()
-    return [{name: v for name, v in done[(k, r)].items() if name not in ("repeat", "key")}
-            for k in shots for r in range(repeats)]
+    return [{name: v for name, v in done[(k, r)].items() if name != "key"} for k in shots for r in range(repeats)]
+
+
+def _measure_sizes(study: Study, cfg: TrainConfig, shots: list[int], repeats: int, out: Path, views: int,
+                   progress: bool) -> list[dict]:
+    """One fit per (size, draw) through run_fits, kept in OUT/fits.jsonl."""
+    d = study.data
+    if cfg.strategy == "linear":
+        study.cache()        # the shared features first: the fits' times then say what the rest will take
+
+    def fit(k, r):
+        drawn, rest = draw_per_class(d.y, k, r)
+        return _public(study.run_one(cfg.strategy, drawn, rest, r))
+
+    rows = run_fits(out / FITS, _fit_key(d, cfg, views), shots, repeats, fit, progress, "sample-size study",
+                    lambda row: f"{row['shots']}/class: {row['balanced_accuracy']:.2%}")
+    return [{name: v for name, v in row.items() if name != "repeat"} for row in rows]
 
 
 def sample_size(data, out: Path, cfg: TrainConfig, shots=DEFAULT_SHOTS, repeats: int = 5,
