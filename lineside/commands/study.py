@@ -45,6 +45,7 @@ def study():
       lineside study sample-size DATA --target 0.99     # images per class for a target
       lineside study compare DATA --shots 10            # linear vs finetune vs full vs scratch
       lineside study cv DATA --folds 5                  # k-fold scores, confusions, suspicious labels
+      lineside study next RUN FOLDER --count 20         # which unlabelled images to label next
     """
 
 
@@ -166,6 +167,74 @@ def study_compare(data_dir, strategies, shots, repeats, out, config_file, as_jso
         click.echo(f"{n:>9}: {s['mean']:.2%} ± {s['std']:.2%} (vs best {s['vs_best_points']:+.2f} points), "
                    f"{s['train_s_mean']:.0f} s per draw")
     click.echo(f"best: {r['best']}; wrote {out}/compare.png, compare.json, report.md ({r['seconds']:.0f} s)")
+
+
+@study.command("next")
+@click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path, exists=True))
+@click.argument("folder", metavar="FOLDER", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--count", default=20, show_default=True, help="Images to put in the queue.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("study-next"),
+              show_default=True, help="Where the queue goes (queue.sqlite, frames/, queue.csv).")
+@click.option("--json", "as_json", is_flag=True, help="Print the queue as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def study_next(run_dir, folder, count, out, as_json, quiet):
+    """Which of the images in FOLDER (not labelled yet) to label next for the model of RUN.
+
+    The images the model is least sure of, spread over what they show (not twenty
+    copies of one hard case, nor images like those already labelled), first to label
+    first. The queue opens in the review page; the frames labelled there go to
+    OUT/frames/reviewed/, which the next training reads:
+
+    \b
+      lineside study next runs/parts frames/ --count 20 --out next/
+      lineside review next/queue.sqlite --save next/frames --http-token-file token.txt
+      lineside train parts/ next/frames/reviewed/manifest.csv --out runs/parts2"""
+    from lineside.errors import LinesideError
+    from lineside.runs import RunFolder
+    from lineside.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from lineside.train.next import rank_for_labelling, write_queue
+    from lineside.train.unlabelled import read_unlabelled
+
+    if count < 1:
+        raise LinesideError(f"--count: {count} is not a number of images (1 or more)")
+    loaded = load_checkpoint(run_dir)
+    if getattr(loaded.model, "task", None) == "anomaly":
+        raise LinesideError(f"{run_dir}: an anomaly model; study next ranks images for a classifier")
+    x, paths, info = read_unlabelled(folder, loaded.spec, 0, not quiet and not as_json)
+    x_lab = _labelled_images(RunFolder.at(run_dir).data(), loaded.spec, not quiet and not as_json)
+    ranked = rank_for_labelling(loaded.model, x, x_lab, min(count, len(x)))
+    from lineside.files import sha256
+
+    written = write_queue(ranked, paths, loaded.labels, out, sha256(resolve_checkpoint(run_dir)))
+    r = {**info, **written, "candidates": ranked["candidates"],
+         "queue": [{"rank": n + 1, "path": str(paths[i]), "predicted": loaded.labels[p], "confidence": c, "margin": m}
+                   for n, (i, p, c, m) in enumerate(zip(ranked["indices"], ranked["predicted"],
+                                                         ranked["confidence"], ranked["margin"]))]}
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(f"{written['queued']} of {info['used']} unlabelled image(s) queued, the least certain of "
+               f"{ranked['candidates']} candidates spread over what they show:")
+    for q in r["queue"][:10]:
+        click.echo(f"  {q['rank']:>3}. {q['path']}: {q['predicted']} ({q['confidence']:.0%}, margin {q['margin']:.2f})")
+    click.echo(f"wrote {written['csv']} and {written['log']}; label them with\n"
+               f"  lineside review {written['log']} --save {written['frames']} --http-token-file TOKEN")
+
+
+def _labelled_images(data, spec, progress: bool):
+    """The run's training images at the model's size (empty when the run no longer finds them)."""
+    import numpy as np
+
+    from lineside.dataset import load_arrays, load_image_set
+    from lineside.errors import LinesideError
+
+    try:
+        images = load_image_set(data) if data else None
+        if images is not None:
+            return load_arrays(images, spec, skip_bad=True, progress=progress, desc="reading labelled images")[0]
+    except LinesideError:
+        pass
+    return np.zeros((0, spec.height, spec.width, 3), np.uint8)
 
 
 @study.command("cv")

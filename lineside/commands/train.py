@@ -35,7 +35,13 @@ def _list_backbones(ctx, _param, value):
                    "or --ok-classes) and flag whatever differs from them, with a heatmap; other folders are "
                    "only scored, to report what the threshold catches.")
 @click.option("--ok-classes", default=None,
-              help="anomaly: the class folder(s) of good parts, comma-separated. [good]")
+              help="anomaly: the class folder(s) of good parts, comma-separated; with --unlabelled, the one "
+                   "good class. [good]")
+@click.option("--unlabelled", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A folder of images nobody labelled (sub-folders too, e.g. a run's saved frames): used "
+                   "where cross-validation on the labelled images says it helps (a linear head labels and "
+                   "refits on them; with a good class, the ones called good become a bank of good parts "
+                   "the model also measures each part against). metrics.json says what was used and why.")
 @click.option("--false-reject", type=float, default=None,
               help="anomaly: the share of good parts the threshold may flag, e.g. 0.01 for 1%. It is set "
                    "from good images scored by models that did not see them. [0.01]")
@@ -96,7 +102,7 @@ def _list_backbones(ctx, _param, value):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json, task, ok_classes, false_reject,
-          bank, **options):
+          bank, unlabelled, **options):
     """Train a classifier on DATA (one sub-folder per class, or a path,label CSV).
 
     Several DATA are trained on together (e.g. the old images and the frames
@@ -109,6 +115,7 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
       lineside train parts/ --out runs/parts
       lineside train parts/ --out runs/p2 --strategy linear
       lineside train parts/ --out runs/p3 --backbone resnet18 --weights resnet18.pth --no-rot90
+      lineside train parts/ --unlabelled frames/ --out runs/p4
 
     With --task anomaly it learns from good parts alone (DATA/good, or
     --ok-classes) and flags whatever differs from them; other folders are only
@@ -118,11 +125,9 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
       lineside train bottle/train --task anomaly --out runs/bottle
       lineside train cells/ --task anomaly --ok-classes functional --false-reject 0.005 --out runs/cells
     """
+    _check_task_options(task, ok_classes, false_reject, bank, unlabelled)
     if task == "anomaly":
         return _train_anomaly(data_dirs, out, force, quiet, as_json, ok_classes, false_reject, bank, options)
-    for name, value in (("--ok-classes", ok_classes), ("--false-reject", false_reject), ("--bank", bank)):
-        if value is not None:
-            raise LinesideError(f"{name}: only for --task anomaly")
     from lineside.train import distributed
     from lineside.train.config import TrainConfig
     from lineside.train.run import check_out_dir, train_run
@@ -144,13 +149,27 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
     from .common import libraries_to_stderr
 
     with libraries_to_stderr(as_json):
-        m = train_run(data_dir, out, cfg, val=val_dir, progress=not quiet)
+        m = train_run(data_dir, out, cfg, val=val_dir, progress=not quiet, unlabelled=unlabelled,
+                      ok_classes=ok_classes)
     if not dist.main:
         return
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return
     _print_summary(m, out)
+
+
+def _check_task_options(task, ok_classes, false_reject, bank, unlabelled) -> None:
+    """The options of one task given to the other: a one-line error naming the option."""
+    if task == "anomaly":
+        if unlabelled is not None:
+            raise LinesideError("--unlabelled: only for --task classify (an anomaly model trains on good parts)")
+        return
+    if ok_classes is not None and unlabelled is None:
+        raise LinesideError("--ok-classes: only for --task anomaly or with --unlabelled")
+    for name, value in (("--false-reject", false_reject), ("--bank", bank)):
+        if value is not None:
+            raise LinesideError(f"{name}: only for --task anomaly")
 
 
 def _torchrun(cfg, processes: int) -> int:
@@ -183,6 +202,8 @@ def _print_summary(m: dict, out) -> None:
         v = m["validation"]
         click.echo(f"validation: balanced accuracy {v['balanced_accuracy']:.1%}, accuracy {v['accuracy']:.1%} "
                    f"on {v['n']} images")
+    for step in (m.get("unlabelled") or {}).get("steps", []):
+        click.echo(f"unlabelled images, {step['method']}: {step['why']}")
     c = m.get("calibration")
     if c:
         click.echo(calibration_line(c))

@@ -536,6 +536,10 @@ class Recorder:
     def save_failed(self) -> int:
         return self.save_skipped + (self.saver.failed if self.saver else 0)
 
+    def saving_backlog(self) -> int:
+        """Frames handed to the writer and not yet taken by it."""
+        return self._images_queued - self.writer.images_taken
+
     # -- called by the camera loop ---------------------------------------------------------
 
     def decision(self, row: DecisionRow, image: np.ndarray | None = None):

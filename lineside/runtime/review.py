@@ -151,7 +151,7 @@ class ReviewStore:
         data = None if path is None else read_plain_file(path)
         if data is None or not crop:
             return data
-        settings = json.loads(row["settings"] or "{}")
+        settings = json.loads(row["settings"] or "{}") or {}    # a log written without settings: null
         if not settings.get("roi"):
             return data
         try:
@@ -190,7 +190,7 @@ class ReviewStore:
         if data is None:
             raise LookupError(f"decision {decision_id} has no saved frame in {self.save_dir}")
         image = decode_image(data, source, cv2.IMREAD_COLOR)     # BadImage (a LinesideError) names it
-        settings = json.loads(row["settings"] or "{}")
+        settings = json.loads(row["settings"] or "{}") or {}    # a log written without settings: null
         crop = roi_crop(image, settings.get("roi"))
         name = Path(row["saved"]).with_suffix(".png").name
         with self._lock:

@@ -45,19 +45,24 @@ def save_checkpoint(path: Path, model: Classifier, labels, backbone: str, spec: 
             "info": trained.to_dict(),
         }
         return _write(path, payload)
+    classifier = getattr(model, "classifier", model)      # a GoodPartsClassifier holds one
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "backbone": backbone,
         "labels": list(labels),
         "input_spec": spec.to_dict(),
-        "dropout": float(model.dropout.p),
-        "taps": list(model.taps) if model.taps else None,
-        "views": list(model.views) if model.views else None,
-        "pool": model.pool,
+        "dropout": float(classifier.dropout.p),
+        "taps": list(classifier.taps) if classifier.taps else None,
+        "views": list(classifier.views) if classifier.views else None,
+        "pool": classifier.pool,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "info": trained.to_dict(),
     }
+    if classifier is not model:
+        from .good_parts import describe
+
+        payload["good_parts"] = describe(model)
     _write(path, payload)
 
 
@@ -102,6 +107,10 @@ def load_checkpoint(path) -> LoadedModel:
         model = Classifier(entry.build(), entry.feature_dim, len(labels), spec,
                            dropout=float(payload.get("dropout", 0.0)), taps=taps, views=views,
                            pool=str(payload.get("pool", "avg")))
+        if payload.get("good_parts") is not None:
+            from .good_parts import rebuild
+
+            model = rebuild(model, entry, spec, payload["good_parts"])
     except ValueError as exc:
         raise LinesideError(f"{path}: {exc}") from exc
     try:

@@ -28,6 +28,7 @@ from .config import TrainConfig
 from .data import layout
 from .plots import plot_confusion
 from .trainer import calibrate_temperature, score, start, train
+from .unlabelled import UnlabelledSteps
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,17 @@ def split_data(images: ImageSet, cfg: TrainConfig, val_path=None) -> tuple[Image
     return images.subset(train_idx), images.subset(val_idx), f"{fraction:.0%} of each class held out for validation"
 
 
-def train_run(data, out, cfg: TrainConfig, val=None, progress: bool = True) -> dict:
+def train_run(data, out, cfg: TrainConfig, val=None, progress: bool = True, unlabelled=None,
+              ok_classes=None) -> dict:
     """Train on `data` and write a run folder to `out`. Returns the metrics dict. Under
-    torchrun every process trains (see distributed.py) and rank 0 alone writes."""
+    torchrun every process trains (see distributed.py) and rank 0 alone writes.
+    `unlabelled`: a folder of images without labels to learn from too (train/unlabelled.py),
+    `ok_classes` naming the good class when no folder is called good, ok or normal."""
     dist = distributed.from_env()
     device = distributed.setup(dist, cfg.device)
     try:
-        return _train_run(data, Path(out), cfg, val, progress and dist.main, dist, device)
+        return _train_run(data, Path(out), cfg, val, progress and dist.main, dist, device,
+                          (unlabelled, ok_classes) if unlabelled is not None else None)
     finally:
         distributed.teardown(dist)
 
@@ -86,9 +91,9 @@ class _Data:
     bad: list
 
 
-def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, device) -> dict:
-    """Read the images, train (trainer.start, train, calibrate_temperature), score, and
-    (rank 0) write the run folder."""
+def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, device, unlabelled=None) -> dict:
+    """Read the images, train (trainer.start, train, calibrate_temperature, and with
+    unlabelled images train/unlabelled.py's steps), score, and (rank 0) write the run folder."""
     t_start = time.perf_counter()
     spec = BACKBONES.get(cfg.backbone).input_spec.with_size(cfg.image_size)
     d = _read(data, out, cfg, val, spec, progress, dist)
@@ -98,11 +103,16 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
     run, model = start(cfg, d.images.classes, spec, progress, dist=dist, device=device)
     setup_s = time.perf_counter() - t0
     result = train(run, model, d.x_train, d.y_train, d.x_val, d.y_val)
+    unl = UnlabelledSteps(run, result, d, *unlabelled) if unlabelled is not None and dist.main else None
+    if unl is not None:
+        unl.self_train()
     calibration = None
     if cfg.calibrate == "auto" and dist.main:
         t0 = time.perf_counter()
         calibration = calibrate_temperature(run, result, d.x_train, d.y_train, d.x_val, d.y_val)
         result.timings["calibrate_s"] = time.perf_counter() - t0
+    if unl is not None:
+        calibration = unl.good_parts(calibration)
     train_seconds = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
@@ -164,7 +174,8 @@ def _metrics(data, cfg: TrainConfig, run, result, d: _Data, spec, report, calibr
         "auto_cross_validation": result.auto_cv,
         "plan": {"frozen_stages": result.plan.frozen, "total_stages": len(result.model.stages),
                  "views": result.plan.views, "epochs": result.plan.epochs,
-                 "test_views": list(result.model.views) if result.model.views else None,
+                 "test_views": list(views) if (views := getattr(result.model, "classifier", result.model).views)
+                 else None,
                  "best_epoch": result.best_epoch},
         "interrupted": result.interrupted,
         "device": str(run.device),
@@ -181,6 +192,7 @@ def _metrics(data, cfg: TrainConfig, run, result, d: _Data, spec, report, calibr
         "skipped_images": d.bad,
         "validation": report,
         "calibration": {k: v for k, v in calibration.items() if not k.startswith("_")} if calibration else None,
+        "unlabelled": result.unlabelled,
         "training_set": None if report else cm_report,
         "seconds": seconds,
         "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),

@@ -92,6 +92,7 @@ class TrainResult:
     interrupted: bool = False
     model: Classifier | None = None
     linear_bank: tuple | None = None
+    unlabelled: dict | None = None      # what --unlabelled did (train/unlabelled.py)
 
 
 def resolve_strategy(cfg: TrainConfig, per_class_min: int) -> tuple[str, str]:
@@ -270,8 +271,8 @@ def finetune_estimate(run: Run, model: Classifier, x_train, y_train, calibrate_o
 
 def fit_on_bank(run: Run, result: TrainResult, x_train, y_train, x_val, y_val):
     """The head on a bank of frozen activations, then (finetune) the deepest stages with it.
-    Returns the linear recipe's bank (bank, labels, images) when calibration will refit
-    its head fold by fold on it, else None."""
+    Returns the linear recipe's bank (bank, labels, images), which calibration and
+    --unlabelled's self-training refit its head on; None for the other recipes."""
     model, plan, timings = result.model, result.plan, result.timings
     t0 = time.perf_counter()
     bank, bank_y = build_bank(run, model, x_train, y_train, plan.frozen, plan.views)
@@ -283,7 +284,7 @@ def fit_on_bank(run: Run, result: TrainResult, x_train, y_train, x_val, y_val):
     timings["head_s"] = time.perf_counter() - t0
     # a linear head without validation images: calibration refits it on this bank's rows, fold by fold
     linear = plan.frozen >= len(model.stages)
-    kept = (bank, bank_y, len(y_train)) if linear and x_val is None and run.cfg.calibrate == "auto" else None
+    kept = (bank, bank_y, len(y_train)) if linear else None      # calibration and --unlabelled refit on it
     val = evaluate_bank(run, model, val_bank, y_val, plan.frozen)
     result.history.add(stage="head", epoch=0, train_loss=float("nan"), lr=0.0, **val,
                        seconds=round(timings["head_s"], 2))
@@ -560,10 +561,13 @@ def out_of_fold_on_bank(run: Run, model: Classifier, saved, fold: np.ndarray, k:
     image's pooled features for its flips and turns, so each fold's head is fitted on
     the other images' rows (as a run on those images alone would fit it) and predicts
     its images from the rows of the views the model averages. None without a bank, or
-    when it lacks one of those views (the recipe is then trained again per fold)."""
+    when it lacks one of those views (the recipe is then trained again per fold). A
+    fourth entry of `saved` (features, labels: rows --unlabelled's self-training added)
+    joins every fold's fit."""
     if saved is None:
         return None
-    bank, bank_y, n = saved
+    bank, bank_y, n = saved[:3]
+    extra, extra_y = saved[3] if len(saved) > 3 else (bank[:0], bank_y[:0])
     group = run.orientations()
     views = model.views or (0,)
     rows = [group.index(v) for v in views if v in group]
@@ -576,7 +580,8 @@ def out_of_fold_on_bank(run: Run, model: Classifier, saved, fold: np.ndarray, k:
         held = np.flatnonzero(fold == f)
         head = torch.nn.Linear(bank.shape[1], len(run.classes)).to(run.device)
         keep = torch.from_numpy(np.flatnonzero(fold[tiled] != f))
-        fit_head_on(run, model, head, bank[keep].to(run.device).float(), bank_y[keep.numpy()], frozen)
+        fit_head_on(run, model, head, torch.cat([bank[keep], extra]).to(run.device).float(),
+                    np.concatenate([bank_y[keep.numpy()], extra_y]), frozen)
         with torch.no_grad():
             feats = torch.stack([bank[torch.from_numpy(r * n + held)] for r in rows]).float().mean(0)
             logits[held] = head(feats.to(run.device)).cpu().numpy()
@@ -656,7 +661,7 @@ def score(model: Classifier, x: np.ndarray, device=None, progress=None, logits: 
         z = anomaly_logits(model, x, device, progress)
         return z if logits else torch.softmax(torch.from_numpy(z), 1).numpy()
     views = model.views or (0,)
-    if backend_for(device, len(x) * len(views), x.shape[1:3]) != "openvino":
+    if backend_for(device, len(x) * len(views), x.shape[1:3]) != "openvino" or not hasattr(model, "embed"):
         out = (lambda t: model(t).float()) if logits else (lambda t: torch.softmax(model(t).float(), 1))
         return FrozenForward(model, out, x[:1], device, len(x) * len(views)).map(x, progress).numpy()
     # In OpenVINO the single-view network is converted, once (with four views in its graph

@@ -1,0 +1,69 @@
+"""A classifier that also weighs how far a part is from the good parts the line made.
+
+Trained with --unlabelled on data that has a good class: the unlabelled images the
+classifier calls good become a memory bank of good patches (train/anomaly.py's scorer),
+and a small linear layer (`head`) reads the classifier's logits and the logarithm of the
+image's distance to that bank. On elpv's solar cells the distance separates cracked
+cells the pooled features miss (docs/unlabelled.md). The whole model is one graph: it
+exports, quantises and runs like any classifier, and its output is the class logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .anomaly import AnomalyModel
+from .model import Classifier
+
+
+class GoodPartsClassifier(nn.Module):
+    """(N, 3, H, W) float RGB in 0..255 -> logits (N, classes) of
+    head([classifier logits, log distance to the good parts])."""
+
+    task = "classify"
+    views = None      # the classifier inside averages its own test-time views
+
+    def __init__(self, classifier: Classifier, scorer: AnomalyModel, ok: int):
+        super().__init__()
+        self.classifier = classifier
+        self.scorer = scorer
+        self.ok = int(ok)
+        classes = classifier.head.out_features
+        self.head = nn.Linear(classes + 1, classes)
+
+    @property
+    def stages(self) -> nn.ModuleList:
+        return self.classifier.stages
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What `head` reads: the classifier's logits and the log of the distance."""
+        score = self.scorer.score_and_map(x)[0]
+        return torch.cat([self.classifier(x), torch.log(score.clamp_min(1e-6)).unsqueeze(1)], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.inputs(x))
+
+
+def describe(model: GoodPartsClassifier) -> dict:
+    """The checkpoint's entry for the good-parts scorer (its shape; the weights are in the
+    state dict)."""
+    s = model.scorer
+    return {"ok": model.ok, "taps": list(s.taps), "feature_dim": int(s.channel_scale.shape[0]),
+            "bank_size": int(s.bank.shape[0]), "projection": int(s.project)}
+
+
+def rebuild(classifier: Classifier, entry, spec, good: dict) -> GoodPartsClassifier:
+    """The empty model a checkpoint's `good_parts` entry describes (ValueError when it is
+    malformed); its weights are loaded after."""
+    ints = ("ok", "feature_dim", "bank_size")
+    ok = (isinstance(good, dict) and isinstance(good.get("taps"), list) and good["taps"]
+          and all(isinstance(t, int) for t in good["taps"])
+          and all(isinstance(good.get(k), int) and good[k] >= (0 if k == "ok" else 1) for k in ints)
+          and good["ok"] < classifier.head.out_features
+          and isinstance(good.get("projection", 0), int) and 0 <= good.get("projection", 0) < good["feature_dim"])
+    if not ok:
+        raise ValueError("invalid 'good_parts' entry")
+    scorer = AnomalyModel(entry.build().stages, spec, tuple(good["taps"]), good["feature_dim"], good["bank_size"],
+                          project=good.get("projection", 0))
+    return GoodPartsClassifier(classifier, scorer, good["ok"])

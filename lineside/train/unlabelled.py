@@ -1,0 +1,329 @@
+"""Training on the images nobody labelled (`lineside train DATA --unlabelled FOLDER`).
+
+Two uses, each taken only when cross-validation on the labelled images says it helps
+(and the metrics say why either way):
+
+self-training  (a linear head on frozen features) the head labels the unlabelled images
+               it is surest of, the same number for every class (so a folder of mostly
+               good parts does not swamp the defects), and is fitted again with them, in
+               SELF_TRAIN_ROUNDS rounds of more images each. Compared with the head
+               fitted on the labelled images alone over folds of the labelled images.
+good parts     (data with a good class) the unlabelled images the classifier calls good
+               become a memory bank of good patches; a small linear layer reads the
+               classifier's logits with the image's distance to that bank
+               (good_parts.GoodPartsClassifier). Fitted on the logits of images the
+               classifier did not train on (out of fold, or the validation images) and
+               compared with the classifier alone by cross-validation on them.
+
+Measured on NEU and elpv with benchmarks/unlabelled.py (docs/unlabelled.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lineside.dataset import ImageSet, load_arrays
+from lineside.errors import LinesideError
+from lineside.images import is_image_file
+from lineside.metrics import balanced_accuracy
+
+from .calibrate import stratified_folds
+from .heads import fit_linear_head
+from .infer import embed_tensors, frozen_forward
+from .augment import orient_batch
+
+log = logging.getLogger(__name__)
+
+MAX_UNLABELLED = 5000    # images read from --unlabelled (a seeded sample beyond that, said in the metrics)
+SELF_TRAIN_ROUNDS = 3    # each round labels up to SELF_TRAIN_PER_ROUND x (round) x (smallest class) images per class
+SELF_TRAIN_PER_ROUND = 5
+MIN_GOOD = 8             # unlabelled images called good that a bank of good parts needs
+STACK_L2 = 1e-2          # the good-parts layer's L2 on standardised inputs (a few inputs, few rows)
+FOLDS = 5
+
+
+def read_unlabelled(folder, spec, seed: int, progress: bool) -> tuple[np.ndarray, list[Path], dict]:
+    """Every image under `folder` (sub-folders too: a run's saved frames), at `spec`'s size,
+    at most MAX_UNLABELLED (a seeded sample): the images, their paths, and a report.
+    Unreadable files are skipped and counted."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise LinesideError(f"--unlabelled {folder}: not a folder")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p))
+    if not paths:
+        raise LinesideError(f"--unlabelled {folder}: no image files in it")
+    found = len(paths)
+    if found > MAX_UNLABELLED:
+        keep = np.sort(np.random.default_rng(seed).choice(found, MAX_UNLABELLED, replace=False))
+        paths = [paths[i] for i in keep]
+    images = ImageSet(tuple(paths), (0,) * len(paths), ("unlabelled",), root)
+    x, kept, bad = load_arrays(images, spec, skip_bad=True, progress=progress, desc="reading unlabelled images")
+    return x, list(kept.paths), {"folder": str(root.resolve()), "found": found, "used": len(kept),
+                                 "unreadable": len(bad)}
+
+
+# -- self-training of a linear head ----------------------------------------------------
+
+def view_features(model, x: np.ndarray, device) -> torch.Tensor:
+    """The pooled features the head reads, averaged over the model's test-time views."""
+    views = model.views or (0,)
+    run = frozen_forward(model, model.embed, "embed", x[:1], device, len(x) * len(views),
+                         depends=embed_tensors(model))
+    return sum(run.map(orient_batch(x, k)) for k in views).float() / len(views)
+
+
+def balanced_pseudo_labels(probs: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and labels: for every class the unlabelled images predicted as it, surest
+    first, the same number for each (the smallest class's count, at most `cap`)."""
+    label, conf = probs.argmax(1), probs.max(1)
+    picked = [np.flatnonzero(label == c) for c in range(probs.shape[1])]
+    n = min(cap, *(len(p) for p in picked))
+    rows = np.concatenate([p[np.argsort(-conf[p], kind="stable")][:n] for p in picked])
+    return rows, label[rows]
+
+
+def self_train(fit, feats: torch.Tensor, y: np.ndarray, u_feats: torch.Tensor, smallest: int, repeat: int):
+    """A head fitted by `fit(feats, y)` (-> a callable giving logits), then again with the
+    unlabelled rows it labels (balanced_pseudo_labels), each added `repeat` times (as many
+    rows as a labelled image has views), SELF_TRAIN_ROUNDS rounds. Returns the last head
+    and the unlabelled rows it was fitted with (features, labels; once each)."""
+    head, added = fit(feats, y), (u_feats[:0], np.zeros(0, np.int64))
+    for r in range(1, SELF_TRAIN_ROUNDS + 1):
+        with torch.no_grad():
+            probs = torch.softmax(head(u_feats), 1).cpu().numpy()
+        rows, labels = balanced_pseudo_labels(probs, SELF_TRAIN_PER_ROUND * smallest * r)
+        if not len(rows):
+            break
+        extra = u_feats[torch.from_numpy(rows)].repeat(repeat, 1)
+        head = fit(torch.cat([feats, extra]), np.concatenate([y, np.tile(labels, repeat)]))
+        added = (u_feats[torch.from_numpy(rows)], labels.astype(np.int64))
+    return head, added
+
+
+def self_train_linear(run, result, u_feats: torch.Tensor) -> dict:
+    """Self-training of the linear recipe's head (result.linear_bank holds the labelled
+    rows), kept when it is no worse than the labelled images alone over folds of them."""
+    from .trainer import fit_head_on
+
+    model = result.model
+    bank, bank_y, n = result.linear_bank[:3]
+    repeat = len(bank) // n
+    classes = len(run.classes)
+    smallest = int(np.bincount(bank_y[:n], minlength=classes).min())
+    frozen = len(model.stages)
+
+    def fit(feats, y):
+        head = torch.nn.Linear(feats.shape[1], classes).to(run.device)
+        fit_head_on(run, model, head, feats.to(run.device).float(), y, frozen)
+        return head
+
+    u = u_feats.to(run.device)
+    alone, with_u = _folds_compared(fit, bank, bank_y, n, u, smallest, repeat, run.cfg.seed)
+    report = {"method": "self-training", "cv_labelled_only": round(alone, 4), "cv_with_unlabelled": round(with_u, 4)}
+    if with_u < alone:
+        report["used"] = False
+        report["why"] = (f"self-training scored {with_u:.1%} in cross-validation on the labelled images, the "
+                         f"labelled images alone {alone:.1%}: not used")
+        return report
+    head, (extra, labels) = self_train(fit, bank.float(), bank_y, u, smallest, repeat)
+    with torch.no_grad():
+        model.head.weight.copy_(head.weight)
+        model.head.bias.copy_(head.bias)
+    # calibration's folds refit the head on the labelled rows with these (trainer.out_of_fold_on_bank)
+    result.linear_bank = (*result.linear_bank[:3], (extra.repeat(repeat, 1).cpu(), np.tile(labels, repeat)))
+    report.update(used=True, pseudo_labelled=int(len(labels)),
+                  why=f"self-training scored {with_u:.1%} in cross-validation on the labelled images, the labelled "
+                      f"images alone {alone:.1%}: the head is fitted again with {len(labels)} unlabelled image(s) "
+                      f"it labelled ({len(labels) // len(run.classes)} per class)")
+    return report
+
+
+def _folds_compared(fit, bank, bank_y, n, u, smallest, repeat, seed) -> tuple[float, float]:
+    """Balanced accuracy over folds of the labelled images of the head fitted on the other
+    folds' rows, alone and self-trained; each held-out image is judged by its first
+    view's row (the image as it is)."""
+    y = bank_y[:n]
+    fold, k = stratified_folds(y, [seed, 7], FOLDS)
+    if k < 2:
+        return 0.0, 0.0
+    tiled = np.tile(np.arange(n), repeat)
+    alone, with_u = np.empty(n, int), np.empty(n, int)
+    for f in range(k):
+        keep = torch.from_numpy(np.flatnonzero(fold[tiled] != f))
+        held = torch.from_numpy(np.flatnonzero(fold == f))
+        feats = bank[keep].float()
+        base = fit(feats, bank_y[keep.numpy()])
+        st = self_train(fit, feats, bank_y[keep.numpy()], u, max(1, smallest - smallest // k), repeat)[0]
+        with torch.no_grad():
+            x = bank[held].float().to(u.device)
+            alone[held.numpy()] = base(x).argmax(1).cpu().numpy()
+            with_u[held.numpy()] = st(x).argmax(1).cpu().numpy()
+    return balanced_accuracy(y, alone), balanced_accuracy(y, with_u)
+
+
+# -- the good parts' memory bank ---------------------------------------------------------
+
+def fit_stack(inputs: np.ndarray, y: np.ndarray, classes: int) -> torch.nn.Linear:
+    """The good-parts layer: a multinomial logistic regression on standardised inputs, the
+    scaling folded back into it. Classes weighed alike."""
+    head = torch.nn.Linear(inputs.shape[1], classes)
+    counts = np.bincount(y, minlength=classes).astype(np.float64)
+    weight = torch.tensor(counts.sum() / (classes * np.maximum(counts, 1)), dtype=torch.float32)
+    fit_linear_head(head, torch.from_numpy(inputs).float(), torch.from_numpy(y).long(), STACK_L2, True, weight,
+                    max_iter=500)
+    return head
+
+
+def stack_out_of_fold(inputs: np.ndarray, y: np.ndarray, classes: int, seed: int) -> np.ndarray | None:
+    """Logits of each row from a good-parts layer fitted without it (None: too few rows)."""
+    fold, k = stratified_folds(y, [seed, 11], FOLDS)
+    if k < 2:
+        return None
+    out = np.zeros((len(y), classes), np.float32)
+    for f in range(k):
+        head = fit_stack(inputs[fold != f], y[fold != f], classes)
+        with torch.no_grad():
+            out[fold == f] = head(torch.from_numpy(inputs[fold == f]).float()).numpy()
+    return out
+
+
+def keeps_good_parts(alone: float, with_good: float) -> bool:
+    """The rule: the layer is kept when its cross-validated balanced accuracy is higher."""
+    return with_good > alone
+
+
+def good_parts(run, model, held: tuple[np.ndarray, np.ndarray, np.ndarray], x_unl: np.ndarray,
+               ok: int, u_feats: torch.Tensor | None = None) -> tuple[object | None, np.ndarray | None, dict]:
+    """The classifier with a bank of the good parts among the unlabelled images, when it
+    beats the classifier alone in cross-validation on `held` (images the classifier did not
+    train on: their uint8 images, logits and labels). `u_feats`: the unlabelled images'
+    view_features when the model is a linear head on them (its answers without another
+    pass). Returns the new model (None when not used), the rows' out-of-fold logits under
+    it, and the report."""
+    from .anomaly import DEFAULT_BANK, DEFAULT_TAPS, DEFAULT_PROJECT, anomaly_scores, build_bank, good_features
+    from .good_parts import GoodPartsClassifier
+
+    x_held, logits, y = held
+    if u_feats is not None:
+        with torch.no_grad():
+            answers = model.head(u_feats.to(run.device)).cpu().numpy()
+    else:
+        answers = _predict(model, x_unl, run.device)
+    good = np.flatnonzero(answers.argmax(1) == ok)
+    report = {"method": "good parts", "good_class": run.classes[ok], "unlabelled_called_good": int(len(good))}
+    if len(good) < MIN_GOOD:
+        return None, None, {**report, "used": False,
+                            "why": f"{len(good)} unlabelled image(s) called {run.classes[ok]} (a bank needs {MIN_GOOD})"}
+    cfg = run.cfg
+    weights = cfg.weights if cfg.weights not in ("none",) else "imagenet"
+    _, scorer, feats = good_features(x_unl[good], run.spec, cfg.backbone, weights, DEFAULT_TAPS, DEFAULT_BANK,
+                                     cfg.seed, run.device, None, DEFAULT_PROJECT)
+    scorer.bank = build_bank(feats, DEFAULT_BANK, cfg.seed, run.device).to(run.device)
+    scorer.bank_sq = (scorer.bank * scorer.bank).sum(1)
+    scorer.threshold.fill_(1.0)
+    inputs = np.concatenate([logits, np.log(np.maximum(anomaly_scores(scorer, x_held, run.device), 1e-6))[:, None]],
+                            1).astype(np.float32)
+    classes = len(run.classes)
+    oof = stack_out_of_fold(inputs, y, classes, cfg.seed)
+    alone = balanced_accuracy(y, logits.argmax(1))
+    with_good = balanced_accuracy(y, oof.argmax(1)) if oof is not None else 0.0
+    report.update(cv_classifier_alone=round(alone, 4), cv_with_good_parts=round(with_good, 4))
+    if not keeps_good_parts(alone, with_good):
+        return None, None, {**report, "used": False,
+                            "why": f"with the good parts {with_good:.1%} in cross-validation, the classifier alone "
+                                   f"{alone:.1%}: not used"}
+    hybrid = GoodPartsClassifier(model, scorer, ok).to(run.device).eval()
+    hybrid.head.load_state_dict(fit_stack(inputs, y, classes).state_dict())
+    return hybrid, oof, {**report, "used": True,
+                         "why": f"with a bank of the {len(good)} unlabelled images called {run.classes[ok]}: "
+                                f"{with_good:.1%} in cross-validation against {alone:.1%} for the classifier alone"}
+
+
+def _predict(model, x: np.ndarray, device) -> np.ndarray:
+    from .trainer import score
+
+    return score(model, x, device)
+
+
+class UnlabelledSteps:
+    """--unlabelled in a training run: the images read once, then self_train (after the
+    recipe) and good_parts (after calibration, which it replaces when the layer is used).
+    What each did goes to result.unlabelled (metrics.json's "unlabelled")."""
+
+    def __init__(self, run, result, data, folder, ok_classes=None):
+        self.run, self.result, self.d = run, result, data
+        self.x, _, info = read_unlabelled(folder, run.spec, run.cfg.seed, run.progress)
+        self.ok = good_class(run.classes, ok_classes)
+        self.u_feats = None       # the unlabelled images' features when the model is a linear head on them
+        result.unlabelled = self.report = {**info, "steps": []}
+
+    def self_train(self) -> None:
+        r = self.result
+        if r.linear_bank is None:
+            step = {"method": "self-training", "used": False,
+                    "why": f"the {r.plan.strategy} recipe trains the network; self-training refits a linear head only"}
+        else:
+            self.u_feats = view_features(r.model, self.x, self.run.device)
+            step = self_train_linear(self.run, r, self.u_feats)
+        self._log(step)
+
+    def good_parts(self, calibration: dict | None) -> dict | None:
+        run, d = self.run, self.d
+        if self.ok is None:
+            self._log({"method": "good parts", "used": False,
+                       "why": "no good class among the labels (name it with --ok-classes)"})
+            return calibration
+        if d.x_val is not None:
+            held = (d.x_val, _predict_logits(self.result.model, d.x_val, run.device), d.y_val)
+            source = f"the {len(d.y_val)} validation images (the layer is fitted on them: cross-validated)"
+        elif calibration and calibration["source"].startswith("out-of-fold"):
+            held = (d.x_train, np.asarray(calibration["_logits"], np.float32), np.asarray(calibration["_y"]))
+            source = f"out-of-fold predictions of the {len(d.y_train)} training images (the good-parts layer's folds)"
+        else:
+            self._log({"method": "good parts", "used": False,
+                       "why": "no images the classifier did not train on to fit the layer on (calibration is off "
+                              "or the classes are too small for folds)"})
+            return calibration
+        hybrid, oof, step = good_parts(run, self.result.model, held, self.x, self.ok, self.u_feats)
+        self._log(step)
+        if hybrid is None:
+            return calibration
+        from .calibrate import calibration_report
+
+        self.result.model = hybrid
+        report = calibration_report(oof, held[2], source)
+        with torch.no_grad():
+            hybrid.head.weight.div_(report["temperature"])
+            hybrid.head.bias.div_(report["temperature"])
+        return report
+
+    def _log(self, step: dict) -> None:
+        self.report["steps"].append(step)
+        log.info("--unlabelled, %s: %s", step["method"], step["why"])
+        if self.run.progress:
+            from tqdm import tqdm
+
+            tqdm.write(f"unlabelled images, {step['method']}: {step['why']}")
+
+
+def good_class(classes, ok_classes) -> int | None:
+    """The index of the good class (--ok-classes, else the one named good, ok, functional or
+    normal); None when there is none."""
+    from .anomaly_run import DEFAULT_OK, ok_classes_of
+
+    if not ok_classes and not any(c in classes for c in DEFAULT_OK):
+        return None
+    names = ok_classes_of(list(classes), ok_classes)
+    if len(names) > 1:
+        raise LinesideError(f"--ok-classes: --unlabelled takes one good class (given {', '.join(names)})")
+    return list(classes).index(names[0])
+
+
+def _predict_logits(model, x: np.ndarray, device) -> np.ndarray:
+    from .trainer import score
+
+    return score(model, x, device, logits=True)

@@ -1,0 +1,175 @@
+"""Learning from unlabelled images (lineside train --unlabelled) and choosing which to label
+next (lineside study next), on tiny synthetic plates: good ones and dented ones."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from test_anomaly import SIZE, _write
+
+from lineside.errors import LinesideError
+
+
+@pytest.fixture(scope="module")
+def plates(tmp_path_factory):
+    """Labelled plates (12 good, 12 dented) and a folder of unlabelled ones (mostly good, in
+    a sub-folder as a run's saved frames are, with one file that is not an image)."""
+    root = tmp_path_factory.mktemp("unlabelled")
+    labelled = _write(root / "labelled", 12, 12, 0)
+    frames = _write(root / "frames" / "shift1", 40, 8, 5)
+    (frames / "good" / "broken.png").write_bytes(b"not a png")
+    return labelled, root / "frames"
+
+
+def _train(plates, out, **kw):
+    from lineside.train.config import TrainConfig
+    from lineside.train.run import train_run
+
+    cfg = TrainConfig(strategy="linear", image_size=SIZE, seed=0, device="cpu")
+    return train_run(plates[0], out, cfg, progress=False, unlabelled=plates[1], **kw)
+
+
+@pytest.fixture(scope="module")
+def unlabelled_run(plates, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return out, _train(plates, out)
+
+
+def test_every_readable_image_is_used_and_each_step_says_why(unlabelled_run):
+    m = unlabelled_run[1]["unlabelled"]
+    assert m["found"] == 49 and m["used"] == 48 and m["unreadable"] == 1
+    steps = {s["method"]: s for s in m["steps"]}
+    assert list(steps) == ["self-training", "good parts"]
+    st = steps["self-training"]
+    assert st["used"] == (st["cv_with_unlabelled"] >= st["cv_labelled_only"])
+    assert st["why"] and f"{st['cv_labelled_only']:.1%}" in st["why"]
+    if st["used"]:     # the same number of images for every class, however unbalanced the folder
+        assert st["pseudo_labelled"] > 0 and st["pseudo_labelled"] % 2 == 0
+    gp = steps["good parts"]
+    assert gp["good_class"] == "good" and gp["unlabelled_called_good"] >= 8
+    assert gp["used"] == (gp["cv_with_good_parts"] > gp["cv_classifier_alone"])
+
+
+def test_the_good_parts_layer_is_kept_only_when_cross_validation_prefers_it(plates, tmp_path, monkeypatch):
+    import lineside.train.unlabelled as U
+    from lineside.train.checkpoint import load_checkpoint
+
+    monkeypatch.setattr(U, "stack_out_of_fold", lambda inputs, y, classes, seed: np.eye(classes)[1 - y] * 5.0)
+    m = _train(plates, tmp_path / "worse")
+    gp = m["unlabelled"]["steps"][1]
+    assert gp["used"] is False and "not used" in gp["why"]
+    assert not hasattr(load_checkpoint(tmp_path / "worse").model, "scorer")
+
+
+@pytest.fixture(scope="module")
+def good_parts_run(plates, tmp_path_factory):
+    """A run whose good-parts layer is kept: its cross-validation made to favour it, so that the
+    model it writes is the combined one whatever these tiny plates would decide."""
+    import lineside.train.unlabelled as U
+
+    out = tmp_path_factory.mktemp("good_parts")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(U, "keeps_good_parts", lambda alone, with_good: True)
+        metrics = _train(plates, out)
+    return out, metrics
+
+
+def test_the_combined_model_round_trips_and_exports_with_the_same_answers(good_parts_run, plates, tmp_path):
+    from lineside.dataset import load_arrays, load_image_set
+    from lineside.export.bundle import export_bundle
+    from lineside.runtime.model import open_model
+    from lineside.train.checkpoint import load_checkpoint
+    from lineside.train.good_parts import GoodPartsClassifier
+    from lineside.train.trainer import score
+
+    out, metrics = good_parts_run
+    gp = metrics["unlabelled"]["steps"][1]
+    assert gp["used"] is True and metrics["calibration"]["source"].startswith("out-of-fold")
+    loaded = load_checkpoint(out)
+    assert isinstance(loaded.model, GoodPartsClassifier) and loaded.labels == ["dent", "good"]
+    assert loaded.model.ok == 1 and loaded.model.scorer.bank.abs().sum() > 0
+    x, _, _ = load_arrays(load_image_set(plates[0]), loaded.spec, progress=False)
+    ref = score(loaded.model, x, "cpu")
+    # the distance to the good parts reaches the answer: it varies, and the layer weighs it
+    with torch.no_grad():
+        inputs = loaded.model.inputs(torch.from_numpy(x).permute(0, 3, 1, 2).float())
+    assert float(inputs[:, -1].std()) > 0 and float(loaded.model.head.weight[:, -1].abs().max()) > 0
+    bundle = tmp_path / "bundle"
+    result = export_bundle(out, bundle, int8=False)
+    assert result["report"]["parity"]["passed"]
+    for backend in ("onnxruntime", "openvino"):
+        probs = open_model(bundle, backend=backend).predict_proba(x)
+        np.testing.assert_allclose(probs, ref, atol=2e-3)
+
+
+def test_pseudo_labels_are_balanced_and_surest_first():
+    from lineside.train.unlabelled import balanced_pseudo_labels
+
+    probs = np.array([[0.9, 0.1], [0.99, 0.01], [0.6, 0.4], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55]])
+    rows, labels = balanced_pseudo_labels(probs, cap=5)
+    # four images called the first class, two the second: two of each, the surest first
+    assert rows.tolist() == [1, 0, 4, 5] and labels.tolist() == [0, 0, 1, 1]
+    rows, labels = balanced_pseudo_labels(probs, cap=1)
+    assert rows.tolist() == [1, 4] and labels.tolist() == [0, 1]
+    rows, _ = balanced_pseudo_labels(np.array([[0.9, 0.1], [0.8, 0.2]]), cap=5)
+    assert len(rows) == 0          # no image called the second class: none of either
+
+
+def test_picks_spread_over_what_the_images_show():
+    from lineside.train.next import margins, spread_picks
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 0.01, (20, 8)) + np.eye(8)[0]
+    b = rng.normal(0, 0.01, (20, 8)) + np.eye(8)[1]
+    feats = np.concatenate([a, b])
+    uncertain = np.full(40, 0.5)
+    first_two = spread_picks(feats, uncertain, np.zeros((0, 8)), 2)
+    assert {i < 20 for i in first_two} == {True, False}          # one from each group, not two alike
+    assert spread_picks(feats, uncertain, a[:1], 1)[0] >= 20      # the labelled images' group comes last
+    np.testing.assert_allclose(margins(np.array([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05]])), [0.2, 0.85])
+
+
+def test_study_next_queues_images_for_the_review_page_in_rank_order(unlabelled_run, plates, tmp_path):
+    from lineside.cli import main
+    from lineside.dataset import load_image_set
+    from lineside.runtime.review import ReviewStore
+
+    out = tmp_path / "next"
+    r = CliRunner().invoke(main, ["study", "next", str(unlabelled_run[0]), str(plates[1]), "--count", "6",
+                                  "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["queued"] == 6 and [q["rank"] for q in report["queue"]] == [1, 2, 3, 4, 5, 6]
+    margins = [q["margin"] for q in report["queue"]]
+    assert max(margins) <= 1.0 and len({q["path"] for q in report["queue"]}) == 6
+    store = ReviewStore(out / "queue.sqlite", out / "frames")
+    items = store.items()
+    assert [i["capture"] for i in items] == ["study_next"] * 6
+    rows = {i["id"]: i for i in items}
+    assert [rows[i["id"]]["flags"][0] for i in items] == [f"rank {n}" for n in range(1, 7)]
+    store.review(items[0]["id"], "dent")
+    store.review(items[1]["id"], "good")
+    reviewed = load_image_set(out / "frames" / "reviewed" / "manifest.csv")
+    assert sorted(reviewed.classes) == ["dent", "good"] and len(reviewed) == 2
+    again = CliRunner().invoke(main, ["study", "next", str(unlabelled_run[0]), str(plates[1]), "--out", str(out)])
+    assert again.exit_code != 0 and "already there" in again.output
+
+
+def test_wrong_uses_are_one_line_errors(plates, tmp_path):
+    from lineside.cli import main
+    from lineside.train.unlabelled import read_unlabelled
+
+    runner = CliRunner()
+    r = runner.invoke(main, ["train", str(plates[0]), "--out", str(tmp_path / "a"), "--ok-classes", "good"])
+    assert r.exit_code != 0 and "--ok-classes" in r.output
+    r = runner.invoke(main, ["train", str(plates[0]), "--out", str(tmp_path / "b"), "--task", "anomaly",
+                             "--unlabelled", str(plates[1])])
+    assert r.exit_code != 0 and "--unlabelled" in r.output
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LinesideError, match="no image files"):
+        read_unlabelled(tmp_path / "empty", None, 0, False)
+    with pytest.raises(LinesideError, match="not a folder"):
+        read_unlabelled(tmp_path / "missing", None, 0, False)
