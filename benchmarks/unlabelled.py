@@ -19,7 +19,9 @@ same unlabelled half; both runs are scored on the second half.
 --majority CLASS keeps every unlabelled image of CLASS and only as many of the others as
 make them 10% of the folder (a line's frames are nearly all good parts).
 Prints balanced accuracy on the scored half (mean ± std over the draws), the difference,
-the training times and what --unlabelled used in each draw.
+the training times and what --unlabelled used in each draw. The run with --unlabelled
+follows the recipe `auto` chose for the labelled-only run (pinned: auto's time budget is
+a measurement of how busy the machine is).
 """
 
 from __future__ import annotations
@@ -70,16 +72,28 @@ def link_folder(images, indices, folder: Path) -> Path:
     return folder
 
 
+def same_recipe(cfg: TrainConfig, run: Path, metrics: dict) -> TrainConfig:
+    """`cfg` with the recipe the run used (auto's choice pinned: with --time-budget it
+    depends on how busy the machine was when it measured)."""
+    from lineside.train.checkpoint import load_checkpoint
+
+    taps = load_checkpoint(run).model.taps
+    return cfg.override(strategy=metrics["strategy"], taps=",".join(map(str, taps)) if taps else "last")
+
+
 def one_draw(images, k: int, seed: int, major, cfg: TrainConfig, tmp: Path) -> dict:
     labelled, unlabelled, scored = split(images.targets, k, seed, major)
     train_csv = images.write_manifest(tmp / f"train_{k}_{seed}.csv", labelled)
     test_csv = images.write_manifest(tmp / f"test_{k}_{seed}.csv", scored)
     folder = link_folder(images, unlabelled, tmp / f"unlabelled_{k}_{seed}")
     row = {"shots": k, "seed": seed, "unlabelled": int(len(unlabelled)), "scored": int(len(scored))}
+    cfg = cfg.override(seed=seed)
     for name, extra in (("labelled_only", None), ("with_unlabelled", folder)):
         run = tmp / f"{name}_{k}_{seed}"
         t0 = time.perf_counter()
-        metrics = train_run(train_csv, run, cfg.override(seed=seed), progress=False, unlabelled=extra)
+        metrics = train_run(train_csv, run, cfg, progress=False, unlabelled=extra)
+        if extra is None:      # the same recipe for both: auto's time budget is a measurement of this machine
+            cfg = same_recipe(cfg, run, metrics)
         row[f"{name}_train_s"] = round(time.perf_counter() - t0, 1)
         row[name] = evaluate_run(run, test_csv, progress=False)["balanced_accuracy"]
         row[f"{name}_strategy"] = metrics["strategy"]
@@ -100,15 +114,17 @@ def next_draw(images, k: int, seed: int, count: int, cfg: TrainConfig, tmp: Path
     cfg = cfg.override(seed=seed)
     row = {"shots": k, "seed": seed, "added": count * len(images.classes)}
 
-    def trained(name, indices):
+    def trained(name, indices, cfg):
         run = tmp / f"{name}_{k}_{seed}"
         t0 = time.perf_counter()
-        train_run(images.write_manifest(tmp / f"{name}_{k}_{seed}.csv", indices), run, cfg, progress=False)
+        metrics = train_run(images.write_manifest(tmp / f"{name}_{k}_{seed}.csv", indices), run, cfg, progress=False)
         row[f"{name}_train_s"] = round(time.perf_counter() - t0, 1)
         row[name] = evaluate_run(run, test_csv, progress=False)["balanced_accuracy"]
-        return run
+        return run, metrics
 
-    loaded = load_checkpoint(trained("labelled_only", labelled))
+    run, metrics = trained("labelled_only", labelled, cfg)
+    cfg = same_recipe(cfg, run, metrics)        # both added sets trained the same way
+    loaded = load_checkpoint(run)
     x_unl, kept, _ = load_arrays(images.subset(unlabelled), loaded.spec, progress=False)
     x_lab = load_arrays(images.subset(labelled), loaded.spec, progress=False)[0]
     if len(kept) != len(unlabelled):
@@ -119,8 +135,8 @@ def next_draw(images, k: int, seed: int, count: int, cfg: TrainConfig, tmp: Path
     picked = unlabelled[ranked["indices"]]
     row["picked_per_class"] = np.bincount(np.asarray(images.targets)[picked], minlength=len(images.classes)).tolist()
     random = np.random.default_rng(seed + 1000).choice(unlabelled, row["added"], replace=False)
-    trained("study_next", np.concatenate([labelled, picked]))
-    trained("random", np.concatenate([labelled, random]))
+    trained("study_next", np.concatenate([labelled, picked]), cfg)
+    trained("random", np.concatenate([labelled, random]), cfg)
     return row
 
 

@@ -43,8 +43,13 @@ def _list_backbones(ctx, _param, value):
                    "refits on them; with a good class, the ones called good become a bank of good parts "
                    "the model also measures each part against). metrics.json says what was used and why.")
 @click.option("--false-reject", type=float, default=None,
-              help="anomaly: the share of good parts the threshold may flag, e.g. 0.01 for 1%. It is set "
-                   "from good images scored by models that did not see them. [0.01]")
+              help="anomaly and --guard: the share of good parts the threshold may flag, e.g. 0.01 for 1%. It "
+                   "is set from good images scored by models that did not see them. [0.01]")
+@click.option("--guard", is_flag=True, default=False,
+              help="Also train an anomaly model on the good class's images: a part the classifier calls good "
+                   "but that differs from every good part is labelled 'anomalous' (NG), so defects nobody "
+                   "photographed are caught too. The good class: the folder good, ok, functional or normal, "
+                   "or --ok-classes.")
 @click.option("--bank", type=int, default=None,
               help="anomaly: most good patches kept in the memory bank (coreset); more is slower. [2048]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -102,7 +107,7 @@ def _list_backbones(ctx, _param, value):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json, task, ok_classes, false_reject,
-          bank, unlabelled, **options):
+          bank, unlabelled, guard, **options):
     """Train a classifier on DATA (one sub-folder per class, or a path,label CSV).
 
     Several DATA are trained on together (e.g. the old images and the frames
@@ -125,7 +130,7 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
       lineside train bottle/train --task anomaly --out runs/bottle
       lineside train cells/ --task anomaly --ok-classes functional --false-reject 0.005 --out runs/cells
     """
-    _check_task_options(task, ok_classes, false_reject, bank, unlabelled)
+    _check_task_options(task, ok_classes, false_reject, bank, unlabelled, guard)
     if task == "anomaly":
         return _train_anomaly(data_dirs, out, force, quiet, as_json, ok_classes, false_reject, bank, options)
     from lineside.train import distributed
@@ -149,8 +154,10 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
     from .common import libraries_to_stderr
 
     with libraries_to_stderr(as_json):
-        m = train_run(data_dir, out, cfg, val=val_dir, progress=not quiet, unlabelled=unlabelled,
-                      ok_classes=ok_classes)
+        from lineside.train.anomaly import DEFAULT_FALSE_REJECT
+
+        m = train_run(data_dir, out, cfg, val=val_dir, progress=not quiet, unlabelled=unlabelled, ok_classes=ok_classes,
+                      guard=(DEFAULT_FALSE_REJECT if false_reject is None else false_reject) if guard else None)
     if not dist.main:
         return
     if as_json:
@@ -159,17 +166,19 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
     _print_summary(m, out)
 
 
-def _check_task_options(task, ok_classes, false_reject, bank, unlabelled) -> None:
+def _check_task_options(task, ok_classes, false_reject, bank, unlabelled, guard) -> None:
     """The options of one task given to the other: a one-line error naming the option."""
     if task == "anomaly":
-        if unlabelled is not None:
-            raise LinesideError("--unlabelled: only for --task classify (an anomaly model trains on good parts)")
+        for name, given in (("--unlabelled", unlabelled is not None), ("--guard", guard)):
+            if given:
+                raise LinesideError(f"{name}: only for --task classify (an anomaly model trains on good parts)")
         return
-    if ok_classes is not None and unlabelled is None:
-        raise LinesideError("--ok-classes: only for --task anomaly or with --unlabelled")
-    for name, value in (("--false-reject", false_reject), ("--bank", bank)):
-        if value is not None:
-            raise LinesideError(f"{name}: only for --task anomaly")
+    if ok_classes is not None and unlabelled is None and not guard:
+        raise LinesideError("--ok-classes: only for --task anomaly, --guard or --unlabelled")
+    if false_reject is not None and not guard:
+        raise LinesideError("--false-reject: only for --task anomaly or --guard")
+    if bank is not None:
+        raise LinesideError("--bank: only for --task anomaly")
 
 
 def _torchrun(cfg, processes: int) -> int:
@@ -202,6 +211,12 @@ def _print_summary(m: dict, out) -> None:
         v = m["validation"]
         click.echo(f"validation: balanced accuracy {v['balanced_accuracy']:.1%}, accuracy {v['accuracy']:.1%} "
                    f"on {v['n']} images")
+    g = m.get("guard")
+    if g:
+        lo, hi = g["false_reject_expected"]["interval_90"]
+        click.echo(f"guard: an anomaly model of the {g['good_images']} {g['good_class']} image(s), its threshold "
+                   f"at {g['false_reject_target']:.1%} false rejects ({lo:.1%}-{hi:.1%} expected, 90% interval); "
+                   f"a part it flags is labelled 'anomalous'")
     for step in (m.get("unlabelled") or {}).get("steps", []):
         click.echo(f"unlabelled images, {step['method']}: {step['why']}")
     c = m.get("calibration")

@@ -45,7 +45,9 @@ def save_checkpoint(path: Path, model: Classifier, labels, backbone: str, spec: 
             "info": trained.to_dict(),
         }
         return _write(path, payload)
-    classifier = getattr(model, "classifier", model)      # a GoodPartsClassifier holds one
+    guarded = model if hasattr(model, "guard") else None  # a GuardedClassifier holds the rest
+    inner = model.inner if guarded is not None else model
+    classifier = getattr(inner, "classifier", inner)      # a GoodPartsClassifier holds one
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -59,10 +61,14 @@ def save_checkpoint(path: Path, model: Classifier, labels, backbone: str, spec: 
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "info": trained.to_dict(),
     }
-    if classifier is not model:
+    if classifier is not inner:
         from .good_parts import describe
 
-        payload["good_parts"] = describe(model)
+        payload["good_parts"] = describe(inner)
+    if guarded is not None:
+        from . import guard
+
+        payload["guard"] = guard.describe(guarded)
     _write(path, payload)
 
 
@@ -103,14 +109,19 @@ def load_checkpoint(path) -> LoadedModel:
     views = payload.get("views")
     if views is not None and not (isinstance(views, list) and views and all(isinstance(k, int) for k in views)):
         raise LinesideError(f"{path}: checkpoint has an invalid 'views' entry")
+    classes = len(labels) - (payload.get("guard") is not None)     # the guard adds its label
     try:
-        model = Classifier(entry.build(), entry.feature_dim, len(labels), spec,
+        model = Classifier(entry.build(), entry.feature_dim, classes, spec,
                            dropout=float(payload.get("dropout", 0.0)), taps=taps, views=views,
                            pool=str(payload.get("pool", "avg")))
         if payload.get("good_parts") is not None:
             from .good_parts import rebuild
 
             model = rebuild(model, entry, spec, payload["good_parts"])
+        if payload.get("guard") is not None:
+            from . import guard
+
+            model = guard.rebuild(model, entry, spec, payload["guard"], classes)
     except ValueError as exc:
         raise LinesideError(f"{path}: {exc}") from exc
     try:

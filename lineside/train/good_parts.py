@@ -48,22 +48,31 @@ class GoodPartsClassifier(nn.Module):
 def describe(model: GoodPartsClassifier) -> dict:
     """The checkpoint's entry for the good-parts scorer (its shape; the weights are in the
     state dict)."""
-    s = model.scorer
-    return {"ok": model.ok, "taps": list(s.taps), "feature_dim": int(s.channel_scale.shape[0]),
-            "bank_size": int(s.bank.shape[0]), "projection": int(s.project)}
+    return {"ok": model.ok, **scorer_shape(model.scorer)}
+
+
+def scorer_shape(s: AnomalyModel) -> dict:
+    """What rebuilds an empty scorer of the same shape (a checkpoint entry's fields)."""
+    return {"taps": list(s.taps), "feature_dim": int(s.channel_scale.shape[0]), "bank_size": int(s.bank.shape[0]),
+            "projection": int(s.project)}
+
+
+def empty_scorer(entry, spec, shape: dict, classes: int) -> AnomalyModel:
+    """The scorer a checkpoint entry (scorer_shape's fields and the good class "ok") describes,
+    with empty buffers; ValueError when the entry is malformed."""
+    ints = ("ok", "feature_dim", "bank_size")
+    valid = (isinstance(shape, dict) and isinstance(shape.get("taps"), list) and shape["taps"]
+             and all(isinstance(t, int) for t in shape["taps"])
+             and all(isinstance(shape.get(k), int) and shape[k] >= (0 if k == "ok" else 1) for k in ints)
+             and shape["ok"] < classes
+             and isinstance(shape.get("projection", 0), int) and 0 <= shape.get("projection", 0) < shape["feature_dim"])
+    if not valid:
+        raise ValueError("invalid scorer entry")
+    return AnomalyModel(entry.build().stages, spec, tuple(shape["taps"]), shape["feature_dim"], shape["bank_size"],
+                        project=shape.get("projection", 0))
 
 
 def rebuild(classifier: Classifier, entry, spec, good: dict) -> GoodPartsClassifier:
     """The empty model a checkpoint's `good_parts` entry describes (ValueError when it is
     malformed); its weights are loaded after."""
-    ints = ("ok", "feature_dim", "bank_size")
-    ok = (isinstance(good, dict) and isinstance(good.get("taps"), list) and good["taps"]
-          and all(isinstance(t, int) for t in good["taps"])
-          and all(isinstance(good.get(k), int) and good[k] >= (0 if k == "ok" else 1) for k in ints)
-          and good["ok"] < classifier.head.out_features
-          and isinstance(good.get("projection", 0), int) and 0 <= good.get("projection", 0) < good["feature_dim"])
-    if not ok:
-        raise ValueError("invalid 'good_parts' entry")
-    scorer = AnomalyModel(entry.build().stages, spec, tuple(good["taps"]), good["feature_dim"], good["bank_size"],
-                          project=good.get("projection", 0))
-    return GoodPartsClassifier(classifier, scorer, good["ok"])
+    return GoodPartsClassifier(classifier, empty_scorer(entry, spec, good, classifier.head.out_features), good["ok"])

@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .data import layout
 from .plots import plot_confusion
 from .trainer import calibrate_temperature, score, start, train
-from .unlabelled import UnlabelledSteps
+from .unlabelled import UnlabelledSteps, good_class
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +63,28 @@ def split_data(images: ImageSet, cfg: TrainConfig, val_path=None) -> tuple[Image
 
 
 def train_run(data, out, cfg: TrainConfig, val=None, progress: bool = True, unlabelled=None,
-              ok_classes=None) -> dict:
+              ok_classes=None, guard: float | None = None) -> dict:
     """Train on `data` and write a run folder to `out`. Returns the metrics dict. Under
     torchrun every process trains (see distributed.py) and rank 0 alone writes.
-    `unlabelled`: a folder of images without labels to learn from too (train/unlabelled.py),
-    `ok_classes` naming the good class when no folder is called good, ok or normal."""
+    `unlabelled`: a folder of images without labels to learn from too (train/unlabelled.py);
+    `guard`: the false-reject rate of an anomaly model of the good class guarding the
+    classifier (train/guard.py); `ok_classes` names the good class when no folder is
+    called good, ok, functional or normal."""
     dist = distributed.from_env()
     device = distributed.setup(dist, cfg.device)
     try:
         return _train_run(data, Path(out), cfg, val, progress and dist.main, dist, device,
-                          (unlabelled, ok_classes) if unlabelled is not None else None)
+                          _Extras(unlabelled, ok_classes, guard))
     finally:
         distributed.teardown(dist)
+
+
+@dataclass(frozen=True)
+class _Extras:
+    """What a run adds to the recipe: unlabelled images, a guard, and the good class they need."""
+    unlabelled: Path | None = None
+    ok_classes: object = None
+    guard: float | None = None
 
 
 @dataclass
@@ -91,11 +101,15 @@ class _Data:
     bad: list
 
 
-def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, device, unlabelled=None) -> dict:
-    """Read the images, train (trainer.start, train, calibrate_temperature, and with
-    unlabelled images train/unlabelled.py's steps), score, and (rank 0) write the run folder."""
+def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, device, extras: _Extras) -> dict:
+    """Read the images, train (trainer.start, train, then _after_training), score, and
+    (rank 0) write the run folder."""
     t_start = time.perf_counter()
     spec = BACKBONES.get(cfg.backbone).input_spec.with_size(cfg.image_size)
+    ok = good_class(load_image_set(data).classes, extras.ok_classes) \
+        if extras.guard is not None or extras.ok_classes is not None else None
+    if extras.guard is not None and ok is None:
+        raise LinesideError("--guard: no good class among the labels (name it with --ok-classes)")
     d = _read(data, out, cfg, val, spec, progress, dist)
     read_s = time.perf_counter() - t_start
 
@@ -103,16 +117,7 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
     run, model = start(cfg, d.images.classes, spec, progress, dist=dist, device=device)
     setup_s = time.perf_counter() - t0
     result = train(run, model, d.x_train, d.y_train, d.x_val, d.y_val)
-    unl = UnlabelledSteps(run, result, d, *unlabelled) if unlabelled is not None and dist.main else None
-    if unl is not None:
-        unl.self_train()
-    calibration = None
-    if cfg.calibrate == "auto" and dist.main:
-        t0 = time.perf_counter()
-        calibration = calibrate_temperature(run, result, d.x_train, d.y_train, d.x_val, d.y_val)
-        result.timings["calibrate_s"] = time.perf_counter() - t0
-    if unl is not None:
-        calibration = unl.good_parts(calibration)
+    calibration = _after_training(run, result, d, extras, ok) if dist.main else None
     train_seconds = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
@@ -125,6 +130,30 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
     if dist.main:
         _write_run(out, cfg, run, result, d, spec, metrics, report, calibration, cm_report, cm_title)
     return metrics
+
+
+def _after_training(run, result, d: _Data, extras: _Extras, ok: int | None) -> dict | None:
+    """Self-training on unlabelled images, the temperature, the good parts among the
+    unlabelled images, and the guard, each when asked for. Returns the calibration."""
+    unl = UnlabelledSteps(run, result, d, extras.unlabelled, extras.ok_classes) \
+        if extras.unlabelled is not None else None
+    if unl is not None:
+        unl.self_train()
+    calibration = None
+    if run.cfg.calibrate == "auto":
+        t0 = time.perf_counter()
+        calibration = calibrate_temperature(run, result, d.x_train, d.y_train, d.x_val, d.y_val)
+        result.timings["calibrate_s"] = time.perf_counter() - t0
+    if unl is not None:
+        calibration = unl.good_parts(calibration)
+    if extras.guard is not None:
+        from .guard import add_guard
+
+        t0 = time.perf_counter()
+        result.model, calibration, result.guard = add_guard(run, result.model, d.x_train, d.y_train, ok,
+                                                            extras.guard, calibration)
+        result.timings["guard_s"] = time.perf_counter() - t0
+    return calibration
 
 
 def _read(data, out: Path, cfg: TrainConfig, val, spec, progress: bool, dist) -> _Data:
@@ -146,7 +175,7 @@ def _read(data, out: Path, cfg: TrainConfig, val, spec, progress: bool, dist) ->
 def _scored(run, result, d: _Data, calibration) -> tuple[dict | None, dict, str]:
     """The validation report (None without validation images), and the confusion matrix's
     report and title: validation's, the out-of-fold answers', or the training images'."""
-    classes = d.images.classes
+    classes = labels_of(result, d)
     if d.x_val is not None:
         probs = score(result.model, d.x_val, run.device)
         report = classification_report(d.y_val, probs.argmax(1), classes)
@@ -182,7 +211,7 @@ def _metrics(data, cfg: TrainConfig, run, result, d: _Data, spec, report, calibr
         "processes": run.dist.world,
         "threads": torch.get_num_threads(),
         "input_spec": spec.to_dict(),
-        "labels": list(d.images.classes),
+        "labels": labels_of(result, d),
         "train_counts": d.train_set.counts(),
         "val_counts": d.val_set.counts() if d.val_set is not None else None,
         "split": d.split_note,
@@ -193,6 +222,7 @@ def _metrics(data, cfg: TrainConfig, run, result, d: _Data, spec, report, calibr
         "validation": report,
         "calibration": {k: v for k, v in calibration.items() if not k.startswith("_")} if calibration else None,
         "unlabelled": result.unlabelled,
+        "guard": result.guard,
         "training_set": None if report else cm_report,
         "seconds": seconds,
         "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
@@ -208,11 +238,11 @@ def _write_run(out: Path, cfg: TrainConfig, run, result, d: _Data, spec, metrics
                           data_fingerprint=metrics["data_fingerprint"], lineside_version=metrics["lineside_version"],
                           val_balanced_accuracy=report["balanced_accuracy"] if report else None,
                           reject_below=calibration["reject_below"] if calibration else None)
-    save_checkpoint(out / runs.MODEL, result.model, d.images.classes, cfg.backbone, spec, trained)
+    save_checkpoint(out / runs.MODEL, result.model, labels_of(result, d), cfg.backbone, spec, trained)
     if d.val_set is not None:
         d.val_set.write_manifest(out / runs.VALIDATION)
     _write_history(out / runs.HISTORY, result.history.rows)
-    plot_confusion(np.asarray(cm_report["confusion_matrix"]), d.images.classes, out / runs.CONFUSION, cm_title)
+    plot_confusion(np.asarray(cm_report["confusion_matrix"]), labels_of(result, d), out / runs.CONFUSION, cm_title)
     if calibration:
         from .calibrate import reliability_diagram
 
@@ -227,6 +257,11 @@ def _write_run(out: Path, cfg: TrainConfig, run, result, d: _Data, spec, metrics
     metrics["confusion_matrix_of"] = cm_title
     metrics["seconds"]["write_s"] = round(time.perf_counter() - t0, 2)
     (out / runs.METRICS).write_text(json.dumps(metrics, indent=2))
+
+
+def labels_of(result, d: _Data) -> list[str]:
+    """The model's labels: the data's classes, and the label a guard adds (train/guard.py)."""
+    return list(d.images.classes) + list(getattr(result.model, "extra_labels", ()))
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:

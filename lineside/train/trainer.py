@@ -93,6 +93,7 @@ class TrainResult:
     model: Classifier | None = None
     linear_bank: tuple | None = None
     unlabelled: dict | None = None      # what --unlabelled did (train/unlabelled.py)
+    guard: dict | None = None           # the anomaly model guarding the classifier (train/guard.py)
 
 
 def resolve_strategy(cfg: TrainConfig, per_class_min: int) -> tuple[str, str]:
