@@ -15,6 +15,7 @@ import pytest
 from lineside.runtime import updates
 from lineside.runtime.app import RunOptions, run_app
 from lineside.runtime.model import open_checked
+from test_mqtt import broker  # noqa: F401 - the fixture, for the update asked for over MQTT
 from test_products import Frames
 
 
@@ -36,6 +37,23 @@ def _drop(src, folder, name, note):
     doc["note"] = note
     (tmp / "bundle.json").write_text(json.dumps(doc))
     tmp.rename(folder / name)          # whole, in one step, as an operator's script would
+
+
+def _events(log, kind: str) -> int:
+    """How many events of `kind` the run's SQLite log holds (0 before it is written)."""
+    try:
+        with sqlite3.connect(f"file:{log}?mode=ro", uri=True) as con:
+            return con.execute("SELECT count(*) FROM events WHERE kind = ?", (kind,)).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def _wait_for_event(log, kind: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not _events(log, kind):
+        assert time.monotonic() < deadline, f"no {kind} event in {seconds} s"
+        time.sleep(0.05)
+    time.sleep(0.3)          # a few frames more
 
 
 def test_50_updates_under_a_30_fps_stream_lose_nothing(tiny_bundle, second_bundle, synth_test_dir, tmp_path,
@@ -76,14 +94,7 @@ def test_50_updates_under_a_30_fps_stream_lose_nothing(tiny_bundle, second_bundl
         shutil.copytree(second_bundle, broken)
         (broken / "model_fp32.bin").write_bytes(b"broken")
         _drop(broken, watched, "zz-broken", "broken")
-        deadline = time.monotonic() + 30
-        while True:
-            with sqlite3.connect(log) as con:
-                if con.execute("SELECT count(*) FROM events WHERE kind = 'update_refused'").fetchone()[0]:
-                    break
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        time.sleep(0.3)
+        _wait_for_event(log, "update_refused", 30)
     finally:
         done.set()
         run.join(120)
@@ -106,3 +117,153 @@ def test_50_updates_under_a_30_fps_stream_lose_nothing(tiny_bundle, second_bundl
     assert changes == 50                      # each update decided frames of its own, in turn
     assert "zz-broken" in refused[0][0] and "model_fp32.bin" in refused[0][0]
     assert result["updates"]["model_sha256"] == open_checked(first).checksum   # u49 was the first bundle again
+
+
+def test_an_update_asked_for_by_name_is_taken_even_when_it_ran_before(tiny_bundle, second_bundle, tmp_path,
+                                                                      monkeypatch):
+    """request(name): a bundle folder directly in the watched folder, by its name only (MQTT's
+    PREFIX/update, OPC UA's UpdateModel); anything else is refused with an event."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(updates, "UPDATE_SETTLE_SECONDS", 0.0)
+    monkeypatch.setattr(updates, "SCAN_SECONDS", 0.02)
+    watched = tmp_path / "updates"
+    watched.mkdir()
+    _drop(second_bundle, watched, "v2", "v2")
+    _drop(tiny_bundle[0], watched, "v1", "v1")
+    (watched / "not-a-bundle").mkdir()
+    outside = tmp_path / "outside"
+    _drop(second_bundle, tmp_path, "outside", "outside")
+    (watched / "link").symlink_to(outside)
+    taken, events = [], []
+    switch = SimpleNamespace(active=SimpleNamespace(model=SimpleNamespace(path=tiny_bundle[0] / "model.xml"),
+                                                    name="default"),
+                             hint=None, replace=lambda product: taken.append(product.name),
+                             release_retired=lambda n: 0)
+
+    def load(path):
+        return SimpleNamespace(name=path.name, model=SimpleNamespace(engine=lambda hint: None, checksum="0" * 64),
+                               engine=None)
+
+    stop = threading.Event()
+    watcher = updates.UpdateWatcher(watched, switch, load, lambda kind, detail: events.append((kind, detail)), stop)
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not {"v1", "v2"} <= set(taken):          # both new: the scan takes them
+            assert time.monotonic() < deadline, (taken, events)
+            time.sleep(0.02)
+        for bad in ("", "..", "../outside", "v1/..", "not-a-bundle", "link", "missing", "a" * 500):
+            assert watcher.request(bad) is None
+        # (the scan takes what lies in the folder, a link too; a name asked for must be a folder in it)
+        assert watcher.request(" v2 ") == "v2"        # seen before: taken again (going back to it)
+        while taken.count("v2") < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        watcher.join(5)
+    refused = [d for k, d in events if k == "update_refused"]
+    assert len(refused) == 8 and watcher.refused == 8
+    assert any("not a bundle folder" in d for d in refused) and taken.count("v1") == 1
+    assert [k for k, _ in events].count("update_requested") == 1
+
+
+def test_an_mqtt_message_switches_the_station_to_the_bundle_it_names(tiny_bundle, second_bundle, synth_test_dir,
+                                                                     tmp_path, monkeypatch, broker):  # noqa: F811
+    """PREFIX/update names a bundle folder in --updates: the decisions after it are the named
+    model's; a name outside the folder is refused with an event and the model stays."""
+    from test_mqtt import PREFIX, _publish, retained_status
+
+    monkeypatch.setattr(updates, "UPDATE_SETTLE_SECONDS", 3600.0)   # the scan never takes them: only a request
+    monkeypatch.setattr(updates, "SCAN_SECONDS", 0.02)
+    watched = tmp_path / "updates"
+    watched.mkdir()
+    _drop(second_bundle, watched, "v2", "v2")
+    first = tiny_bundle[0]
+    labels = json.loads((first / "bundle.json").read_text())["metadata"]["labels"]
+    images = [cv2.imread(str(p)) for p in sorted(synth_test_dir.rglob("*.png"))[:8]]
+    done, result, log = threading.Event(), {}, tmp_path / "log.sqlite"
+    run = threading.Thread(target=lambda: result.update(run_app(open_checked(first), RunOptions(
+        source=str(tmp_path), log=str(log), pace=30, seconds=120, updates=str(watched), mqtt=broker.url,
+        ok_classes=labels[0]), opener=lambda info: Frames(images, done), load_bundle=open_checked)))
+    run.start()
+
+    def kinds() -> list:
+        try:
+            with sqlite3.connect(f"file:{log}?mode=ro", uri=True) as con:
+                return [k for k, in con.execute("SELECT kind FROM events")]
+        except sqlite3.OperationalError:        # not written yet
+            return []
+
+    try:
+        deadline = time.monotonic() + 60
+        # the station subscribes before it publishes its status: once that is retained, it listens
+        while (retained_status(broker.port).get("status") or {}).get("state") != "online":
+            assert time.monotonic() < deadline
+        _publish(broker.port, f"{PREFIX}/update", "../outside")
+        _publish(broker.port, f"{PREFIX}/update", "v2")
+        while "product_switch" not in kinds():
+            assert time.monotonic() < deadline, kinds()
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        done.set()
+        run.join(60)
+    with sqlite3.connect(log) as con:
+        shas = [s for s, in con.execute("SELECT model_sha256 FROM decisions ORDER BY frame")]
+    assert shas[0] == open_checked(first).checksum and shas[-1] == open_checked(second_bundle).checksum
+    assert kinds().count("update_refused") == 1 and kinds().count("update_requested") == 1
+    assert result["updates"]["loaded"] == 1 and result["updates"]["refused"] == 1
+
+
+def test_the_opcua_user_updates_the_model_by_name_and_anonymous_clients_may_not(tiny_bundle, second_bundle,
+                                                                                synth_test_dir, tmp_path, monkeypatch):
+    import asyncio
+
+    from asyncua import Client, ua
+
+    from lineside.runtime.opcua import NAMESPACE
+    from opcua_client import free_endpoint, wait_for_server
+
+    monkeypatch.setattr(updates, "UPDATE_SETTLE_SECONDS", 3600.0)   # only a request takes it
+    monkeypatch.setattr(updates, "SCAN_SECONDS", 0.02)
+    monkeypatch.setenv("LINESIDE_OPCUA_PASSWORD", "s3cret")
+    watched = tmp_path / "updates"
+    watched.mkdir()
+    _drop(second_bundle, watched, "v2", "v2")
+    first = tiny_bundle[0]
+    labels = json.loads((first / "bundle.json").read_text())["metadata"]["labels"]
+    images = [cv2.imread(str(p)) for p in sorted(synth_test_dir.rglob("*.png"))[:4]]
+    done, result, log, endpoint = threading.Event(), {}, tmp_path / "log.sqlite", free_endpoint()
+    run = threading.Thread(target=lambda: result.update(run_app(open_checked(first), RunOptions(
+        source=str(tmp_path), log=str(log), pace=30, seconds=120, updates=str(watched), opcua=endpoint,
+        opcua_user="plc", station="station7", ok_classes=labels[0]),
+        opener=lambda info: Frames(images, done), load_bundle=open_checked)))
+    run.start()
+
+    async def plc():
+        await wait_for_server(endpoint)
+        async with Client(endpoint) as anon:
+            idx = await anon.get_namespace_index(NAMESPACE)
+            station = await anon.nodes.objects.get_child([f"{idx}:station7"])
+            with pytest.raises(ua.UaStatusCodeError):
+                await station.call_method(await station.get_child([f"{idx}:UpdateModel"]), "v2")
+        client = Client(endpoint)
+        client.set_user("plc")
+        client.set_password("s3cret")
+        async with client:
+            idx = await client.get_namespace_index(NAMESPACE)
+            station = await client.nodes.objects.get_child([f"{idx}:station7"])
+            method = await station.get_child([f"{idx}:UpdateModel"])
+            assert await station.call_method(method, "../v2") == ""
+            return await station.call_method(method, "v2")
+
+    try:
+        assert asyncio.run(plc()) == "v2"
+        _wait_for_event(log, "product_switch", 60)
+    finally:
+        done.set()
+        run.join(60)
+    assert result["updates"]["loaded"] == 1 and result["updates"]["refused"] == 1
+    assert result["updates"]["model_sha256"] == open_checked(second_bundle).checksum

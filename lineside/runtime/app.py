@@ -222,6 +222,8 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
     _start_serving(options, server, triggers, answer_to, recorder)
     stop = threading.Event()
     watcher = _update_watcher(options, switch, load_bundle, recorder, stop)
+    if watcher is not None:
+        actions["update"] = watcher.request      # MQTT's PREFIX/update, OPC UA's UpdateModel
     shadow, drift = _shadow_and_drift(options, candidate, switch, model, recorder, actions)
     summary = None
     try:
@@ -514,6 +516,8 @@ def _open_outputs(outputs: list, options: RunOptions, model: RuntimeModel, info,
                   products, actions: dict):
     """The outputs the options ask for, appended to `outputs` as each starts (so that a
     failure to start one closes those before it); returns the status page's server."""
+    # an update asked for by name (runtime/updates.py), once the watcher exists
+    on_update = (lambda name: actions.get("update", lambda _: None)(name)) if options.updates else None
     if options.mqtt:
         from .mqtt import MqttOutput
 
@@ -522,14 +526,15 @@ def _open_outputs(outputs: list, options: RunOptions, model: RuntimeModel, info,
         outputs.append(MqttOutput(options.mqtt, station, model.checksum, model.labels, options.mqtt_ca,
                                   options.mqtt_queue, source=info.shown,
                                   on_trigger=triggers.request if options.trigger == "mqtt" else None,
-                                  on_product=switch.request if switch else None))
+                                  on_product=switch.request if switch else None, on_update=on_update))
     if options.opcua:
         from .opcua import OpcUaOutput
 
         outputs.append(OpcUaOutput(options.opcua, station, model.checksum, model.labels, user=options.opcua_user,
                                    on_trigger=triggers.request if options.trigger == "opcua" else None,
                                    cert=options.opcua_cert, key=options.opcua_key,
-                                   on_product=switch.request if switch and options.opcua_user else None))
+                                   on_product=switch.request if switch and options.opcua_user else None,
+                                   on_update=on_update if options.opcua_user else None))
         if switch:
             outputs[-1].labels_by_product = {p.name: list(p.model.labels) for p in products}
     if options.modbus:

@@ -99,7 +99,7 @@ class MqttOutput(Output):
     network thread sends them, so the loop never waits for the broker."""
 
     def __init__(self, url: str, station: str, model_sha256: str, labels: list[str], ca_file: str | None = None,
-                 queue: int = DEFAULT_QUEUE, source: str = "", on_trigger=None, on_product=None):
+                 queue: int = DEFAULT_QUEUE, source: str = "", on_trigger=None, on_product=None, on_update=None):
         mqtt = require("paho.mqtt.client", None)
         self.cfg = parse_mqtt_url(url)
         self.url_shown = f"{'mqtts' if self.cfg['tls'] else 'mqtt'}://{self.cfg['host']}:{self.cfg['port']}/" \
@@ -134,7 +134,8 @@ class MqttOutput(Output):
         client.on_disconnect = self._on_disconnect
         self.on_trigger = on_trigger
         self.on_product = on_product
-        if on_trigger is not None or on_product is not None:
+        self.on_update = on_update
+        if on_trigger is not None or on_product is not None or on_update is not None:
             client.on_message = self._on_message
         self.client = client
         try:
@@ -159,6 +160,8 @@ class MqttOutput(Output):
             client.subscribe(self.topic("trigger"), qos=1)
         if self.on_product is not None:
             client.subscribe(self.topic("product"), qos=1)
+        if self.on_update is not None:
+            client.subscribe(self.topic("update"), qos=1)
         self._publish_status(force=True)
 
     def _on_disconnect(self, client, userdata, flags, reason, properties):
@@ -169,11 +172,16 @@ class MqttOutput(Output):
 
     def _on_message(self, client, userdata, msg):
         """PREFIX/trigger: a JSON object with a part_id, a bare part id, or nothing.
-        PREFIX/product: the name or index of the product to switch to (--products)."""
+        PREFIX/product: the name or index of the product to switch to (--products).
+        PREFIX/update: the name of a bundle folder in the --updates folder to switch to."""
         try:     # an exception here would end paho's network thread: never let one out
+            text = bytes(msg.payload or b"")[:200].decode("utf-8", "replace").strip()
             if msg.topic == self.topic("product"):
                 if self.on_product is not None:
-                    self.on_product(bytes(msg.payload or b"")[:200].decode("utf-8", "replace").strip())
+                    self.on_product(text)
+            elif msg.topic == self.topic("update"):
+                if self.on_update is not None:
+                    self.on_update(text)
             elif self.on_trigger is not None:
                 self.on_trigger(trigger_part_id(msg.payload))
         except Exception as exc:  # noqa: BLE001

@@ -73,7 +73,7 @@ class OpcUaOutput(Output):
 
     def __init__(self, endpoint: str, station: str, model_sha256: str, labels: list[str], user: str | None = None,
                  password: str | None = None, on_trigger=None, cert: str | None = None, key: str | None = None,
-                 on_product=None):
+                 on_product=None, on_update=None):
         require("asyncua", "opcua")
         logging.getLogger("asyncua").setLevel(logging.ERROR)    # it reports each refused request as a warning
         processor = logging.getLogger("asyncua.server.uaprocessor")
@@ -93,6 +93,7 @@ class OpcUaOutput(Output):
                                 "anonymous clients may not trigger")
         self.on_trigger = on_trigger
         self.on_product = on_product      # SetProduct(name or index), for the user only (--products)
+        self.on_update = on_update        # UpdateModel(bundle folder name), for the user only (--updates)
         self.labels_by_product: dict = {}   # product name -> its labels, for LastClassIndex (--products)
         self._labels_of = None
         if on_product is not None and not (user and self.password):
@@ -271,3 +272,11 @@ async def _add_methods(output: OpcUaOutput, station, idx):
         arg = ua.Argument()
         arg.Name, arg.DataType, arg.ValueRank = "Product", ua.NodeId(ua.ObjectIds.String), -1
         await station.add_method(idx, "SetProduct", set_product, [arg], [ua.VariantType.String])
+    if output.on_update is not None:
+        async def update_model(parent, name):
+            taken = output.on_update(str(name.Value) if name is not None and name.Value else "")
+            return [ua.Variant(taken or "", ua.VariantType.String)]
+
+        arg = ua.Argument()
+        arg.Name, arg.DataType, arg.ValueRank = "Bundle", ua.NodeId(ua.ObjectIds.String), -1
+        await station.add_method(idx, "UpdateModel", update_model, [arg], [ua.VariantType.String])

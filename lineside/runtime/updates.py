@@ -11,11 +11,17 @@ every decision names the model that made it (`model_sha256`). The old model stay
 loaded until the new one has decided RELEASE_AFTER frames, then is released. A bundle
 that fails any check is refused with an `update_refused` event naming why, and the
 old one stays; it is tried again only when its bundle.json changes.
+
+A bundle can also be asked for by name (`request`: the MQTT topic PREFIX/update, the
+OPC UA method UpdateModel): a folder directly in DIR, taken at the watcher's next scan
+even when it ran before (going back to the previous model is asking for its folder).
+Nothing outside DIR can be named, and it passes the same checks.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from pathlib import Path
@@ -43,15 +49,42 @@ class UpdateWatcher(threading.Thread):
         self.loaded = 0
         self.refused = 0
         self.released = 0
+        self.requested: queue.Queue = queue.Queue()     # bundle folders asked for by name (request)
         active_dir = Path(switch.active.model.path).parent
         key = manifest_digest(active_dir)
         if key:
             self.seen.add(key)          # the bundle running now is no update
 
+    def request(self, name) -> str | None:
+        """A bundle folder of the watched folder asked for by its name (MQTT, OPC UA): queued
+        for the next scan and its name returned, or None (an `update_refused` event says why)
+        when the name is not a bundle folder directly in the watched folder."""
+        name = str(name if name is not None else "").strip()[:200]
+        candidate = self.folder / name
+        inside = bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+        try:
+            inside = inside and candidate.resolve().parent == self.folder.resolve() and is_bundle(candidate)
+        except OSError:
+            inside = False
+        if not inside:
+            self.refused += 1
+            self.on_event("update_refused", f"requested update {printable(name)!r}: not a bundle folder in "
+                                            f"{printable(self.folder)}; {self.switch.active.name} keeps running its model")
+            return None
+        self.on_event("update_requested", f"{printable(name)}: loaded and checked at the next scan")
+        self.requested.put(candidate)
+        return name
+
     def run(self):
         while not self.stop.wait(SCAN_SECONDS):     # read each time: tests shorten it
             try:
                 self.released += self.switch.release_retired(RELEASE_AFTER)
+                while not self.requested.empty():
+                    candidate = self.requested.get_nowait()
+                    key = manifest_digest(candidate)
+                    if key:
+                        self.seen.add(key)      # asked for: the scan need not take it again
+                    self.take(candidate)
                 self.scan()
             except Exception as exc:  # noqa: BLE001 - the watcher never stops the line
                 log.error("updates: %s", exc)
