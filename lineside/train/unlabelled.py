@@ -42,6 +42,7 @@ MAX_UNLABELLED = 5000    # images read from --unlabelled (a seeded sample beyond
 SELF_TRAIN_ROUNDS = 3    # each round labels up to SELF_TRAIN_PER_ROUND x (round) x (smallest class) images per class
 SELF_TRAIN_PER_ROUND = 5
 MIN_GOOD = 8             # unlabelled images called good that a bank of good parts needs
+MAX_GOOD = 1000          # of them, the most the bank is built from (a seeded sample beyond that)
 STACK_L2 = 1e-2          # the good-parts layer's L2 on standardised inputs (a few inputs, few rows)
 FOLDS = 5
 
@@ -130,6 +131,10 @@ def self_train_linear(run, result, u_feats: torch.Tensor) -> dict:
                          f"labelled images alone {alone:.1%}: not used")
         return report
     head, (extra, labels) = self_train(fit, bank.float(), bank_y, u, smallest, repeat)
+    if not len(labels):
+        report["used"] = False
+        report["why"] = "the head called no unlabelled image one of the classes: nothing to learn from, not used"
+        return report
     with torch.no_grad():
         model.head.weight.copy_(head.weight)
         model.head.bias.copy_(head.bias)
@@ -215,6 +220,8 @@ def good_parts(run, model, held: tuple[np.ndarray, np.ndarray, np.ndarray], x_un
         answers = _predict(model, x_unl, run.device)
     good = np.flatnonzero(answers.argmax(1) == ok)
     report = {"method": "good parts", "good_class": run.classes[ok], "unlabelled_called_good": int(len(good))}
+    if len(good) > MAX_GOOD:
+        good = np.sort(np.random.default_rng(run.cfg.seed).choice(good, MAX_GOOD, replace=False))
     if len(good) < MIN_GOOD:
         return None, None, {**report, "used": False,
                             "why": f"{len(good)} unlabelled image(s) called {run.classes[ok]} (a bank needs {MIN_GOOD})"}
