@@ -33,10 +33,11 @@ def spread_picks(feats: np.ndarray, uncertainty: np.ndarray, labelled: np.ndarra
         near[:] = 1.0
     picks: list[int] = []
     weight = 0.5 + uncertainty
+    taken = np.zeros(len(feats), bool)
     for _ in range(min(count, len(feats))):
-        score = np.where(np.isin(np.arange(len(feats)), picks), -1.0, near * weight)
-        best = int(np.argmax(score))
+        best = int(np.argmax(np.where(taken, -1.0, near * weight)))
         picks.append(best)
+        taken[best] = True
         near = np.minimum(near, (2.0 - 2.0 * feats @ feats[best]).clip(0))
     return picks
 
@@ -44,13 +45,19 @@ def spread_picks(feats: np.ndarray, uncertainty: np.ndarray, labelled: np.ndarra
 def rank_for_labelling(model, x_unl: np.ndarray, x_lab: np.ndarray, count: int, device=None) -> dict:
     """The `count` unlabelled images (indices into x_unl, in the order to label them) with
     each one's predicted class, probability and margin."""
-    from .trainer import score
-    from .unlabelled import view_features
+    import torch
+
+    from .trainer import score, view_features
 
     device = device or next(model.parameters()).device
-    probs = score(model, x_unl, device)
     classifier = getattr(model, "classifier", model)     # a GoodPartsClassifier's features are its classifier's
-    feats = view_features(classifier, x_unl, device).numpy()
+    feats_t = view_features(classifier, x_unl, device)
+    if classifier is model:       # its answers are its head on these features: no second pass
+        with torch.inference_mode():
+            probs = torch.softmax(model.head(feats_t.to(device)).float(), 1).cpu().numpy()
+    else:
+        probs = score(model, x_unl, device)
+    feats = feats_t.numpy()
     lab = view_features(classifier, x_lab, device).numpy() if len(x_lab) else np.zeros((0, feats.shape[1]))
     # the features on one scale (the labelled and unlabelled images' own), so no channel dominates
     both = np.concatenate([feats, lab])

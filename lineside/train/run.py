@@ -106,12 +106,12 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
     (rank 0) write the run folder."""
     t_start = time.perf_counter()
     spec = BACKBONES.get(cfg.backbone).input_spec.with_size(cfg.image_size)
-    ok = good_class(load_image_set(data).classes, extras.ok_classes) \
-        if extras.guard is not None or extras.ok_classes is not None else None
-    if extras.guard is not None and ok is None:
-        raise LinesideError("--guard: no good class among the labels (name it with --ok-classes)")
     d = _read(data, out, cfg, val, spec, progress, dist)
     read_s = time.perf_counter() - t_start
+    ok = good_class(d.images.classes, extras.ok_classes) \
+        if extras.guard is not None or extras.ok_classes is not None else None
+    if extras.guard is not None and ok is None:          # before any training
+        raise LinesideError("--guard: no good class among the labels (name it with --ok-classes)")
 
     t0 = time.perf_counter()
     run, model = start(cfg, d.images.classes, spec, progress, dist=dist, device=device)

@@ -669,14 +669,23 @@ def score(model: Classifier, x: np.ndarray, device=None, progress=None, logits: 
     # converting took 8.5 s on a 2-core CPU, without 3.4 s; the bank of a linear run already
     # converted it): the views are turned here and their features averaged as
     # Classifier.forward averages them, then the head runs in PyTorch.
+    feats = view_features(model, x, device, progress)
+    with torch.inference_mode():
+        z = model.head(feats.to(next(model.head.parameters()).device)).float()
+    return (z if logits else torch.softmax(z, 1)).cpu().numpy()
+
+
+def view_features(model: Classifier, x: np.ndarray, device, progress=None) -> torch.Tensor:
+    """The pooled features a Classifier's head reads, averaged over its test-time views
+    (Classifier.forward's average), SCORE_CHUNK images at a time; on the CPU for large jobs
+    through the OpenVINO conversion the bank already made (frozen_forward)."""
+    views = model.views or (0,)
     run = frozen_forward(model, model.embed, "embed", x[:1], device, len(x) * len(views),
                          depends=embed_tensors(model))
     feats = []
     for s in range(0, len(x), SCORE_CHUNK):
         chunk = x[s:s + SCORE_CHUNK]
-        feats.append(sum(run.map(orient_batch(chunk, k)) for k in views) / len(views))
+        feats.append(sum(run.map(orient_batch(chunk, k)) for k in views).float() / len(views))
         if progress is not None:
             progress(len(chunk))
-    with torch.inference_mode():
-        z = model.head(torch.cat(feats).to(next(model.head.parameters()).device)).float()
-    return (z if logits else torch.softmax(z, 1)).cpu().numpy()
+    return torch.cat(feats)

@@ -33,8 +33,7 @@ from lineside.metrics import balanced_accuracy
 
 from .calibrate import stratified_folds
 from .heads import fit_linear_head
-from .infer import embed_tensors, frozen_forward
-from .augment import orient_batch
+from .trainer import fit_head_on, score, view_features
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +68,6 @@ def read_unlabelled(folder, spec, seed: int, progress: bool) -> tuple[np.ndarray
 
 # -- self-training of a linear head ----------------------------------------------------
 
-def view_features(model, x: np.ndarray, device) -> torch.Tensor:
-    """The pooled features the head reads, averaged over the model's test-time views."""
-    views = model.views or (0,)
-    run = frozen_forward(model, model.embed, "embed", x[:1], device, len(x) * len(views),
-                         depends=embed_tensors(model))
-    return sum(run.map(orient_batch(x, k)) for k in views).float() / len(views)
-
-
 def balanced_pseudo_labels(probs: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows and labels: for every class the unlabelled images predicted as it, surest
     first, the same number for each (the smallest class's count, at most `cap`)."""
@@ -108,8 +99,6 @@ def self_train(fit, feats: torch.Tensor, y: np.ndarray, u_feats: torch.Tensor, s
 def self_train_linear(run, result, u_feats: torch.Tensor) -> dict:
     """Self-training of the linear recipe's head (result.linear_bank holds the labelled
     rows), kept when it is no worse than the labelled images alone over folds of them."""
-    from .trainer import fit_head_on
-
     model = result.model
     bank, bank_y, n = result.linear_bank[:3]
     repeat = len(bank) // n
@@ -217,7 +206,7 @@ def good_parts(run, model, held: tuple[np.ndarray, np.ndarray, np.ndarray], x_un
         with torch.no_grad():
             answers = model.head(u_feats.to(run.device)).cpu().numpy()
     else:
-        answers = _predict(model, x_unl, run.device)
+        answers = score(model, x_unl, run.device)
     good = np.flatnonzero(answers.argmax(1) == ok)
     report = {"method": "good parts", "good_class": run.classes[ok], "unlabelled_called_good": int(len(good))}
     if len(good) > MAX_GOOD:
@@ -250,12 +239,6 @@ def good_parts(run, model, held: tuple[np.ndarray, np.ndarray, np.ndarray], x_un
                                 f"{with_good:.1%} in cross-validation against {alone:.1%} for the classifier alone"}
 
 
-def _predict(model, x: np.ndarray, device) -> np.ndarray:
-    from .trainer import score
-
-    return score(model, x, device)
-
-
 class UnlabelledSteps:
     """--unlabelled in a training run: the images read once, then self_train (after the
     recipe) and good_parts (after calibration, which it replaces when the layer is used).
@@ -285,7 +268,7 @@ class UnlabelledSteps:
                        "why": "no good class among the labels (name it with --ok-classes)"})
             return calibration
         if d.x_val is not None:
-            held = (d.x_val, _predict_logits(self.result.model, d.x_val, run.device), d.y_val)
+            held = (d.x_val, score(self.result.model, d.x_val, run.device, logits=True), d.y_val)
             source = f"the {len(d.y_val)} validation images (the layer is fitted on them: cross-validated)"
         elif calibration and calibration["source"].startswith("out-of-fold"):
             held = (d.x_train, np.asarray(calibration["_logits"], np.float32), np.asarray(calibration["_y"]))
@@ -328,9 +311,3 @@ def good_class(classes, ok_classes) -> int | None:
     if len(names) > 1:
         raise LinesideError(f"--ok-classes: --unlabelled takes one good class (given {', '.join(names)})")
     return list(classes).index(names[0])
-
-
-def _predict_logits(model, x: np.ndarray, device) -> np.ndarray:
-    from .trainer import score
-
-    return score(model, x, device, logits=True)
