@@ -169,6 +169,10 @@ def test_wrong_uses_are_one_line_errors(plates, tmp_path):
                              "--unlabelled", str(plates[1])])
     assert r.exit_code != 0 and "--unlabelled" in r.output
     (tmp_path / "empty").mkdir()
+    r = runner.invoke(main, ["train", str(plates[0]), "--out", str(tmp_path / "c"), "--unlabelled",
+                             str(tmp_path / "empty")])
+    assert r.exit_code != 0 and "no image files" in r.output
+    assert not (tmp_path / "c" / "model.pt").exists() and not (tmp_path / "c" / "config.yaml").exists()  # said first
     with pytest.raises(LinesideError, match="no image files"):
         read_unlabelled(tmp_path / "empty", None, 0, False)
     with pytest.raises(LinesideError, match="not a folder"):

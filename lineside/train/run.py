@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .data import layout
 from .plots import plot_confusion
 from .trainer import calibrate_temperature, score, start, train
-from .unlabelled import UnlabelledSteps, good_class
+from .unlabelled import UnlabelledSteps, good_class, unlabelled_paths
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ def _train_run(data, out: Path, cfg: TrainConfig, val, progress: bool, dist, dev
     (rank 0) write the run folder."""
     t_start = time.perf_counter()
     spec = BACKBONES.get(cfg.backbone).input_spec.with_size(cfg.image_size)
+    if extras.unlabelled is not None:
+        unlabelled_paths(extras.unlabelled)      # a wrong folder is said before any training
     d = _read(data, out, cfg, val, spec, progress, dist)
     read_s = time.perf_counter() - t_start
     ok = good_class(d.images.classes, extras.ok_classes) \

@@ -21,6 +21,7 @@ Measured on NEU and elpv with benchmarks/unlabelled.py (docs/unlabelled.md).
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,7 @@ def read_unlabelled(folder, spec, seed: int, progress: bool) -> tuple[np.ndarray
     at most MAX_UNLABELLED (a seeded sample): the images, their paths, and a report.
     Unreadable files are skipped and counted."""
     root = Path(folder)
-    if not root.is_dir():
-        raise LinesideError(f"--unlabelled {folder}: not a folder")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p))
-    if not paths:
-        raise LinesideError(f"--unlabelled {folder}: no image files in it")
+    paths = unlabelled_paths(root)
     found = len(paths)
     if found > MAX_UNLABELLED:
         keep = np.sort(np.random.default_rng(seed).choice(found, MAX_UNLABELLED, replace=False))
@@ -64,6 +61,17 @@ def read_unlabelled(folder, spec, seed: int, progress: bool) -> tuple[np.ndarray
     x, kept, bad = load_arrays(images, spec, skip_bad=True, progress=progress, desc="reading unlabelled images")
     return x, list(kept.paths), {"folder": str(root.resolve()), "found": found, "used": len(kept),
                                  "unreadable": len(bad)}
+
+
+def unlabelled_paths(folder) -> list[Path]:
+    """The image files under `folder`, sorted; a one-line error when there are none."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise LinesideError(f"--unlabelled {folder}: not a folder")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p))
+    if not paths:
+        raise LinesideError(f"--unlabelled {folder}: no image files in it")
+    return paths
 
 
 # -- self-training of a linear head ----------------------------------------------------
@@ -297,7 +305,7 @@ class UnlabelledSteps:
         if self.run.progress:
             from tqdm import tqdm
 
-            tqdm.write(f"unlabelled images, {step['method']}: {step['why']}")
+            tqdm.write(f"unlabelled images, {step['method']}: {step['why']}", file=sys.stderr)
 
 
 def good_class(classes, ok_classes) -> int | None:
