@@ -351,15 +351,16 @@ def runs_without_validation(synth_dir, tmp_path_factory):
     return runs
 
 
-def test_a_head_on_frozen_features_without_validation_is_judged_on_training_images_held_out_of_calibration(
-        runs_without_validation, tmp_path):
+def test_a_head_on_frozen_features_without_validation_is_judged_out_of_fold(runs_without_validation, tmp_path):
+    """Its INT8 head is fitted again on INT8 features (tests/test_refit.py) and judged on
+    out-of-fold predictions of the training images; the line says so."""
     run = runs_without_validation["linear"]
     assert not (run / "validation.csv").exists()
     res = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "b"), "--formats", "openvino",
                                     "--speed-seconds", "0", "--quiet"])
     assert res.exit_code == 0, res.output
-    line = next(s for s in res.output.splitlines() if s.startswith("INT8 openvino"))
-    assert "held out from calibration" in line and "WARNING" not in line
+    said = res.output[res.output.index("INT8 openvino"):]
+    assert "out-of-fold predictions of" in said and "WARNING" not in said
 
 
 def test_onnxruntime_quantization_does_not_warn_about_the_integer_view_indices(runs_without_validation, tmp_path,

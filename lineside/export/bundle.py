@@ -166,7 +166,7 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
     report = {"parity": {"images": parity_source, "tolerance": tolerance, "passed": parity_ok, "results": parity}}
     if int8 and parity_ok:
         report["int8"] = _int8_models(loaded, files, out, meta, calib or data, eval_data,
-                                      (max_drop, min_agreement), progress, run_dir)
+                                      (max_drop, min_agreement), progress, run_dir, refit=calib is None)
     report["models"] = _sizes_and_speed(files, speed_seconds) if parity_ok else {}
     report["seconds"] = round(time.perf_counter() - t0, 2)
     listed = dict(files)
@@ -330,7 +330,7 @@ MAX_JUDGE_VIEWS = 32
 
 
 def _int8_models(loaded, files, out: Path, meta: ModelMetadata, calib, eval_data, limits: tuple[float, float],
-                 progress: bool, run_dir: Path | None = None) -> dict:
+                 progress: bool, run_dir: Path | None = None, refit: bool = True) -> dict:
     """Quantize for each runtime, gate against its FP32 model, keep only what passes.
 
     INT8 is judged on labelled images the quantizer never saw, by the first that applies:
@@ -349,6 +349,7 @@ def _int8_models(loaded, files, out: Path, meta: ModelMetadata, calib, eval_data
                                                exclude=validation)
     augment = _run_augment(run_dir)
     oof = None
+    refit = _refit_plan(loaded, run_dir, x_cal, y_cal) if refit else None   # the head is fitted on training images
     if eval_data is not None:
         x_eval, y_eval, eval_paths = _labelled_arrays(loaded, eval_data, None, progress, "evaluation images")
         judged = {"source": f"{len(y_eval)} images from {eval_data}", "held_out": True, "from_eval": True}
@@ -356,6 +357,12 @@ def _int8_models(loaded, files, out: Path, meta: ModelMetadata, calib, eval_data
         x_val, y_val, val_paths = _labelled_arrays(loaded, validation, None, progress, "validation images")
         x_eval, y_eval, eval_paths, judged = judge_views(x_val, y_val, val_paths, augment, "validation images of the run",
                                                          f"never trained on; calibrated on {len(x_cal)} others")
+    elif refit is not None:
+        x_eval, y_eval, eval_paths, judged = judge_views(
+            x_cal, y_cal, cal_paths, augment, "training images",
+            "each judged by heads fitted on the other folds' FP32 and INT8 features; calibrated on all of them")
+        refit.image = np.tile(np.arange(len(y_cal)), len(y_eval) // len(y_cal))
+        judged.update(source=f"out-of-fold predictions of {judged['source']}", out_of_fold=True)
     else:
         oof = run_out_of_fold(run_dir, loaded)
         if oof is None and trained_end_to_end(loaded):
@@ -372,7 +379,25 @@ def _int8_models(loaded, files, out: Path, meta: ModelMetadata, calib, eval_data
     x_cal = with_augmented_copies(x_cal, augment)
     int8_meta = meta.with_precision("int8")
     return {t["runtime"]: _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_paths,
-                                      judged, limits, oof) for t in targets}
+                                      judged, limits, oof, refit) for t in targets}
+
+
+def _refit_plan(loaded, run_dir: Path | None, x, y):
+    """A Refit (export/refit.py) when the run's head is a plain linear head on frozen
+    features and its training images split into folds; else None (the INT8 model keeps
+    the run's head)."""
+    from lineside.train.calibrate import stratified_folds
+    from lineside.train.config import TrainConfig
+
+    from .refit import Refit, head_recipe
+
+    if run_dir is None or not (RunFolder.at(run_dir) / runs.CONFIG).is_file():
+        return None
+    config = TrainConfig.from_yaml(RunFolder.at(run_dir) / runs.CONFIG)
+    recipe, why = head_recipe(loaded, config, RunFolder.at(run_dir).metrics())
+    if recipe is None or stratified_folds(y, recipe.seed, 5)[1] < 2:
+        return None
+    return Refit(recipe, x, np.asarray(y), len(loaded.labels))
 
 
 def drift_reference(loaded, data, run_dir: Path | None) -> dict | None:
@@ -486,7 +511,7 @@ def _run_augment(run_dir: Path | None):
 
 
 def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_paths, judged, limits,
-                oof=None) -> dict:
+                oof=None, refit=None) -> dict:
     """Quantize with each recipe until one passes. Judged directly on labelled images the
     network never trained on (--eval, the run's validation images); else, with the run's
     out-of-fold predictions, on what INT8 is estimated to do to unseen images
@@ -494,18 +519,26 @@ def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_pa
     than on anything new, and INT8's label changes there understate what happens on the
     line. The judged views must pass the same limits as well: on elpv (10 cells per class,
     draw 1) the estimate, from only 20 out-of-fold margins, said 100% agreement where the
-    views gave 98.44% and the cells not drawn 98.73%."""
+    views gave 98.44% and the cells not drawn 98.73%. A plain linear head is fitted again
+    on the INT8 features (`refit`, _judged)."""
     max_drop, min_agreement = limits
-    p_fp32 = t["run_fp32"](files[t["src"]][0], x_eval)
+    paired = refit is not None and refit.image is not None      # judged out of fold (export/refit.py)
+    p_fp32 = None if paired else t["run_fp32"](files[t["src"]][0], x_eval)
     path = out / t["out"]
     attempts = []
     for name, recipe in t["recipes"]:
         t0 = time.perf_counter()
         t["quantize"](files[t["src"]][0], path, x_cal, int8_meta, recipe)
         seconds = round(time.perf_counter() - t0, 1)
-        p_int8 = t["run_int8"](path, x_eval)
-        gate = int8_gate(y_eval, p_fp32, p_int8, loaded.labels, max_drop, eval_paths, min_agreement,
-                         ranking=is_anomaly(loaded))
+        try:
+            gate = _judged(t, loaded, files, path, refit, x_eval, y_eval, eval_paths, p_fp32, limits)
+        except LinesideError as exc:      # a graph whose head or features cannot be found
+            for f in t["files"](path):
+                f.unlink(missing_ok=True)
+            why = f"INT8 could not be given a head fitted on its own features ({exc}); FP32 kept"
+            return {"verdict": "refused", "eval_images": judged["source"], "judged": judged, "why": why,
+                    "reasons": [why], "attempts": attempts}
+        p_int8 = gate.pop("_p_int8")
         if oof is not None:
             estimate = predicted_unseen(margin_shifts(p_fp32, p_int8), oof[0], oof[1], loaded.labels)
             gate["judged_views"] = {k: gate[k] for k in ("fp32_balanced_accuracy", "int8_balanced_accuracy",
@@ -536,6 +569,33 @@ def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_pa
             "why": f"INT8 {' and '.join(reasons)} ({tried}); FP32 kept"}
 
 
+def _judged(t, loaded, files, path: Path, refit, x_eval, y_eval, eval_paths, p_fp32, limits) -> dict:
+    """The gate's figures for the INT8 model at `path`. With a Refit its head is first fitted
+    again on INT8 features (export/refit.py). Judged out of fold, the judgement compares heads
+    fitted the same way on FP32 and on INT8 features: two heads that differ on images near a
+    boundary without either being less accurate, so only the loss of accuracy counts there
+    (--max-drop), and the written graph must give the fitted head's labels."""
+    max_drop, min_agreement = limits
+    src = files[t["src"]][0]
+    if refit is not None and refit.image is not None:
+        r = refit.judge_out_of_fold(t["runtime"], src, path, x_eval)
+        gate = int8_gate(y_eval, r["p_fp32"], r["p_int8"], loaded.labels, max_drop, eval_paths, min_agreement)
+        written = t["run_int8"](path, x_eval[:len(r["expected"])])
+        same = float(np.mean(written.argmax(1) == r["expected"].argmax(1)))
+        gate["refit"] = dict(r["report"], written_top1_agreement=same, judged_agreement_required=False)
+        gate["passed"] = bool(gate["drop_points"] <= max_drop and 100.0 * same >= min_agreement)
+        gate["_p_int8"] = r["p_int8"]
+        return gate
+    refitted = refit.fit_into(t["runtime"], src, path) if refit is not None else None
+    p_int8 = t["run_int8"](path, x_eval)
+    gate = int8_gate(y_eval, p_fp32, p_int8, loaded.labels, max_drop, eval_paths, min_agreement,
+                     ranking=is_anomaly(loaded))
+    if refitted is not None:
+        gate["refit"] = refitted
+    gate["_p_int8"] = p_int8
+    return gate
+
+
 def _refusal_reasons(gate: dict, limits: tuple[float, float], estimated: bool) -> list[str]:
     """Why the gate refused INT8, a line per limit it broke."""
     max_drop, min_agreement = limits
@@ -543,7 +603,11 @@ def _refusal_reasons(gate: dict, limits: tuple[float, float], estimated: bool) -
     lost = "would lose an estimated" if estimated else "lost"
     if gate["drop_points"] > max_drop:
         reasons.append(f"{lost} {gate['drop_points']:.2f} points of balanced accuracy (limit {max_drop:g})")
-    if 100.0 * gate["top1_agreement"] < min_agreement:
+    refit = gate.get("refit") or {}
+    if 100.0 * refit.get("written_top1_agreement", 1.0) < min_agreement:
+        reasons.append(f"with its new head written gave that head's label on {refit['written_top1_agreement']:.2%} "
+                       "of images")
+    if 100.0 * gate["top1_agreement"] < min_agreement and refit.get("judged_agreement_required", True):
         reasons.append(f"gave FP32's label on {'an estimated ' if estimated else ''}"
                        f"{gate['top1_agreement']:.2%} of images (at least {min_agreement:g}% needed)")
     if gate.get("auroc_passed") is False:
