@@ -31,7 +31,8 @@ from lineside.bundles import BUNDLE_JSON, EXPORT_REPORT_JSON, EXPORT_REPORT_MD, 
 @click.option("--max-drop", type=float, default=0.3, show_default=True,
               help="Largest loss of balanced accuracy (percentage points) an INT8 model may have.")
 @click.option("--min-agreement", type=float, default=99.5, show_default=True,
-              help="Smallest share of evaluation images (percent) on which INT8 must give FP32's label.")
+              help="Smallest share of evaluation images (percent) on which INT8 must give FP32's label "
+                   "(a linear head judged out of fold, without --eval, is held to --max-drop only).")
 @click.option("--speed-seconds", default=1.0, show_default=True,
               help="Seconds to time each model's latency and throughput for the report (0: skip).")
 @click.option("--tta", type=click.Choice(["keep", "off"]), default="keep", show_default=True,

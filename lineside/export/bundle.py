@@ -393,7 +393,11 @@ def _refit_plan(loaded, run_dir: Path | None, x, y):
 
     if run_dir is None or not (RunFolder.at(run_dir) / runs.CONFIG).is_file():
         return None
-    config = TrainConfig.from_yaml(RunFolder.at(run_dir) / runs.CONFIG)
+    try:
+        config = TrainConfig.from_yaml(RunFolder.at(run_dir) / runs.CONFIG)
+    except LinesideError as exc:
+        log.warning("INT8 keeps the run's head: %s", exc)
+        return None
     recipe, why = head_recipe(loaded, config, RunFolder.at(run_dir).metrics())
     if recipe is None or stratified_folds(y, recipe.seed, 5)[1] < 2:
         return None
