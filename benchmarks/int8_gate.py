@@ -73,8 +73,11 @@ def replay_verdicts(report: dict, max_drop: float, min_agreement: float) -> None
         if q.get("verdict") != "kept" or not gate:
             continue
         views = gate.get("judged_views", {"passed": True})
-        agreement = (gate.get("refit") or {}).get("judged_agreement_required", True)
-        passed = (gate["drop_points"] <= max_drop and (100 * gate["top1_agreement"] >= min_agreement or not agreement)
+        limit = min_agreement
+        if "agreement_limit" in (gate.get("refit") or {}):       # judged out of fold (lineside/export/bundle.py)
+            from lineside.export.bundle import OUT_OF_FOLD_DISAGREEMENT
+            limit = 100.0 - OUT_OF_FOLD_DISAGREEMENT * (100.0 - min_agreement)
+        passed = (gate["drop_points"] <= max_drop and 100 * gate["top1_agreement"] >= limit
                   and (views["passed"] if "judged_views" not in gate else
                        views["drop_points"] <= max_drop and 100 * views["top1_agreement"] >= min_agreement))
         q["verdict"] = "kept" if passed else "forced"

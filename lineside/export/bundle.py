@@ -573,12 +573,21 @@ def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_pa
             "why": f"INT8 {' and '.join(reasons)} ({tried}); FP32 kept"}
 
 
+# Judged out of fold, the heads fitted on FP32 and on INT8 features disagreed 1.7 to 16
+# times more often than the final models did on the images not drawn (NEU at 5/10/20 and
+# elpv at 10 images per class, both runtimes): the out-of-fold limit allows this many times
+# the disagreement --min-agreement allows (98.5% at 99.5). On elpv (10 cells per class)
+# ONNX Runtime's INT8 gained 2.8 points out of fold, agreed on 91.9%, and lost 1.66 points
+# on the cells not drawn: the accuracy alone is too noisy a judge there.
+OUT_OF_FOLD_DISAGREEMENT = 3.0
+
+
 def _judged(t, loaded, files, path: Path, refit, x_eval, y_eval, eval_paths, p_fp32, limits) -> dict:
     """The gate's figures for the INT8 model at `path`. With a Refit its head is first fitted
     again on INT8 features (export/refit.py). Judged out of fold, the judgement compares heads
-    fitted the same way on FP32 and on INT8 features: two heads that differ on images near a
-    boundary without either being less accurate, so only the loss of accuracy counts there
-    (--max-drop), and the written graph must give the fitted head's labels."""
+    fitted the same way on FP32 and on INT8 features, which disagree near a boundary more
+    than the final models do: the agreement limit is OUT_OF_FOLD_DISAGREEMENT times looser
+    there, and the written graph must give the fitted head's labels."""
     max_drop, min_agreement = limits
     src = files[t["src"]][0]
     if refit is not None and refit.image is not None:
@@ -586,8 +595,10 @@ def _judged(t, loaded, files, path: Path, refit, x_eval, y_eval, eval_paths, p_f
         gate = int8_gate(y_eval, r["p_fp32"], r["p_int8"], loaded.labels, max_drop, eval_paths, min_agreement)
         written = t["run_int8"](path, x_eval[:len(r["expected"])])
         same = float(np.mean(written.argmax(1) == r["expected"].argmax(1)))
-        gate["refit"] = dict(r["report"], written_top1_agreement=same, judged_agreement_required=False)
-        gate["passed"] = bool(gate["drop_points"] <= max_drop and 100.0 * same >= min_agreement)
+        limit = 100.0 - OUT_OF_FOLD_DISAGREEMENT * (100.0 - min_agreement)
+        gate["refit"] = dict(r["report"], written_top1_agreement=same, agreement_limit=limit)
+        gate["passed"] = bool(gate["drop_points"] <= max_drop and 100.0 * gate["top1_agreement"] >= limit
+                              and 100.0 * same >= min_agreement)
         gate["_p_int8"] = r["p_int8"]
         return gate
     refitted = refit.fit_into(t["runtime"], src, path) if refit is not None else None
@@ -611,7 +622,8 @@ def _refusal_reasons(gate: dict, limits: tuple[float, float], estimated: bool) -
     if 100.0 * refit.get("written_top1_agreement", 1.0) < min_agreement:
         reasons.append(f"with its new head written gave that head's label on {refit['written_top1_agreement']:.2%} "
                        "of images")
-    if 100.0 * gate["top1_agreement"] < min_agreement and refit.get("judged_agreement_required", True):
+    if 100.0 * gate["top1_agreement"] < refit.get("agreement_limit", min_agreement):
+        min_agreement = refit.get("agreement_limit", min_agreement)
         reasons.append(f"gave FP32's label on {'an estimated ' if estimated else ''}"
                        f"{gate['top1_agreement']:.2%} of images (at least {min_agreement:g}% needed)")
     if gate.get("auroc_passed") is False:
