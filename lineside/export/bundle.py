@@ -166,7 +166,7 @@ def export_bundle(run_dir, out, formats=FORMATS, data=None, tolerance: float = P
     report = {"parity": {"images": parity_source, "tolerance": tolerance, "passed": parity_ok, "results": parity}}
     if int8 and parity_ok:
         report["int8"] = _int8_models(loaded, files, out, meta, calib or data, eval_data,
-                                      (max_drop, min_agreement), progress, run_dir, refit=calib is None)
+                                      (max_drop, min_agreement), progress, run_dir, fit_head=calib is None)
     report["models"] = _sizes_and_speed(files, speed_seconds) if parity_ok else {}
     report["seconds"] = round(time.perf_counter() - t0, 2)
     listed = dict(files)
@@ -330,7 +330,7 @@ MAX_JUDGE_VIEWS = 32
 
 
 def _int8_models(loaded, files, out: Path, meta: ModelMetadata, calib, eval_data, limits: tuple[float, float],
-                 progress: bool, run_dir: Path | None = None, refit: bool = True) -> dict:
+                 progress: bool, run_dir: Path | None = None, fit_head: bool = True) -> dict:
     """Quantize for each runtime, gate against its FP32 model, keep only what passes.
 
     INT8 is judged on labelled images the quantizer never saw, by the first that applies:
@@ -349,7 +349,7 @@ def _int8_models(loaded, files, out: Path, meta: ModelMetadata, calib, eval_data
                                                exclude=validation)
     augment = _run_augment(run_dir)
     oof = None
-    refit = _refit_plan(loaded, run_dir, x_cal, y_cal) if refit else None   # the head is fitted on training images
+    refit = _refit_plan(loaded, run_dir, x_cal, y_cal) if fit_head else None   # the head is fitted on training images
     if eval_data is not None:
         x_eval, y_eval, eval_paths = _labelled_arrays(loaded, eval_data, None, progress, "evaluation images")
         judged = {"source": f"{len(y_eval)} images from {eval_data}", "held_out": True, "from_eval": True}
@@ -386,10 +386,9 @@ def _refit_plan(loaded, run_dir: Path | None, x, y):
     """A Refit (export/refit.py) when the run's head is a plain linear head on frozen
     features and its training images split into folds; else None (the INT8 model keeps
     the run's head)."""
-    from lineside.train.calibrate import stratified_folds
     from lineside.train.config import TrainConfig
 
-    from .refit import Refit, head_recipe
+    from .refit import Refit, folds, head_recipe
 
     if run_dir is None or not (RunFolder.at(run_dir) / runs.CONFIG).is_file():
         return None
@@ -398,8 +397,8 @@ def _refit_plan(loaded, run_dir: Path | None, x, y):
     except LinesideError as exc:
         log.warning("INT8 keeps the run's head: %s", exc)
         return None
-    recipe, why = head_recipe(loaded, config, RunFolder.at(run_dir).metrics())
-    if recipe is None or stratified_folds(y, recipe.seed, 5)[1] < 2:
+    recipe, _ = head_recipe(loaded, config, RunFolder.at(run_dir).metrics())
+    if recipe is None or folds(np.asarray(y), recipe)[1] < 2:
         return None
     return Refit(recipe, x, np.asarray(y), len(loaded.labels))
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from lineside.errors import LinesideError, require
+from lineside.train.calibrate import softmax
 
 BATCH = 16
 
 
-def features_tensor(onnx_model) -> tuple[str, str, bool]:
+def features_tensor(onnx_model) -> tuple[str, str]:
     """(features, head, views): the name of the tensor of pooled features in an FP32 ONNX
     classifier (one row per image and test-time view, view-major), the name of its head
     node (the Gemm before the softmax), and whether the graph averages views before it."""
@@ -36,8 +37,8 @@ def features_tensor(onnx_model) -> tuple[str, str, bool]:
     if mean is not None and mean.op_type == "ReduceMean":
         reshape = producer.get(mean.input[0])
         if reshape is not None and reshape.op_type == "Reshape":
-            return reshape.input[0], head.name, True
-    return feats, head.name, False
+            return reshape.input[0], head.name
+    return feats, head.name
 
 
 @dataclass
@@ -175,12 +176,6 @@ class Head:
         return np.asarray(feats, np.float64) @ self.weight.T + self.bias
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, np.float64)
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
 def line_head(rows: np.ndarray, y: np.ndarray, classes: int, recipe: HeadRecipe) -> Head:
     """The INT8 head for the line: fitted on every training image's INT8 rows as the run
     fitted FP32's, and divided by the run's temperature as FP32's was (the two heads read
@@ -275,7 +270,7 @@ class Refit:
         if self.image is None or not np.array_equal(self.image[:n], np.arange(n)):
             raise ValueError("the judged views must start with the training images themselves")
         name = features_tensor_of(fp32_path)
-        fold, k = _folds(self.y, self.recipe)
+        fold, k = folds(self.y, self.recipe)
         if "fp32" not in self.cache:
             g32 = FeatureGraph(fp32_path, runtime, "fp32", name)
             self.cache["fp32"] = self.fold_logits(training_rows(g32, self.x, self.recipe)[0],
@@ -304,7 +299,7 @@ FOLD_ITERATIONS = 100
 PARITY_VIEWS = 64    # judged views the written INT8 graph is run on, to check it gives the fitted head's labels
 
 
-def _folds(y: np.ndarray, recipe: HeadRecipe) -> tuple[np.ndarray, int]:
+def folds(y: np.ndarray, recipe: HeadRecipe) -> tuple[np.ndarray, int]:
     from lineside.train.calibrate import stratified_folds
 
     return stratified_folds(y, recipe.seed, 5)
