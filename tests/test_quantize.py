@@ -73,6 +73,26 @@ def test_linear_convolutions_are_those_that_feed_no_activation(tiny_bundle):
     assert len(ir) == len(extra) and all("_project_conv" in n for n in ir)
 
 
+def test_first_block_is_the_stem_and_the_first_depthwise_convolution(tiny_bundle):
+    """The float-first-block recipe keeps the two convolutions whose rounding the rest of
+    the network carries furthest: the stem and the first depthwise convolution, nothing else."""
+    import onnx
+
+    from lineside.export.quantize import first_block_convs, float_nodes
+
+    bundle, _ = tiny_bundle
+    model = onnx.load(str(bundle / "model_fp32.onnx"))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    names = first_block_convs(model)
+    assert names[0] == convs[0].name
+    assert len(names) == 2 and "_depthwise_conv" in names[1]
+    assert names[1] == next(n.name for n in convs if "_depthwise_conv" in n.name)
+    extra = [n for n in float_nodes(model, first_block=True) if n not in float_nodes(model)]
+    assert extra == names
+    both = float_nodes(model, ends=True, first_block=True)
+    assert len(both) == len(set(both))
+
+
 @pytest.fixture(scope="module")
 def int8_bundle(tiny_run, synth_test_dir, tmp_path_factory):
     """Both INT8 models of the tiny run, with the gate wide open: the tiny model is too
