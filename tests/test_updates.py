@@ -123,6 +123,43 @@ def test_50_updates_under_a_30_fps_stream_lose_nothing(tiny_bundle, second_bundl
     assert result["updates"]["model_sha256"] == open_checked(first).checksum   # u49 was the first bundle again
 
 
+def test_the_model_an_update_replaced_is_freed(tiny_bundle, second_bundle, synth_test_dir, tmp_path, monkeypatch):
+    """Once the new model has decided its first frames, nothing in the station holds the old
+    one any more (the run's own first model included): its memory goes back."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(updates, "UPDATE_SETTLE_SECONDS", 0.0)
+    monkeypatch.setattr(updates, "SCAN_SECONDS", 0.02)
+    monkeypatch.setattr(updates, "RELEASE_AFTER", 3)
+    first = tiny_bundle[0]
+    labels = json.loads((first / "bundle.json").read_text())["metadata"]["labels"]
+    watched = tmp_path / "updates"
+    watched.mkdir()
+    images = [cv2.imread(str(p)) for p in sorted(synth_test_dir.rglob("*.png"))[:4]]
+    done = threading.Event()
+    log = tmp_path / "log.sqlite"
+    handed = [open_checked(first)]
+    held = weakref.ref(handed[0])
+    options = RunOptions(source=str(tmp_path), log=str(log), pace=30, seconds=300, updates=str(watched),
+                         ok_classes=labels[0])
+    run = threading.Thread(target=lambda: run_app(handed.pop(), options, opener=lambda info: Frames(images, done),
+                                                  load_bundle=open_checked))
+    run.start()
+    try:
+        _drop(second_bundle, watched, "u1", "u1")
+        _wait_for_event(log, "product_switch", 60)
+        deadline = time.monotonic() + 60
+        while held() is not None:
+            assert time.monotonic() < deadline, "the first model is still held after the update"
+            gc.collect()
+            time.sleep(0.1)
+        assert run.is_alive()                # still deciding, on the new model
+    finally:
+        done.set()
+        run.join(120)
+
+
 def test_an_update_asked_for_by_name_is_taken_even_when_it_ran_before(tiny_bundle, second_bundle, tmp_path,
                                                                       monkeypatch):
     """request(name): a bundle folder directly in the watched folder, by its name only (MQTT's

@@ -225,11 +225,14 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
     if watcher is not None:
         actions["update"] = watcher.request      # MQTT's PREFIX/update, OPC UA's UpdateModel
     shadow, drift = _shadow_and_drift(options, candidate, switch, model, recorder, actions)
+    if switch is not None:     # from here on only the switch holds the first model: an update releases it
+        model = decider = None
     summary = None
     try:
         with StopOnSignal(stop) as signals:
-            summary = run_loop(model, info, settings, decider, recorder, stop, on_decision=status, opener=opener,
-                               triggers=triggers, switch=switch, drift=drift, shadow=shadow)
+            summary = run_loop(model or switch.active.model, info, settings, decider or switch.active.decider,
+                               recorder, stop, on_decision=status, opener=opener, triggers=triggers, switch=switch,
+                               drift=drift, shadow=shadow)
         summary["stopped_by"] = signals.received
     finally:
         if triggers:     # parts still waiting get the fail-safe answer
@@ -244,6 +247,7 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
         if server:
             server.close()
         gc.unfreeze()   # the loop does too; not when it failed before it started
+    model = model or switch.active.model        # the model running at the end
     summary.update(log=options.log, **recorder.counts(), model=str(model.path), backend=model.backend,
                    signature=model.signature, source=info.shown)
     return _summary(summary, triggers, switch, shadow, watcher)

@@ -385,6 +385,7 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
     stats.dropped = lambda: slot.dropped
     run = FramePipeline(model, engine, Preprocessor(model, settings.roi), decider, recorder, info, stats,
                         on_decision, triggers, switch, drift, shadow)
+    del model, engine, decider     # the pipeline holds them: after an update, nothing holds the old ones
     health = FrameHealth(recorder, settings.roi)
     settle_heap()
     capture.start()
@@ -401,7 +402,7 @@ def run_loop(model: RuntimeModel, info: SourceInfo, settings: LoopSettings, deci
         if isinstance(capture.error, LinesideError):
             raise capture.error
         raise LinesideError(f"--source {info.shown}: capture failed ({capture.error})")
-    summary = summarize(stats, capture, slot, hint, engine.depth)
+    summary = summarize(stats, capture, slot, hint, run.engine.depth)
     if drift is not None:
         summary["drift"] = drift.summary()
     return summary
