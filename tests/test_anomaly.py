@@ -443,6 +443,37 @@ def test_the_review_and_live_pages_show_an_anomaly_models_heatmaps(anomaly_bundl
     assert LivePage("s", model_summary(model), "video").last_jpeg(heatmap=True) is None
 
 
+def test_heatmaps_are_drawn_by_the_model_active_now(anomaly_bundle, plates):
+    """With a product switch (products, updates), the saved and the page's heatmaps are drawn
+    by whichever model is active when they are drawn, and hold none of the earlier ones: an
+    update must free the model it replaced."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    import cv2
+
+    from lineside.runtime.app import active_heatmap, frame_heatmap
+    from lineside.runtime.model import open_model
+
+    first = open_model(anomaly_bundle[0], backend="onnxruntime")
+    switch = SimpleNamespace(active=SimpleNamespace(model=first, roi=None))
+    draw = active_heatmap(switch, first, None)
+    frame = cv2.imread(str(sorted((plates[1] / "dent").glob("*.png"))[0]))
+    assert np.array_equal(draw(frame), frame_heatmap(first, None)(frame))
+    h, w = frame.shape[:2]
+    switch.active = SimpleNamespace(model=open_model(anomaly_bundle[0], backend="onnxruntime"),
+                                    roi=(0, 0, w // 2, h // 2))
+    assert draw(frame).shape[:2] == (h // 2, w // 2)          # the new product's ROI, so its model
+    held = weakref.ref(first)
+    del first
+    gc.collect()
+    assert held() is None
+    switch.active.model.metadata = SimpleNamespace(anomaly=None)   # a classifier took over
+    with pytest.raises(ValueError, match="not an anomaly model"):
+        draw(frame)
+
+
 def test_sample_size_study_for_good_parts_alone(plates, tmp_path, monkeypatch):
     """study sample-size --task anomaly: each fit on k good images drawn at random, scored
     on every image not drawn (false rejects on the good ones, AUROC on the dents); the

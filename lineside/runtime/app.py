@@ -212,7 +212,7 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
     settings = LoopSettings(roi=roi, loop=options.loop, pace=options.pace, hint=options.hint,
                             max_frames=options.max_frames, seconds=options.seconds,
                             source_timeout=options.source_timeout)
-    save = _save_policy(options, info, model, decider, roi)
+    save = _save_policy(options, info, model, decider, roi, switch)
     status = StatusLine(options.status and not options.trigger == "stdin", options.display)
     settle_heap()   # before anything that answers the line starts (see settle_heap)
     actions: dict = {}      # what the page may ask for with the token: filled once the recorder exists
@@ -361,16 +361,17 @@ def _products(model: RuntimeModel | None, options: RunOptions, products: list | 
     return products, switch
 
 
-def _save_policy(options: RunOptions, info, model: RuntimeModel, decider: Decider, roi) -> SavePolicy | None:
+def _save_policy(options: RunOptions, info, model: RuntimeModel, decider: Decider, roi,
+                 switch=None) -> SavePolicy | None:
     """--save DIR: which frames are kept, within which limits (with an anomaly model's
-    heatmap beside each NG frame)."""
+    heatmap beside each NG frame, drawn by the model active then)."""
     if not options.save_dir:
         return None
     _check_save_outside_source(Path(options.save_dir), info)
     return SavePolicy(Path(options.save_dir), tuple(w.strip() for w in options.save_when.split(",") if w.strip()),
                       options.save_max_files, options.save_max_mb, per_hour=options.capture_per_hour,
                       reject_below=decider.reject_below,
-                      heatmap=frame_heatmap(model, roi) if model.metadata.anomaly is not None else None)
+                      heatmap=active_heatmap(switch, model, roi) if model.metadata.anomaly is not None else None)
 
 
 class _Observed:
@@ -450,15 +451,9 @@ def _status_server(options: RunOptions, model: RuntimeModel, info, station: str,
         from .review import ReviewStore
 
         review = ReviewStore(options.log, options.save_dir, options.review_out, model.labels)
-    def heatmap(image):
-        """The page's heatmap of the last frame, by the model active now (after a switch or update)."""
-        active, roi = (switch.active.model, switch.active.roi) if switch else (model, parse_roi(options.roi))
-        if active.metadata.anomaly is None:
-            raise ValueError("the active model is not an anomaly model")
-        return frame_heatmap(active, roi)(image)
-
     page = LivePage(station, model_summary(model), info.shown,
-                    heatmap=heatmap if model.metadata.anomaly is not None else None)
+                    heatmap=active_heatmap(switch, model, parse_roi(options.roi))
+                    if model.metadata.anomaly is not None else None)
     return StatusServer(options.http, page, review, read_token(options.http_token_file),
                         hosts=options.http_hosts, switch=switch, actions=actions), page
 
@@ -494,6 +489,22 @@ def _triggers(options: RunOptions, deciders: list[Decider]):
 
     n, m = decider.vote or (1, 1)
     return Triggers(options.trigger_timeout_ms / 1000.0, frames=m, votes=n, on_answer=deliver), answer_to
+
+
+def active_heatmap(switch, model: RuntimeModel, roi):
+    """frame_heatmap by the model active when it is drawn: with a product switch, whatever
+    product or update is active then (and it holds no reference to `model`, which an
+    update must be able to free); without one, `model` with `roi`."""
+    if switch is None:
+        return frame_heatmap(model, roi)
+
+    def draw(image):
+        active = switch.active
+        if active.model.metadata.anomaly is None:
+            raise ValueError("the active model is not an anomaly model")
+        return frame_heatmap(active.model, active.roi)(image)
+
+    return draw
 
 
 def frame_heatmap(model: RuntimeModel, roi):
