@@ -6,13 +6,14 @@ For a run kept by `benchmarks/int8_gate.py --keep DIR` (run_K_S, bundle_K_S, tra
 and rest_K_S.csv), the bundle's FP32 ONNX is quantized on its training images (each with
 its three flips, at most 120, as the export calibrates) in these ways:
 
-- qoperator: the shipped recipe (lineside/export/quantize.py, ORT_RECIPES);
+- qoperator: the shipped recipe (lineside/export/quantize.py, ORT_RECIPES) without its
+  first block in float (the previous recipe);
 - qoperator-nncf-ranges: the same, with every activation range NNCF chose;
 - qoperator-nncf-biases: the same, with NNCF's bias correction instead of lineside's;
-- qoperator-depthwise-float: the shipped recipe with the depthwise convolutions in float;
-- qoperator-first-block-float: the shipped recipe with the stem and the first depthwise
-  convolution in float (first_block_convs);
-- nncf-qdq: NNCF's ONNX backend (QDQ), the same nodes in float, per-tensor activations.
+- qoperator-depthwise-float: the same with every depthwise convolution in float;
+- qoperator-first-block-float: the same with the stem and the first depthwise
+  convolution in float (first_block_convs): the shipped recipe;
+- nncf-qdq: NNCF's ONNX backend (QDQ), the nodes of `qoperator` in float, per-tensor activations.
 
 Each is scored by the mean error of the features tensor (the input of the head's view
 mean) against FP32, per feature in units of that feature's spread over the images, on up
