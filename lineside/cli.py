@@ -62,7 +62,8 @@ def _gpu_out_of_memory(exc: BaseException) -> str | None:
 @click.version_option(__version__, prog_name="lineside")
 @click.option("-v", "--verbose", is_flag=True, help="Log more detail to stderr.")
 def main(verbose: bool):
-    """Few-shot image classification for inspection stations.
+    """Few-shot image inspection for factory stations: classify parts from a few dozen
+    images per class, or flag what differs from good parts alone (--task anomaly).
 
     \b
     Typical flow:
@@ -70,6 +71,10 @@ def main(verbose: bool):
       lineside train demo-data --out run1      # fine-tune a pretrained backbone
       lineside eval run1 test-data --json      # score it on labelled images
       lineside predict run1 part.png           # classify single images
+      lineside export run1 --out bundle        # ONNX + OpenVINO, FP32 and gated INT8
+      lineside run bundle --source 0           # decide on every camera frame, log each
+
+    Each command's --help has examples; `lineside study` says how many images you need.
     """
     for stream in (sys.stdout, sys.stderr):   # a file name that is not UTF-8 prints as \xNN, never fails
         if hasattr(stream, "reconfigure"):

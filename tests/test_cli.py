@@ -159,3 +159,20 @@ def test_every_run_option_is_a_field_of_run_options_by_the_same_name():
     assert (options.pace, options.log, options.mqtt_queue, options.http_hosts) == (5.0, None, 7, ("box.local",))
     assert options.status and options.save_when == "ng,unknown"        # defaults as the CLI gives them
     assert not RunOptions.from_params(run_cmd.make_context("run", ["b", "--source", "0", "--json"]).params).status
+
+
+def test_the_typical_flow_in_the_top_level_help_names_real_commands_and_options(runner):
+    """Every line of `lineside --help`'s flow parses: its command exists and each --option
+    it gives is one of that command's (the first thing a newcomer copies)."""
+    res = runner.invoke(main, ["--help"])
+    assert res.exit_code == 0
+    flow = [line.split("#")[0].split() for line in res.output.splitlines() if line.strip().startswith("lineside ")]
+    assert len(flow) >= 6 and {"train", "export", "run"} <= {words[1] for words in flow}
+    for words in flow:
+        command = main
+        for word in words[1:]:
+            if word in getattr(command, "commands", {}):
+                command = command.commands[word]
+        assert command is not main, words
+        names = {name for p in command.params for name in p.opts}
+        assert {w for w in words if w.startswith("--")} <= names, words
