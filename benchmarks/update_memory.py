@@ -8,8 +8,9 @@ switched in, the old one released after it (RELEASE_AFTER frames decided by the 
 Without --station, through the product switch alone. With --station, a whole
 `lineside run --updates DIR --pace 30` (log, page-less) runs in this process on a folder of
 frames, and the bundle is copied into DIR N times (hard links, a bundle.json of its own
-each). Prints the resident memory with one model, with two, and after the updates, and
-whether the first model is still held by anything once it was released.
+each), each as soon as the one before has taken over. Prints the resident memory with one
+model, with two, the largest while updating, and after the updates, and whether the first
+model is still held by anything once it was released.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def in_a_station(bundle: str, updates: int) -> None:
             time.sleep(3.0)
             gc.collect()
             print(f"one model, station running: {rss_mb():.0f} MB")
+            peak = 0.0
             for k in range(updates):
                 copy = tmp / f".u{k:02d}"
                 shutil.copytree(bundle, copy, copy_function=os.link)
@@ -126,8 +128,11 @@ def in_a_station(bundle: str, updates: int) -> None:
                 (copy / "bundle.json").write_text(json.dumps(doc))
                 copy.rename(watched / f"u{k:02d}")
                 _wait(log, "product_switch", k + 1)
+                peak = max(peak, rss_mb())
                 if k == 0:
                     print(f"two models: {rss_mb():.0f} MB")
+            print(f"largest while updating (each update dropped in as soon as the one before took over, "
+                  f"before it decided {watcher.RELEASE_AFTER} frames): {peak:.0f} MB")
             time.sleep(3.0)          # RELEASE_AFTER frames at 30 FPS, and the watcher's next scan
             gc.collect()
             print(f"after {updates} updates, each old model released: {rss_mb():.0f} MB; "

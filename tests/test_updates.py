@@ -298,3 +298,34 @@ def test_the_opcua_user_updates_the_model_by_name_and_anonymous_clients_may_not(
         run.join(60)
     assert result["updates"]["loaded"] == 1 and result["updates"]["refused"] == 1
     assert result["updates"]["model_sha256"] == open_checked(second_bundle).checksum
+
+
+def test_updates_faster_than_the_release_keep_only_the_model_just_replaced():
+    """A burst of updates (each before the previous new model has decided RELEASE_AFTER
+    frames) held every replaced model until the burst ended: 100 quick updates of the demo
+    bundle held 3.5 GB. Now only the model just replaced waits for its successor's first
+    frames; those before it go at the watcher's next call."""
+    from types import SimpleNamespace
+
+    from lineside.runtime.products import Product, ProductSwitch
+
+    def product():
+        return Product(0, "line", SimpleNamespace(), SimpleNamespace(reset=lambda: None), None, engine=object())
+
+    made = [product()]
+    switch = ProductSwitch([made[0]])
+    for _ in range(10):                      # 10 updates, 2 frames apart: none reaches 30 frames
+        made.append(product())
+        switch.replace(made[-1])
+        taken, _ = switch.take()
+        switch.switched(taken)
+        switch.decided()
+        switch.decided()
+        switch.release_retired(30)
+    assert switch.active is made[-1] and switch.retired == [made[-2]]
+    assert all(p.model is None and p.engine is None for p in made[:-2])     # released
+    assert made[-2].model is not None and made[-1].model is not None
+    for _ in range(28):
+        switch.decided()
+    assert switch.release_retired(30) == 1 and made[-2].model is None and switch.retired == []
+    assert made[-1].model is not None and switch.release_retired(30) == 0

@@ -8,7 +8,9 @@ watcher's thread while the line runs: checked as at the start (its signature wit
 threshold and vote, and compiled. Then it takes over between two frames through the
 same switch as a product changeover (runtime/products.py): no decision is lost, and
 every decision names the model that made it (`model_sha256`). The old model stays
-loaded until the new one has decided RELEASE_AFTER frames, then is released. A bundle
+loaded until the new one has decided RELEASE_AFTER frames, then is released (an update
+that comes before that releases the models replaced earlier at once: only the one just
+replaced waits). A bundle
 that fails any check is refused with an `update_refused` event naming why, and the
 old one stays; it is tried again only when its bundle.json changes.
 
