@@ -469,3 +469,43 @@ def test_export_json_is_json_alone_on_stdout(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)                 # the whole of stdout is one JSON document
     assert "openvino" in result["report"]["int8"] and "INFO:nncf" not in proc.stdout
+
+
+def test_log_keep_days_deletes_old_rows_and_keeps_the_counts_true(tmp_path, monkeypatch):
+    """A station running for months fills its disk with the log (about 1 GB a day at 30 FPS)
+    unless old rows go: --log-keep-days deletes the decisions, events and shadow rows older
+    than it, oldest first in batches, at the start and every PRUNE_SECONDS; `logged` still
+    counts the run's rows on disk."""
+    from lineside.runtime import records
+
+    monkeypatch.setattr(records, "PRUNE_BATCH", 7)        # several batches
+    path = tmp_path / "log.sqlite"
+    old = time.time() - 3 * 86400
+    first = Recorder(path, {"source": "s"})
+    for i in range(40):
+        first.decision(_row(i, ts=old + i))
+    first.close({})
+    monkeypatch.setattr(records, "PRUNE_SECONDS", 0.0)     # prune at every batch
+    second = Recorder(path, {"source": "s"}, keep_days=1.0)
+    for i in range(20):                                   # this run's own old rows go too
+        second.decision(_row(i, ts=old + 100 + i))
+    for i in range(30):
+        second.decision(_row(100 + i))
+    second.close({})
+    counts = second.counts()
+    with sqlite3.connect(path) as con:
+        frames = [f for (f,) in con.execute("SELECT frame FROM decisions ORDER BY id")]
+        pruned = con.execute("SELECT detail FROM events WHERE kind = 'log_pruned'").fetchall()
+        summary = json.loads(con.execute("SELECT summary FROM runs ORDER BY id DESC").fetchone()[0])
+    assert frames == list(range(100, 130))
+    assert counts["pruned"] == 60 and counts["logged"] == 30 == summary["logged"]
+    assert pruned and all("older than 1 days" in d for (d,) in pruned)
+
+
+def test_log_keep_days_wants_a_sqlite_log_and_a_positive_number(tmp_path):
+    from lineside.errors import LinesideError
+
+    with pytest.raises(LinesideError, match="--log-keep-days: only a SQLite --log"):
+        Recorder(tmp_path / "log.jsonl", {"source": "s"}, keep_days=7)
+    with pytest.raises(LinesideError, match="--log-keep-days: must be positive"):
+        RunOptions(source="0", log_keep_days=0)

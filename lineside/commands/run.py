@@ -70,6 +70,10 @@ def _open_runtime_model(bundle, backend, precision, device, threads, trusted=Non
 @click.option("--log", "log_path", default="decisions.sqlite", show_default=True,
               help="Decision log: a SQLite file (.sqlite, .sqlite3 or .db), or a .jsonl file for JSON lines "
                    "(extension in any case); 'none' for no log.")
+@click.option("--log-keep-days", type=float, default=None, metavar="DAYS",
+              help="Delete the SQLite log's decisions, events and shadow rows older than DAYS, at the start "
+                   "and every 10 minutes (a log_pruned event says how many): at 30 FPS a log of five classes "
+                   "grows by about 0.7 GB a day, and a full disk would cost decisions. [keep everything]")
 @click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the frames worth a look (JPEG, named lineside_*.jpg). Only those files are "
                    "ever deleted by the caps below; a frame that cannot be saved is a save_failed event, "

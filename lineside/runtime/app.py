@@ -36,6 +36,7 @@ class RunOptions:
     ok_classes: str | None = None
     vote: str | None = None
     log: str | None = "decisions.sqlite"
+    log_keep_days: float | None = None   # the log's rows older than this are deleted (SQLite logs)
     save_dir: Path | None = None
     save_when: str = "ng,unknown"
     save_max_files: int = 1000
@@ -82,7 +83,7 @@ class RunOptions:
     def __post_init__(self):
         if self.pace is not None and not 0 < self.pace <= 1000:
             raise LinesideError(f"--pace: {self.pace} is outside 0..1000 frames per second")
-        for name in ("max_frames", "seconds", "source_timeout"):
+        for name in ("max_frames", "seconds", "source_timeout", "log_keep_days"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise LinesideError(f"--{name.replace('max_', '').replace('_', '-')}: must be positive")
@@ -574,7 +575,8 @@ def _recorder(options: RunOptions, model: RuntimeModel, info, save, station: str
     return Recorder(Path(options.log) if options.log else None,
                     {"source": info.shown, "model": str(model.path), "model_sha256": model.checksum,
                      "signature": model.signature,
-                     "labels": model.labels, "settings": settings, "station": station}, save, outputs=outputs)
+                     "labels": model.labels, "settings": settings, "station": station}, save, outputs=outputs,
+                    keep_days=options.log_keep_days)
 
 
 # `lineside run` exit codes (the CLI's --help lists them)

@@ -55,6 +55,8 @@ RETRY_SECONDS = 0.5          # between attempts to write an unwritable log
 LOCK_WAIT_SECONDS = 1.0      # how long one SQLite write waits for another program's lock
 CLOSE_RETRY_SECONDS = 10.0   # how long close() keeps trying an unwritable log
 MAX_QUEUED_IMAGES = 64       # frames waiting to be saved; beyond this a frame is not saved (save_failed)
+PRUNE_SECONDS = 600.0        # with --log-keep-days: how often the log's old rows are deleted
+PRUNE_BATCH = 5_000          # rows deleted per transaction, oldest first
 
 
 @dataclass(slots=True)
@@ -360,6 +362,11 @@ class LogFile:
     def finish(self, summary: dict):
         raise NotImplementedError
 
+    def prune(self, cutoff: float) -> tuple[int, int]:
+        """Delete the rows older than `cutoff` (a time.time()): (decisions deleted, of them
+        this run's)."""
+        raise NotImplementedError
+
     def close(self):
         raise NotImplementedError
 
@@ -388,6 +395,7 @@ class SqliteLog(LogFile):
             self.db.close()
             raise
         self.run_id = cur.lastrowid
+        self.first_id = self.db.execute("SELECT coalesce(max(id), 0) FROM decisions").fetchone()[0] + 1
 
     def write(self, decisions, events, shadows=()):
         run = self.run_id
@@ -421,6 +429,28 @@ class SqliteLog(LogFile):
         self.db.execute("UPDATE runs SET ended=?, summary=? WHERE id=?",
                         (time.time(), json.dumps(summary), self.run_id))
         self.db.commit()
+
+    def prune(self, cutoff):
+        """Oldest first, PRUNE_BATCH rows at a time, by id (the order they were written in),
+        so that each pass reads only what it deletes and one more batch; the pages freed are
+        reused by the next rows, so the file stops growing."""
+        deleted = mine = 0
+        try:
+            for table in ("decisions", "events", "shadow"):
+                while True:
+                    oldest = f"SELECT id FROM {table} ORDER BY id LIMIT {PRUNE_BATCH}"
+                    if table == "decisions":
+                        mine += self.db.execute(f"SELECT count(*) FROM decisions WHERE id IN ({oldest}) AND ts < ? "
+                                                "AND id >= ?", (cutoff, self.first_id)).fetchone()[0]
+                    cur = self.db.execute(f"DELETE FROM {table} WHERE id IN ({oldest}) AND ts < ?", (cutoff,))
+                    self.db.commit()
+                    deleted += cur.rowcount if table == "decisions" else 0
+                    if cur.rowcount < PRUNE_BATCH:
+                        break
+        except BaseException:
+            self.db.rollback()
+            raise
+        return deleted, mine
 
     def close(self):
         self.db.close()     # closing twice is harmless
@@ -514,7 +544,8 @@ class Recorder:
     thread writes them to the log (see open_log) and saves the frames `save` asks for."""
 
     def __init__(self, log_path: Path | None, run_info: dict, save: SavePolicy | None = None,
-                 buffer_rows: int = LOG_BUFFER_ROWS, outputs: tuple[Output, ...] = ()):
+                 buffer_rows: int = LOG_BUFFER_ROWS, outputs: tuple[Output, ...] = (),
+                 keep_days: float | None = None):
         self.state = StationState()     # what every output reports of the station, updated here first
         self.outputs = list(outputs)    # fed every decision and event, never blocking (runtime/outputs.py)
         for output in self.outputs:
@@ -524,7 +555,10 @@ class Recorder:
         self.saver = FrameSaver(save) if save else None
         self._images_queued = 0   # frames put on the writer's queue (it counts those it took)
         self.save_skipped = 0     # frames not saved because saving fell behind
-        self.writer = LogWriter(self.path, run_info, self.saver, buffer_rows, self.counts)
+        if keep_days and self.path is not None and log_kind(self.path) != "sqlite":
+            raise LinesideError(f"--log-keep-days: only a SQLite --log can drop its old rows ({self.path} is "
+                                "JSON lines; rotate it with the system's logrotate)")
+        self.writer = LogWriter(self.path, run_info, self.saver, buffer_rows, self.counts, keep_days)
         self._queue = self.writer.queue
 
     # the writer's counters, read here
@@ -619,7 +653,7 @@ class Recorder:
     def counts(self) -> dict:
         w = self.writer
         out = {"logged": w.written, "not_logged": w.not_logged, "unwritable_rows": w.unwritable_rows,
-               "log_recreated": w.recreated, "deleted_with_log": w.deleted_with_log,
+               "log_recreated": w.recreated, "deleted_with_log": w.deleted_with_log, "pruned": w.pruned,
                "saved": self.saver.saved if self.saver else 0, "save_failed": self.save_failed}
         for output in self.outputs:
             out.update(output.counters())
@@ -634,8 +668,11 @@ class LogWriter:  # over 200 lines: writing, retrying, salvaging and recreating 
     and retrying), and writes the run's summary at the end. Its counters are the run's."""
 
     def __init__(self, path: Path | None, run_info: dict, saver: FrameSaver | None, buffer_rows: int,
-                 summary_counts):
+                 summary_counts, keep_days: float | None = None):
         self.path = path
+        self.keep_days = keep_days   # --log-keep-days: rows older than this are deleted every PRUNE_SECONDS
+        self.pruned = 0              # decisions deleted for it (all runs')
+        self._pruned_at = None
         self.saver = saver
         self.log = open_log(self.path, run_info) if self.path else None
         self.buffer_rows = buffer_rows
@@ -701,7 +738,8 @@ class LogWriter:  # over 200 lines: writing, retrying, salvaging and recreating 
             if images:       # first, so that a frame that could not be saved is not named in the log
                 self.images_taken += len(images)
                 self.saver.save_batch(images, self._events)
-            self._flush()
+            if self._flush() and self.keep_days:
+                self._prune()
             if keeps:
                 self.saver.keep_after(keeps, self.log, self._events)
             if closing is not None:
@@ -742,6 +780,25 @@ class LogWriter:  # over 200 lines: writing, retrying, salvaging and recreating 
             log.warning("log_unwritable: %s", events[-1].detail)
             self._failing = None
         return True
+
+    def _prune(self):
+        """--log-keep-days: the log's rows older than that deleted, at the start and every
+        PRUNE_SECONDS; a `log_pruned` event says how many. A failure is an event, and the
+        rows are tried again next time: nothing of the run's own writing depends on it."""
+        now = time.monotonic()
+        if self._pruned_at is not None and now - self._pruned_at < PRUNE_SECONDS:
+            return
+        self._pruned_at = now
+        try:
+            deleted, mine = self.log.prune(time.time() - self.keep_days * 86400.0)
+        except (OSError, sqlite3.Error) as exc:
+            self._events.append(Event(time.time(), "log_prune_failed", f"{self.path}: {_reason(exc)}"))
+            return
+        if deleted:
+            self.pruned += deleted
+            self.written -= mine
+            self._events.append(Event(time.time(), "log_pruned", f"{deleted} decisions older than "
+                                                                 f"{self.keep_days:g} days deleted (--log-keep-days)"))
 
     def _salvage(self, exc: BaseException):
         """A batch the log refused for its content (a value no format can hold), not for the
