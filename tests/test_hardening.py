@@ -509,3 +509,29 @@ def test_log_keep_days_wants_a_sqlite_log_and_a_positive_number(tmp_path):
         Recorder(tmp_path / "log.jsonl", {"source": "s"}, keep_days=7)
     with pytest.raises(LinesideError, match="--log-keep-days: must be positive"):
         RunOptions(source="0", log_keep_days=0)
+
+
+def test_a_disk_running_low_under_the_log_is_an_event_before_it_costs_decisions(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lineside.runtime import records
+
+    free = {"bytes": 300 << 20}
+    monkeypatch.setattr(records.os, "statvfs", lambda p: SimpleNamespace(f_bavail=free["bytes"] // 4096,
+                                                                          f_frsize=4096))
+    monkeypatch.setattr(records, "DISK_CHECK_SECONDS", 0.0)
+    monkeypatch.setenv("LINESIDE_DISK_LOW_MB", "1024")
+    path = tmp_path / "log.sqlite"
+    recorder = Recorder(path, {"source": "s"})
+    for i in range(3):
+        recorder.decision(_row(i))
+    assert "disk_low" in recorder.state.last_error and "300 MB free" in recorder.state.last_error
+    free["bytes"] = 5 << 30
+    recorder.decision(_row(3))
+    free["bytes"] = 300 << 20
+    recorder.decision(_row(4))
+    recorder.close({})
+    with sqlite3.connect(path) as con:
+        kinds = [k for (k,) in con.execute("SELECT kind FROM events WHERE kind LIKE 'disk_%' ORDER BY id")]
+        assert con.execute("SELECT count(*) FROM decisions").fetchone()[0] == 5
+    assert kinds == ["disk_low", "disk_ok", "disk_low"]           # once per crossing, not per frame

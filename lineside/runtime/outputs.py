@@ -21,7 +21,7 @@ if TYPE_CHECKING:      # type names only: records imports this module
 # what the outputs make of events, in one place
 SOURCE_STATES = {"source_lost": "reconnecting", "source_unavailable": "reconnecting", "source_back": "live",
                  "source_timeout": "ended"}
-NOT_ERRORS = ("source_back", "roi_fits", "frame_size", "part_answer")   # events that report no fault
+NOT_ERRORS = ("source_back", "roi_fits", "frame_size", "part_answer", "disk_ok")   # events that report no fault
 OUTCOMES = ("OK", "NG", "unknown")
 
 

@@ -55,6 +55,9 @@ RETRY_SECONDS = 0.5          # between attempts to write an unwritable log
 LOCK_WAIT_SECONDS = 1.0      # how long one SQLite write waits for another program's lock
 CLOSE_RETRY_SECONDS = 10.0   # how long close() keeps trying an unwritable log
 MAX_QUEUED_IMAGES = 64       # frames waiting to be saved; beyond this a frame is not saved (save_failed)
+DISK_CHECK_SECONDS = 60.0    # how often the free space where the log is gets looked at
+DISK_LOW_MB = 1024           # below this free: a disk_low event (once; disk_ok above twice this)
+DISK_LOW_ENV = "LINESIDE_DISK_LOW_MB"   # sets another; 0 turns the check off
 PRUNE_SECONDS = 600.0        # with --log-keep-days: how often the log's old rows are deleted
 PRUNE_BATCH = 5_000          # rows deleted per transaction, oldest first
 
@@ -559,6 +562,8 @@ class Recorder:
             raise LinesideError(f"--log-keep-days: only a SQLite --log can drop its old rows ({self.path} is "
                                 "JSON lines; rotate it with the system's logrotate)")
         self.writer = LogWriter(self.path, run_info, self.saver, buffer_rows, self.counts, keep_days)
+        self.disk_low = False
+        self._disk_checked = -DISK_CHECK_SECONDS
         self._queue = self.writer.queue
 
     # the writer's counters, read here
@@ -593,6 +598,31 @@ class Recorder:
         self.state.on_decision(row)
         for output in self.outputs:
             self._to_output(output.decision, row)
+        if self.path is not None and time.monotonic() - self._disk_checked >= DISK_CHECK_SECONDS:
+            self._check_disk()
+
+    def _check_disk(self):
+        """A `disk_low` event (log, MQTT, OPC UA's LastError, the page) when the log's file
+        system has less than DISK_LOW_MB free ($LINESIDE_DISK_LOW_MB), before a full disk makes decisions wait in
+        memory; `disk_ok` when it has twice that again."""
+        self._disk_checked = time.monotonic()
+        try:
+            low = float(os.environ.get(DISK_LOW_ENV, DISK_LOW_MB)) * 2**20
+            st = os.statvfs(self.path.parent)
+        except (OSError, ValueError):
+            return
+        free = st.f_bavail * st.f_frsize
+        if not self.disk_low and free < low:
+            self.disk_low = True
+            try:
+                size = f"{os.stat(self.path).st_size / 2**20:.0f} MB"
+            except OSError:
+                size = "its size unknown"
+            self.event("disk_low", f"{free / 2**20:.0f} MB free where the log is ({self.path}, {size}); when it "
+                                   "is full, decisions wait in memory: free space, or give --log-keep-days")
+        elif self.disk_low and free > 2 * low:
+            self.disk_low = False
+            self.event("disk_ok", f"{free / 2**20:.0f} MB free where the log is ({self.path})")
 
     def shadow(self, row):
         """A shadow model's decision (runtime/shadow.py): to the log alone, never to the outputs."""
