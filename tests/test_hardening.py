@@ -535,3 +535,23 @@ def test_a_disk_running_low_under_the_log_is_an_event_before_it_costs_decisions(
         kinds = [k for (k,) in con.execute("SELECT kind FROM events WHERE kind LIKE 'disk_%' ORDER BY id")]
         assert con.execute("SELECT count(*) FROM decisions").fetchone()[0] == 5
     assert kinds == ["disk_low", "disk_ok", "disk_low"]           # once per crossing, not per frame
+
+
+@pytest.mark.parametrize("log_name", ["log.sqlite", "log.jsonl"])
+def test_every_batch_is_on_the_disk_before_the_next(tmp_path, monkeypatch, log_name):
+    """A power cut costs at most the batch being written: SQLite commits with
+    synchronous=FULL (NORMAL in WAL mode may roll back every commit since the last
+    checkpoint), and JSON lines are fsync'ed after each batch."""
+    from lineside.runtime import records
+
+    synced = []
+    real = records.os.fsync
+    monkeypatch.setattr(records.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    path = tmp_path / log_name
+    recorder = Recorder(path, {"source": "s"})
+    recorder.decision(_row(0))
+    recorder.close({})
+    if log_name.endswith(".sqlite"):
+        assert recorder.writer.log.synchronous == 2          # FULL, as the writer's connection read it back
+    else:
+        assert len(synced) >= 2                  # the decision's batch and the run's end
