@@ -84,3 +84,14 @@ def test_a_frame_kept_after_its_decision_is_named_in_the_log(tmp_path, log_name)
                 if x["type"] == "capture"]
     assert len(kept) == 1 and kept[0][1] == "disagreement" and (tmp_path / "saved" / kept[0][0]).is_file()
     assert rows[0].saved is None and rows[0].capture is None             # the line's own row was not touched
+
+
+def test_a_clock_set_back_does_not_stop_the_capture_for_hours(tmp_path):
+    """The quota counts the frames kept in the last hour by their timestamps; a clock set
+    back by a day (an NTP correction on a box that booted with a wrong date) would have
+    left the hour full until the clock caught up again."""
+    policy = SavePolicy(tmp_path, ("worth",), per_hour=5)
+    t0 = 2_000_000_000.0
+    assert all(policy.wants(_row(t0 + i, "unknown", confidence=0.3)) for i in range(5))
+    assert not policy.wants(_row(t0 + 10, "unknown", confidence=0.3))           # the hour is full
+    assert policy.wants(_row(t0 - 86400, "unknown", confidence=0.3))            # a day back: room again

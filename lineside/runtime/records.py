@@ -180,6 +180,8 @@ class SavePolicy:
         if reason is None:
             return False
         now = row.ts
+        while self._kept and self._kept[-1][0] > now + 60:
+            self._kept.pop()            # the clock was set back (NTP): what it kept "later" would block the quota
         while self._kept and self._kept[0][0] <= now - 3600:
             self._kept.popleft()
         if len(self._kept) >= self.per_hour:
