@@ -12,7 +12,9 @@ loaded until the new one has decided RELEASE_AFTER frames, then is released (an 
 that comes before that releases the models replaced earlier at once: only the one just
 replaced waits). A bundle
 that fails any check is refused with an `update_refused` event naming why, and the
-old one stays; it is tried again only when its bundle.json changes.
+old one stays; it is tried again only when its bundle.json changes. Several new in one
+scan: the last in name order is taken (or the one before it, if it is refused), the
+others are `update_skipped` events.
 
 A bundle can also be asked for by name (`request`: the MQTT topic PREFIX/update, the
 OPC UA method UpdateModel): a folder directly in DIR, taken at the watcher's next scan
@@ -97,6 +99,7 @@ class UpdateWatcher(threading.Thread):
         except OSError:
             return
         now = time.time()
+        ready = []
         for candidate in candidates:
             key = manifest_digest(candidate)
             if key is None or key in self.seen:
@@ -108,9 +111,17 @@ class UpdateWatcher(threading.Thread):
             if now - newest < self.settle:
                 continue                    # still being copied
             self.seen.add(key)
-            self.take(candidate)
+            ready.append(candidate)
+        # Several new at once: the last in name order takes over, as if each had been taken
+        # in turn, without loading the others for nothing; a refused one gives way to the one before.
+        for i in range(len(ready) - 1, -1, -1):
+            if self.take(ready[i]):
+                for skipped in ready[:i]:
+                    self.on_event("update_skipped", f"{printable(skipped)}: {printable(ready[i].name)} came in the "
+                                                    "same scan and takes over instead (ask for it by name to run it)")
+                break
 
-    def take(self, candidate: Path):
+    def take(self, candidate: Path) -> bool:
         t0 = time.perf_counter()
         try:
             product = self.load(candidate)
@@ -119,8 +130,9 @@ class UpdateWatcher(threading.Thread):
             self.refused += 1
             self.on_event("update_refused", f"{printable(candidate)}: {exc}; {self.switch.active.name} keeps "
                                             "running its model")
-            return
+            return False
         self.loaded += 1
         self.on_event("update_loaded", f"{printable(candidate)} (model {product.model.checksum[:12]}) loaded and "
                                        f"checked in {time.perf_counter() - t0:.1f} s; it takes over at the next frame")
         self.switch.replace(product)
+        return True
