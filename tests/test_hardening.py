@@ -555,3 +555,18 @@ def test_every_batch_is_on_the_disk_before_the_next(tmp_path, monkeypatch, log_n
         assert recorder.writer.log.synchronous == 2          # FULL, as the writer's connection read it back
     else:
         assert len(synced) >= 2                  # the decision's batch and the run's end
+
+
+def test_events_that_report_no_fault_never_become_the_last_error():
+    """OPC UA's LastError, MQTT's status and the page show the station's last error: a
+    product switch or a model update is no error, and once said, a real one stays shown."""
+    from lineside.runtime.outputs import StationState
+    from lineside.runtime.records import Event
+
+    state = StationState()
+    state.on_event(Event(time.time(), "product_switch", "a -> b"))
+    state.on_event(Event(time.time(), "update_loaded", "u1 loaded"))
+    assert state.last_error is None
+    state.on_event(Event(time.time(), "update_refused", "u2: checksum"))
+    state.on_event(Event(time.time(), "drift_cleared", "brightness back"))
+    assert state.last_error == "update_refused: u2: checksum"

@@ -21,7 +21,10 @@ if TYPE_CHECKING:      # type names only: records imports this module
 # what the outputs make of events, in one place
 SOURCE_STATES = {"source_lost": "reconnecting", "source_unavailable": "reconnecting", "source_back": "live",
                  "source_timeout": "ended"}
-NOT_ERRORS = ("source_back", "roi_fits", "frame_size", "part_answer", "disk_ok")   # events that report no fault
+# Events that report no fault: they never become the station's last error (OPC UA's
+# LastError, MQTT's status, the page), which an operator reads as what went wrong.
+NOT_ERRORS = ("source_back", "roi_fits", "frame_size", "part_answer", "disk_ok", "product_switch", "update_loaded",
+              "update_requested", "update_skipped", "drift_cleared", "promoted", "rolled_back", "log_pruned")
 OUTCOMES = ("OK", "NG", "unknown")
 
 
