@@ -89,12 +89,18 @@ def test_train_eval_predict_json(runner, synth_dir, synth_test_dir, tmp_path):
     (["eval", "{tmp}/norun", "{tmp}"], "norun"),
     (["predict", "{tmp}/norun", "{tmp}/x.png"], "norun"),
     (["train", "{tmp}", "--out", "{tmp}/r", "--unfreeze", "lots"], "--unfreeze"),
+    (["train", "{tmp}/empty", "--task", "anomaly", "--out", "{tmp}/r"], "no class folders"),
+    (["study", "sample-size", "{tmp}/empty", "--out", "{tmp}/r"], "no class folders"),
+    (["study", "sample-size", "{tmp}/empty", "--task", "anomaly", "--out", "{tmp}/r"], "no class folders"),
+    (["study", "compare", "{tmp}/empty", "--out", "{tmp}/r"], "no class folders"),
 ])
 def test_errors_are_one_line_with_exit_code_2(runner, tmp_path, args, needle):
+    (tmp_path / "empty").mkdir()
     res = runner.invoke(main, [a.format(tmp=tmp_path) for a in args])
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.output
+    assert not (tmp_path / "r").exists()          # a command that failed on its input leaves no --out behind
 
 
 def test_the_gpu_running_out_of_memory_is_one_line_that_names_the_options(runner, synth_dir, tmp_path, monkeypatch):

@@ -90,8 +90,8 @@ def train_anomaly_run(data, out, ok_classes=None, false_reject: float = A.DEFAUL
     t_start = time.perf_counter()
     out = Path(out)
     where = pick_device(device)
-    out.mkdir(parents=True, exist_ok=True)
     d = read_anomaly_data(data, ok_classes, image_size, backbone, skip_bad, progress)
+    out.mkdir(parents=True, exist_ok=True)       # after the data: a folder that cannot be read leaves no --out
     images, ok, spec, x_good, other_set, bad = d.images, d.ok, d.spec, d.x_good, d.other_set, d.bad
     read_s = time.perf_counter() - t_start
     from tqdm import tqdm

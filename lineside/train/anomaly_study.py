@@ -72,8 +72,8 @@ def anomaly_sample_size(data, out, shots=ANOMALY_SHOTS, repeats: int = 3, target
                         progress: bool = True) -> dict:
     t_start = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     d = read_anomaly_data(data, ok_classes, image_size, skip_bad=skip_bad, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)       # after the data: a folder that cannot be read leaves no --out
     images, ok, spec, x_good, x_other, bad = d.images, d.ok, d.spec, d.x_good, d.x_other, d.bad
     shots = _sizes(shots, len(x_good), tuple(shots) == ANOMALY_SHOTS)
     where = pick_device(device)

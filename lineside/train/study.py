@@ -183,9 +183,10 @@ class Study:
 
 
 def _start(data, out, cfg: TrainConfig, views: int, progress: bool) -> tuple[float, Path, Study]:
-    out = Path(out)
+    t0, out = time.perf_counter(), Path(out)
+    study = Study(data, cfg, views, progress)     # data that cannot be read leaves no empty --out behind
     out.mkdir(parents=True, exist_ok=True)
-    return time.perf_counter(), out, Study(data, cfg, views, progress)
+    return t0, out, study
 
 
 def _public(row: dict) -> dict:
