@@ -182,3 +182,19 @@ def test_the_typical_flow_in_the_top_level_help_names_real_commands_and_options(
         assert command is not main, words
         names = {name for p in command.params for name in p.opts}
         assert {w for w in words if w.startswith("--")} <= names, words
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("save_when", "ng,foo", "--save-when: foo is not one of"),
+    ("capture_per_hour", 0, "--capture-per-hour: must be positive"),
+    ("save_max_mb", 0, "--save-max-mb must be positive"),
+])
+def test_save_options_are_checked_with_or_without_save(field, value, needle):
+    """A typo in --save-when is an error even before --save is added (it did nothing then)."""
+    from lineside.errors import LinesideError
+    from lineside.runtime.app import RunOptions
+
+    with pytest.raises(LinesideError, match=needle):
+        RunOptions(source="0", **{field: value})
+    with pytest.raises(LinesideError, match=needle):
+        RunOptions(source="0", save_dir="saved", **{field: value})

@@ -87,6 +87,11 @@ class RunOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise LinesideError(f"--{name.replace('max_', '').replace('_', '-')}: must be positive")
+        # --save-when and its limits, checked with or without --save: a typo is an error either way
+        SavePolicy(Path("."), self.when(), self.save_max_files, self.save_max_mb, per_hour=self.capture_per_hour)
+
+    def when(self) -> tuple[str, ...]:
+        return tuple(w.strip() for w in self.save_when.split(",") if w.strip())
 
 
 def make_decider(model: RuntimeModel, options: RunOptions) -> Decider:
@@ -205,11 +210,11 @@ def run_app(model: RuntimeModel | None, options: RunOptions, opener=None, produc
         decider, roi = make_decider(model, options), parse_roi(options.roi)
     candidate = None
     if options.shadow:        # opened and checked now: a candidate that cannot run is a setup error
-        shadow_model = load_bundle(options.shadow)
         try:
+            shadow_model = load_bundle(options.shadow)
             candidate = (shadow_model, make_decider(shadow_model, switch.active.settings))
-        except LinesideError as exc:
-            raise LinesideError(f"--shadow {options.shadow}: {exc}") from None
+        except LinesideError as exc:      # the bundle's own errors name it already
+            raise LinesideError(f"--shadow {options.shadow}: {str(exc).removeprefix(options.shadow + ': ')}") from None
     settings = LoopSettings(roi=roi, loop=options.loop, pace=options.pace, hint=options.hint,
                             max_frames=options.max_frames, seconds=options.seconds,
                             source_timeout=options.source_timeout)
@@ -369,7 +374,7 @@ def _save_policy(options: RunOptions, info, model: RuntimeModel, decider: Decide
     if not options.save_dir:
         return None
     _check_save_outside_source(Path(options.save_dir), info)
-    return SavePolicy(Path(options.save_dir), tuple(w.strip() for w in options.save_when.split(",") if w.strip()),
+    return SavePolicy(Path(options.save_dir), options.when(),
                       options.save_max_files, options.save_max_mb, per_hour=options.capture_per_hour,
                       reject_below=decider.reject_below,
                       heatmap=active_heatmap(switch, model, roi) if model.metadata.anomaly is not None else None)
