@@ -11,7 +11,7 @@ from .common import emit
 
 @click.group()
 def data():
-    """Make and inspect datasets."""
+    """Make a synthetic dataset to try lineside on, and test videos from labelled images."""
 
 
 @data.command("synth")
