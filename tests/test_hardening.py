@@ -570,3 +570,29 @@ def test_events_that_report_no_fault_never_become_the_last_error():
     state.on_event(Event(time.time(), "update_refused", "u2: checksum"))
     state.on_event(Event(time.time(), "drift_cleared", "brightness back"))
     assert state.last_error == "update_refused: u2: checksum"
+
+
+def test_a_clock_set_forward_does_not_make_the_runs_own_rows_old(tmp_path, monkeypatch):
+    """A box without a battery clock that meets NTP a year late: --log-keep-days goes by
+    the clock the run started with for the run's own rows, so none of them goes for the
+    jump; an earlier run's rows older than the limit still go."""
+    from lineside.runtime import records
+
+    monkeypatch.setattr(records, "PRUNE_SECONDS", 0.0)
+    path = tmp_path / "log.sqlite"
+    earlier = Recorder(path, {"source": "s"})
+    for i in range(10):
+        earlier.decision(_row(i, ts=time.time() - 3 * 86400))
+    earlier.close({})
+    real = time.time
+    recorder = Recorder(path, {"source": "s"}, keep_days=1.0)
+    for i in range(20):
+        recorder.decision(_row(100 + i))
+    monkeypatch.setattr(records.time, "time", lambda: real() + 365 * 86400)
+    for i in range(20):
+        recorder.decision(_row(200 + i))
+    recorder.close({})
+    with sqlite3.connect(path) as con:
+        frames = [f for (f,) in con.execute("SELECT frame FROM decisions ORDER BY id")]
+    assert frames == [*range(100, 120), *range(200, 220)]
+    assert recorder.counts()["pruned"] == 10 and recorder.counts()["logged"] == 40

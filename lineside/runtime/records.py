@@ -367,9 +367,9 @@ class LogFile:
     def finish(self, summary: dict):
         raise NotImplementedError
 
-    def prune(self, cutoff: float) -> tuple[int, int]:
-        """Delete the rows older than `cutoff` (a time.time()): (decisions deleted, of them
-        this run's)."""
+    def prune(self, cutoff: float, run_cutoff: float) -> tuple[int, int]:
+        """Delete the rows older than `cutoff` (a time.time()), this run's older than
+        `run_cutoff` too: (decisions deleted, of them this run's)."""
         raise NotImplementedError
 
     def close(self):
@@ -404,7 +404,6 @@ class SqliteLog(LogFile):
             self.db.close()
             raise
         self.run_id = cur.lastrowid
-        self.first_id = self.db.execute("SELECT coalesce(max(id), 0) FROM decisions").fetchone()[0] + 1
 
     def write(self, decisions, events, shadows=()):
         run = self.run_id
@@ -439,19 +438,21 @@ class SqliteLog(LogFile):
                         (time.time(), json.dumps(summary), self.run_id))
         self.db.commit()
 
-    def prune(self, cutoff):
+    def prune(self, cutoff, run_cutoff):
         """Oldest first, PRUNE_BATCH rows at a time, by id (the order they were written in),
         so that each pass reads only what it deletes and one more batch; the pages freed are
         reused by the next rows, so the file stops growing."""
         deleted = mine = 0
+        old = "ts < ? AND (run != ? OR ts < ?)"
+        args = (cutoff, self.run_id, run_cutoff)
         try:
             for table in ("decisions", "events", "shadow"):
                 while True:
                     oldest = f"SELECT id FROM {table} ORDER BY id LIMIT {PRUNE_BATCH}"
                     if table == "decisions":
-                        mine += self.db.execute(f"SELECT count(*) FROM decisions WHERE id IN ({oldest}) AND ts < ? "
-                                                "AND id >= ?", (cutoff, self.first_id)).fetchone()[0]
-                    cur = self.db.execute(f"DELETE FROM {table} WHERE id IN ({oldest}) AND ts < ?", (cutoff,))
+                        mine += self.db.execute(f"SELECT count(*) FROM decisions WHERE id IN ({oldest}) AND {old} "
+                                                "AND run = ?", (*args, self.run_id)).fetchone()[0]
+                    cur = self.db.execute(f"DELETE FROM {table} WHERE id IN ({oldest}) AND {old}", args)
                     self.db.commit()
                     deleted += cur.rowcount if table == "decisions" else 0
                     if cur.rowcount < PRUNE_BATCH:
@@ -710,6 +711,7 @@ class LogWriter:  # over 200 lines: writing, retrying, salvaging and recreating 
         self.keep_days = keep_days   # --log-keep-days: rows older than this are deleted every PRUNE_SECONDS
         self.pruned = 0              # decisions deleted for it (all runs')
         self._pruned_at = None
+        self._started = (time.time(), time.monotonic())
         self.saver = saver
         self.log = open_log(self.path, run_info) if self.path else None
         self.buffer_rows = buffer_rows
@@ -826,8 +828,12 @@ class LogWriter:  # over 200 lines: writing, retrying, salvaging and recreating 
         if self._pruned_at is not None and now - self._pruned_at < PRUNE_SECONDS:
             return
         self._pruned_at = now
+        keep = self.keep_days * 86400.0
+        # This run's rows by the clock it started with, carried on by the monotonic one: a clock
+        # set forward (a box without a battery clock meeting NTP) must not make them look old.
+        since_start = self._started[0] + (now - self._started[1])
         try:
-            deleted, mine = self.log.prune(time.time() - self.keep_days * 86400.0)
+            deleted, mine = self.log.prune(time.time() - keep, min(time.time(), since_start) - keep)
         except (OSError, sqlite3.Error) as exc:
             self._events.append(Event(time.time(), "log_prune_failed", f"{self.path}: {_reason(exc)}"))
             return
