@@ -19,7 +19,7 @@ from lineside.errors import LinesideError
 from .decide import Decider, parse_classes, parse_vote
 from .loop import LoopSettings, parse_roi, run_loop, settle_heap
 from .model import RuntimeModel
-from .records import Recorder, SavePolicy, log_kind
+from .records import Recorder, SavePolicy, check_save_options, log_kind
 from .sources import describe_source
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class RunOptions:
             if value is not None and value <= 0:
                 raise LinesideError(f"--{name.replace('max_', '').replace('_', '-')}: must be positive")
         # --save-when and its limits, checked with or without --save: a typo is an error either way
-        SavePolicy(Path("."), self.when(), self.save_max_files, self.save_max_mb, per_hour=self.capture_per_hour)
+        check_save_options(self.when(), self.save_max_files, self.save_max_mb, self.capture_per_hour)
 
     def when(self) -> tuple[str, ...]:
         return tuple(w.strip() for w in self.save_when.split(",") if w.strip())

@@ -133,6 +133,17 @@ CREATE TABLE IF NOT EXISTS shadow (
 """
 
 
+def check_save_options(when, max_files: int, max_mb: float, per_hour: int) -> None:
+    """--save-when, the --save caps and --capture-per-hour, or a one-line error naming the option."""
+    bad = [w for w in when if w not in SAVE_WHEN]
+    if bad:
+        raise LinesideError(f"--save-when: {', '.join(bad)} is not one of {', '.join(SAVE_WHEN)}")
+    if max_files < 1 or max_mb <= 0:
+        raise LinesideError("--save-max-files and --save-max-mb must be positive")
+    if per_hour < 1:
+        raise LinesideError("--capture-per-hour: must be positive")
+
+
 @dataclass
 class SavePolicy:
     """Which frames go to --save. `worth` keeps the frames worth labelling next, at most
@@ -152,13 +163,7 @@ class SavePolicy:
     heatmap: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
-        bad = [w for w in self.when if w not in SAVE_WHEN]
-        if bad:
-            raise LinesideError(f"--save-when: {', '.join(bad)} is not one of {', '.join(SAVE_WHEN)}")
-        if self.max_files < 1 or self.max_mb <= 0:
-            raise LinesideError("--save-max-files and --save-max-mb must be positive")
-        if self.per_hour < 1:
-            raise LinesideError("--capture-per-hour: must be positive")
+        check_save_options(self.when, self.max_files, self.max_mb, self.per_hour)
         self._kept: deque = deque()         # (time, random?) of the frames `worth` kept in the last hour
         self._rng = np.random.default_rng(self.seed)
         self._lock = threading.Lock()        # the loop and the shadow's thread both ask
