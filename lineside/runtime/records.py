@@ -386,7 +386,7 @@ class SqliteLog(LogFile):
         self.db = sqlite3.connect(str(self.path), timeout=5.0, check_same_thread=False)
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
-            # FULL: each batch's commit is on the disk before the next (0.3 ms here, about five a
+            # FULL: each batch's commit is on the disk before the next (0.2 ms here, about five a
             # second). NORMAL, in WAL mode, may roll back every commit since the last checkpoint
             # (up to 1,000 pages: minutes of decisions) when the power goes.
             self.db.execute("PRAGMA synchronous=FULL")
