@@ -198,3 +198,11 @@ def test_save_options_are_checked_with_or_without_save(field, value, needle):
         RunOptions(source="0", **{field: value})
     with pytest.raises(LinesideError, match=needle):
         RunOptions(source="0", save_dir="saved", **{field: value})
+
+
+def test_a_training_run_given_to_run_says_to_export_it_first(tiny_run, tmp_path):
+    from lineside.errors import LinesideError
+    from lineside.runtime.model import open_model
+
+    with pytest.raises(LinesideError, match="a training run, not a bundle .lineside export"):
+        open_model(tiny_run[0])

@@ -16,6 +16,7 @@ import numpy as np
 
 from lineside.bundles import (BUNDLE_JSON, EXPORT_REPORT_MD, PRECISIONS, ModelKey, bundle_folder, int8_verdicts,
                               is_bundle, model_digest, read_bundle_doc)
+from lineside import runs
 from lineside.errors import LinesideError, require
 from lineside.files import sha256  # noqa: F401 - where tests and older callers find it
 from lineside.metadata import METADATA_KEY, ModelMetadata
@@ -259,6 +260,8 @@ def _read(path: Path) -> bytes:
 
 def _lone_files(path: Path) -> ModelFiles:
     """A lone .onnx or .xml (and the IR's .bin beside it): self-describing, no manifest."""
+    if path.is_dir() and (path / runs.MODEL).is_file():
+        raise LinesideError(f"{path}: a training run, not a bundle (lineside export {path} --out BUNDLE first)")
     if not path.is_file():
         raise LinesideError(f"{path}: no such model file or bundle")
     if path.suffix not in (".onnx", ".xml"):
