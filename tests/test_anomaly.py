@@ -190,29 +190,34 @@ def test_cli_trains_anomaly_with_json_and_names_wrong_options(plates, tmp_path):
     assert r.exit_code != 0 and "--task anomaly" in r.output
 
 
-def test_lognormal_threshold_matches_the_quantile_it_promises():
-    from lineside.train.anomaly import lognormal_threshold
+def test_gumbel_threshold_matches_the_quantile_it_promises():
+    from lineside.train.anomaly import gumbel_survival, gumbel_threshold
 
     rng = np.random.default_rng(0)
-    logs = rng.normal(0.3, 0.2, 20000)
-    thr, sigma, k = lognormal_threshold(np.exp(logs), 0.01)
-    assert sigma == pytest.approx(0.2, rel=0.05)
-    assert float((logs > math.log(thr)).mean()) == pytest.approx(0.01, abs=0.003)
-    # from few images the threshold widens: new good images from the same log-normal
-    # exceed it at about the promised rate (averaged over many draws of 20 images)
+    logs = rng.gumbel(0.3, 0.1, 40000)
+    thr, sd, k = gumbel_threshold(np.exp(logs), 0.01)
+    assert sd == pytest.approx(0.1 * math.pi / math.sqrt(6), rel=0.03)
+    assert k == pytest.approx(3.137, abs=0.02)          # (-ln(-ln 0.99) - 0.5772) * sqrt(6) / pi
+    assert float((logs > math.log(thr)).mean()) == pytest.approx(0.01, abs=0.002)
+    assert float(gumbel_survival(math.log(thr), logs.mean(), logs.std())) == pytest.approx(0.01, abs=0.001)
+    # from few images the threshold widens: new good images from the same distribution
+    # exceed it at about the promised rate (averaged over many draws of 8 images)
     rates = []
     for _ in range(400):
-        thr, _, k = lognormal_threshold(np.exp(rng.normal(0.3, 0.2, 20)), 0.01)
+        thr, _, k = gumbel_threshold(np.exp(rng.gumbel(0.3, 0.1, 8)), 0.01)
         rates.append(float((logs > math.log(thr)).mean()))
-    assert k > 2.33 and np.mean(rates) == pytest.approx(0.01, abs=0.003)
+    assert k > 4.0 and np.mean(rates) == pytest.approx(0.01, abs=0.003)
+    # a normal's quantile (2.33 sd) would be exceeded far more often by such a tail
+    assert float((logs > logs.mean() + 2.326 * logs.std()).mean()) > 0.015
 
 
-@pytest.mark.parametrize("p,dof,table", [(0.99, 31, 2.4528), (0.995, 10, 3.1693), (0.975, 5, 2.5706),
-                                         (0.999, 3, 10.2145)])
-def test_t_quantile_matches_the_tables(p, dof, table):
-    from lineside.train.anomaly import t_quantile
+def test_gumbel_k_is_the_same_for_the_same_number_of_images_and_shrinks_with_more():
+    from lineside.train.anomaly import gumbel_k
 
-    assert t_quantile(p, dof) == pytest.approx(table, abs=1e-4)
+    assert gumbel_k(0.01, 16) == gumbel_k(0.01, 16)
+    ks = [gumbel_k(0.01, n) for n in (4, 8, 32, 200)]
+    assert ks == sorted(ks, reverse=True) and ks[-1] == pytest.approx(3.137, abs=0.1)
+    assert gumbel_k(0.001, 32) > gumbel_k(0.01, 32) > gumbel_k(0.05, 32)
 
 
 def test_coreset_spreads_over_the_patches():
