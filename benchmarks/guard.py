@@ -75,8 +75,10 @@ def one_draw(images, k: int, seed: int, good: str, tmp: Path, train_classes=None
     fr_a, det_a = rates(alone, is_good)
     z = logits - logits.max(1, keepdims=True)
     p_good = np.exp(z[:, ok]) / np.exp(z).sum(1)
-    tau = np.quantile(p_good[is_good], fr_g) if fr_g > 0 else 0.0      # rejects fr_g of the good parts
-    same_fr = p_good <= tau
+    if fr_g > 0:                                    # rejects fr_g of the good parts
+        same_fr = p_good <= np.quantile(p_good[is_good], fr_g)
+    else:                                           # rejects none: below the least sure good part
+        same_fr = p_good < p_good[is_good].min()
     fr_s, det_s = rates(same_fr, is_good)
     labels = np.asarray(kept.targets)
     per_class = {images.classes[c]: float(guarded[labels == c].mean()) for c in np.unique(labels) if c != ok_data}
