@@ -211,6 +211,25 @@ def test_gumbel_threshold_matches_the_quantile_it_promises():
     assert float((logs > logs.mean() + 2.326 * logs.std()).mean()) > 0.015
 
 
+def test_the_promised_interval_holds_the_promised_rate_with_few_images_and_narrows_with_more():
+    from lineside.train.anomaly import expected_false_reject, gumbel_threshold
+
+    rng = np.random.default_rng(3)
+    widths = []
+    for n in (8, 32, 200):
+        for _ in range(20):
+            scores = np.exp(rng.gumbel(0.0, 0.1, n))
+            e = expected_false_reject(scores, gumbel_threshold(scores, 0.01)[0], draws=1000)
+            lo, hi = e["interval_90"]
+            assert lo < 0.01 < hi and e["mean"] == pytest.approx(0.01, rel=0.3)
+        widths.append(hi - lo)
+    assert widths == sorted(widths, reverse=True)
+    # a threshold set higher than the rule's promises less
+    scores = np.exp(rng.gumbel(0.0, 0.1, 32))
+    t = gumbel_threshold(scores, 0.01)[0]
+    assert expected_false_reject(scores, t * 1.5)["mean"] < expected_false_reject(scores, t)["mean"]
+
+
 def test_gumbel_k_is_the_same_for_the_same_number_of_images_and_shrinks_with_more():
     from lineside.train.anomaly import gumbel_k
 
