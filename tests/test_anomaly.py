@@ -219,7 +219,7 @@ def test_the_promised_interval_holds_the_promised_rate_with_few_images_and_narro
     for n in (8, 32, 200):
         for _ in range(20):
             scores = np.exp(rng.gumbel(0.0, 0.1, n))
-            e = expected_false_reject(scores, gumbel_threshold(scores, 0.01)[0], draws=1000)
+            e = expected_false_reject(scores, gumbel_threshold(scores, 0.01)[0])
             lo, hi = e["interval_90"]
             assert lo < 0.01 < hi and e["mean"] == pytest.approx(0.01, rel=0.3)
         widths.append(hi - lo)

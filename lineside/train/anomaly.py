@@ -24,6 +24,7 @@ heavier still.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -222,34 +223,49 @@ def folds_of(n: int, k: int, seed: int) -> np.ndarray:
 
 
 EULER_GAMMA = 0.5772156649015329
+STANDARD_GUMBEL_SD = math.pi / math.sqrt(6.0)    # location 0, scale 1: mean Euler's gamma, this sd
 
 
-def gumbel_k(false_reject: float, n: int, seed: int = 0) -> float:
+def gumbel_survival(x, mean=EULER_GAMMA, sd=STANDARD_GUMBEL_SD):
+    """P(X > x) for a Gumbel (maximum) distribution of the given mean and sd (the
+    standard one, location 0 and scale 1, by default)."""
+    beta = np.maximum(sd, 1e-12) * math.sqrt(6.0) / math.pi
+    mu = mean - EULER_GAMMA * beta
+    return -np.expm1(-np.exp(-(x - mu) / beta))
+
+
+@functools.lru_cache(maxsize=8)
+def standard_gumbel_samples(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The means and sds of simulated samples of n standard Gumbel draws (a fixed seed:
+    the same n gives the same figures), simulated once per n for gumbel_k and
+    expected_false_reject. A location-scale family makes the exceedance of mean + k * sd
+    independent of the true location and scale, so these are all either needs."""
+    n = max(int(n), 2)
+    sims = int(min(20000, max(2000, 4_000_000 // n)))
+    x = np.random.default_rng(0).gumbel(0.0, 1.0, (sims, n))
+    return x.mean(1), x.std(1, ddof=1)
+
+
+def gumbel_k(false_reject: float, n: int) -> float:
     """k such that a new good image's log-score exceeds mean + k * sd of n out-of-fold
     log-scores with probability `false_reject` when the log-scores follow a Gumbel
-    distribution, the mean and sd being estimated from those n: the predictive quantile.
-    A location-scale family makes the exceedance of mean + k * sd independent of the
-    true location and scale, so k comes from simulating n standard Gumbel draws (fixed
-    seed: the same n gives the same k) and solving for the rate by bisection. Large n
-    tends to the plain quantile, 3.14 at 1%; 8 images need 4.67."""
-    n = max(int(n), 2)
-    rng = np.random.default_rng(seed)
-    sims = int(min(20000, max(2000, 4_000_000 // n)))
-    x = rng.gumbel(0.0, 1.0, (sims, n))
-    mean, sd = x.mean(1), x.std(1, ddof=1)
+    distribution, the mean and sd being estimated from those n: the predictive quantile,
+    found by bisection on the simulated samples (standard_gumbel_samples). Large n tends
+    to the plain quantile, 3.14 at 1%; 8 images need 4.67."""
+    mean, sd = standard_gumbel_samples(n)
     lo, hi = 0.0, 100.0
     for _ in range(50):
         k = 0.5 * (lo + hi)
-        rate = float(np.mean(-np.expm1(-np.exp(-(mean + k * sd)))))
+        rate = float(np.mean(gumbel_survival(mean + k * sd)))
         lo, hi = (k, hi) if rate > false_reject else (lo, k)
     return 0.5 * (lo + hi)
 
 
-def gumbel_survival(x, mean, sd):
-    """P(X > x) for a Gumbel (maximum) distribution of the given mean and sd."""
-    beta = np.maximum(sd, 1e-12) * math.sqrt(6.0) / math.pi
-    mu = mean - EULER_GAMMA * beta
-    return -np.expm1(-np.exp(-(x - mu) / beta))
+def log_moments(scores: np.ndarray) -> tuple[float, float, int]:
+    """(mean, sd, n) of the scores' logarithms, the sd at least 1e-3."""
+    logs = np.log(np.maximum(np.asarray(scores, np.float64), 1e-12))
+    n = len(logs)
+    return float(logs.mean()), max(float(logs.std(ddof=1)) if n > 1 else 0.0, 1e-3), n
 
 
 def gumbel_threshold(scores: np.ndarray, false_reject: float) -> tuple[float, float, float]:
@@ -262,11 +278,9 @@ def gumbel_threshold(scores: np.ndarray, false_reject: float) -> tuple[float, fl
     unseen good bottles for 1% promised with 8, 16, 32 and 64 of them, and 5.7% of
     NEU's unseen rolled-in scale with 64; this rule 1.5, 0.8, 0.3, 1.8 and 1.5%
     (benchmarks/anomaly_threshold.py)."""
-    logs = np.log(np.maximum(np.asarray(scores, np.float64), 1e-12))
-    n = len(logs)
-    sd = max(float(logs.std(ddof=1)) if n > 1 else 0.0, 1e-3)
+    mean, sd, n = log_moments(scores)
     k = gumbel_k(false_reject, n)
-    return math.exp(float(logs.mean()) + k * sd), sd, k
+    return math.exp(mean + k * sd), sd, k
 
 
 def empirical_threshold(scores: np.ndarray, false_reject: float) -> float | None:
@@ -282,27 +296,19 @@ def empirical_threshold(scores: np.ndarray, false_reject: float) -> float | None
     return float(np.quantile(np.asarray(scores, np.float64), 1.0 - false_reject, method="weibull"))
 
 
-def expected_false_reject(scores: np.ndarray, threshold: float, seed: int = 0, draws: int = 4000) -> dict:
+def expected_false_reject(scores: np.ndarray, threshold: float) -> dict:
     """The false-reject rate the threshold promises, with a 90% interval: the spread of
     the rates that a threshold set this way (as many standard deviations above the mean
     of as many out-of-fold log-scores) gives when the good parts' log-scores follow the
-    Gumbel, over draws of that many good images; with few images it is wide, and says
-    so. The Gumbel is a location-scale family, so those rates depend on the number of
-    images and the threshold's place among the scores only, and are simulated. (A
-    bootstrap of the scores, refitting the distribution to each resample, gave intervals
-    that did not hold the promised rate with 8 images: a resample's spread is smaller.)
-    Also the share of the out-of-fold scores themselves above the threshold."""
-    logs = np.log(np.maximum(np.asarray(scores, np.float64), 1e-12))
-    n = len(logs)
-    sd = max(float(logs.std(ddof=1)) if n > 1 else 0.0, 1e-3)
-    k = (math.log(threshold) - float(logs.mean())) / sd      # the threshold, in sds above the mean
-    rng = np.random.default_rng(seed)
-    rates = []
-    for start in range(0, draws, 250):          # a block of simulated samples at a time: bounded memory
-        z = rng.gumbel(0.0, 1.0, (min(250, draws - start), max(n, 2)))
-        # the standard Gumbel: location 0, scale 1, so mean Euler's gamma and sd pi / sqrt(6)
-        rates.append(gumbel_survival(z.mean(1) + k * z.std(1, ddof=1), EULER_GAMMA, math.pi / math.sqrt(6.0)))
-    rates = np.concatenate(rates)
+    Gumbel, over draws of that many good images (standard_gumbel_samples); with few
+    images it is wide, and says so. (A bootstrap of the scores, refitting the
+    distribution to each resample, gave intervals that did not hold the promised rate
+    with 8 images: a resample's spread is smaller.) Also the share of the out-of-fold
+    scores themselves above the threshold."""
+    mean, sd, n = log_moments(scores)
+    k = (math.log(threshold) - mean) / sd      # the threshold, in sds above the mean
+    sim_mean, sim_sd = standard_gumbel_samples(n)
+    rates = gumbel_survival(sim_mean + k * sim_sd)
     lo, hi = np.percentile(rates, [5, 95])
     return {"interval_90": [float(lo), float(hi)], "mean": float(rates.mean()),
             "out_of_fold_above": int((np.asarray(scores) > threshold).sum()), "out_of_fold_images": int(n)}
@@ -350,7 +356,7 @@ def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientn
                                     "empirical quantile", "folds": k, "sigma_log": sigma, "k": z,
                           "gumbel": fitted, "empirical": empirical,
                           "chosen": "empirical" if empirical is not None and empirical > fitted else "gumbel"},
-        "false_reject_expected": expected_false_reject(oof, threshold, seed),
+        "false_reject_expected": expected_false_reject(oof, threshold),
         "out_of_fold_scores": [float(v) for v in oof],
         "seconds": {"features": round(t_feat, 2), "total": round(time.perf_counter() - t0, 2)},
     }
