@@ -188,6 +188,13 @@ def test_cli_trains_anomaly_with_json_and_names_wrong_options(plates, tmp_path):
     assert r.exit_code != 0 and "--strategy" in r.output
     r = runner.invoke(main, ["train", str(plates[0]), "--out", str(tmp_path / "r4"), "--false-reject", "0.01"])
     assert r.exit_code != 0 and "--task anomaly" in r.output
+    # a rate out of range is refused before any image is read or any model trained: no --out left
+    for args in (["--task", "anomaly"], ["--guard"]):
+        r = runner.invoke(main, ["train", str(plates[0]), "--out", str(tmp_path / "r5"), *args, "--false-reject", "0.5"])
+        assert r.exit_code == 2 and "--false-reject" in r.output and not (tmp_path / "r5").exists()
+    r = runner.invoke(main, ["study", "sample-size", str(plates[0]), "--task", "anomaly", "--false-reject", "0",
+                             "--out", str(tmp_path / "s")])
+    assert r.exit_code == 2 and "--false-reject" in r.output and not (tmp_path / "s").exists()
 
 
 def test_gumbel_threshold_matches_the_quantile_it_promises():

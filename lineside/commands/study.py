@@ -60,7 +60,7 @@ def study():
               show_default=True, help="Recipe to study (linear is by far the fastest: features are shared).")
 @click.option("--target", default=0.99, show_default=True, help="Balanced accuracy (anomaly: AUROC) to reach (0..1).")
 @click.option("--ok-classes", default=None, help="anomaly: the good class folder(s). [good]")
-@click.option("--false-reject", type=float, default=None, help="anomaly: the share of good parts the threshold "
+@click.option("--false-reject", type=click.FloatRange(0.0001, 0.2), default=None, help="anomaly: the share of good parts the threshold "
               "may flag. [0.01]")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("study-sample-size"),
               show_default=True)
