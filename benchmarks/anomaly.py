@@ -92,7 +92,7 @@ def one(name, ok, n_good, seed, cfg):
         fit = plain_fit(xg, spec, cfg)
     else:
         fit = A.fit_anomaly(xg, spec, taps=cfg["taps"], bank_size=cfg["bank"], false_reject=cfg["fr"], seed=seed,
-                            project=cfg["project"])
+                            project=cfg["project"], scorer=cfg["scorer"])
     seconds = time.perf_counter() - t0
     scores = A.anomaly_scores(fit.model, xt)
     thr = float(fit.model.threshold)
@@ -191,6 +191,8 @@ def main():
     p.add_argument("--false-reject", type=float, default=A.DEFAULT_FALSE_REJECT)
     p.add_argument("--project", type=int, default=A.DEFAULT_PROJECT,
                    help="principal axes the patch features are mapped on (0: none)")
+    p.add_argument("--scorer", default=A.DEFAULT_SCORER, choices=A.SCORERS,
+                   help="how a patch is judged: the bank, a Gaussian per position, or both")
     p.add_argument("--plain", action="store_true", help="the plain recipe only")
     p.add_argument("--fps", action="store_true",
                    help="also export the first draw's model and time it in OpenVINO against the classifier")
@@ -205,7 +207,7 @@ def main():
     ok = a.ok or ("functional" if a.data == "elpv" else "good")
     cfg = {"taps": tuple(int(t) for t in a.taps.split(",")), "short": a.short, "bank": a.bank,
            "fr": a.false_reject, "plain": a.plain, "exported_fps": a.fps,
-           "project": a.project}
+           "project": a.project, "scorer": a.scorer}
     rows = []
     for n in (int(v) for v in a.goods.split(",")):
         draws = 1 if (a.data == "bottle" and n >= 209) else a.draws

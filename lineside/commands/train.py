@@ -51,7 +51,13 @@ def _list_backbones(ctx, _param, value):
                    "photographed are caught too. The good class: the folder good, ok, functional or normal, "
                    "or --ok-classes.")
 @click.option("--bank", type=int, default=None,
-              help="anomaly: most good patches kept in the memory bank (coreset); more is slower. [2048]")
+              help="anomaly: most good patches kept in the memory bank (coreset); more is slower. "
+                   "[512 beside the Gaussians (--scorer both), 2048 alone]")
+@click.option("--scorer", type=click.Choice(["both", "bank", "gaussian"]), default=None,
+              help="anomaly: how a patch is judged. bank: its distance to the nearest good patch anywhere "
+                   "(parts that move, textures); gaussian: its distance to the good patches seen at the same "
+                   "place (parts held in a fixture); both: the two added, each in units of its typical "
+                   "good score. [both]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="YAML file of training options; command-line options override it.")
 @click.option("--backbone", default=None, help="Backbone name (see --list-backbones). [efficientnet_lite0]")
@@ -107,7 +113,7 @@ def _list_backbones(ctx, _param, value):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json, task, ok_classes, false_reject,
-          bank, unlabelled, guard, **options):
+          bank, scorer, unlabelled, guard, **options):
     """Train a classifier on DATA (one sub-folder per class, or a path,label CSV).
 
     Several DATA are trained on together (e.g. the old images and the frames
@@ -130,9 +136,10 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
       lineside train bottle/train --task anomaly --out runs/bottle
       lineside train cells/ --task anomaly --ok-classes functional --false-reject 0.005 --out runs/cells
     """
-    _check_task_options(task, ok_classes, false_reject, bank, unlabelled, guard)
+    _check_task_options(task, ok_classes, false_reject, bank, unlabelled, guard, scorer)
     if task == "anomaly":
-        return _train_anomaly(data_dirs, out, force, quiet, as_json, ok_classes, false_reject, bank, options)
+        return _train_anomaly(data_dirs, out, force, quiet, as_json, ok_classes, false_reject, bank, scorer,
+                              options)
     from lineside.train import distributed
     from lineside.train.config import TrainConfig
     from lineside.train.run import check_out_dir, train_run
@@ -166,7 +173,7 @@ def train(data_dirs, out, config_file, val_dir, processes, force, quiet, as_json
     _print_summary(m, out)
 
 
-def _check_task_options(task, ok_classes, false_reject, bank, unlabelled, guard) -> None:
+def _check_task_options(task, ok_classes, false_reject, bank, unlabelled, guard, scorer=None) -> None:
     """The options of one task given to the other: a one-line error naming the option."""
     if task == "anomaly":
         for name, given in (("--unlabelled", unlabelled is not None), ("--guard", guard)):
@@ -177,8 +184,9 @@ def _check_task_options(task, ok_classes, false_reject, bank, unlabelled, guard)
         raise LinesideError("--ok-classes: only for --task anomaly, --guard or --unlabelled")
     if false_reject is not None and not guard:
         raise LinesideError("--false-reject: only for --task anomaly or --guard")
-    if bank is not None:
-        raise LinesideError("--bank: only for --task anomaly")
+    for name, given in (("--bank", bank), ("--scorer", scorer)):
+        if given is not None:
+            raise LinesideError(f"{name}: only for --task anomaly")
 
 
 def _torchrun(cfg, processes: int) -> int:
@@ -229,7 +237,7 @@ def _print_summary(m: dict, out) -> None:
 ANOMALY_OPTIONS = {"backbone", "weights", "taps", "image_size", "seed", "device", "skip_bad", "threads"}
 
 
-def _train_anomaly(data_dirs, out, force, quiet, as_json, ok_classes, false_reject, bank, options):
+def _train_anomaly(data_dirs, out, force, quiet, as_json, ok_classes, false_reject, bank, scorer, options):
     from lineside.train import anomaly as A
     from lineside.train.anomaly_run import train_anomaly_run
     from lineside.train.run import check_out_dir
@@ -258,8 +266,8 @@ def _train_anomaly(data_dirs, out, force, quiet, as_json, ok_classes, false_reje
         m = train_anomaly_run(
             data_dirs[0], out, ok_classes=ok_classes,
             false_reject=A.DEFAULT_FALSE_REJECT if false_reject is None else false_reject,
-            image_size=options.get("image_size"), bank=bank or A.DEFAULT_BANK, taps=taps,
-            backbone=options.get("backbone") or "efficientnet_lite0", weights=options.get("weights") or "imagenet",
+            image_size=options.get("image_size"), bank=bank, taps=taps,
+            scorer=scorer or A.DEFAULT_SCORER, backbone=options.get("backbone") or "efficientnet_lite0", weights=options.get("weights") or "imagenet",
             seed=options.get("seed") or 0, device=options.get("device") or "auto",
             skip_bad=bool(options.get("skip_bad")), progress=not quiet and not as_json)
     if as_json:

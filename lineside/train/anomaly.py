@@ -1,11 +1,14 @@
-"""Inspection from good parts alone: a PatchCore-style anomaly model on a frozen backbone.
+"""Inspection from good parts alone: an anomaly model on a frozen backbone.
 
 Every image becomes a grid of patch features (middle stages of the ImageNet backbone,
 the deeper one upsampled onto the finer grid, mapped onto the good patches' 64 principal
-axes, each averaged over its 3x3 neighbourhood).
-The good images' patches, thinned by greedy coreset selection to a bank of at most
-`bank_size`, are the memory; a patch's anomaly is its distance to the nearest patch in
-the bank, the image's score the largest over the (lightly smoothed) map.
+axes, each averaged over its 3x3 neighbourhood). What good patches look like is kept two
+ways (SCORERS): a bank of them, thinned by greedy coreset selection to at most
+`bank_size` (PatchCore: a patch's anomaly is its distance to the nearest patch of the
+bank, wherever in the image it came from), and a Gaussian per grid position (PaDiM: the
+Mahalanobis distance to the good patches seen at that place). The default adds the two,
+each in units of its own out-of-fold scores; the image's score is the largest value of the
+(lightly smoothed) map.
 
 The model answers like a classifier: logits [0, z] with z = (score - threshold) / scale,
 so softmax gives [P(good), P(anomalous)] with P(anomalous) > 0.5 exactly when the
@@ -40,7 +43,8 @@ from lineside.spec import InputSpec
 
 from lineside.dataset import ANOMALY_LABELS  # noqa: F401 - ("good", "anomalous")
 DEFAULT_TAPS = (3, 5)
-DEFAULT_BANK = 2048
+DEFAULT_BANK = 2048      # bank alone
+BOTH_BANK = 512          # bank beside the Gaussians (default_bank)
 DEFAULT_FALSE_REJECT = 0.01
 DEFAULT_SHORT_SIDE = 256
 FOLDS = 5
@@ -52,6 +56,14 @@ PROJECTION = 64          # dimensions of the random projection the coreset searc
 # against 164 without it, 0.80x the default classifier's 291 FPS; elpv AUROC with 100
 # good cells, 2 draws: 86.7 against 86.8 without it (128 axes: 87.4, but 173 FPS).
 DEFAULT_PROJECT = 64
+# How a patch is judged: "bank", its distance to the nearest good patch (PatchCore);
+# "gaussian", its Mahalanobis distance to the good patches seen at its own place in the
+# image (PaDiM: a mean and covariance per grid position); "both", the two distances, each
+# in units of a typical good part's (mix_weight), added. Measured in docs/anomaly.md.
+SCORERS = ("both", "bank", "gaussian")
+DEFAULT_SCORER = "both"
+SHRINK = 0.01            # each position's covariance + SHRINK x its mean variance x identity
+MIN_SAMPLES_PER_DIM = 3  # the positions pooled into one Gaussian: at least 3 patches per dimension
 CHUNK = 8                # images per distance computation (N x patches x bank floats)
 
 
@@ -64,8 +76,12 @@ class AnomalyModel(nn.Module):
     views = None
 
     def __init__(self, stages: nn.ModuleList, spec: InputSpec, taps: tuple[int, ...], feature_dim: int,
-                 bank_size: int, threshold: float = 1.0, scale: float = 1.0, project: int = 0):
+                 bank_size: int, threshold: float = 1.0, scale: float = 1.0, project: int = 0,
+                 scorer: str = "bank", positions: int = 0):
         super().__init__()
+        if scorer not in SCORERS or (scorer != "bank" and positions < 1):
+            raise ValueError(f"scorer {scorer!r} with {positions} positions")
+        self.scorer = scorer
         self.taps = tuple(int(t) for t in taps)
         if not self.taps or sorted(set(self.taps)) != list(self.taps) or self.taps[-1] >= len(stages):
             raise ValueError(f"taps {list(self.taps)} must be increasing stage numbers below {len(stages)}")
@@ -80,8 +96,14 @@ class AnomalyModel(nn.Module):
         dim = self.project or feature_dim
         if self.project:
             self.register_buffer("projection", torch.zeros(feature_dim, self.project))
-        self.register_buffer("bank", torch.zeros(bank_size, dim))
-        self.register_buffer("bank_sq", torch.zeros(bank_size))
+        if scorer != "gaussian":
+            self.register_buffer("bank", torch.zeros(bank_size, dim))
+            self.register_buffer("bank_sq", torch.zeros(bank_size))
+        if scorer != "bank":   # per grid position: the good patches' mean, and W with W W^T = covariance^-1
+            self.register_buffer("patch_mean", torch.zeros(positions, dim))
+            self.register_buffer("whiten", torch.zeros(positions, dim, dim))
+        if scorer == "both":   # each distance's weight (mix_weight)
+            self.register_buffer("mix", torch.ones(2))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self.register_buffer("scale", torch.tensor(float(scale)))
 
@@ -105,7 +127,22 @@ class AnomalyModel(nn.Module):
         """(N, C, h, w) -> (N, h, w): each patch's distance to its nearest bank patch."""
         n, c, hh, ww = f.shape
         flat = f.permute(0, 2, 3, 1).reshape(n, hh * ww, c)
-        return nearest_distance(flat, self.bank, self.bank_sq).reshape(n, hh, ww)
+        if self.scorer == "bank":
+            d = nearest_distance(flat, self.bank, self.bank_sq)
+        elif self.scorer == "gaussian":
+            d = mahalanobis(flat, self.patch_mean, self.whiten)
+        else:
+            d = (nearest_distance(flat, self.bank, self.bank_sq) * self.mix[0]
+                 + mahalanobis(flat, self.patch_mean, self.whiten) * self.mix[1])
+        return d.reshape(n, hh, ww)
+
+    def shape(self) -> dict:
+        """What rebuilds an empty model of this shape (checkpoint entries; see empty_model)."""
+        out = {"taps": list(self.taps), "feature_dim": int(self.channel_scale.shape[0]),
+               "bank_size": int(self.bank.shape[0]) if hasattr(self, "bank") else 1, "projection": int(self.project)}
+        if self.scorer != "bank":
+            out.update(scorer=self.scorer, positions=int(self.patch_mean.shape[0]))
+        return out
 
     def raw_map(self, x: torch.Tensor) -> torch.Tensor:
         return smooth(self.distances(self.patch_features(x)))
@@ -197,22 +234,117 @@ def nearest_distance(flat: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tens
     return torch.sqrt(torch.clamp(d2, min=0.0))
 
 
+def mahalanobis(flat: torch.Tensor, mean: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
+    """(N, P, C) patches -> (N, P): each patch's Mahalanobis distance to the Gaussian of its
+    own grid position: |(f_p - mean_p) W_p|, a batched product over the positions."""
+    z = (flat - mean).transpose(0, 1)                       # (P, N, C)
+    return torch.matmul(z, whiten).pow(2).sum(-1).sqrt().transpose(0, 1)
+
+
+def neighbourhood(n: int, dim: int) -> int:
+    """The radius of the square of grid positions whose patches one position's Gaussian is
+    estimated from: the smallest that gives MIN_SAMPLES_PER_DIM patches per dimension (200
+    good images: each position alone; 32: 3x3; 8: 5x5), at most 7x7."""
+    return next((r for r in range(3) if n * (2 * r + 1) ** 2 >= MIN_SAMPLES_PER_DIM * dim), 3)
+
+
+@torch.no_grad()
+def gaussian_radius(n: int, dim: int, hw: tuple[int, int]) -> int:
+    """The neighbourhood of a model of n good images: that of its out-of-fold fits (on n
+    less one fold), so that the threshold set on their scores fits the model's own (with 8
+    bottles, a 5x5 model under a threshold from 7x7 folds flagged 7.7% of the unseen good
+    bottles for 1% promised); never wider than a sixteenth of the grid's short side (at
+    least 1), or a position's Gaussian would describe much of the part rather than its place."""
+    return min(neighbourhood(fold_size(n), dim), max_radius(hw))
+
+
+def fold_size(n: int) -> int:
+    """Good images an out-of-fold fit of n is trained on (the fewest)."""
+    return n - math.ceil(n / min(FOLDS, n))
+
+
+def max_radius(hw: tuple[int, int]) -> int:
+    return max(1, min(hw) // 16)
+
+
+def gaussians_fit(n: int, dim: int, hw: tuple[int, int]) -> bool:
+    """Whether n good images are enough for a Gaussian per position: MIN_SAMPLES_PER_DIM
+    patches per dimension within the widest neighbourhood, in every out-of-fold fit (10
+    images at 256x256). With 8 bottles the Gaussians beside the bank flagged 4.2% of the
+    unseen good bottles for 1% promised (the model's own scale, estimated from so few,
+    moves every score alike), and the bank alone 1.5%."""
+    return fold_size(n) * (2 * max_radius(hw) + 1) ** 2 >= MIN_SAMPLES_PER_DIM * dim
+
+
+def fit_gaussians(feats: torch.Tensor, hw: tuple[int, int], device,
+                  radius: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, P, C) patch features of good images -> per grid position the mean (P, C) and W
+    (P, C, C) with W W^T the inverse of the covariance, estimated from the patches of the
+    positions within `radius` of it (neighbourhood() by default), shrunk towards SHRINK x
+    its mean variance."""
+    n, p, c = feats.shape
+    r = neighbourhood(n, c) if radius is None else radius
+    s1 = torch.zeros(p, c, dtype=torch.float64, device=device)
+    s2 = torch.zeros(p, c, c, dtype=torch.float64, device=device)
+    for s in range(0, n, CHUNK * 4):
+        f = feats[s:s + CHUNK * 4].to(device, torch.float64)
+        s1 += f.sum(0)
+        s2 += torch.einsum("npc,npd->pcd", f, f)
+
+    def pooled(x):   # (P, K) sums -> their mean over each position's neighbourhood, per image
+        grid = x.t().reshape(1, -1, *hw)
+        out = F.avg_pool2d(grid, 2 * r + 1, stride=1, padding=r, count_include_pad=False) if r else grid
+        return out.reshape(x.shape[1], p).t() / n
+
+    mean = pooled(s1)
+    cov = pooled(s2.reshape(p, c * c)).reshape(p, c, c) - mean[:, :, None] * mean[:, None, :]
+    ridge = SHRINK * cov.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
+    cov = cov + ridge[:, None, None] * torch.eye(c, dtype=cov.dtype, device=device)
+    whiten = torch.linalg.cholesky(torch.linalg.inv(cov))
+    return mean.float(), whiten.float()
+
+
 def smooth(d: torch.Tensor) -> torch.Tensor:
     """(N, h, w) patch distances averaged over each 3x3 neighbourhood: the anomaly map."""
     return F.avg_pool2d(d.unsqueeze(1), 3, stride=1, padding=1, count_include_pad=False)[:, 0]
 
 
+def default_bank(scorer: str) -> int:
+    """The bank's size when --bank is not given: smaller beside the Gaussians, where 512
+    patches do as well as 2048 (AUROC, 3 draws: elpv with 200 good cells 93.2 and 93.3,
+    with 32 90.6 both; MVTec bottle with 8 good images 99.4 both) and the exported model
+    runs at 0.91x the classifier's frames per second instead of 0.68x."""
+    return BOTH_BANK if scorer == "both" else DEFAULT_BANK
+
+
+def fit_memory(feats: torch.Tensor, hw: tuple[int, int], scorer: str, bank_size: int, seed: int,
+               device, radius: int | None = None) -> dict:
+    """The buffers `scorer` judges patches by, fitted on good patch features (N, P, C)."""
+    out = {}
+    if scorer != "gaussian":
+        out["bank"] = build_bank(feats, bank_size, seed, device).to(device)
+        out["bank_sq"] = (out["bank"] * out["bank"]).sum(1)
+    if scorer != "bank":
+        out["patch_mean"], out["whiten"] = fit_gaussians(feats, hw, device, radius)
+    return out
+
+
 @torch.no_grad()
-def score_with_bank(feats: torch.Tensor, bank: torch.Tensor, hw: tuple[int, int], device) -> np.ndarray:
-    """Image scores of patch features (N, P, C) against `bank`, as the model gives them."""
-    bank = bank.to(device)
-    bank_sq = (bank * bank).sum(1)
-    out = []
-    for s in range(0, len(feats), CHUNK):
-        f = feats[s:s + CHUNK].to(device)
-        m = smooth(nearest_distance(f, bank, bank_sq).reshape(len(f), *hw))
-        out.append(torch.amax(m, dim=(1, 2)).cpu())
-    return torch.cat(out).numpy().astype(np.float64)
+def distance_parts(feats: torch.Tensor, memory: dict, device) -> list[torch.Tensor]:
+    """Patch features (N, P, C) -> each of the memory's distances (N, P), on the CPU."""
+    parts = []
+    if "bank" in memory:
+        parts.append(lambda f: nearest_distance(f, memory["bank"], memory["bank_sq"]))
+    if "whiten" in memory:
+        parts.append(lambda f: mahalanobis(f, memory["patch_mean"], memory["whiten"]))
+    return [torch.cat([part(feats[s:s + CHUNK].to(device)).cpu() for s in range(0, len(feats), CHUNK)])
+            for part in parts]
+
+
+def image_scores(parts: list[torch.Tensor], mix, hw: tuple[int, int]) -> np.ndarray:
+    """Image scores as the model gives them: the distances mixed, smoothed, their maximum."""
+    d = sum(float(m) * part for m, part in zip(mix, parts))
+    return torch.amax(smooth(d.reshape(len(d), *hw)), dim=(1, 2)).numpy().astype(np.float64)
 
 
 def folds_of(n: int, k: int, seed: int) -> np.ndarray:
@@ -321,34 +453,50 @@ class AnomalyFit:
 
 
 def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientnet_lite0", weights: str = "imagenet",
-                taps=DEFAULT_TAPS, bank_size: int = DEFAULT_BANK, false_reject: float = DEFAULT_FALSE_REJECT,
+                taps=DEFAULT_TAPS, bank_size: int | None = None, false_reject: float = DEFAULT_FALSE_REJECT,
                 seed: int = 0, device: str | torch.device = "cpu", progress=None,
-                project: int = DEFAULT_PROJECT) -> AnomalyFit:
+                project: int = DEFAULT_PROJECT, scorer: str = DEFAULT_SCORER) -> AnomalyFit:
     """Fit on good images only: uint8 (N, H, W, 3) at `spec`'s size: their patch features
     (good_features), the threshold from out-of-fold scores, the bank of all of them."""
     if len(x_good) < 4:
         raise LinesideError(f"anomaly training needs at least 4 good images (found {len(x_good)})")
+    if scorer not in SCORERS:
+        raise LinesideError(f"--scorer: {scorer!r} is not one of {', '.join(SCORERS)}")
+    requested = scorer
     if not 0.0001 <= false_reject <= 0.2:
         raise LinesideError(f"--false-reject: {false_reject:g} is outside 0.0001..0.2 (a share: 0.01 is 1%)")
     device = torch.device(device)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    entry, model, feats = good_features(x_good, spec, backbone, weights, taps, bank_size, seed, device, progress,
-                                        project)
+    entry, model, feats = good_features(x_good, spec, backbone, weights, taps, bank_size or DEFAULT_BANK, seed,
+                                        device, progress, project)
     grid = _grid(model, spec, device)
     t_feat = time.perf_counter() - t0
-    oof, k = out_of_fold_scores(feats, grid, bank_size, seed, device)
+    if scorer == "both" and not gaussians_fit(len(feats), feats.shape[-1], grid):
+        scorer = "bank"
+    bank_size = bank_size or default_bank(scorer)
+    oof, k, mix = out_of_fold_scores(feats, grid, bank_size, seed, device, scorer)
     threshold, sigma, z = gumbel_threshold(oof, false_reject)
     fitted, empirical = threshold, empirical_threshold(oof, false_reject)
     if empirical is not None:
         threshold = max(threshold, empirical)
-    bank = build_bank(feats, bank_size, seed, device)
-    model.bank = bank.to(device)
-    model.bank_sq = (model.bank * model.bank).sum(1)
+    radius = gaussian_radius(len(feats), feats.shape[-1], grid)
+    memory = fit_memory(feats, grid, scorer, bank_size, seed, device, radius)
+    model = with_scorer(model, spec, scorer, grid, len(memory.get("bank", [0])))
+    for name, value in memory.items():
+        setattr(model, name, value)
+    if scorer == "both":
+        model.mix.copy_(torch.tensor(mix))
     model.threshold.fill_(threshold)
     model.scale.fill_(max(threshold * sigma, 1e-6))
     info = {
-        "task": "anomaly", "backbone": entry.name, "taps": list(model.taps), "bank": int(len(bank)),
+        "task": "anomaly", "backbone": entry.name, "taps": list(model.taps), "scorer": scorer,
+        "scorer_note": None if scorer == requested else (
+            f"the bank alone: {len(feats)} good images are too few for a Gaussian per position "
+            f"(at least {MIN_SAMPLES_PER_DIM} patches per dimension within {2 * max_radius(grid) + 1}x"
+            f"{2 * max_radius(grid) + 1} positions, in each out-of-fold fit)"),
+        "bank": int(len(memory["bank"])) if "bank" in memory else None,
+        "gaussian_neighbourhood": 2 * radius + 1 if "whiten" in memory else None,
         "projection": model.project or None, "patches_per_image": int(grid[0] * grid[1]), "grid": list(grid),
         "threshold": threshold, "scale": float(model.scale), "false_reject_target": false_reject,
         "threshold_fit": {"method": "the larger of the predictive quantile of a Gumbel fitted to the "
@@ -363,17 +511,36 @@ def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientn
     return AnomalyFit(model, info)
 
 
-def out_of_fold_scores(feats: torch.Tensor, grid, bank_size: int, seed: int, device) -> tuple[np.ndarray, int]:
-    """Each good image's score against a bank built without it (FOLDS folds), and the folds."""
+def out_of_fold_scores(feats: torch.Tensor, grid, bank_size: int, seed: int, device,
+                       scorer: str = "bank") -> tuple[np.ndarray, int, list[float]]:
+    """Each good image's score by a memory fitted without it (FOLDS folds), the folds, and
+    the mix: for "both", each distance's weight (mix_weight: neither decides alone by its
+    units), else [1]."""
     n = len(feats)
     k = min(FOLDS, n)
-    fold = folds_of(n, k, seed)
-    oof = np.empty(n)
+    fold = torch.from_numpy(folds_of(n, k, seed))
+    radius = gaussian_radius(n, feats.shape[-1], grid)
+    parts = None
     for f in range(k):
         held = fold == f
-        bank = build_bank(feats[torch.from_numpy(~held)], bank_size, seed + f, device)
-        oof[held] = score_with_bank(feats[torch.from_numpy(held)], bank, grid, device)
-    return oof, k
+        memory = fit_memory(feats[~held], grid, scorer, bank_size, seed + f, device, radius)
+        got = distance_parts(feats[held], memory, device)
+        if parts is None:
+            parts = [torch.empty(n, p.shape[1]) for p in got]
+        for whole, part in zip(parts, got):
+            whole[held] = part
+    mix = [1.0] * len(parts)
+    if len(parts) > 1:
+        mix = [mix_weight(image_scores([part], [1.0], grid)) for part in parts]
+    return image_scores(parts, mix, grid), k, mix
+
+
+def mix_weight(scores: np.ndarray) -> float:
+    """One distance's weight in the mix: 1 / the median of its out-of-fold image scores, so
+    that each counts in units of a typical good part (with 512 patches in the bank, AUROC
+    on elpv with 200 good cells 93.2 against 91.0 when also divided by the spread of the
+    log-scores; MVTec bottle with 8 good images 99.4 against 99.6; docs/anomaly.md)."""
+    return 1.0 / max(float(np.median(np.asarray(scores, np.float64))), 1e-12)
 
 
 def good_features(x_good, spec: InputSpec, backbone: str, weights: str, taps, bank_size: int, seed: int, device,
@@ -410,6 +577,36 @@ def good_features(x_good, spec: InputSpec, backbone: str, weights: str, taps, ba
         model.channel_scale.copy_(stages_scale)
         model.projection.copy_(axes.to(device))
     return entry, model, feats
+
+
+def empty_model(stages: nn.ModuleList, spec: InputSpec, shape: dict) -> AnomalyModel:
+    """The model a checkpoint entry (AnomalyModel.shape's fields) describes, with empty
+    buffers; ValueError when the entry is malformed."""
+    ints = ("feature_dim", "bank_size")
+    valid = (isinstance(shape, dict) and isinstance(shape.get("taps"), list) and shape["taps"]
+             and all(isinstance(t, int) for t in shape["taps"])
+             and all(isinstance(shape.get(k), int) and shape[k] >= 1 for k in ints)
+             and isinstance(shape.get("projection", 0), int) and 0 <= shape.get("projection", 0) < shape["feature_dim"]
+             and shape.get("scorer", "bank") in SCORERS and isinstance(shape.get("positions", 0), int))
+    if not valid:
+        raise ValueError("invalid anomaly model entry")
+    return AnomalyModel(stages, spec, tuple(shape["taps"]), shape["feature_dim"], shape["bank_size"],
+                        project=shape.get("projection", 0), scorer=shape.get("scorer", "bank"),
+                        positions=shape.get("positions", 0))
+
+
+def with_scorer(model: AnomalyModel, spec: InputSpec, scorer: str, grid, bank_size: int) -> AnomalyModel:
+    """The same model (its stages, channel weights and projection) with empty buffers for
+    `scorer` on a grid of `grid` positions (a "bank" model as it is: its bank is replaced)."""
+    if scorer == model.scorer:
+        return model
+    dim = model.channel_scale.shape[0]
+    new = AnomalyModel(model.stages, spec, model.taps, dim, bank_size, project=model.project, scorer=scorer,
+                       positions=grid[0] * grid[1]).to(model.channel_scale.device).eval()
+    new.channel_scale.copy_(model.channel_scale)
+    if model.project:
+        new.projection.copy_(model.projection)
+    return new
 
 
 def principal_axes(patches: torch.Tensor, k: int, seed: int) -> torch.Tensor:

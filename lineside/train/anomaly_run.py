@@ -1,6 +1,7 @@
 """`lineside train --task anomaly`: good images in, an anomaly run folder out.
 
-    RUN/model.pt        the frozen backbone stages, the bank of good patches, the threshold
+    RUN/model.pt        the frozen backbone stages, what good patches look like (a bank of
+                        them, a Gaussian per position, or both), the threshold
     RUN/metrics.json    threshold, the false-reject rate it promises (with its uncertainty),
                         and with defect images at hand their detection rate and the AUROC
     RUN/scores.png      out-of-fold scores of the good images, scores of the defect images,
@@ -83,9 +84,17 @@ def read_anomaly_data(data, ok_classes=None, image_size: int | None = None, back
     return AnomalyData(images, ok, spec, x_good, x_other, other_set, bad)
 
 
+def scorer_words(info: dict) -> str:
+    bank = f"a bank of {info['bank']} good patches"
+    gauss = (f"the good patches at each place (a Gaussian per position, from "
+             f"{info['gaussian_neighbourhood']}x{info['gaussian_neighbourhood']} positions)")
+    return {"bank": f"against {bank}", "gaussian": f"against {gauss}",
+            "both": f"against {bank} and {gauss}"}[info.get("scorer", "bank")]
+
+
 def train_anomaly_run(data, out, ok_classes=None, false_reject: float = A.DEFAULT_FALSE_REJECT,
-                      image_size: int | None = None, bank: int = A.DEFAULT_BANK, taps=A.DEFAULT_TAPS,
-                      backbone: str = "efficientnet_lite0", weights: str = "imagenet", seed: int = 0,
+                      image_size: int | None = None, bank: int | None = None, taps=A.DEFAULT_TAPS,
+                      scorer: str = A.DEFAULT_SCORER, backbone: str = "efficientnet_lite0", weights: str = "imagenet", seed: int = 0,
                       device: str = "auto", skip_bad: bool = False, progress: bool = True) -> dict:
     t_start = time.perf_counter()
     out = Path(out)
@@ -97,7 +106,8 @@ def train_anomaly_run(data, out, ok_classes=None, false_reject: float = A.DEFAUL
     from tqdm import tqdm
 
     with tqdm(total=len(x_good), desc="patch features", unit="img", disable=not progress, leave=False) as bar:
-        fit = A.fit_anomaly(x_good, spec, backbone, weights, taps, bank, false_reject, seed, where, bar.update)
+        fit = A.fit_anomaly(x_good, spec, backbone, weights, taps, bank, false_reject, seed, where, bar.update,
+                            scorer=scorer)
     info = fit.info
     oof = np.asarray(info["out_of_fold_scores"])
     report = None
@@ -110,7 +120,8 @@ def train_anomaly_run(data, out, ok_classes=None, false_reject: float = A.DEFAUL
         "lineside_version": lineside.__version__, "task": "anomaly", "backbone": backbone, "weights": weights,
         "strategy": "anomaly", "strategy_reason": (
             f"anomaly detection from {len(x_good)} good images ({', '.join(ok)}): patch features of stages "
-            f"{', '.join(map(str, info['taps']))} against a bank of {info['bank']} good patches"),
+            f"{', '.join(map(str, info['taps']))} {scorer_words(info)}"
+            + (f" ({info['scorer_note']})" if info.get("scorer_note") else "")),
         "ok_classes": list(ok), "labels": list(A.ANOMALY_LABELS), "input_spec": spec.to_dict(),
         "train_counts": {"good": len(x_good)}, "other_counts": {k: v for k, v in other_set.counts().items() if v},
         "anomaly": {k: v for k, v in info.items() if k not in ("out_of_fold_scores", "seconds")},

@@ -68,7 +68,7 @@ def _one_fit(x_good, x_other, spec, k: int, r: int, false_reject: float, bank: i
 
 def anomaly_sample_size(data, out, shots=ANOMALY_SHOTS, repeats: int = 3, target: float = 0.99,
                         ok_classes=None, false_reject: float = A.DEFAULT_FALSE_REJECT, image_size: int | None = None,
-                        bank: int = A.DEFAULT_BANK, device: str = "auto", skip_bad: bool = False,
+                        bank: int | None = None, device: str = "auto", skip_bad: bool = False,
                         progress: bool = True) -> dict:
     t_start = time.perf_counter()
     out = Path(out)
@@ -78,7 +78,7 @@ def anomaly_sample_size(data, out, shots=ANOMALY_SHOTS, repeats: int = 3, target
     shots = _sizes(shots, len(x_good), tuple(shots) == ANOMALY_SHOTS)
     where = pick_device(device)
     key = json.dumps({"data": images.fingerprint(), "ok": list(ok), "fr": false_reject, "size": spec.to_dict(),
-                      "bank": bank}, sort_keys=True)
+                      "bank": bank, "scorer": A.DEFAULT_SCORER}, sort_keys=True)
     rows = run_fits(out / FITS, key, shots, repeats,
                     lambda k, r: _one_fit(x_good, x_other, spec, k, r, false_reject, bank, where), progress,
                     "sample-size study (anomaly)",

@@ -39,8 +39,7 @@ def save_checkpoint(path: Path, model: Classifier, labels, backbone: str, spec: 
         payload = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "task": "anomaly",
             "backbone": backbone, "labels": list(labels), "input_spec": spec.to_dict(),
-            "anomaly": {"taps": list(model.taps), "feature_dim": int(model.channel_scale.shape[0]),
-                        "bank_size": int(model.bank.shape[0]), "projection": int(model.project)},
+            "anomaly": model.shape(),
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "info": trained.to_dict(),
         }
@@ -134,18 +133,13 @@ def load_checkpoint(path) -> LoadedModel:
 
 
 def _load_anomaly(path: Path, payload: dict, labels, spec: InputSpec, entry) -> LoadedModel:
-    from .anomaly import AnomalyModel
+    from .anomaly import empty_model
 
-    a = payload.get("anomaly")
-    ok = (isinstance(a, dict) and isinstance(a.get("taps"), list) and a["taps"]
-          and all(isinstance(t, int) for t in a["taps"])
-          and all(isinstance(a.get(k), int) and a[k] > 0 for k in ("feature_dim", "bank_size"))
-          and isinstance(a.get("projection", 0), int) and 0 <= a.get("projection", 0) < a["feature_dim"])
-    if not ok:
-        raise LinesideError(f"{path}: anomaly checkpoint has an invalid 'anomaly' entry")
     try:
-        model = AnomalyModel(entry.build().stages, spec, tuple(a["taps"]), a["feature_dim"], a["bank_size"],
-                             project=a.get("projection", 0))
+        model = empty_model(entry.build().stages, spec, payload.get("anomaly"))
+    except ValueError as exc:
+        raise LinesideError(f"{path}: anomaly checkpoint has an invalid 'anomaly' entry") from exc
+    try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise LinesideError(f"{path}: anomaly model does not match backbone {entry.name} "

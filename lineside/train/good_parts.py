@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .anomaly import AnomalyModel
+from .anomaly import AnomalyModel, empty_model
 from .model import Classifier
 
 
@@ -53,23 +53,16 @@ def describe(model: GoodPartsClassifier) -> dict:
 
 def scorer_shape(s: AnomalyModel) -> dict:
     """What rebuilds an empty scorer of the same shape (a checkpoint entry's fields)."""
-    return {"taps": list(s.taps), "feature_dim": int(s.channel_scale.shape[0]), "bank_size": int(s.bank.shape[0]),
-            "projection": int(s.project)}
+    return s.shape()
 
 
 def empty_scorer(entry, spec, shape: dict, classes: int) -> AnomalyModel:
     """The scorer a checkpoint entry (scorer_shape's fields and the good class "ok") describes,
     with empty buffers; ValueError when the entry is malformed."""
-    ints = ("ok", "feature_dim", "bank_size")
-    valid = (isinstance(shape, dict) and isinstance(shape.get("taps"), list) and shape["taps"]
-             and all(isinstance(t, int) for t in shape["taps"])
-             and all(isinstance(shape.get(k), int) and shape[k] >= (0 if k == "ok" else 1) for k in ints)
-             and shape["ok"] < classes
-             and isinstance(shape.get("projection", 0), int) and 0 <= shape.get("projection", 0) < shape["feature_dim"])
-    if not valid:
+    ok = shape.get("ok") if isinstance(shape, dict) else None
+    if not isinstance(ok, int) or not 0 <= ok < classes:
         raise ValueError("invalid scorer entry")
-    return AnomalyModel(entry.build().stages, spec, tuple(shape["taps"]), shape["feature_dim"], shape["bank_size"],
-                        project=shape.get("projection", 0))
+    return empty_model(entry.build().stages, spec, shape)
 
 
 def rebuild(classifier: Classifier, entry, spec, good: dict) -> GoodPartsClassifier:

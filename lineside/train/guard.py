@@ -82,7 +82,7 @@ def add_guard(run, model, x_train: np.ndarray, y_train: np.ndarray, ok: int, fal
     good = np.flatnonzero(y_train == ok)
     cfg = run.cfg
     fit = fit_anomaly(x_train[good], run.spec, cfg.backbone, cfg.weights if cfg.weights != "none" else "imagenet",
-                      false_reject=false_reject, seed=cfg.seed, device=run.device)
+                      false_reject=false_reject, seed=cfg.seed, device=run.device, scorer="bank")
     guarded = GuardedClassifier(model, fit.model.to(run.device), ok).eval()
     scores = np.empty(len(y_train))
     scores[good] = fit.info["out_of_fold_scores"]
