@@ -312,8 +312,9 @@ def torch_cat(*xs):
 
 
 def test_the_gaussian_whitens_each_position():
-    """The fitted W makes each position's good patches unit-variance and uncorrelated: the
-    squared distance of a good patch averages the number of dimensions (a chi-square)."""
+    """The fitted W makes each position's good patches unit-variance and uncorrelated (up to
+    the shrinkage): the squared distance of a good patch averages the number of dimensions
+    less what the shrinkage takes from each."""
     import torch
 
     from lineside.train.anomaly import fit_gaussians, mahalanobis
@@ -325,7 +326,12 @@ def test_the_gaussian_whitens_each_position():
     np.testing.assert_allclose(mean.numpy()[:, 0], np.arange(4) * 5, atol=0.6)   # each position's own mean
     d2 = mahalanobis(f[300:], mean, whiten).pow(2)
     assert d2.shape == (100, 4)
-    assert 6.5 < float(d2.mean()) < 9.5        # 8 dimensions, shrunk by 1%: slightly under 8 on average
+    # shrunk towards SHRINK x the mean variance: each direction of variance l counts l / (l + ridge)
+    from lineside.train.anomaly import SHRINK
+
+    lam = np.linalg.eigvalsh(mix.T @ mix)
+    expected = float(np.sum(lam / (lam + SHRINK * lam.mean())))
+    assert 2 < expected <= 8 and abs(float(d2.mean()) - expected) < 0.15 * expected, (float(d2.mean()), expected)
 
 
 def test_a_checkpoint_entry_names_a_known_scorer_and_its_positions():

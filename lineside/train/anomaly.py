@@ -62,7 +62,11 @@ DEFAULT_PROJECT = 64
 # in units of a typical good part's (mix_weight), added. Measured in docs/anomaly.md.
 SCORERS = ("both", "bank", "gaussian")
 DEFAULT_SCORER = "both"
-SHRINK = 0.01            # each position's covariance + SHRINK x its mean variance x identity
+# each position's covariance + SHRINK x its mean variance x identity: 10%, not PaDiM's 1%,
+# so that INT8's small errors in the directions good parts hardly vary in stay small
+# (bottle, 209 good images: OpenVINO INT8 agreed with FP32 on 100% of the 83 test images,
+# against 74.7% with 1%; elpv AUROC of the Gaussian alone the same within 0.1)
+SHRINK = 0.1
 MIN_SAMPLES_PER_DIM = 3  # the positions pooled into one Gaussian: at least 3 patches per dimension
 CHUNK = 8                # images per distance computation (N x patches x bank floats)
 
