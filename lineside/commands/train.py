@@ -267,7 +267,8 @@ def _train_anomaly(data_dirs, out, force, quiet, as_json, ok_classes, false_reje
             data_dirs[0], out, ok_classes=ok_classes,
             false_reject=A.DEFAULT_FALSE_REJECT if false_reject is None else false_reject,
             image_size=options.get("image_size"), bank=bank, taps=taps,
-            scorer=scorer or A.DEFAULT_SCORER, backbone=options.get("backbone") or "efficientnet_lite0", weights=options.get("weights") or "imagenet",
+            scorer=scorer or A.DEFAULT_SCORER, backbone=options.get("backbone") or "efficientnet_lite0",
+            weights=options.get("weights") or "imagenet",
             seed=options.get("seed") or 0, device=options.get("device") or "auto",
             skip_bad=bool(options.get("skip_bad")), progress=not quiet and not as_json)
     if as_json:

@@ -252,7 +252,6 @@ def neighbourhood(n: int, dim: int) -> int:
     return next((r for r in range(3) if n * (2 * r + 1) ** 2 >= MIN_SAMPLES_PER_DIM * dim), 3)
 
 
-@torch.no_grad()
 def gaussian_radius(n: int, dim: int, hw: tuple[int, int]) -> int:
     """The neighbourhood of a model of n good images: that of its out-of-fold fits (on n
     less one fold), so that the threshold set on their scores fits the model's own (with 8
@@ -280,6 +279,7 @@ def gaussians_fit(n: int, dim: int, hw: tuple[int, int]) -> bool:
     return fold_size(n) * (2 * max_radius(hw) + 1) ** 2 >= MIN_SAMPLES_PER_DIM * dim
 
 
+@torch.no_grad()
 def fit_gaussians(feats: torch.Tensor, hw: tuple[int, int], device,
                   radius: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, P, C) patch features of good images -> per grid position the mean (P, C) and W
@@ -479,12 +479,12 @@ def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientn
     if scorer == "both" and not gaussians_fit(len(feats), feats.shape[-1], grid):
         scorer = "bank"
     bank_size = bank_size or default_bank(scorer)
-    oof, k, mix = out_of_fold_scores(feats, grid, bank_size, seed, device, scorer)
+    radius = gaussian_radius(len(feats), feats.shape[-1], grid)   # the folds' and the model's alike
+    oof, k, mix = out_of_fold_scores(feats, grid, bank_size, seed, device, scorer, radius)
     threshold, sigma, z = gumbel_threshold(oof, false_reject)
     fitted, empirical = threshold, empirical_threshold(oof, false_reject)
     if empirical is not None:
         threshold = max(threshold, empirical)
-    radius = gaussian_radius(len(feats), feats.shape[-1], grid)
     memory = fit_memory(feats, grid, scorer, bank_size, seed, device, radius)
     model = with_scorer(model, spec, scorer, grid, len(memory.get("bank", [0])))
     for name, value in memory.items():
@@ -515,15 +515,14 @@ def fit_anomaly(x_good: np.ndarray, spec: InputSpec, backbone: str = "efficientn
     return AnomalyFit(model, info)
 
 
-def out_of_fold_scores(feats: torch.Tensor, grid, bank_size: int, seed: int, device,
-                       scorer: str = "bank") -> tuple[np.ndarray, int, list[float]]:
+def out_of_fold_scores(feats: torch.Tensor, grid, bank_size: int, seed: int, device, scorer: str = "bank",
+                       radius: int | None = None) -> tuple[np.ndarray, int, list[float]]:
     """Each good image's score by a memory fitted without it (FOLDS folds), the folds, and
     the mix: for "both", each distance's weight (mix_weight: neither decides alone by its
-    units), else [1]."""
+    units), else [1]. `radius`: the Gaussians' neighbourhood (the model's own)."""
     n = len(feats)
     k = min(FOLDS, n)
     fold = torch.from_numpy(folds_of(n, k, seed))
-    radius = gaussian_radius(n, feats.shape[-1], grid)
     parts = None
     for f in range(k):
         held = fold == f

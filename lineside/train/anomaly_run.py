@@ -94,8 +94,8 @@ def scorer_words(info: dict) -> str:
 
 def train_anomaly_run(data, out, ok_classes=None, false_reject: float = A.DEFAULT_FALSE_REJECT,
                       image_size: int | None = None, bank: int | None = None, taps=A.DEFAULT_TAPS,
-                      scorer: str = A.DEFAULT_SCORER, backbone: str = "efficientnet_lite0", weights: str = "imagenet", seed: int = 0,
-                      device: str = "auto", skip_bad: bool = False, progress: bool = True) -> dict:
+                      scorer: str = A.DEFAULT_SCORER, backbone: str = "efficientnet_lite0", weights: str = "imagenet",
+                      seed: int = 0, device: str = "auto", skip_bad: bool = False, progress: bool = True) -> dict:
     t_start = time.perf_counter()
     out = Path(out)
     where = pick_device(device)

@@ -48,16 +48,11 @@ class GoodPartsClassifier(nn.Module):
 def describe(model: GoodPartsClassifier) -> dict:
     """The checkpoint's entry for the good-parts scorer (its shape; the weights are in the
     state dict)."""
-    return {"ok": model.ok, **scorer_shape(model.scorer)}
-
-
-def scorer_shape(s: AnomalyModel) -> dict:
-    """What rebuilds an empty scorer of the same shape (a checkpoint entry's fields)."""
-    return s.shape()
+    return {"ok": model.ok, **model.scorer.shape()}
 
 
 def empty_scorer(entry, spec, shape: dict, classes: int) -> AnomalyModel:
-    """The scorer a checkpoint entry (scorer_shape's fields and the good class "ok") describes,
+    """The scorer a checkpoint entry (AnomalyModel.shape's fields and the good class "ok") describes,
     with empty buffers; ValueError when the entry is malformed."""
     ok = shape.get("ok") if isinstance(shape, dict) else None
     if not isinstance(ok, int) or not 0 <= ok < classes:

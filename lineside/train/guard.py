@@ -102,9 +102,7 @@ def add_guard(run, model, x_train: np.ndarray, y_train: np.ndarray, ok: int, fal
 
 
 def describe(model: GuardedClassifier) -> dict:
-    from .good_parts import scorer_shape
-
-    return {"ok": model.ok, **scorer_shape(model.guard), "label": ANOMALOUS}
+    return {"ok": model.ok, **model.guard.shape(), "label": ANOMALOUS}
 
 
 def rebuild(inner: nn.Module, entry, spec, guard: dict, classes: int) -> GuardedClassifier:
