@@ -50,7 +50,7 @@ def test_every_readable_image_is_used_and_each_step_says_why(unlabelled_run):
         assert st["pseudo_labelled"] > 0 and st["pseudo_labelled"] % 2 == 0
     gp = steps["good parts"]
     assert gp["good_class"] == "good" and gp["unlabelled_called_good"] >= 8
-    assert gp["used"] == (gp["cv_with_good_parts"] > gp["cv_classifier_alone"])
+    assert gp["used"] == (gp["cv_with_good_parts"] >= gp["cv_classifier_alone"])
 
 
 def test_the_good_parts_layer_is_kept_only_when_cross_validation_prefers_it(plates, tmp_path, monkeypatch):
@@ -91,6 +91,8 @@ def test_the_combined_model_round_trips_and_exports_with_the_same_answers(good_p
     loaded = load_checkpoint(out)
     assert isinstance(loaded.model, GoodPartsClassifier) and loaded.labels == ["dent", "good"]
     assert loaded.model.ok == 1 and loaded.model.scorer.bank.abs().sum() > 0
+    # the anomaly model's default scorer: the bank and a Gaussian per position, both exported
+    assert gp["scorer"] == loaded.model.scorer.scorer == "both" and loaded.model.scorer.whiten.abs().sum() > 0
     x, _, _ = load_arrays(load_image_set(plates[0]), loaded.spec, progress=False)
     ref = score(loaded.model, x, "cpu")
     # the distance to the good parts reaches the answer: it varies, and the layer weighs it

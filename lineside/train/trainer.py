@@ -563,12 +563,12 @@ def out_of_fold_on_bank(run: Run, model: Classifier, saved, fold: np.ndarray, k:
     the other images' rows (as a run on those images alone would fit it) and predicts
     its images from the rows of the views the model averages. None without a bank, or
     when it lacks one of those views (the recipe is then trained again per fold). A
-    fourth entry of `saved` (features, labels: rows --unlabelled's self-training added)
-    joins every fold's fit."""
+    fourth entry of `saved` (`refit(features, labels) -> head`: --unlabelled's
+    self-training) fits each fold's head instead."""
     if saved is None:
         return None
     bank, bank_y, n = saved[:3]
-    extra, extra_y = saved[3] if len(saved) > 3 else (bank[:0], bank_y[:0])
+    refit = saved[3] if len(saved) > 3 else None
     group = run.orientations()
     views = model.views or (0,)
     rows = [group.index(v) for v in views if v in group]
@@ -579,10 +579,13 @@ def out_of_fold_on_bank(run: Run, model: Classifier, saved, fold: np.ndarray, k:
     logits = np.zeros((n, len(run.classes)), np.float32)
     for f in range(k):
         held = np.flatnonzero(fold == f)
-        head = torch.nn.Linear(bank.shape[1], len(run.classes)).to(run.device)
         keep = torch.from_numpy(np.flatnonzero(fold[tiled] != f))
-        fit_head_on(run, model, head, torch.cat([bank[keep], extra]).to(run.device).float(),
-                    np.concatenate([bank_y[keep.numpy()], extra_y]), frozen)
+        rows_f, y_f = bank[keep].to(run.device).float(), bank_y[keep.numpy()]
+        if refit is not None:
+            head = refit(rows_f, y_f)
+        else:
+            head = torch.nn.Linear(bank.shape[1], len(run.classes)).to(run.device)
+            fit_head_on(run, model, head, rows_f, y_f, frozen)
         with torch.no_grad():
             feats = torch.stack([bank[torch.from_numpy(r * n + held)] for r in rows]).float().mean(0)
             logits[held] = head(feats.to(run.device)).cpu().numpy()
