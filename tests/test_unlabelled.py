@@ -179,3 +179,18 @@ def test_wrong_uses_are_one_line_errors(plates, tmp_path):
         read_unlabelled(tmp_path / "empty", None, 0, False)
     with pytest.raises(LinesideError, match="not a folder"):
         read_unlabelled(tmp_path / "missing", None, 0, False)
+
+
+def test_the_good_class_is_found_by_its_usual_names_whatever_their_case_or_punctuation():
+    from lineside.train.anomaly_run import ok_classes_of
+    from lineside.train.unlabelled import good_class
+
+    assert ok_classes_of(["crack", "Good"], None) == ("Good",)
+    assert ok_classes_of(["NG", "OK"], None) == ("OK",)
+    assert ok_classes_of(["defect", "no_defect"], None) == ("no_defect",)
+    assert ok_classes_of(["Defective", "Non-Defective"], None) == ("Non-Defective",)
+    assert ok_classes_of(["normal", "good", "scratch"], None) == ("good",)      # the first name of the list wins
+    assert good_class(["pass", "fail"], None) == 0 and good_class(["crack", "scratch"], None) is None
+    assert good_class(["crack", "scratch"], "scratch") == 1
+    with pytest.raises(LinesideError, match="--ok-classes"):
+        ok_classes_of(["crack", "scratch"], None)

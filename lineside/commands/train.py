@@ -48,8 +48,8 @@ def _list_backbones(ctx, _param, value):
 @click.option("--guard", is_flag=True, default=False,
               help="Also train an anomaly model on the good class's images: a part the classifier calls good "
                    "but that differs from every good part is labelled 'anomalous' (NG), so defects nobody "
-                   "photographed are caught too. The good class: the folder good, ok, functional or normal, "
-                   "or --ok-classes.")
+                   "photographed are caught too. The good class: the folder good, ok, pass, normal, functional, "
+                   "no defect or non-defective (any case), or --ok-classes.")
 @click.option("--bank", type=int, default=None,
               help="anomaly: most good patches kept in the memory bank (coreset); more is slower. "
                    "[512 beside the Gaussians (--scorer both), 2048 alone]")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,26 @@ from .backbones import BACKBONES
 from .checkpoint import save_checkpoint
 from .device import pick_device
 
-DEFAULT_OK = ("good", "ok", "OK", "functional", "normal")
+# the folder names read as the good class without --ok-classes, in this order of preference,
+# compared without case or punctuation ("Good", "OK", "no_defect", "Non-Defective")
+DEFAULT_OK = ("good", "ok", "okay", "pass", "functional", "normal", "nodefect", "nodefects", "nondefective",
+              "defectfree", "intact")
+
+
+def plain_name(name: str) -> str:
+    """A class name as DEFAULT_OK spells it: lower case, letters and digits only."""
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
+def default_ok(classes) -> str | None:
+    """The class DEFAULT_OK names (the first of its names found), None when there is none."""
+    plain = {plain_name(c): c for c in reversed(list(classes))}
+    return next((plain[name] for name in DEFAULT_OK if name in plain), None)
 
 
 def ok_classes_of(classes, ok_classes) -> tuple[str, ...]:
-    """The good classes: those named, else the one folder called good (or ok, normal)."""
+    """The good classes: those named, else the one folder called good (or ok, normal, ...:
+    DEFAULT_OK)."""
     if ok_classes:
         names = tuple(c.strip() for c in str(ok_classes).split(",") if c.strip()) \
             if isinstance(ok_classes, str) else tuple(ok_classes)
@@ -46,13 +62,13 @@ def ok_classes_of(classes, ok_classes) -> tuple[str, ...]:
             raise LinesideError(f"--ok-classes: {', '.join(unknown) or 'empty'} not among the data's classes "
                                 f"({', '.join(classes)})")
         return names
-    found = [c for c in DEFAULT_OK if c in classes]
+    found = default_ok(classes)
     if len(classes) == 1:
         return tuple(classes)
-    if not found:
+    if found is None:
         raise LinesideError(f"--task anomaly: no class named good among {', '.join(classes)}; "
                             "name the good ones with --ok-classes")
-    return (found[0],)
+    return (found,)
 
 
 @dataclass

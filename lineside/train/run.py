@@ -69,7 +69,7 @@ def train_run(data, out, cfg: TrainConfig, val=None, progress: bool = True, unla
     `unlabelled`: a folder of images without labels to learn from too (train/unlabelled.py);
     `guard`: the false-reject rate of an anomaly model of the good class guarding the
     classifier (train/guard.py); `ok_classes` names the good class when no folder is
-    called good, ok, functional or normal."""
+    called good, ok, pass, normal, ... (anomaly_run.DEFAULT_OK)."""
     dist = distributed.from_env()
     device = distributed.setup(dist, cfg.device)
     try:

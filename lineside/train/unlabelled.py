@@ -316,11 +316,11 @@ class UnlabelledSteps:
 
 
 def good_class(classes, ok_classes) -> int | None:
-    """The index of the good class (--ok-classes, else the one named good, ok, functional or
-    normal); None when there is none."""
-    from .anomaly_run import DEFAULT_OK, ok_classes_of
+    """The index of the good class (--ok-classes, else the one named good, ok, functional,
+    normal, ...: anomaly_run.DEFAULT_OK); None when there is none."""
+    from .anomaly_run import default_ok, ok_classes_of
 
-    if not ok_classes and not any(c in classes for c in DEFAULT_OK):
+    if not ok_classes and default_ok(classes) is None:
         return None
     names = ok_classes_of(list(classes), ok_classes)
     if len(names) > 1:
