@@ -118,20 +118,30 @@ def test_the_temperature_is_folded_into_the_head_and_changes_no_label(synth_dir,
     assert isinstance(trainer.model.head, torch.nn.Linear)
 
 
-def test_out_of_fold_logits_of_a_linear_head_from_the_runs_bank_match_a_training_per_fold(synth_dir):
-    """A linear head's out-of-fold predictions come from the training run's own bank of
-    pooled features (no pass through the network); they must be what training the recipe
-    again on each fold's other images gives."""
+def _linear_head_on_views(synth_dir):
+    """A linear head on the middle stages, fitted on the synthetic images with eight exact
+    views: (config, trainer, image set, images, labels)."""
     from lineside.dataset import load_arrays, load_image_set
     from lineside.train.backbones import BACKBONES
-    from lineside.train.trainer import Trainer, score
+    from lineside.train.trainer import Trainer
 
     cfg = TrainConfig(strategy="linear", **dict(TINY, views=8, taps="mid", calibrate="auto"))
     train = load_image_set(synth_dir)
     trainer = Trainer(cfg, train.classes, BACKBONES.get(cfg.backbone).input_spec.with_size(64), progress=False)
     x, train, _ = load_arrays(train, trainer.spec, progress=False)
     y = np.asarray(train.targets)
-    plan = trainer.fit(x, y).plan
+    trainer.fit(x, y)
+    return cfg, trainer, train, x, y
+
+
+def test_out_of_fold_logits_of_a_linear_head_from_the_runs_bank_match_a_training_per_fold(synth_dir):
+    """A linear head's out-of-fold predictions come from the training run's own bank of
+    pooled features (no pass through the network); they must be what training the recipe
+    again on each fold's other images gives."""
+    from lineside.train.trainer import Trainer, score
+
+    cfg, trainer, train, x, y = _linear_head_on_views(synth_dir)
+    plan = trainer.result.plan
     assert trainer.model.views == (0, 1, 2, 3)
     fold, k = stratified_folds(y, cfg.seed, 5)
     per_fold = np.zeros((len(y), len(train.classes)), np.float32)
@@ -152,16 +162,9 @@ def test_self_trained_calibration_folds_learn_only_from_their_own_images(synth_d
     the other folds' rows alone: rows pseudo-labelled by the whole-data head would carry labels
     the held-out images helped choose (on elpv that made the classifier look 95% right out of
     fold, 80% in an honest cross-validation)."""
-    from lineside.dataset import load_arrays, load_image_set
-    from lineside.train.backbones import BACKBONES
-    from lineside.train.trainer import Trainer, out_of_fold_on_bank
+    from lineside.train.trainer import out_of_fold_on_bank
 
-    cfg = TrainConfig(strategy="linear", **dict(TINY, views=8, taps="mid", calibrate="auto"))
-    train = load_image_set(synth_dir)
-    trainer = Trainer(cfg, train.classes, BACKBONES.get(cfg.backbone).input_spec.with_size(64), progress=False)
-    x, train, _ = load_arrays(train, trainer.spec, progress=False)
-    y = np.asarray(train.targets)
-    trainer.fit(x, y)
+    cfg, trainer, train, x, y = _linear_head_on_views(synth_dir)
     bank, bank_y, n = trainer.result.linear_bank[:3]
     calls = []
 
