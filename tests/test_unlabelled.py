@@ -57,24 +57,26 @@ def test_the_good_parts_layer_is_kept_only_when_cross_validation_prefers_it(plat
     import lineside.train.unlabelled as U
     from lineside.train.checkpoint import load_checkpoint
 
-    monkeypatch.setattr(U, "stack_out_of_fold", lambda inputs, y, classes, seed: np.eye(classes)[1 - y] * 5.0)
+    monkeypatch.setattr(U, "stack_out_of_fold", lambda inputs, y, classes, seed, *a, **k: np.eye(classes)[1 - y] * 5.0)
     m = _train(plates, tmp_path / "worse")
     gp = m["unlabelled"]["steps"][1]
     assert gp["used"] is False and "not used" in gp["why"]
     assert not hasattr(load_checkpoint(tmp_path / "worse").model, "scorer")
 
 
-@pytest.fixture(scope="module")
-def good_parts_run(plates, tmp_path_factory):
-    """A run whose good-parts layer is kept: its cross-validation made to favour it, so that the
-    model it writes is the combined one whatever these tiny plates would decide."""
+@pytest.fixture(scope="module", params=["split", "stack"])
+def good_parts_run(plates, tmp_path_factory, request):
+    """A run whose good-parts layer is kept, in each of its two forms: its cross-validation
+    made to favour it and offered only that form, so that the model it writes is the
+    combined one whatever these tiny plates would decide."""
     import lineside.train.unlabelled as U
 
     out = tmp_path_factory.mktemp("good_parts")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(U, "keeps_good_parts", lambda alone, with_good: True)
+        mp.setattr(U, "LAYER_FORMS", (request.param == "split",))
         metrics = _train(plates, out)
-    return out, metrics
+    return out, metrics, request.param
 
 
 def test_the_combined_model_round_trips_and_exports_with_the_same_answers(good_parts_run, plates, tmp_path):
@@ -85,11 +87,13 @@ def test_the_combined_model_round_trips_and_exports_with_the_same_answers(good_p
     from lineside.train.good_parts import GoodPartsClassifier
     from lineside.train.trainer import score
 
-    out, metrics = good_parts_run
+    out, metrics, form = good_parts_run
     gp = metrics["unlabelled"]["steps"][1]
     assert gp["used"] is True and metrics["calibration"]["source"].startswith("out-of-fold")
+    assert gp["layer"] == form and list(k for k in gp if k.startswith("cv_")) == ["cv_classifier_alone", "cv_with_good_parts", f"cv_{form}"]
     loaded = load_checkpoint(out)
     assert isinstance(loaded.model, GoodPartsClassifier) and loaded.labels == ["dent", "good"]
+    assert loaded.model.split == (form == "split")
     assert loaded.model.ok == 1 and loaded.model.scorer.bank.abs().sum() > 0
     # the anomaly model's default scorer: the bank and a Gaussian per position, both exported
     assert gp["scorer"] == loaded.model.scorer.scorer == "both" and loaded.model.scorer.whiten.abs().sum() > 0
@@ -99,12 +103,55 @@ def test_the_combined_model_round_trips_and_exports_with_the_same_answers(good_p
     with torch.no_grad():
         inputs = loaded.model.inputs(torch.from_numpy(x).permute(0, 3, 1, 2).float())
     assert float(inputs[:, -1].std()) > 0 and float(loaded.model.head.weight.detach()[:, -1].abs().max()) > 0
+    if form == "split":     # the good class reads the distance alone; the defect nothing of the layer's own
+        w = loaded.model.head.weight.detach()
+        assert float(w[:, :-1].abs().max()) == 0 and float(w[0].abs().max()) == 0
     bundle = tmp_path / "bundle"
     result = export_bundle(out, bundle, int8=False)
     assert result["report"]["parity"]["passed"]
     for backend in ("onnxruntime", "openvino"):
         probs = open_model(bundle, backend=backend).predict_proba(x)
         np.testing.assert_allclose(probs, ref, atol=2e-3)
+
+
+def test_the_split_form_asks_the_distance_whether_good_and_the_classifier_which_defect():
+    from lineside.train.good_parts import defect_mask, layer_logits
+    from lineside.train.unlabelled import fit_split
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 20)                          # class 1 is the good one
+    distance = np.where(y == 1, 0.0, 2.0) + rng.normal(0, 0.5, 60)
+    logits = rng.normal(0, 1, (60, 3)).astype(np.float32)
+    inputs = np.concatenate([logits, distance[:, None]], 1).astype(np.float32)
+    head = fit_split(inputs, y, 3, ok=1)
+    with torch.no_grad():
+        probs = torch.softmax(layer_logits(head, torch.from_numpy(inputs), True, defect_mask(3, 1)), 1).numpy()
+    a, b = float(head.weight.detach()[1, -1]), float(head.bias.detach()[1])
+    assert a < 0                                          # farther from the good parts, less likely good
+    np.testing.assert_allclose(probs[:, 1], 1 / (1 + np.exp(-(a * distance + b))), rtol=1e-4, atol=1e-6)
+    between = np.exp(logits[:, [0, 2]]) / np.exp(logits[:, [0, 2]]).sum(1, keepdims=True)
+    np.testing.assert_allclose(probs[:, [0, 2]] / probs[:, [0, 2]].sum(1, keepdims=True), between, rtol=1e-4)
+    assert (probs.argmax(1) == 1).mean() > 0.3 and ((probs.argmax(1) == 1) == (y == 1)).mean() > 0.9
+
+
+def test_the_layer_form_follows_cross_validation_and_a_tie_takes_the_split():
+    from lineside.train.unlabelled import choose_layer
+
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1], 20)
+    sign = np.where(y == 1, 1.0, -1.0)
+    # the classifier knows, the distance is noise: the stack
+    inputs = np.stack([-sign * 3, sign * 3, rng.normal(0, 1, 40)], 1).astype(np.float32)
+    split, forms, oof, score = choose_layer(inputs, y, 2, ok=1, seed=0)
+    assert not split and forms["cv_stack"] > forms["cv_split"] and score == forms["cv_stack"] and oof.shape == (40, 2)
+    # the distance knows, the classifier is noise: the split (the stack reads the distance too)
+    inputs = np.stack([rng.normal(0, 1, 40), rng.normal(0, 1, 40), -sign * 3], 1).astype(np.float32)
+    split, forms, _, _ = choose_layer(inputs, y, 2, ok=1, seed=0)
+    assert split and forms["cv_split"] == 1.0 >= forms["cv_stack"]
+    # both know: a tie, the split
+    inputs = np.stack([-sign * 3, sign * 3, -sign * 3], 1).astype(np.float32)
+    split, forms, _, _ = choose_layer(inputs, y, 2, ok=1, seed=0)
+    assert split and forms["cv_split"] == forms["cv_stack"] == 1.0
 
 
 def test_pseudo_labels_are_balanced_and_surest_first():

@@ -6,6 +6,12 @@ and a small linear layer (`head`) reads the classifier's logits and the logarith
 image's distance to that bank. On elpv's solar cells the distance separates cracked
 cells the pooled features miss (docs/unlabelled.md). The whole model is one graph: it
 exports, quantises and runs like any classifier, and its output is the class logits.
+
+Two forms of the layer, chosen by cross-validation in training (train/unlabelled.py):
+the stack (`split` False: the head weighs every logit and the distance) and the split
+(`split` True: the distance alone says good or defective, the classifier only which
+defect: `head` then reads the distance for the good class and nothing else, and the
+defects' logits are the classifier's log-probabilities among the defects).
 """
 
 from __future__ import annotations
@@ -17,20 +23,31 @@ from .anomaly import AnomalyModel, empty_model
 from .model import Classifier
 
 
+def defect_log_softmax(logits: torch.Tensor, defects: torch.Tensor) -> torch.Tensor:
+    """log p(class | defective) of the classifier's logits for the defect classes (`defects`:
+    1 for a defect class, 0 for the good one), 0 at the good class: with one defect class,
+    all zeros."""
+    lse = torch.logsumexp(logits - 1e4 * (1 - defects), 1, keepdim=True)
+    return (logits - lse) * defects
+
+
 class GoodPartsClassifier(nn.Module):
     """(N, 3, H, W) float RGB in 0..255 -> logits (N, classes) of
-    head([classifier logits, log distance to the good parts])."""
+    head([classifier logits, log distance to the good parts]), plus, in the split form,
+    the classifier's log-probabilities among the defect classes."""
 
     task = "classify"
     views = None      # the classifier inside averages its own test-time views
 
-    def __init__(self, classifier: Classifier, scorer: AnomalyModel, ok: int):
+    def __init__(self, classifier: Classifier, scorer: AnomalyModel, ok: int, split: bool = False):
         super().__init__()
         self.classifier = classifier
         self.scorer = scorer
         self.ok = int(ok)
+        self.split = bool(split)
         classes = classifier.head.out_features
         self.head = nn.Linear(classes + 1, classes)
+        self.register_buffer("defects", defect_mask(classes, self.ok), persistent=False)
 
     @property
     def stages(self) -> nn.ModuleList:
@@ -42,20 +59,32 @@ class GoodPartsClassifier(nn.Module):
         return torch.cat([self.classifier(x), torch.log(score.clamp_min(1e-6)).unsqueeze(1)], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.inputs(x))
+        return layer_logits(self.head, self.inputs(x), self.split, self.defects)
+
+
+def defect_mask(classes: int, ok: int) -> torch.Tensor:
+    mask = torch.ones(classes)
+    mask[ok] = 0
+    return mask
+
+
+def layer_logits(head: nn.Linear, inputs: torch.Tensor, split: bool, defects: torch.Tensor) -> torch.Tensor:
+    """The layer's logits from its inputs ([classifier logits, log distance])."""
+    out = head(inputs)
+    return out + defect_log_softmax(inputs[:, :-1], defects) if split else out
 
 
 def describe(model: GoodPartsClassifier) -> dict:
     """The checkpoint's entry for the good-parts scorer (its shape; the weights are in the
     state dict)."""
-    return {"ok": model.ok, **model.scorer.shape()}
+    return {"ok": model.ok, "split": model.split, **model.scorer.shape()}
 
 
 def empty_scorer(entry, spec, shape: dict, classes: int) -> AnomalyModel:
     """The scorer a checkpoint entry (AnomalyModel.shape's fields and the good class "ok") describes,
     with empty buffers; ValueError when the entry is malformed."""
     ok = shape.get("ok") if isinstance(shape, dict) else None
-    if not isinstance(ok, int) or not 0 <= ok < classes:
+    if not isinstance(ok, int) or not 0 <= ok < classes or not isinstance(shape.get("split", False), bool):
         raise ValueError("invalid scorer entry")
     return empty_model(entry.build().stages, spec, shape)
 
@@ -63,4 +92,5 @@ def empty_scorer(entry, spec, shape: dict, classes: int) -> AnomalyModel:
 def rebuild(classifier: Classifier, entry, spec, good: dict) -> GoodPartsClassifier:
     """The empty model a checkpoint's `good_parts` entry describes (ValueError when it is
     malformed); its weights are loaded after."""
-    return GoodPartsClassifier(classifier, empty_scorer(entry, spec, good, classifier.head.out_features), good["ok"])
+    scorer = empty_scorer(entry, spec, good, classifier.head.out_features)
+    return GoodPartsClassifier(classifier, scorer, good["ok"], split=good.get("split", False))

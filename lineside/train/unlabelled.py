@@ -9,11 +9,13 @@ self-training  (a linear head on frozen features) the head labels the unlabelled
                SELF_TRAIN_ROUNDS rounds of more images each. Compared with the head
                fitted on the labelled images alone over folds of the labelled images.
 good parts     (data with a good class) the unlabelled images the classifier calls good
-               become a memory bank of good patches; a small linear layer reads the
-               classifier's logits with the image's distance to that bank
-               (good_parts.GoodPartsClassifier). Fitted on the logits of images the
-               classifier did not train on (out of fold, or the validation images) and
-               compared with the classifier alone by cross-validation on them.
+               become an anomaly model of good parts; a small layer reads the
+               classifier's logits with the image's distance to them
+               (good_parts.GoodPartsClassifier), in one of two forms: the distance
+               alone decides good or defective (split), or the two are weighed together
+               (stack). Fitted on the logits of images the classifier did not train on
+               (out of fold, or the validation images); the form, and whether to use
+               the layer at all, by cross-validation on them.
 
 Measured on NEU and elpv with benchmarks/unlabelled.py (docs/unlabelled.md).
 """
@@ -45,6 +47,8 @@ MIN_GOOD = 8             # unlabelled images called good that a bank of good par
 GOOD_PARTS_SCORER = "both"   # the good parts' scorer (train/anomaly.py's SCORERS)
 MAX_GOOD = 1000          # of them, the most the bank is built from (a seeded sample beyond that)
 STACK_L2 = 1e-2          # the good-parts layer's L2 on standardised inputs (a few inputs, few rows)
+LAYER_CV_REPEATS = 3     # the layer's two forms compared over this many dealings into folds
+LAYER_FORMS = (True, False)   # split, then stack: the forms compared, a tie taking the first
 FOLDS = 5
 
 
@@ -183,17 +187,67 @@ def fit_stack(inputs: np.ndarray, y: np.ndarray, classes: int) -> torch.nn.Linea
     return head
 
 
-def stack_out_of_fold(inputs: np.ndarray, y: np.ndarray, classes: int, seed: int) -> np.ndarray | None:
-    """Logits of each row from a good-parts layer fitted without it (None: too few rows)."""
-    fold, k = stratified_folds(y, [seed, 11], FOLDS)
+def fit_split(inputs: np.ndarray, y: np.ndarray, classes: int, ok: int) -> torch.nn.Linear:
+    """The split form of the layer (GoodPartsClassifier.split): good against any defect from
+    the distance alone (a logistic regression on it, the two sides weighed alike), written
+    as the layer's head: the good class reads the distance, the defects nothing (their
+    logits are the classifier's, among the defects)."""
+    binary = fit_stack(inputs[:, -1:], (y == ok).astype(np.int64), 2)
+    head = torch.nn.Linear(inputs.shape[1], classes)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.weight[ok, -1] = binary.weight[1, 0] - binary.weight[0, 0]
+        head.bias[ok] = binary.bias[1] - binary.bias[0]
+    return head
+
+
+def fit_layer(inputs: np.ndarray, y: np.ndarray, classes: int, ok: int, split: bool) -> torch.nn.Linear:
+    return fit_split(inputs, y, classes, ok) if split else fit_stack(inputs, y, classes)
+
+
+def apply_layer(head: torch.nn.Linear, inputs: np.ndarray, ok: int, split: bool) -> np.ndarray:
+    from .good_parts import defect_mask, layer_logits
+
+    with torch.no_grad():
+        return layer_logits(head, torch.from_numpy(inputs).float(), split,
+                            defect_mask(head.out_features, ok)).numpy()
+
+
+def stack_out_of_fold(inputs: np.ndarray, y: np.ndarray, classes: int, seed: int, ok: int = 0,
+                      split: bool = False, repeat: int = 0) -> np.ndarray | None:
+    """Logits of each row from a good-parts layer (the stack, or the split form) fitted
+    without it, on the `repeat`-th way of dealing the rows into folds (None: too few rows)."""
+    fold, k = stratified_folds(y, [seed, 11, repeat] if repeat else [seed, 11], FOLDS)
     if k < 2:
         return None
     out = np.zeros((len(y), classes), np.float32)
     for f in range(k):
-        head = fit_stack(inputs[fold != f], y[fold != f], classes)
-        with torch.no_grad():
-            out[fold == f] = head(torch.from_numpy(inputs[fold == f]).float()).numpy()
+        head = fit_layer(inputs[fold != f], y[fold != f], classes, ok, split)
+        out[fold == f] = apply_layer(head, inputs[fold == f], ok, split)
     return out
+
+
+def choose_layer(inputs: np.ndarray, y: np.ndarray, classes: int, ok: int,
+                 seed: int) -> tuple[bool, dict, np.ndarray | None, float]:
+    """The form of the layer: the split (the distance alone decides good or defective) or
+    the stack (every logit and the distance weighed together), by balanced accuracy out of
+    fold, averaged over LAYER_CV_REPEATS ways of dealing the rows into folds; a tie takes
+    the split. Measured on six elpv draws (docs/unlabelled.md): the stack's weights for
+    the classifier's logits, fitted on its out-of-fold logits, carried badly to the
+    classifier fitted on every image. Returns split, each form's score, and the chosen
+    form's out-of-fold logits (its first dealing; None when there are too few rows) and
+    its score."""
+    scores, first = {}, {}
+    for split in LAYER_FORMS:
+        oofs = [stack_out_of_fold(inputs, y, classes, seed, ok, split, r) for r in range(LAYER_CV_REPEATS)]
+        if oofs[0] is None:
+            return False, {}, None, 0.0
+        scores[split] = float(np.mean([balanced_accuracy(y, o.argmax(1)) for o in oofs]))
+        first[split] = oofs[0]
+    split = max(scores, key=scores.get)      # the first of equals: LAYER_FORMS's order
+    forms = {f"cv_{'split' if form else 'stack'}": round(v, 4) for form, v in scores.items()}
+    return split, forms, first[split], scores[split]
 
 
 def keeps_good_parts(alone: float, with_good: float) -> bool:
@@ -240,18 +294,24 @@ def good_parts(run, model, held: tuple[np.ndarray, np.ndarray, np.ndarray], x_un
     inputs = np.concatenate([logits, np.log(np.maximum(anomaly_scores(scorer, x_held, run.device), 1e-6))[:, None]],
                             1).astype(np.float32)
     classes = len(run.classes)
-    oof = stack_out_of_fold(inputs, y, classes, cfg.seed)
+    split, forms, oof, with_good = choose_layer(inputs, y, classes, ok, cfg.seed)
     alone = balanced_accuracy(y, logits.argmax(1))
-    with_good = balanced_accuracy(y, oof.argmax(1)) if oof is not None else 0.0
-    report.update(cv_classifier_alone=round(alone, 4), cv_with_good_parts=round(with_good, 4))
+    form = "split" if split else "stack"
+    report.update(cv_classifier_alone=round(alone, 4), cv_with_good_parts=round(with_good, 4), layer=form, **forms)
     scores = f"{with_good:.1%} in cross-validation against {alone:.1%} for the classifier alone"
     if not keeps_good_parts(alone, with_good):
         return None, None, {**report, "used": False, "why": f"with the good parts {scores}: not used"}
-    hybrid = GoodPartsClassifier(model, scorer, ok).to(run.device).eval()
-    hybrid.head.load_state_dict(fit_stack(inputs, y, classes).state_dict())
+    hybrid = GoodPartsClassifier(model, scorer, ok, split=split).to(run.device).eval()
+    hybrid.head.load_state_dict(fit_layer(inputs, y, classes, ok, split).state_dict())
+    other = forms.get("cv_stack" if split else "cv_split")
+    how = ("the distance to them deciding good or defective" if split else
+           "the distance to them weighed with the classifier's logits")
+    instead = "" if other is None else (f" (weighed with the classifier's logits instead: {other:.1%})" if split
+                                        else f" (the distance alone deciding: {other:.1%})")
     return hybrid, oof, {**report, "used": True,
                          "why": f"with the {len(good)} unlabelled images called {run.classes[ok]} as good "
-                                f"parts: {scores}"}
+                                f"parts, {how}: {with_good:.1%} in cross-validation{instead} against "
+                                f"{alone:.1%} for the classifier alone"}
 
 
 class UnlabelledSteps:
