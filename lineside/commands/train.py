@@ -40,8 +40,9 @@ def _list_backbones(ctx, _param, value):
 @click.option("--unlabelled", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A folder of images nobody labelled (sub-folders too, e.g. a run's saved frames): used "
                    "where cross-validation on the labelled images says it helps (a linear head labels and "
-                   "refits on them; with a good class, the ones called good become a bank of good parts "
-                   "the model also measures each part against). metrics.json says what was used and why.")
+                   "refits on them; with a good class, the ones called good become a model of good parts "
+                   "the model also measures each part against, or lets decide good or defective). "
+                   "metrics.json says what was used and why.")
 @click.option("--false-reject", type=click.FloatRange(0.0001, 0.2), default=None,
               help="anomaly and --guard: the share of good parts the threshold may flag, e.g. 0.01 for 1%. It "
                    "is set from good images scored by models that did not see them. [0.01]")

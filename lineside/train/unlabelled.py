@@ -177,7 +177,7 @@ def _folds_compared(fit, bank, bank_y, n, u, smallest, repeat, seed) -> tuple[fl
 # -- the good parts' memory bank ---------------------------------------------------------
 
 def fit_stack(inputs: np.ndarray, y: np.ndarray, classes: int) -> torch.nn.Linear:
-    """The good-parts layer: a multinomial logistic regression on standardised inputs, the
+    """The good-parts layer's stack form: a multinomial logistic regression on standardised inputs, the
     scaling folded back into it. Classes weighed alike."""
     head = torch.nn.Linear(inputs.shape[1], classes)
     counts = np.bincount(y, minlength=classes).astype(np.float64)
