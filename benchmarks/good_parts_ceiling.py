@@ -98,7 +98,7 @@ def ceiling(images, k: int, seed: int) -> dict:
         if not hasattr(model, "scorer"):
             return {"k": k, "seed": seed, "layer": "not used"}
         x, ds, _ = load_arrays(load_image_set(test_csv), loaded.spec, progress=False)
-    y, ok, classes = np.asarray(ds.targets), model.ok, len(model.defects)
+    y, ok, classes = np.asarray(ds.targets), model.ok, model.head.out_features
     logits = score(model.classifier, x, "cpu", logits=True)
     dist = np.log(np.maximum(A.anomaly_scores(cap["scorer"], x, "cpu"), 1e-6))
     inputs = np.concatenate([logits, dist[:, None]], 1).astype(np.float32)

@@ -112,10 +112,41 @@ def test_the_combined_model_round_trips_and_exports_with_the_same_answers(good_p
     for backend in ("onnxruntime", "openvino"):
         probs = open_model(bundle, backend=backend).predict_proba(x)
         np.testing.assert_allclose(probs, ref, atol=2e-3)
+    if form == "split":
+        _int8_keeps_the_distance_in_float(bundle, x, tmp_path)
 
 
-def test_the_split_form_asks_the_distance_whether_good_and_the_classifier_which_defect():
-    from lineside.train.good_parts import defect_mask, layer_logits
+def _int8_keeps_the_distance_in_float(bundle, x, tmp_path):
+    """INT8 of a model with good parts: every operation the distance to them depends on
+    stays in float (quantised, they moved every distance: docs/unlabelled.md); the
+    classifier's convolutions are quantised; ONNX Runtime is told the same nodes."""
+    import onnx
+    import openvino as ov
+
+    from lineside.export import quantize
+    from lineside.runtime.model import open_model
+
+    meta = open_model(bundle, backend="openvino").metadata.with_precision("int8")
+    fp32 = ov.Core().read_model(str(bundle / "model_fp32.xml"))
+    scorer = set(quantize.openvino_scorer(fp32))
+    kinds = {op.get_friendly_name(): op.get_type_name() for op in fp32.get_ordered_ops()}
+    assert {"Log", "Convolution"} <= {kinds[n] for n in scorer}
+    assert sum(k == "Convolution" for k in kinds.values()) > sum(kinds[n] == "Convolution" for n in scorer)
+    recipe = {**quantize.RECIPES[0][1], "float_scorer": True}
+    int8 = ov.Core().read_model(str(quantize.quantize_openvino(bundle / "model_fp32.xml", tmp_path / "q.xml", x,
+                                                               meta, recipe)))
+    kinds8 = {op.get_friendly_name(): op.get_type_name() for op in int8.get_ordered_ops()}
+    assert "FakeQuantize" not in {kinds8[n] for n in quantize.openvino_scorer(int8)}
+    assert list(kinds8.values()).count("FakeQuantize") >= 5
+    graph = onnx.load(str(bundle / "model_fp32.onnx"))
+    in_onnx = set(quantize.onnx_scorer(graph))
+    convs = [n.name for n in graph.graph.node if n.op_type == "Conv"]
+    assert any(n.op_type == "Log" and n.name in in_onnx for n in graph.graph.node)
+    assert 0 < sum(c in in_onnx for c in convs) < len(convs)
+
+
+def test_the_split_form_asks_the_distance_whether_good_and_the_classifier_which_defect(tmp_path):
+    from lineside.train.good_parts import layer_logits
     from lineside.train.unlabelled import fit_split
 
     rng = np.random.default_rng(0)
@@ -125,13 +156,32 @@ def test_the_split_form_asks_the_distance_whether_good_and_the_classifier_which_
     inputs = np.concatenate([logits, distance[:, None]], 1).astype(np.float32)
     head = fit_split(inputs, y, 3, ok=1)
     with torch.no_grad():
-        probs = torch.softmax(layer_logits(head, torch.from_numpy(inputs), True, defect_mask(3, 1)), 1).numpy()
+        probs = torch.softmax(layer_logits(head, torch.from_numpy(inputs), True, 1), 1).numpy()
     a, b = float(head.weight.detach()[1, -1]), float(head.bias.detach()[1])
     assert a < 0                                          # farther from the good parts, less likely good
     np.testing.assert_allclose(probs[:, 1], 1 / (1 + np.exp(-(a * distance + b))), rtol=1e-4, atol=1e-6)
     between = np.exp(logits[:, [0, 2]]) / np.exp(logits[:, [0, 2]]).sum(1, keepdims=True)
     np.testing.assert_allclose(probs[:, [0, 2]] / probs[:, [0, 2]].sum(1, keepdims=True), between, rtol=1e-4)
     assert (probs.argmax(1) == 1).mean() > 0.3 and ((probs.argmax(1) == 1) == (y == 1)).mean() > 0.9
+    # the same layer as the exporter writes it (slices, concatenation, log-sum-exp), run by ONNX Runtime
+    import onnxruntime as ort
+
+    from lineside.export.onnx_export import OPSET
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def forward(self, v):
+            return layer_logits(self.head, v, True, 1)
+
+    path = tmp_path / "layer.onnx"
+    torch.onnx.export(Layer().eval(), (torch.from_numpy(inputs[:2]),), str(path), dynamo=False, opset_version=OPSET,
+                      input_names=["v"], output_names=["out"], dynamic_axes={"v": {0: "n"}, "out": {0: "n"}})
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"v": inputs})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, layer_logits(head, torch.from_numpy(inputs), True, 1).numpy(), atol=1e-4)
 
 
 def test_the_layer_form_follows_cross_validation_and_a_tie_takes_the_split():

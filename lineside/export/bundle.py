@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,13 @@ def model_metadata(loaded, run_dir: Path, precision: str, train_size: list[int] 
                     "data_fingerprint": loaded.trained.data_fingerprint,
                     "lineside_version": lineside.__version__, "precision": precision,
                     **({"train_image_size": train_size} if train_size else {})})
+
+
+def has_good_parts(loaded) -> bool:
+    """Whether a loaded classifier measures each part against good parts (--unlabelled's
+    layer, train/good_parts.py), guarded or not."""
+    model = getattr(loaded, "model", None)
+    return hasattr(getattr(model, "inner", model), "scorer") and not is_anomaly(loaded)
 
 
 def is_anomaly(loaded) -> bool:
@@ -378,6 +386,8 @@ def _int8_models(loaded, files, out: Path, meta: ModelMetadata, calib, eval_data
             judged["estimated"] = True
     x_cal = with_augmented_copies(x_cal, augment)
     int8_meta = meta.with_precision("int8")
+    if has_good_parts(loaded):        # its distance, kept in float, computed in FP32 (runtime/model.py)
+        int8_meta = replace(int8_meta, provenance={**int8_meta.provenance, "float_precision": "f32"})
     return {t["runtime"]: _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_paths,
                                       judged, limits, oof, refit) for t in targets}
 
@@ -531,6 +541,8 @@ def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_pa
     attempts = []
     for name, recipe in t["recipes"]:
         t0 = time.perf_counter()
+        if has_good_parts(loaded):       # the distance to the good parts stays in float
+            name, recipe = name + "-float-scorer", {**recipe, "float_scorer": True}
         t["quantize"](files[t["src"]][0], path, x_cal, int8_meta, recipe)
         seconds = round(time.perf_counter() - t0, 1)
         try:

@@ -25,7 +25,10 @@ from lineside.spec import InputSpec
 
 BACKENDS = ("auto", "onnxruntime", "openvino")
 HINTS = ("latency", "throughput")
-# OpenVINO's CPU plugin would otherwise run FP32 models in bfloat16 where the CPU supports it.
+# OpenVINO's CPU plugin would otherwise run FP32 models in bfloat16 where the CPU supports
+# it, and an INT8 model's float operations too: those of an INT8 model whose metadata asks
+# for it ("float_precision": "f32", a distance to good parts: docs/unlabelled.md) run in
+# FP32; the others' in the plugin's default, faster here (docs/export.md).
 OPENVINO_FP32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
@@ -457,7 +460,8 @@ def _open_openvino(files: ModelFiles, device: str, threads: int | None, precisio
     model, text = _read_openvino(core, ov, files)
     meta, labels, spec = _checked_metadata(files, text)
     _check_device(core, device)   # fail at open, naming what there is, not mid-run
-    config = dict(OPENVINO_FP32) if precision == "fp32" and device.upper().startswith("CPU") else {}
+    exact = precision == "fp32" or meta.provenance.get("float_precision") == "f32"
+    config = dict(OPENVINO_FP32) if exact and device.upper().startswith("CPU") else {}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
 

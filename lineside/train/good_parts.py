@@ -23,12 +23,15 @@ from .anomaly import AnomalyModel, empty_model
 from .model import Classifier
 
 
-def defect_log_softmax(logits: torch.Tensor, defects: torch.Tensor) -> torch.Tensor:
-    """log p(class | defective) of the classifier's logits for the defect classes (`defects`:
-    1 for a defect class, 0 for the good one), 0 at the good class: with one defect class,
-    all zeros."""
-    lse = torch.logsumexp(logits - 1e4 * (1 - defects), 1, keepdim=True)
-    return (logits - lse) * defects
+def defect_log_softmax(logits: torch.Tensor, ok: int) -> torch.Tensor | None:
+    """log p(class | defective) of the classifier's logits for the defect classes, 0 at the
+    good class `ok`; None with one defect class (where it is 0 everywhere). No large
+    constants (a mask of -1e4 would share a quantised tensor with the logits in INT8)."""
+    if logits.shape[1] < 3:
+        return None
+    defects = torch.cat([logits[:, :ok], logits[:, ok + 1:]], 1)
+    log_p = defects - torch.logsumexp(defects, 1, keepdim=True)
+    return torch.cat([log_p[:, :ok], torch.zeros_like(logits[:, :1]), log_p[:, ok:]], 1)
 
 
 class GoodPartsClassifier(nn.Module):
@@ -47,7 +50,6 @@ class GoodPartsClassifier(nn.Module):
         self.split = bool(split)
         classes = classifier.head.out_features
         self.head = nn.Linear(classes + 1, classes)
-        self.register_buffer("defects", defect_mask(classes, self.ok), persistent=False)
 
     @property
     def stages(self) -> nn.ModuleList:
@@ -59,19 +61,14 @@ class GoodPartsClassifier(nn.Module):
         return torch.cat([self.classifier(x), torch.log(score.clamp_min(1e-6)).unsqueeze(1)], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_logits(self.head, self.inputs(x), self.split, self.defects)
+        return layer_logits(self.head, self.inputs(x), self.split, self.ok)
 
 
-def defect_mask(classes: int, ok: int) -> torch.Tensor:
-    mask = torch.ones(classes)
-    mask[ok] = 0
-    return mask
-
-
-def layer_logits(head: nn.Linear, inputs: torch.Tensor, split: bool, defects: torch.Tensor) -> torch.Tensor:
+def layer_logits(head: nn.Linear, inputs: torch.Tensor, split: bool, ok: int) -> torch.Tensor:
     """The layer's logits from its inputs ([classifier logits, log distance])."""
     out = head(inputs)
-    return out + defect_log_softmax(inputs[:, :-1], defects) if split else out
+    term = defect_log_softmax(inputs[:, :-1], ok) if split else None
+    return out if term is None else out + term
 
 
 def describe(model: GoodPartsClassifier) -> dict:

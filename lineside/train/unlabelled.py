@@ -207,11 +207,10 @@ def fit_layer(inputs: np.ndarray, y: np.ndarray, classes: int, ok: int, split: b
 
 
 def apply_layer(head: torch.nn.Linear, inputs: np.ndarray, ok: int, split: bool) -> np.ndarray:
-    from .good_parts import defect_mask, layer_logits
+    from .good_parts import layer_logits
 
     with torch.no_grad():
-        return layer_logits(head, torch.from_numpy(inputs).float(), split,
-                            defect_mask(head.out_features, ok)).numpy()
+        return layer_logits(head, torch.from_numpy(inputs).float(), split, ok).numpy()
 
 
 def stack_out_of_fold(inputs: np.ndarray, y: np.ndarray, classes: int, seed: int, ok: int = 0,
