@@ -386,8 +386,11 @@ def _int8_models(loaded, files, out: Path, meta: ModelMetadata, calib, eval_data
             judged["estimated"] = True
     x_cal = with_augmented_copies(x_cal, augment)
     int8_meta = meta.with_precision("int8")
-    if has_good_parts(loaded):        # its distance, kept in float, computed in FP32 (runtime/model.py)
+    if has_good_parts(loaded):   # its distance to them stays in float, computed in FP32 (runtime/model.py)
         int8_meta = replace(int8_meta, provenance={**int8_meta.provenance, "float_precision": "f32"})
+        for t in targets:
+            t["recipes"] = tuple((name + "-float-scorer", {**recipe, "float_scorer": True})
+                                 for name, recipe in t["recipes"])
     return {t["runtime"]: _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_paths,
                                       judged, limits, oof, refit) for t in targets}
 
@@ -541,8 +544,6 @@ def _gated_int8(t, loaded, files, out, int8_meta, x_cal, x_eval, y_eval, eval_pa
     attempts = []
     for name, recipe in t["recipes"]:
         t0 = time.perf_counter()
-        if has_good_parts(loaded):       # the distance to the good parts stays in float
-            name, recipe = name + "-float-scorer", {**recipe, "float_scorer": True}
         t["quantize"](files[t["src"]][0], path, x_cal, int8_meta, recipe)
         seconds = round(time.perf_counter() - t0, 1)
         try:
